@@ -1,0 +1,228 @@
+//! Commands: the entries of the replicated log, and what applying one returns.
+//!
+//! Every command is wrapped in a [`Request`] that carries the leader's clock reading
+//! (`now_ms`). The state machine uses that stamp as "now" and never reads a clock itself, so
+//! every replica that applies the same log reaches the same state.
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::FleetSpec;
+
+/// One log entry's payload: a command and the time at which the leader proposed it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Leader wall-clock time when the command was proposed, in milliseconds since the Unix epoch.
+    pub now_ms: u64,
+    /// What to do.
+    pub command: Command,
+}
+
+/// A state change. Validated by the node before it is proposed; applying an invalid command
+/// (unknown fleet, stale attempt) changes nothing and answers [`Response::Rejected`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Creates a fleet and one pending run per repository, unless `idempotency_key` names an
+    /// earlier fleet.
+    SubmitFleet {
+        /// The validated spec.
+        spec: FleetSpec,
+        /// Optional idempotency key; empty means none.
+        idempotency_key: String,
+    },
+    /// Leases up to `free_slots` pending runs to `worker_id`, each until `now_ms + lease_ttl_ms`.
+    AcquireLeases {
+        /// The worker asking.
+        worker_id: String,
+        /// Runs the worker can take.
+        free_slots: u32,
+        /// Lease duration in milliseconds.
+        lease_ttl_ms: u64,
+    },
+    /// Renews the leases that `worker_id` still holds until `now_ms + lease_ttl_ms`.
+    Heartbeat {
+        /// The worker.
+        worker_id: String,
+        /// The `(run_id, attempt)` pairs the worker is running.
+        leases: Vec<(String, u32)>,
+        /// Lease duration in milliseconds.
+        lease_ttl_ms: u64,
+    },
+    /// Records the result of one attempt. Rejected unless `attempt` is the run's current
+    /// attempt (the fencing token) and `worker_id` holds its lease.
+    ReportResult {
+        /// The reporting worker.
+        worker_id: String,
+        /// The run.
+        run_id: String,
+        /// The attempt number the worker was leased (fencing token).
+        attempt: u32,
+        /// What happened.
+        result: AttemptResult,
+    },
+    /// Cancels every unfinished run of a fleet.
+    CancelFleet {
+        /// The fleet.
+        fleet_id: String,
+    },
+    /// Ends every lease whose expiry is at or before `now_ms`; the runs are retried or failed.
+    ExpireLeases,
+}
+
+/// How an attempt ended, as the worker reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The agent changed files; verification passed; the change is committed.
+    Changed,
+    /// The agent changed nothing; verification passed.
+    Unchanged,
+    /// The agent exited non-zero. Final.
+    AgentFailed,
+    /// A verification command failed. Final.
+    VerifyFailed,
+    /// The agent or a verification command passed its timeout and was killed. Final.
+    TimedOut,
+    /// The platform failed (clone, sandbox start, push). Retried when `retryable`.
+    Infrastructure,
+    /// The lease ran out before a result arrived. Retried.
+    LeaseExpired,
+    /// The run was cancelled.
+    Cancelled,
+}
+
+impl Outcome {
+    /// The wire name (`changed`, `agent_failed`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Changed => "changed",
+            Outcome::Unchanged => "unchanged",
+            Outcome::AgentFailed => "agent_failed",
+            Outcome::VerifyFailed => "verify_failed",
+            Outcome::TimedOut => "timed_out",
+            Outcome::Infrastructure => "infrastructure",
+            Outcome::LeaseExpired => "lease_expired",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses a wire name; `None` for an unknown one.
+    pub fn parse(name: &str) -> Option<Outcome> {
+        Some(match name {
+            "changed" => Outcome::Changed,
+            "unchanged" => Outcome::Unchanged,
+            "agent_failed" => Outcome::AgentFailed,
+            "verify_failed" => Outcome::VerifyFailed,
+            "timed_out" => Outcome::TimedOut,
+            "infrastructure" => Outcome::Infrastructure,
+            "lease_expired" => Outcome::LeaseExpired,
+            "cancelled" => Outcome::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
+/// Per-file change counts, as `git diff --numstat` gives them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStat {
+    /// Path relative to the repository root.
+    pub path: String,
+    /// Lines added.
+    pub insertions: u32,
+    /// Lines removed.
+    pub deletions: u32,
+}
+
+/// The result of one attempt.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptResult {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Exit code of the failing command, or -1.
+    pub exit_code: i32,
+    /// One-line error, empty on success.
+    pub error: String,
+    /// Last bytes of the attempt's log.
+    pub log_tail: String,
+    /// Commit id of the change (for `Changed`).
+    pub commit: String,
+    /// Diffstat of the change.
+    pub diffstat: Vec<FileStat>,
+    /// The patch, possibly truncated.
+    pub patch: String,
+    /// Whether `patch` was truncated.
+    pub patch_truncated: bool,
+    /// Whether the branch was pushed to the origin.
+    pub pushed: bool,
+    /// For `Infrastructure`: whether another attempt may succeed.
+    pub retryable: bool,
+}
+
+impl AttemptResult {
+    /// A result with only an outcome and an error message.
+    pub fn failure(outcome: Outcome, error: impl Into<String>, retryable: bool) -> Self {
+        AttemptResult {
+            outcome,
+            exit_code: -1,
+            error: error.into(),
+            log_tail: String::new(),
+            commit: String::new(),
+            diffstat: Vec::new(),
+            patch: String::new(),
+            patch_truncated: false,
+            pushed: false,
+            retryable,
+        }
+    }
+}
+
+/// A lease granted by [`Command::AcquireLeases`]: everything a worker needs to run the attempt.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseGrant {
+    /// The run.
+    pub run_id: String,
+    /// Its fleet.
+    pub fleet_id: String,
+    /// The repository URL.
+    pub repository: String,
+    /// The attempt number: the fencing token results must carry.
+    pub attempt: u32,
+    /// The branch to commit on.
+    pub branch: String,
+    /// The fleet's spec.
+    pub spec: FleetSpec,
+    /// When the lease ends unless renewed, in milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
+}
+
+/// What applying a command returned.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// `SubmitFleet`: the fleet, and whether this command created it.
+    FleetSubmitted {
+        /// The fleet's id.
+        fleet_id: String,
+        /// False when the idempotency key matched an earlier fleet.
+        created: bool,
+    },
+    /// `AcquireLeases`: the leases granted (maybe none).
+    Leased(Vec<LeaseGrant>),
+    /// `Heartbeat`: the `(run_id, attempt)` pairs the worker no longer holds.
+    Heartbeat {
+        /// Leases lost.
+        lost: Vec<(String, u32)>,
+    },
+    /// `ReportResult` accepted and applied.
+    ResultAccepted,
+    /// `CancelFleet` applied (also when the fleet had already finished).
+    FleetCancelled,
+    /// `ExpireLeases`: how many leases ended.
+    LeasesExpired {
+        /// Count of expired leases.
+        count: u32,
+    },
+    /// The command was valid on the wire but not applicable to the state; nothing changed.
+    Rejected {
+        /// Why.
+        reason: String,
+    },
+}

@@ -1,0 +1,23 @@
+//! Flotilla's replicated state machine and scheduling policy, as deterministic code.
+//!
+//! - [`spec`]: the fleet specification, its limits and validation;
+//! - [`command`]: the commands in the Raft log ([`Request`] = leader time + [`Command`]) and
+//!   what applying one returns ([`Response`]);
+//! - [`state`]: fleets, runs, attempts, leases, events, and [`State::apply`];
+//! - [`placement`]: which pending runs go to a worker with free slots.
+//!
+//! What this crate must not know: clocks, randomness, the environment, files, the network, Raft,
+//! gRPC. Time arrives as [`Request::now_ms`], stamped by the leader. Everything here can be
+//! tested without I/O, and every replica applying the same log reaches the same [`State`].
+
+pub mod command;
+pub mod placement;
+pub mod spec;
+pub mod state;
+
+pub use command::{AttemptResult, Command, FileStat, LeaseGrant, Outcome, Request, Response};
+pub use spec::{AgentSpec, FieldError, FleetSpec, RetryPolicy, SandboxSpec, SpecLimits};
+pub use state::{Attempt, Fleet, FleetEvent, FleetState, Run, RunCounts, RunState, State};
+
+#[cfg(test)]
+mod tests;

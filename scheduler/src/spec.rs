@@ -1,0 +1,467 @@
+//! The fleet specification as the state machine stores it, and its validation.
+//!
+//! A [`FleetSpec`] is what a user submits: one intent, many repositories. The node converts the
+//! wire form (`flotilla.v1.FleetSpec`) into this type and calls [`FleetSpec::validate`] before it
+//! proposes anything, so an invalid spec is rejected with the path of the offending field and
+//! never reaches the Raft log.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+/// Default wall-clock limit for the agent and for each verification command: 10 minutes.
+pub const DEFAULT_SANDBOX_TIMEOUT_MS: u64 = 600_000;
+/// Default number of attempts per run (first attempt included).
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Default initial retry backoff: 1 second.
+pub const DEFAULT_RETRY_BACKOFF_INITIAL_MS: u64 = 1_000;
+/// Default maximum retry backoff: 1 minute.
+pub const DEFAULT_RETRY_BACKOFF_MAX_MS: u64 = 60_000;
+/// Default branch template.
+pub const DEFAULT_BRANCH_TEMPLATE: &str = "flotilla/{fleet}";
+
+/// A fleet: one agent command run against many repositories.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetSpec {
+    /// 1-64 characters of `[A-Za-z0-9._-]`.
+    pub name: String,
+    /// Git URLs, one run each, in order.
+    pub repositories: Vec<String>,
+    /// What runs in each repository.
+    pub agent: AgentSpec,
+    /// Shell command lines that must all exit 0 after the agent ran.
+    pub verify: Vec<String>,
+    /// Isolation and resource limits of each run.
+    pub sandbox: SandboxSpec,
+    /// Branch name template: `{fleet}`, `{fleet_id}`, `{repository}` are replaced.
+    pub branch_template: String,
+    /// Commit message of the agent's change.
+    pub commit_message: String,
+    /// At most this many runs of the fleet hold a lease at once.
+    pub max_parallelism: u32,
+    /// Retry policy for retryable failures.
+    pub retry: RetryPolicy,
+    /// Push the branch to the origin when the agent changed files.
+    pub push: bool,
+}
+
+/// The command run in each repository.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentSpec {
+    /// Shell command line (`/bin/sh -c`), run with the repository as working directory.
+    pub command: String,
+    /// Task text, given to the command as the environment variable `FLOTILLA_TASK`.
+    pub task: String,
+    /// Extra environment variables.
+    pub env: BTreeMap<String, String>,
+}
+
+/// Sandbox settings of each run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    /// Sandbox driver: `bwrap` or `none`.
+    pub driver: String,
+    /// Wall-clock limit for the agent and for each verification command, in milliseconds.
+    pub timeout_ms: u64,
+    /// cgroup memory limit in bytes; 0 leaves the worker's default.
+    pub memory_limit_bytes: u64,
+    /// cgroup pids limit; 0 leaves the worker's default.
+    pub pids_limit: u32,
+    /// Network access inside the sandbox.
+    pub network: bool,
+}
+
+/// How a run is retried after a retryable failure (infrastructure error, lost lease).
+///
+/// Attempt `n` (n >= 2) becomes eligible `min(initial * 2^(n-2), max)` milliseconds after the
+/// previous attempt ended; agent and verification failures are final and never retried.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Attempts per run, first included.
+    pub max_attempts: u32,
+    /// Backoff before the second attempt, in milliseconds.
+    pub backoff_initial_ms: u64,
+    /// Upper bound of the backoff, in milliseconds.
+    pub backoff_max_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            backoff_initial_ms: DEFAULT_RETRY_BACKOFF_INITIAL_MS,
+            backoff_max_ms: DEFAULT_RETRY_BACKOFF_MAX_MS,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Backoff in milliseconds before attempt `next_attempt` (2, 3, ...). Saturates; never
+    /// exceeds `backoff_max_ms`.
+    pub fn backoff_ms(&self, next_attempt: u32) -> u64 {
+        let doublings = next_attempt.saturating_sub(2).min(32);
+        self.backoff_initial_ms
+            .saturating_mul(1u64 << doublings)
+            .min(self.backoff_max_ms)
+    }
+}
+
+/// Limits applied by [`FleetSpec::validate`]. Each is a node setting; see the node's
+/// configuration reference for the defaults.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpecLimits {
+    /// Maximum repositories (runs) in one fleet.
+    pub max_runs_per_fleet: usize,
+    /// Maximum size of the task text, in bytes.
+    pub max_task_bytes: usize,
+    /// Maximum size of any one command line, in bytes.
+    pub max_command_bytes: usize,
+    /// Maximum number of verification commands.
+    pub max_verify_commands: usize,
+    /// Maximum size of one repository URL, in bytes.
+    pub max_repository_url_bytes: usize,
+    /// Maximum number of extra environment variables.
+    pub max_env_vars: usize,
+    /// Maximum sandbox timeout, in milliseconds.
+    pub max_timeout_ms: u64,
+    /// Maximum `max_parallelism`.
+    pub max_parallelism: u32,
+    /// Maximum `retry.max_attempts`.
+    pub max_attempts: u32,
+}
+
+impl Default for SpecLimits {
+    fn default() -> Self {
+        SpecLimits {
+            max_runs_per_fleet: 10_000,
+            max_task_bytes: 64 * 1024,
+            max_command_bytes: 8 * 1024,
+            max_verify_commands: 16,
+            max_repository_url_bytes: 2048,
+            max_env_vars: 64,
+            max_timeout_ms: 86_400_000,
+            max_parallelism: 1024,
+            max_attempts: 10,
+        }
+    }
+}
+
+/// A spec or request field that failed validation.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    /// Path of the field, e.g. `spec.sandbox.timeout_ms` or `spec.repositories[3]`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl FieldError {
+    /// A new error for `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldError { field: field.into(), message: message.into() }
+    }
+}
+
+/// Whether `name` is 1-64 characters of `[A-Za-z0-9._-]`.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+/// Whether `branch` is a branch name git accepts (the subset of `git check-ref-format --branch`
+/// rules that matter for generated names).
+pub fn is_valid_branch(branch: &str) -> bool {
+    !branch.is_empty()
+        && branch.len() <= 255
+        && !branch.starts_with(['/', '-', '.'])
+        && !branch.ends_with(['/', '.'])
+        && !branch.ends_with(".lock")
+        && !branch.contains("..")
+        && !branch.contains("//")
+        && !branch.contains("@{")
+        && branch.bytes().all(|b| b > 0x20 && b != 0x7f && !b"~^:?*[\\".contains(&b))
+}
+
+impl FleetSpec {
+    /// Checks every field against `limits`. Errors name the field's path below `prefix` (for
+    /// example `spec`), so the user sees `spec.sandbox.timeout_ms: ...`.
+    ///
+    /// # Errors
+    /// The first invalid field, as a [`FieldError`].
+    pub fn validate(&self, prefix: &str, limits: &SpecLimits) -> Result<(), FieldError> {
+        let field = |name: &str| format!("{prefix}.{name}");
+        if !is_valid_name(&self.name) {
+            return Err(FieldError::new(field("name"), "must be 1-64 characters of [A-Za-z0-9._-]"));
+        }
+        if self.repositories.is_empty() {
+            return Err(FieldError::new(field("repositories"), "must name at least one repository"));
+        }
+        if self.repositories.len() > limits.max_runs_per_fleet {
+            return Err(FieldError::new(
+                field("repositories"),
+                format!(
+                    "{} repositories exceed the limit of {} runs per fleet (max_runs_per_fleet)",
+                    self.repositories.len(),
+                    limits.max_runs_per_fleet
+                ),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for (index, url) in self.repositories.iter().enumerate() {
+            let name = field(&format!("repositories[{index}]"));
+            validate_repository_url(url, limits).map_err(|message| FieldError::new(&name, message))?;
+            if !seen.insert(url.as_str()) {
+                return Err(FieldError::new(name, format!("duplicate repository {url:?}")));
+            }
+        }
+        if self.agent.command.trim().is_empty() {
+            return Err(FieldError::new(field("agent.command"), "must not be empty"));
+        }
+        if self.agent.command.len() > limits.max_command_bytes {
+            return Err(FieldError::new(
+                field("agent.command"),
+                format!("longer than {} bytes", limits.max_command_bytes),
+            ));
+        }
+        if self.agent.task.len() > limits.max_task_bytes {
+            return Err(FieldError::new(
+                field("agent.task"),
+                format!("longer than {} bytes (max_task_bytes)", limits.max_task_bytes),
+            ));
+        }
+        if self.agent.env.len() > limits.max_env_vars {
+            return Err(FieldError::new(
+                field("agent.env"),
+                format!("more than {} variables", limits.max_env_vars),
+            ));
+        }
+        for (key, value) in &self.agent.env {
+            let valid_key = !key.is_empty()
+                && !key.starts_with(|c: char| c.is_ascii_digit())
+                && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !valid_key || key.starts_with("FLOTILLA_") {
+                return Err(FieldError::new(
+                    field(&format!("agent.env.{key}")),
+                    "names must be [A-Za-z_][A-Za-z0-9_]* and not start with FLOTILLA_",
+                ));
+            }
+            if value.len() > limits.max_command_bytes || value.contains('\0') {
+                return Err(FieldError::new(
+                    field(&format!("agent.env.{key}")),
+                    format!("value longer than {} bytes or contains NUL", limits.max_command_bytes),
+                ));
+            }
+        }
+        if self.verify.len() > limits.max_verify_commands {
+            return Err(FieldError::new(
+                field("verify"),
+                format!("more than {} commands", limits.max_verify_commands),
+            ));
+        }
+        for (index, command) in self.verify.iter().enumerate() {
+            if command.trim().is_empty() || command.len() > limits.max_command_bytes {
+                return Err(FieldError::new(
+                    field(&format!("verify[{index}]")),
+                    format!("must be a non-empty command of at most {} bytes", limits.max_command_bytes),
+                ));
+            }
+        }
+        if !matches!(self.sandbox.driver.as_str(), "bwrap" | "none") {
+            return Err(FieldError::new(
+                field("sandbox.driver"),
+                format!("unknown driver {:?}; expected \"bwrap\" or \"none\"", self.sandbox.driver),
+            ));
+        }
+        if self.sandbox.timeout_ms < 1_000 || self.sandbox.timeout_ms > limits.max_timeout_ms {
+            return Err(FieldError::new(
+                field("sandbox.timeout_ms"),
+                format!("must be between 1000 and {}", limits.max_timeout_ms),
+            ));
+        }
+        if self.sandbox.memory_limit_bytes != 0 && self.sandbox.memory_limit_bytes < 16 * 1024 * 1024 {
+            return Err(FieldError::new(
+                field("sandbox.memory_limit_bytes"),
+                "must be 0 (the worker's default) or at least 16 MiB",
+            ));
+        }
+        if self.sandbox.pids_limit != 0 && self.sandbox.pids_limit < 8 {
+            return Err(FieldError::new(
+                field("sandbox.pids_limit"),
+                "must be 0 (the worker's default) or at least 8",
+            ));
+        }
+        let probe = render_branch(&self.branch_template, &self.name, "fl-1", "repository");
+        if !is_valid_branch(&probe) {
+            return Err(FieldError::new(
+                field("branch_template"),
+                format!("{:?} does not give a valid git branch name", self.branch_template),
+            ));
+        }
+        if self.commit_message.trim().is_empty() || self.commit_message.len() > limits.max_task_bytes {
+            return Err(FieldError::new(
+                field("commit_message"),
+                format!("must be non-empty and at most {} bytes", limits.max_task_bytes),
+            ));
+        }
+        if self.max_parallelism == 0 || self.max_parallelism > limits.max_parallelism {
+            return Err(FieldError::new(
+                field("max_parallelism"),
+                format!("must be between 1 and {}", limits.max_parallelism),
+            ));
+        }
+        if self.retry.max_attempts == 0 || self.retry.max_attempts > limits.max_attempts {
+            return Err(FieldError::new(
+                field("max_attempts"),
+                format!("must be between 1 and {}", limits.max_attempts),
+            ));
+        }
+        if self.retry.backoff_initial_ms > self.retry.backoff_max_ms || self.retry.backoff_max_ms > 3_600_000 {
+            return Err(FieldError::new(
+                field("retry_backoff_max_ms"),
+                "must be at least retry_backoff_initial_ms and at most 3600000",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn validate_repository_url(url: &str, limits: &SpecLimits) -> Result<(), String> {
+    if url.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if url.len() > limits.max_repository_url_bytes {
+        return Err(format!("longer than {} bytes", limits.max_repository_url_bytes));
+    }
+    if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err("must not contain whitespace or control characters".into());
+    }
+    if url.starts_with('-') {
+        return Err("must not start with '-'".into());
+    }
+    let known_scheme = ["file://", "https://", "http://", "ssh://", "git://"]
+        .iter()
+        .any(|scheme| url.starts_with(scheme) && url.len() > scheme.len());
+    if !known_scheme && !url.starts_with('/') {
+        return Err(format!(
+            "{url:?} is not a git URL: expected file://, https://, http://, ssh://, git:// or an absolute path"
+        ));
+    }
+    Ok(())
+}
+
+/// The last path segment of a repository URL without a trailing `.git`: the `{repository}`
+/// placeholder. Characters a branch cannot hold become `-`.
+pub fn repository_name(url: &str) -> String {
+    let trimmed = url.trim_end_matches('/');
+    let last = trimmed.rsplit(['/', ':']).next().unwrap_or(trimmed);
+    let last = last.strip_suffix(".git").unwrap_or(last);
+    let cleaned: String = last
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' { c } else { '-' })
+        .collect();
+    let cleaned = cleaned.trim_start_matches(['.', '-']).to_string();
+    if cleaned.is_empty() { "repository".to_string() } else { cleaned }
+}
+
+/// Expands a branch template. Pure; the result is checked with [`is_valid_branch`] by callers.
+pub fn render_branch(template: &str, fleet_name: &str, fleet_id: &str, repository: &str) -> String {
+    template
+        .replace("{fleet}", fleet_name)
+        .replace("{fleet_id}", fleet_id)
+        .replace("{repository}", repository)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn spec(repositories: &[&str]) -> FleetSpec {
+        FleetSpec {
+            name: "rustfmt".into(),
+            repositories: repositories.iter().map(|r| r.to_string()).collect(),
+            agent: AgentSpec { command: "cargo fmt".into(), task: "format".into(), env: BTreeMap::new() },
+            verify: vec!["cargo fmt --check".into()],
+            sandbox: SandboxSpec {
+                driver: "bwrap".into(),
+                timeout_ms: 60_000,
+                memory_limit_bytes: 0,
+                pids_limit: 0,
+                network: false,
+            },
+            branch_template: DEFAULT_BRANCH_TEMPLATE.into(),
+            commit_message: "Format".into(),
+            max_parallelism: 4,
+            retry: RetryPolicy::default(),
+            push: true,
+        }
+    }
+
+    /// Applies `edit` to a valid spec and returns the validation error's text, or "ok".
+    fn check(edit: impl FnOnce(&mut FleetSpec), expected: &str) {
+        let mut s = spec(&["file:///srv/a", "file:///srv/b"]);
+        edit(&mut s);
+        let actual = match s.validate("spec", &SpecLimits::default()) {
+            Ok(()) => "ok".to_string(),
+            Err(error) => error.to_string(),
+        };
+        assert_eq!(actual, expected);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        check(|_| {}, "ok");
+        check(|s| s.name = "bad name".into(), "spec.name: must be 1-64 characters of [A-Za-z0-9._-]");
+        check(|s| s.repositories.clear(), "spec.repositories: must name at least one repository");
+        check(
+            |s| s.repositories[1] = "file:///srv/a".into(),
+            "spec.repositories[1]: duplicate repository \"file:///srv/a\"",
+        );
+        check(
+            |s| s.repositories[0] = "srv/a".into(),
+            "spec.repositories[0]: \"srv/a\" is not a git URL: expected file://, https://, http://, ssh://, git:// or an absolute path",
+        );
+        check(|s| s.agent.command = " ".into(), "spec.agent.command: must not be empty");
+        check(
+            |s| s.sandbox.driver = "docker".into(),
+            "spec.sandbox.driver: unknown driver \"docker\"; expected \"bwrap\" or \"none\"",
+        );
+        check(|s| s.sandbox.timeout_ms = 10, "spec.sandbox.timeout_ms: must be between 1000 and 86400000");
+        check(|s| s.max_parallelism = 0, "spec.max_parallelism: must be between 1 and 1024");
+        check(|s| s.retry.max_attempts = 11, "spec.max_attempts: must be between 1 and 10");
+        check(
+            |s| s.branch_template = "a..b/{fleet}".into(),
+            "spec.branch_template: \"a..b/{fleet}\" does not give a valid git branch name",
+        );
+        check(
+            |s| {
+                s.agent.env.insert("FLOTILLA_X".into(), "1".into());
+            },
+            "spec.agent.env.FLOTILLA_X: names must be [A-Za-z_][A-Za-z0-9_]* and not start with FLOTILLA_",
+        );
+        check(
+            |s| s.repositories = (0..10_001).map(|i| format!("file:///r/{i}")).collect(),
+            "spec.repositories: 10001 repositories exceed the limit of 10000 runs per fleet (max_runs_per_fleet)",
+        );
+    }
+
+    #[test]
+    fn repository_names_and_branches() {
+        assert_eq!(repository_name("file:///srv/repos/serde.git"), "serde");
+        assert_eq!(repository_name("https://github.com/tokio-rs/tokio/"), "tokio");
+        assert_eq!(repository_name("git@host:org/x y.git"), "x-y");
+        assert_eq!(render_branch("flotilla/{fleet}-{repository}", "fmt", "fl-1", "serde"), "flotilla/fmt-serde");
+        assert!(is_valid_branch("flotilla/fmt"));
+        assert!(!is_valid_branch("flotilla/fmt.lock"));
+        assert!(!is_valid_branch("has space"));
+    }
+
+    #[test]
+    fn backoff_doubles_and_saturates() {
+        let policy = RetryPolicy { max_attempts: 10, backoff_initial_ms: 1_000, backoff_max_ms: 5_000 };
+        let backoffs: Vec<u64> = (2..=6).map(|n| policy.backoff_ms(n)).collect();
+        assert_eq!(backoffs, vec![1_000, 2_000, 4_000, 5_000, 5_000]);
+        assert_eq!(policy.backoff_ms(u32::MAX), 5_000);
+    }
+}

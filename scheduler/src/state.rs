@@ -1,0 +1,758 @@
+//! The replicated state: fleets, runs, attempts, leases, and the apply function.
+//!
+//! Invariants (checked by `State::check_invariants` in tests):
+//! - a run is `Running` exactly when it has a lease, and its current attempt is the last entry of
+//!   its attempt history, with no outcome yet;
+//! - attempt numbers of a run are 1, 2, 3... without gaps; the current attempt number is the
+//!   fencing token: a result for any other attempt is rejected and recorded, never applied;
+//! - a terminal run (changed, unchanged, failed, cancelled) never changes again;
+//! - a fleet's counts equal the tally of its runs' states; a fleet is finished exactly when it
+//!   has no pending or running run;
+//! - a fleet never holds more than `max_parallelism` leases;
+//! - each fleet's events are numbered 1, 2, 3... without gaps.
+//!
+//! `apply` is deterministic: it reads no clock, no randomness and no environment. Time is the
+//! leader's stamp in [`Request::now_ms`].
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::{AttemptResult, Command, LeaseGrant, Outcome, Request, Response};
+use crate::placement::{self, FleetSlots};
+use crate::spec::{self, FleetSpec};
+
+/// Most recent rejected (stale) results kept for inspection; older ones are only counted.
+pub const MAX_REJECTED_RESULTS_KEPT: usize = 1_000;
+
+/// State of one run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Waiting for a lease, maybe in retry backoff.
+    Pending,
+    /// Leased to a worker.
+    Running,
+    /// Terminal: changed and committed.
+    Changed,
+    /// Terminal: nothing to change.
+    Unchanged,
+    /// Terminal: failed past its retries, or failed finally.
+    Failed,
+    /// Terminal: cancelled.
+    Cancelled,
+}
+
+impl RunState {
+    /// Whether the run will never change again.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, RunState::Pending | RunState::Running)
+    }
+}
+
+/// State of one fleet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FleetState {
+    /// Some run is pending or running.
+    Running,
+    /// Every run is terminal.
+    Finished,
+    /// Cancelled by a user; every run is terminal.
+    Cancelled,
+}
+
+/// Run counts of a fleet by state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunCounts {
+    /// Pending runs.
+    pub pending: u32,
+    /// Running runs.
+    pub running: u32,
+    /// Changed runs.
+    pub changed: u32,
+    /// Unchanged runs.
+    pub unchanged: u32,
+    /// Failed runs.
+    pub failed: u32,
+    /// Cancelled runs.
+    pub cancelled: u32,
+}
+
+impl RunCounts {
+    fn slot(&mut self, state: RunState) -> &mut u32 {
+        match state {
+            RunState::Pending => &mut self.pending,
+            RunState::Running => &mut self.running,
+            RunState::Changed => &mut self.changed,
+            RunState::Unchanged => &mut self.unchanged,
+            RunState::Failed => &mut self.failed,
+            RunState::Cancelled => &mut self.cancelled,
+        }
+    }
+
+    /// Every run of the fleet.
+    pub fn total(&self) -> u32 {
+        self.pending + self.running + self.changed + self.unchanged + self.failed + self.cancelled
+    }
+}
+
+/// A lease: the worker that runs the current attempt and until when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The worker holding it.
+    pub worker_id: String,
+    /// Expiry, in milliseconds since the Unix epoch (leader time).
+    pub expires_at_ms: u64,
+}
+
+/// One attempt of a run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// 1, 2, 3...
+    pub number: u32,
+    /// Worker that was leased the attempt.
+    pub worker_id: String,
+    /// Lease time.
+    pub started_at_ms: u64,
+    /// When its result (or lease expiry, or cancellation) was applied; 0 while running.
+    pub finished_at_ms: u64,
+    /// Its result; `None` while running.
+    pub result: Option<AttemptResult>,
+}
+
+/// One run: one repository of a fleet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    /// Position within the fleet (0-based).
+    pub index: u32,
+    /// Repository URL.
+    pub repository: String,
+    /// Branch the change is committed on.
+    pub branch: String,
+    /// Current state.
+    pub state: RunState,
+    /// Not leased again before this time (retry backoff), in milliseconds.
+    pub not_before_ms: u64,
+    /// The current lease, while running.
+    pub lease: Option<Lease>,
+    /// Attempt history, oldest first.
+    pub attempts: Vec<Attempt>,
+}
+
+impl Run {
+    /// The current (latest) attempt number, 0 before the first lease.
+    pub fn attempt(&self) -> u32 {
+        self.attempts.last().map_or(0, |a| a.number)
+    }
+
+    /// The latest attempt's result, if any: the run's result once it is terminal.
+    pub fn last_result(&self) -> Option<&AttemptResult> {
+        self.attempts.last().and_then(|a| a.result.as_ref())
+    }
+}
+
+/// One progress event of a fleet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetEvent {
+    /// 1, 2, 3... within the fleet.
+    pub sequence: u64,
+    /// Leader time of the command that caused it.
+    pub time_ms: u64,
+    /// The run concerned, if any.
+    pub run_index: Option<u32>,
+    /// The run's new state, if a run is concerned.
+    pub run_state: Option<RunState>,
+    /// The run's attempt number at the time.
+    pub attempt: u32,
+    /// The fleet's state after the event.
+    pub fleet_state: FleetState,
+    /// The fleet's counts after the event.
+    pub counts: RunCounts,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+/// A fleet and its runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fleet {
+    /// Submission order, from 1.
+    pub number: u64,
+    /// The spec as submitted.
+    pub spec: FleetSpec,
+    /// Idempotency key of the submission; empty if none.
+    pub idempotency_key: String,
+    /// Current state.
+    pub state: FleetState,
+    /// Leader time of submission.
+    pub created_at_ms: u64,
+    /// Leader time at which the last run became terminal; 0 while running.
+    pub finished_at_ms: u64,
+    /// Runs, in the order of `spec.repositories`.
+    pub runs: Vec<Run>,
+    /// Tally of run states.
+    pub counts: RunCounts,
+    /// Progress events, oldest first.
+    pub events: Vec<FleetEvent>,
+    /// Indices of pending runs, in order.
+    pending: BTreeSet<u32>,
+}
+
+impl Fleet {
+    /// The fleet's id: `fl-<number>`.
+    pub fn id(&self) -> String {
+        fleet_id(self.number)
+    }
+
+    /// Events with a sequence number greater than `after_sequence`, at most `limit`.
+    pub fn events_after(&self, after_sequence: u64, limit: usize) -> &[FleetEvent] {
+        let start = (after_sequence as usize).min(self.events.len());
+        let end = start.saturating_add(limit).min(self.events.len());
+        &self.events[start..end]
+    }
+
+    /// Sequence number of the newest event (0 if none).
+    pub fn last_sequence(&self) -> u64 {
+        self.events.len() as u64
+    }
+}
+
+/// A worker the cluster has heard from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Worker {
+    /// Leader time of its last lease request or heartbeat.
+    pub last_seen_ms: u64,
+}
+
+/// A result that was not applied because its fencing token was stale.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectedResult {
+    /// Leader time of the rejection.
+    pub time_ms: u64,
+    /// The reporting worker.
+    pub worker_id: String,
+    /// The run.
+    pub run_id: String,
+    /// The stale attempt number it carried.
+    pub attempt: u32,
+    /// Why it was rejected.
+    pub reason: String,
+}
+
+/// The whole replicated state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    next_fleet_number: u64,
+    fleets: BTreeMap<u64, Fleet>,
+    /// Fleets that are still running, for placement.
+    active_fleets: BTreeSet<u64>,
+    idempotency_keys: BTreeMap<String, u64>,
+    workers: BTreeMap<String, Worker>,
+    rejected_results: VecDeque<RejectedResult>,
+    rejected_results_total: u64,
+    /// Largest leader timestamp applied so far; stamps never move the clock backwards.
+    now_ms: u64,
+}
+
+/// `fl-<number>`.
+pub fn fleet_id(number: u64) -> String {
+    format!("fl-{number}")
+}
+
+/// `fl-<number>-<index>`.
+pub fn run_id(fleet_number: u64, index: u32) -> String {
+    format!("fl-{fleet_number}-{index}")
+}
+
+/// Parses `fl-<number>`.
+pub fn parse_fleet_id(id: &str) -> Option<u64> {
+    let number = id.strip_prefix("fl-")?;
+    if number.starts_with('+') {
+        return None;
+    }
+    number.parse().ok()
+}
+
+/// Parses `fl-<number>-<index>`.
+pub fn parse_run_id(id: &str) -> Option<(u64, u32)> {
+    let rest = id.strip_prefix("fl-")?;
+    let (number, index) = rest.split_once('-')?;
+    if number.starts_with('+') || index.starts_with('+') {
+        return None;
+    }
+    Some((number.parse().ok()?, index.parse().ok()?))
+}
+
+impl State {
+    /// An empty state.
+    pub fn new() -> Self {
+        State { next_fleet_number: 1, ..State::default() }
+    }
+
+    /// Applies one log entry. Deterministic: the result depends only on `self` and `request`.
+    pub fn apply(&mut self, request: &Request) -> Response {
+        // Leader clocks may step back across a leader change; the state's clock does not.
+        self.now_ms = self.now_ms.max(request.now_ms);
+        let now_ms = self.now_ms;
+        if self.next_fleet_number == 0 {
+            self.next_fleet_number = 1;
+        }
+        match &request.command {
+            Command::SubmitFleet { spec, idempotency_key } => self.submit_fleet(now_ms, spec, idempotency_key),
+            Command::AcquireLeases { worker_id, free_slots, lease_ttl_ms } => {
+                self.acquire_leases(now_ms, worker_id, *free_slots, *lease_ttl_ms)
+            }
+            Command::Heartbeat { worker_id, leases, lease_ttl_ms } => {
+                self.heartbeat(now_ms, worker_id, leases, *lease_ttl_ms)
+            }
+            Command::ReportResult { worker_id, run_id, attempt, result } => {
+                self.report_result(now_ms, worker_id, run_id, *attempt, result)
+            }
+            Command::CancelFleet { fleet_id } => self.cancel_fleet(now_ms, fleet_id),
+            Command::ExpireLeases => self.expire_leases(now_ms),
+        }
+    }
+
+    fn submit_fleet(&mut self, now_ms: u64, fleet_spec: &FleetSpec, idempotency_key: &str) -> Response {
+        if !idempotency_key.is_empty()
+            && let Some(number) = self.idempotency_keys.get(idempotency_key)
+        {
+            return Response::FleetSubmitted { fleet_id: fleet_id(*number), created: false };
+        }
+        let number = self.next_fleet_number;
+        self.next_fleet_number += 1;
+        let id = fleet_id(number);
+        let runs: Vec<Run> = fleet_spec
+            .repositories
+            .iter()
+            .enumerate()
+            .map(|(index, repository)| Run {
+                index: index as u32,
+                repository: repository.clone(),
+                branch: spec::render_branch(
+                    &fleet_spec.branch_template,
+                    &fleet_spec.name,
+                    &id,
+                    &spec::repository_name(repository),
+                ),
+                state: RunState::Pending,
+                not_before_ms: 0,
+                lease: None,
+                attempts: Vec::new(),
+            })
+            .collect();
+        let counts = RunCounts { pending: runs.len() as u32, ..RunCounts::default() };
+        let mut fleet = Fleet {
+            number,
+            spec: fleet_spec.clone(),
+            idempotency_key: idempotency_key.to_string(),
+            state: FleetState::Running,
+            created_at_ms: now_ms,
+            finished_at_ms: 0,
+            pending: (0..runs.len() as u32).collect(),
+            runs,
+            counts,
+            events: Vec::new(),
+        };
+        push_event(&mut fleet, now_ms, None, format!("fleet submitted with {} runs", counts.pending));
+        if fleet.runs.is_empty() {
+            finish_if_done(&mut fleet, now_ms);
+        } else {
+            self.active_fleets.insert(number);
+        }
+        self.fleets.insert(number, fleet);
+        if !idempotency_key.is_empty() {
+            self.idempotency_keys.insert(idempotency_key.to_string(), number);
+        }
+        Response::FleetSubmitted { fleet_id: id, created: true }
+    }
+
+    fn acquire_leases(&mut self, now_ms: u64, worker_id: &str, free_slots: u32, lease_ttl_ms: u64) -> Response {
+        self.workers.insert(worker_id.to_string(), Worker { last_seen_ms: now_ms });
+        // Per active fleet: enough pending candidates to fill what it may take.
+        let candidates: Vec<(u64, u32, Vec<(u32, u64)>)> = self
+            .active_fleets
+            .iter()
+            .filter_map(|number| self.fleets.get(number))
+            .map(|fleet| {
+                let available = fleet.spec.max_parallelism.saturating_sub(fleet.counts.running);
+                let wanted = available.min(free_slots) as usize;
+                let mut eligible = 0usize;
+                let mut pending = Vec::new();
+                for index in &fleet.pending {
+                    if eligible == wanted {
+                        break;
+                    }
+                    let not_before_ms = fleet.runs[*index as usize].not_before_ms;
+                    if not_before_ms <= now_ms {
+                        eligible += 1;
+                    }
+                    pending.push((*index, not_before_ms));
+                }
+                (fleet.number, available, pending)
+            })
+            .collect();
+        let slots: Vec<FleetSlots<'_>> = candidates
+            .iter()
+            .map(|(fleet_number, available, pending)| FleetSlots {
+                fleet_number: *fleet_number,
+                available: *available,
+                pending,
+            })
+            .collect();
+        let placements = placement::place(now_ms, free_slots, &slots);
+        let expires_at_ms = now_ms.saturating_add(lease_ttl_ms);
+        let mut grants = Vec::with_capacity(placements.len());
+        for placed in placements {
+            let Some(fleet) = self.fleets.get_mut(&placed.fleet_number) else { continue };
+            let index = placed.run_index;
+            let id = fleet.id();
+            let run = &mut fleet.runs[index as usize];
+            debug_assert_eq!(run.state, RunState::Pending);
+            let attempt = run.attempt() + 1;
+            run.attempts.push(Attempt {
+                number: attempt,
+                worker_id: worker_id.to_string(),
+                started_at_ms: now_ms,
+                finished_at_ms: 0,
+                result: None,
+            });
+            run.lease = Some(Lease { worker_id: worker_id.to_string(), expires_at_ms });
+            grants.push(LeaseGrant {
+                run_id: run_id(fleet.number, index),
+                fleet_id: id,
+                repository: run.repository.clone(),
+                attempt,
+                branch: run.branch.clone(),
+                spec: fleet.spec.clone(),
+                expires_at_ms,
+            });
+            set_run_state(fleet, index, RunState::Running);
+            push_event(fleet, now_ms, Some(index), format!("attempt {attempt} leased to {worker_id}"));
+        }
+        Response::Leased(grants)
+    }
+
+    fn heartbeat(&mut self, now_ms: u64, worker_id: &str, leases: &[(String, u32)], lease_ttl_ms: u64) -> Response {
+        self.workers.insert(worker_id.to_string(), Worker { last_seen_ms: now_ms });
+        let expires_at_ms = now_ms.saturating_add(lease_ttl_ms);
+        let mut lost = Vec::new();
+        for (id, attempt) in leases {
+            match self.run_mut(id) {
+                Some(run)
+                    if run.state == RunState::Running
+                        && run.attempt() == *attempt
+                        && run.lease.as_ref().is_some_and(|l| l.worker_id == worker_id) =>
+                {
+                    if let Some(lease) = run.lease.as_mut() {
+                        lease.expires_at_ms = lease.expires_at_ms.max(expires_at_ms);
+                    }
+                }
+                _ => lost.push((id.clone(), *attempt)),
+            }
+        }
+        Response::Heartbeat { lost }
+    }
+
+    fn report_result(
+        &mut self,
+        now_ms: u64,
+        worker_id: &str,
+        id: &str,
+        attempt: u32,
+        result: &AttemptResult,
+    ) -> Response {
+        let Some((number, index)) = parse_run_id(id) else {
+            return Response::Rejected { reason: format!("no run {id}") };
+        };
+        let Some(fleet) = self.fleets.get_mut(&number) else {
+            return Response::Rejected { reason: format!("no run {id}") };
+        };
+        let Some(run) = fleet.runs.get(index as usize) else {
+            return Response::Rejected { reason: format!("no run {id}") };
+        };
+        let holder = run.lease.as_ref().map(|l| l.worker_id.as_str());
+        let stale = if run.state != RunState::Running {
+            Some(format!("run is {:?}, not running (attempt {attempt})", run.state))
+        } else if run.attempt() != attempt {
+            Some(format!("stale attempt {attempt}, current {}", run.attempt()))
+        } else if holder != Some(worker_id) {
+            Some(format!("worker {worker_id} does not hold the lease of attempt {attempt}"))
+        } else {
+            None
+        };
+        if let Some(reason) = stale {
+            self.record_rejection(now_ms, worker_id, id, attempt, &reason);
+            return Response::Rejected { reason };
+        }
+        finish_attempt(fleet, index, now_ms, result.clone());
+        if fleet.state != FleetState::Running {
+            self.active_fleets.remove(&number);
+        }
+        Response::ResultAccepted
+    }
+
+    fn cancel_fleet(&mut self, now_ms: u64, id: &str) -> Response {
+        let Some(number) = parse_fleet_id(id) else {
+            return Response::Rejected { reason: format!("no fleet {id}") };
+        };
+        let Some(fleet) = self.fleets.get_mut(&number) else {
+            return Response::Rejected { reason: format!("no fleet {id}") };
+        };
+        if fleet.state != FleetState::Running {
+            return Response::FleetCancelled;
+        }
+        for index in 0..fleet.runs.len() as u32 {
+            let run = &mut fleet.runs[index as usize];
+            match run.state {
+                RunState::Pending => set_run_state(fleet, index, RunState::Cancelled),
+                RunState::Running => {
+                    if let Some(current) = run.attempts.last_mut() {
+                        current.finished_at_ms = now_ms;
+                        current.result =
+                            Some(AttemptResult::failure(Outcome::Cancelled, "fleet cancelled", false));
+                    }
+                    run.lease = None;
+                    set_run_state(fleet, index, RunState::Cancelled);
+                }
+                _ => {}
+            }
+        }
+        fleet.state = FleetState::Cancelled;
+        fleet.finished_at_ms = now_ms;
+        push_event(fleet, now_ms, None, "fleet cancelled".to_string());
+        self.active_fleets.remove(&number);
+        Response::FleetCancelled
+    }
+
+    fn expire_leases(&mut self, now_ms: u64) -> Response {
+        let mut count = 0;
+        let active: Vec<u64> = self.active_fleets.iter().copied().collect();
+        for number in active {
+            let Some(fleet) = self.fleets.get_mut(&number) else { continue };
+            let expired: Vec<u32> = fleet
+                .runs
+                .iter()
+                .filter(|run| run.lease.as_ref().is_some_and(|l| l.expires_at_ms <= now_ms))
+                .map(|run| run.index)
+                .collect();
+            for index in expired {
+                count += 1;
+                let result = AttemptResult::failure(Outcome::LeaseExpired, "lease expired: worker stopped heartbeating", true);
+                finish_attempt(fleet, index, now_ms, result);
+            }
+            if fleet.state != FleetState::Running {
+                self.active_fleets.remove(&number);
+            }
+        }
+        Response::LeasesExpired { count }
+    }
+
+    fn record_rejection(&mut self, now_ms: u64, worker_id: &str, run_id: &str, attempt: u32, reason: &str) {
+        self.rejected_results_total += 1;
+        if self.rejected_results.len() == MAX_REJECTED_RESULTS_KEPT {
+            self.rejected_results.pop_front();
+        }
+        self.rejected_results.push_back(RejectedResult {
+            time_ms: now_ms,
+            worker_id: worker_id.to_string(),
+            run_id: run_id.to_string(),
+            attempt,
+            reason: reason.to_string(),
+        });
+    }
+
+    fn run_mut(&mut self, id: &str) -> Option<&mut Run> {
+        let (number, index) = parse_run_id(id)?;
+        self.fleets.get_mut(&number)?.runs.get_mut(index as usize)
+    }
+
+    /// The fleet with id `fl-<n>`.
+    pub fn fleet(&self, id: &str) -> Option<&Fleet> {
+        self.fleets.get(&parse_fleet_id(id)?)
+    }
+
+    /// The run with id `fl-<n>-<i>` and its fleet.
+    pub fn run(&self, id: &str) -> Option<(&Fleet, &Run)> {
+        let (number, index) = parse_run_id(id)?;
+        let fleet = self.fleets.get(&number)?;
+        Some((fleet, fleet.runs.get(index as usize)?))
+    }
+
+    /// Fleets newest first, starting below fleet number `before` (exclusive; `u64::MAX` for the
+    /// first page), at most `limit`.
+    pub fn fleets_before(&self, before: u64, limit: usize) -> impl Iterator<Item = &Fleet> {
+        self.fleets.range(..before).rev().take(limit).map(|(_, fleet)| fleet)
+    }
+
+    /// The fleet created by `idempotency_key`, if any.
+    pub fn fleet_by_idempotency_key(&self, idempotency_key: &str) -> Option<&Fleet> {
+        self.fleets.get(self.idempotency_keys.get(idempotency_key)?)
+    }
+
+    /// Earliest lease expiry among running runs, for the leader's expiry timer.
+    pub fn next_lease_expiry_ms(&self) -> Option<u64> {
+        self.active_fleets
+            .iter()
+            .filter_map(|number| self.fleets.get(number))
+            .flat_map(|fleet| fleet.runs.iter())
+            .filter_map(|run| run.lease.as_ref().map(|l| l.expires_at_ms))
+            .min()
+    }
+
+    /// Whether some pending run of an active fleet could be leased at `now_ms`.
+    pub fn has_eligible_pending(&self, now_ms: u64) -> bool {
+        self.active_fleets.iter().filter_map(|number| self.fleets.get(number)).any(|fleet| {
+            fleet.counts.running < fleet.spec.max_parallelism
+                && fleet.pending.iter().any(|index| fleet.runs[*index as usize].not_before_ms <= now_ms)
+        })
+    }
+
+    /// Rejected (stale) results, most recent last, and the total ever rejected.
+    pub fn rejected_results(&self) -> (&VecDeque<RejectedResult>, u64) {
+        (&self.rejected_results, self.rejected_results_total)
+    }
+
+    /// Workers heard from, by id.
+    pub fn workers(&self) -> &BTreeMap<String, Worker> {
+        &self.workers
+    }
+
+    /// Largest leader timestamp applied so far.
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
+    /// Checks the invariants in the module documentation.
+    ///
+    /// # Errors
+    /// A description of the first violated invariant.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for fleet in self.fleets.values() {
+            let mut counts = RunCounts::default();
+            for run in &fleet.runs {
+                *counts.slot(run.state) += 1;
+                if (run.state == RunState::Running) != run.lease.is_some() {
+                    return Err(format!("run {} is {:?} with lease {:?}", run.index, run.state, run.lease));
+                }
+                if (run.state == RunState::Pending) != fleet.pending.contains(&run.index) {
+                    return Err(format!("run {} pending set out of sync", run.index));
+                }
+                for (position, attempt) in run.attempts.iter().enumerate() {
+                    if attempt.number != position as u32 + 1 {
+                        return Err(format!("run {} attempt numbers have a gap", run.index));
+                    }
+                }
+                if run.state == RunState::Running && run.attempts.last().is_none_or(|a| a.result.is_some()) {
+                    return Err(format!("running run {} has no open attempt", run.index));
+                }
+            }
+            if counts != fleet.counts {
+                return Err(format!("fleet {} counts {:?} != tally {:?}", fleet.number, fleet.counts, counts));
+            }
+            if counts.running > fleet.spec.max_parallelism {
+                return Err(format!("fleet {} exceeds max_parallelism", fleet.number));
+            }
+            let done = counts.pending == 0 && counts.running == 0;
+            if done == (fleet.state == FleetState::Running) {
+                return Err(format!("fleet {} state {:?} with counts {:?}", fleet.number, fleet.state, counts));
+            }
+            if (fleet.state == FleetState::Running) != self.active_fleets.contains(&fleet.number) {
+                return Err(format!("fleet {} active set out of sync", fleet.number));
+            }
+            for (position, event) in fleet.events.iter().enumerate() {
+                if event.sequence != position as u64 + 1 {
+                    return Err(format!("fleet {} event sequence has a gap", fleet.number));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Ends the current attempt of run `index` with `result` and moves the run on: terminal,
+/// or back to pending after a backoff when the failure is retryable and attempts remain.
+fn finish_attempt(fleet: &mut Fleet, index: u32, now_ms: u64, result: AttemptResult) {
+    let max_attempts = fleet.spec.retry.max_attempts;
+    let run = &mut fleet.runs[index as usize];
+    let attempt = run.attempt();
+    let outcome = result.outcome;
+    let retryable = match outcome {
+        Outcome::LeaseExpired => true,
+        Outcome::Infrastructure => result.retryable,
+        _ => false,
+    };
+    let error = result.error.clone();
+    if let Some(current) = run.attempts.last_mut() {
+        current.finished_at_ms = now_ms;
+        current.result = Some(result);
+    }
+    run.lease = None;
+    let next_state = match outcome {
+        Outcome::Changed => RunState::Changed,
+        Outcome::Unchanged => RunState::Unchanged,
+        Outcome::Cancelled if !retryable => RunState::Cancelled,
+        _ if retryable && attempt < max_attempts => RunState::Pending,
+        _ => RunState::Failed,
+    };
+    let message = if next_state == RunState::Pending {
+        let backoff_ms = fleet.spec.retry.backoff_ms(attempt + 1);
+        run.not_before_ms = now_ms.saturating_add(backoff_ms);
+        fleet.pending.insert(index);
+        format!("attempt {attempt} {}: {error}; retry in {backoff_ms} ms", outcome.as_str())
+    } else if retryable {
+        format!("attempt {attempt} {}: {error}; gave up after {attempt} attempts", outcome.as_str())
+    } else if error.is_empty() {
+        format!("attempt {attempt} {}", outcome.as_str())
+    } else {
+        format!("attempt {attempt} {}: {error}", outcome.as_str())
+    };
+    set_run_state(fleet, index, next_state);
+    push_event(fleet, now_ms, Some(index), message);
+    finish_if_done(fleet, now_ms);
+}
+
+fn set_run_state(fleet: &mut Fleet, index: u32, state: RunState) {
+    let run = &mut fleet.runs[index as usize];
+    let previous = run.state;
+    *fleet.counts.slot(previous) -= 1;
+    *fleet.counts.slot(state) += 1;
+    run.state = state;
+    if previous == RunState::Pending && state != RunState::Pending {
+        fleet.pending.remove(&index);
+    }
+}
+
+fn finish_if_done(fleet: &mut Fleet, now_ms: u64) {
+    if fleet.state == FleetState::Running && fleet.counts.pending == 0 && fleet.counts.running == 0 {
+        fleet.state = FleetState::Finished;
+        fleet.finished_at_ms = now_ms;
+        let c = fleet.counts;
+        let message = format!(
+            "fleet finished: {} changed, {} unchanged, {} failed, {} cancelled",
+            c.changed, c.unchanged, c.failed, c.cancelled
+        );
+        push_event(fleet, now_ms, None, message);
+    }
+}
+
+fn push_event(fleet: &mut Fleet, now_ms: u64, run_index: Option<u32>, message: String) {
+    let (run_state, attempt) = match run_index {
+        Some(index) => {
+            let run = &fleet.runs[index as usize];
+            (Some(run.state), run.attempt())
+        }
+        None => (None, 0),
+    };
+    let sequence = fleet.events.len() as u64 + 1;
+    fleet.events.push(FleetEvent {
+        sequence,
+        time_ms: now_ms,
+        run_index,
+        run_state,
+        attempt,
+        fleet_state: fleet.state,
+        counts: fleet.counts,
+        message,
+    });
+}
