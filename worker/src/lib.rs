@@ -1,1 +1,58 @@
+//! Flotilla worker: executes leased runs.
+//!
+//! This crate is the execution side of a Flotilla node. It speaks only the gRPC types of
+//! [`flotilla_proto::v1`] (`Lease` in, `RunResult` out) and must not know Raft, the scheduler's
+//! state machine or how leases are granted: whatever leases runs (the lease loop) calls
+//! [`execute::execute_attempt`] once per leased attempt and reports the result.
+//!
+//! Modules:
+//!
+//! - [`actor`]: the worker runtime: lease poller, heartbeats, and a ractor actor per run under a
+//!   supervising worker actor; results reported with their attempt number (fencing token).
+//! - [`config`]: [`config::WorkerConfig`], the pipeline's settings and limits (work directory,
+//!   log/patch caps, default memory/pids/time limits, toolchain mounts, git and bwrap paths).
+//! - [`execute`]: one attempt end to end — clone → agent → commit → verify → push — mapped to an
+//!   outcome (`changed`, `unchanged`, `agent_failed`, `verify_failed`, `timed_out`,
+//!   `infrastructure`, `cancelled`).
+//! - [`sandbox`]: runs one shell command line in a bubblewrap sandbox (or, with the `none`
+//!   driver, as a plain process), with a timeout, cancellation, cgroup limits and log capture;
+//!   also [`sandbox::measure_sandbox_start`] for benchmarks.
+//! - [`cgroup`]: cgroup v2/v1 detection and one cgroup per sandboxed command (memory and pids
+//!   limits, OOM detection, kill-all).
+//! - [`git`]: host-side git, hardened: per-URL mirror cache, per-attempt clone, commit,
+//!   diffstat, patch, push.
+//! - [`attempt_log`]: the size-capped attempt log and its in-memory tail.
+//!
+//! # Files
+//!
+//! Under [`config::WorkerConfig::work_directory`]: `mirrors/<name>-<hash>.git` (bare mirrors,
+//! kept), `attempts/<run_id>-<attempt>/repo` (the attempt's clone, deleted afterwards by
+//! default), `logs/<run_id>-<attempt>.log` (kept).
+//!
+//! # Rust toolchains in the sandbox (`cargo fmt` and friends)
+//!
+//! The host's `rustup` home is mounted read-only at `/opt/rustup` and `$CARGO_HOME/bin` (the
+//! rustup proxies) at `/opt/cargo/bin`; nothing else of `CARGO_HOME` (registry credentials) is
+//! visible. Inside, `RUSTUP_HOME=/opt/rustup`, `CARGO_HOME=/tmp/cargo-home` (writable, empty),
+//! `HOME=/tmp`, `PATH=/opt/cargo/bin:/usr/local/bin:/usr/bin:/bin`, and — when the fleet has no
+//! network — `CARGO_NET_OFFLINE=true`, so cargo never tries to reach a registry. Commands that
+//! need no dependencies then just work, e.g. an agent `cargo fmt` with the verification
+//! `cargo fmt --check`. The toolchain used is rustup's default (or the repository's
+//! `rust-toolchain.toml`, which must name an installed toolchain: rustup cannot install one
+//! offline on a read-only home). Builds that need crates from a registry need `network: true`
+//! (or vendored dependencies).
+//!
+//! # Requirements
+//!
+//! Linux; `bwrap` for the default driver; `git`; root (or a delegated cgroup) for resource
+//! limits — without usable cgroups, commands run without limits and a warning is logged once.
 
+#![warn(missing_docs)]
+
+pub mod actor;
+pub mod attempt_log;
+pub mod cgroup;
+pub mod config;
+pub mod execute;
+pub mod git;
+pub mod sandbox;

@@ -1,0 +1,129 @@
+//! `flotilla quickstart`: the main job end to end with embedded defaults, and `flotilla bench`.
+//!
+//! The quick start starts a real single-node cluster in this process (Raft on RocksDB in a data
+//! directory, gRPC on an ephemeral loopback port, a local worker with bubblewrap sandboxes),
+//! then acts as an ordinary client: it submits an "enforce rustfmt" fleet over gRPC, watches it
+//! with a progress bar, and prints the roll-up.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use flotilla_proto::v1;
+
+use crate::cli::{self, Output};
+use crate::config::ServerConfig;
+
+/// Arguments of `flotilla quickstart`.
+#[derive(clap::Args, Debug)]
+pub struct QuickstartArguments {
+    /// File of repository URLs, one per line (deploy/prepare-repositories.sh writes one).
+    #[arg(long)]
+    repositories_file: PathBuf,
+    /// Data directory of the in-process node; a fresh one under the system temp directory if
+    /// not given.
+    #[arg(long)]
+    data_directory: Option<PathBuf>,
+    /// Worker slots (runs at once); defaults to the number of CPUs.
+    #[arg(long)]
+    slots: Option<u32>,
+    /// The agent's command line.
+    #[arg(long, default_value = DEFAULT_AGENT_COMMAND)]
+    agent_command: String,
+    /// The verification command line.
+    #[arg(long, default_value = DEFAULT_VERIFY_COMMAND)]
+    verify_command: String,
+    /// Output format of the roll-up.
+    #[arg(long, value_enum, default_value = "human")]
+    output: Output,
+}
+
+/// The quick start's agent: rustfmt over the whole crate, offline.
+pub const DEFAULT_AGENT_COMMAND: &str = "cargo fmt --all";
+/// The quick start's verification.
+pub const DEFAULT_VERIFY_COMMAND: &str = "cargo fmt --all -- --check";
+
+/// Runs the quick start; returns the process exit code.
+///
+/// # Errors
+/// The repositories file is unusable or the node cannot start.
+pub async fn run(arguments: QuickstartArguments) -> anyhow::Result<i32> {
+    let started = Instant::now();
+    let repositories = cli::read_repositories_file(&arguments.repositories_file)?;
+    let data_directory = match arguments.data_directory {
+        Some(directory) => directory,
+        None => std::env::temp_dir().join(format!("flotilla-quickstart-{}", std::process::id())),
+    };
+    let mut config = ServerConfig {
+        data_directory: data_directory.clone(),
+        listen_address: "127.0.0.1:0".into(),
+        http_listen_address: "127.0.0.1:0".into(),
+        ..ServerConfig::default()
+    };
+    if let Some(slots) = arguments.slots {
+        config.worker.slots = slots;
+    }
+    config.telemetry.log_filter = "warn".into();
+    let _telemetry = crate::telemetry::init(&config.telemetry)?;
+    let slots = config.worker.slots;
+    let server = crate::server::start(config).await.context("starting the single-node cluster")?;
+    eprintln!(
+        "flotilla: single-node cluster on {} (data {}, dashboard http://{}), local worker with {slots} slots",
+        server.grpc_address,
+        data_directory.display(),
+        server.http_address.map_or_else(String::new, |a| a.to_string()),
+    );
+    let spec = v1::FleetSpec {
+        name: "rustfmt".into(),
+        repositories,
+        agent: Some(v1::AgentSpec {
+            command: arguments.agent_command,
+            task: "Format every Rust file with rustfmt so that `cargo fmt --check` passes.".into(),
+            env: Default::default(),
+        }),
+        verify: vec![arguments.verify_command],
+        sandbox: Some(v1::SandboxSpec { driver: "bwrap".into(), timeout_ms: 300_000, ..Default::default() }),
+        branch_template: "flotilla/{fleet}".into(),
+        commit_message: "Format with rustfmt\n\nApplied by the Flotilla quick start fleet.".into(),
+        max_parallelism: slots,
+        max_attempts: 2,
+        push: true,
+        ..Default::default()
+    };
+    let mut client = cli::connect(&format!("http://{}", server.grpc_address)).await?;
+    let code = cli::submit_spec(&mut client, spec, "quickstart".into(), true, arguments.output).await;
+    server.shutdown().await;
+    let code = code.map_err(|e| anyhow::anyhow!(e.message))?;
+    eprintln!("flotilla: quick start done in {:.1} s (including cluster start and shutdown)", started.elapsed().as_secs_f64());
+    Ok(code)
+}
+
+/// `flotilla bench sandbox`: starts `count` bubblewrap sandboxes running `true`, one after the
+/// other, and prints the start-to-exit time percentiles.
+///
+/// # Errors
+/// The sandbox cannot be started.
+pub async fn bench_sandbox(count: u32) -> anyhow::Result<i32> {
+    anyhow::ensure!(count > 0 && count <= 100_000, "--count must be between 1 and 100000");
+    let directory = tempfile::tempdir().context("temporary directory")?;
+    let config = flotilla_worker::config::WorkerConfig {
+        work_directory: directory.path().to_path_buf(),
+        ..flotilla_worker::config::WorkerConfig::default()
+    };
+    let mut samples_ms = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let elapsed =
+            flotilla_worker::sandbox::measure_sandbox_start(&config, flotilla_worker::sandbox::SandboxDriver::Bubblewrap).await?;
+        samples_ms.push(elapsed.as_secs_f64() * 1000.0);
+    }
+    samples_ms.sort_by(f64::total_cmp);
+    let percentile = |p: f64| samples_ms[((samples_ms.len() as f64 - 1.0) * p).round() as usize];
+    println!(
+        "sandbox starts: {count}, p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        percentile(0.5),
+        percentile(0.9),
+        percentile(0.99),
+        percentile(1.0)
+    );
+    Ok(0)
+}

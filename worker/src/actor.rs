@@ -1,0 +1,550 @@
+//! The worker runtime: leases runs from the cluster and supervises one ractor actor per run.
+//!
+//! ```text
+//!   lease poller ──LeaseRuns (long poll)──▶ cluster        heartbeat ticker ──Heartbeat──▶ cluster
+//!        │ Leased(lease, slot permit)                            │ Lost(leases)
+//!        ▼                                                       ▼
+//!   WorkerActor ──spawn_linked──▶ RunActor (one per run) ──▶ execute_attempt (sandbox, git)
+//!        ▲            Finished(result)  │
+//!        └──────────────────────────────┘      WorkerActor reports the result (ReportResult)
+//! ```
+//!
+//! Supervision policy (ractor has no built-in restart strategies, so it is written here): a run
+//! actor is never restarted. If it panics or stops without a result, the worker reports an
+//! `infrastructure` failure (retryable) for that attempt, so the cluster retries the run as a new
+//! attempt; a run never hangs on a dead actor. Free slots are counted with a semaphore: a permit
+//! travels with each lease and is released when the run's actor ends.
+//!
+//! Results carry the attempt number (the fencing token); a result the cluster rejects as stale
+//! is logged and dropped. Reports are retried with backoff for up to `report_retry_max_ms`,
+//! while the heartbeat keeps the lease alive.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flotilla_proto::v1::worker_service_client::WorkerServiceClient;
+use flotilla_proto::v1::{self, HeldLease};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::config::WorkerConfig;
+
+/// How the worker talks to the cluster.
+#[derive(Clone, Debug)]
+pub struct WorkerSettings {
+    /// Unique worker id: 1-64 characters of `[A-Za-z0-9._-]`.
+    pub worker_id: String,
+    /// gRPC endpoints of cluster nodes (`http://host:port`); tried in turn on failure.
+    pub endpoints: Vec<String>,
+    /// Runs executed at once.
+    pub slots: u32,
+    /// Long-poll time of one lease request.
+    pub lease_wait_ms: u64,
+    /// Interval between heartbeats.
+    pub heartbeat_interval_ms: u64,
+    /// How long a result report is retried before it is given up (the lease then expires and
+    /// the cluster retries the run).
+    pub report_retry_max_ms: u64,
+    /// Timeout of one unary RPC (lease requests add `lease_wait_ms`).
+    pub rpc_timeout_ms: u64,
+    /// Largest gRPC message sent or received, in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            worker_id: "worker".into(),
+            endpoints: vec!["http://127.0.0.1:7600".into()],
+            slots: 2,
+            lease_wait_ms: 10_000,
+            heartbeat_interval_ms: 5_000,
+            report_retry_max_ms: 300_000,
+            rpc_timeout_ms: 10_000,
+            max_message_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// Why the worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// An endpoint is not a valid URI.
+    #[error("endpoint {endpoint:?}: {message}")]
+    Endpoint {
+        /// The endpoint.
+        endpoint: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A setting is out of range.
+    #[error("worker setting {field}: {message}")]
+    Setting {
+        /// The setting.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The supervising actor could not be spawned.
+    #[error("spawning the worker actor: {0}")]
+    Spawn(String),
+}
+
+/// Rotating gRPC clients over the configured endpoints.
+#[derive(Clone)]
+struct Cluster {
+    clients: Arc<Vec<WorkerServiceClient<Channel>>>,
+    current: Arc<Mutex<usize>>,
+}
+
+impl Cluster {
+    fn new(settings: &WorkerSettings) -> Result<Self, WorkerError> {
+        let mut clients = Vec::new();
+        for endpoint in &settings.endpoints {
+            let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
+                .map_err(|e| WorkerError::Endpoint { endpoint: endpoint.clone(), message: e.to_string() })?
+                .connect_timeout(Duration::from_secs(2))
+                .connect_lazy();
+            clients.push(
+                WorkerServiceClient::new(channel)
+                    .max_decoding_message_size(settings.max_message_bytes)
+                    .max_encoding_message_size(settings.max_message_bytes),
+            );
+        }
+        if clients.is_empty() {
+            return Err(WorkerError::Setting { field: "endpoints", message: "must name at least one node".into() });
+        }
+        Ok(Cluster { clients: Arc::new(clients), current: Arc::new(Mutex::new(0)) })
+    }
+
+    fn client(&self) -> WorkerServiceClient<Channel> {
+        let index = self.current.lock().map_or(0, |c| *c) % self.clients.len();
+        self.clients[index].clone()
+    }
+
+    /// Moves to the next endpoint after a failure.
+    fn rotate(&self) {
+        if let Ok(mut current) = self.current.lock() {
+            *current = (*current + 1) % self.clients.len();
+        }
+    }
+}
+
+/// Leases currently held, for heartbeats: run id → attempt.
+type HeldLeases = Arc<Mutex<BTreeMap<String, u32>>>;
+
+/// A running worker. Call [`WorkerHandle::stop`] to end it.
+pub struct WorkerHandle {
+    actor: ActorRef<WorkerMessage>,
+    actor_task: JoinHandle<()>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    /// Stops leasing, cancels running runs, and waits for the actors to end.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            task.abort();
+            let _ = task.await;
+        }
+        let _ = self.actor.send_message(WorkerMessage::CancelAll);
+        self.actor.stop(Some("worker stopping".into()));
+        let _ = self.actor_task.await;
+    }
+}
+
+/// Starts the worker: its supervising actor, the lease poller and the heartbeat ticker.
+///
+/// # Errors
+/// [`WorkerError`] for invalid settings or when the actor cannot be spawned.
+pub async fn start(settings: WorkerSettings, execution: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
+    if settings.slots == 0 || settings.slots > 1024 {
+        return Err(WorkerError::Setting { field: "slots", message: "must be between 1 and 1024".into() });
+    }
+    if settings.heartbeat_interval_ms == 0 {
+        return Err(WorkerError::Setting { field: "heartbeat_interval_ms", message: "must be positive".into() });
+    }
+    let cluster = Cluster::new(&settings)?;
+    let held: HeldLeases = Arc::new(Mutex::new(BTreeMap::new()));
+    let arguments = WorkerArguments {
+        settings: settings.clone(),
+        execution: Arc::new(execution),
+        cluster: cluster.clone(),
+        held: held.clone(),
+    };
+    let (actor, actor_task) = Actor::spawn(None, WorkerActor, arguments)
+        .await
+        .map_err(|e| WorkerError::Spawn(e.to_string()))?;
+    let (stop, stop_receiver) = watch::channel(false);
+    let slots = Arc::new(Semaphore::new(settings.slots as usize));
+    let tasks = vec![
+        tokio::spawn(lease_poller(settings.clone(), cluster.clone(), slots, actor.clone(), stop_receiver.clone())),
+        tokio::spawn(heartbeat_ticker(settings.clone(), cluster, held, actor.clone(), stop_receiver)),
+    ];
+    info!(worker.id = %settings.worker_id, slots = settings.slots, "worker started");
+    Ok(WorkerHandle { actor, actor_task, stop, tasks })
+}
+
+/// Messages of the supervising worker actor.
+pub enum WorkerMessage {
+    /// A new lease and the slot it occupies.
+    Leased(Box<v1::Lease>, OwnedSemaphorePermit),
+    /// A run actor finished its attempt.
+    Finished {
+        /// The run actor.
+        actor_id: ActorId,
+        /// What happened.
+        result: Box<v1::RunResult>,
+    },
+    /// The cluster says these leases are no longer held: stop their runs.
+    Lost(Vec<HeldLease>),
+    /// A run actor ended; reap it if it left no result.
+    Reap(ActorId),
+    /// Cancel every run (shutdown).
+    CancelAll,
+}
+
+struct WorkerActor;
+
+struct WorkerArguments {
+    settings: WorkerSettings,
+    execution: Arc<WorkerConfig>,
+    cluster: Cluster,
+    held: HeldLeases,
+}
+
+struct RunEntry {
+    lease: v1::Lease,
+    cancel: watch::Sender<bool>,
+    _slot: OwnedSemaphorePermit,
+}
+
+struct WorkerState {
+    arguments: WorkerArguments,
+    runs: HashMap<ActorId, RunEntry>,
+}
+
+impl WorkerState {
+    /// Removes the run's entry (freeing its slot) and reports `result` in the background.
+    fn finish(&mut self, actor_id: ActorId, result: v1::RunResult) {
+        let Some(entry) = self.runs.remove(&actor_id) else { return };
+        let settings = self.arguments.settings.clone();
+        let cluster = self.arguments.cluster.clone();
+        let held = self.arguments.held.clone();
+        tokio::spawn(async move {
+            report(&settings, &cluster, &entry.lease, result).await;
+            if let Ok(mut held) = held.lock()
+                && held.get(&entry.lease.run_id) == Some(&entry.lease.attempt)
+            {
+                held.remove(&entry.lease.run_id);
+            }
+        });
+    }
+}
+
+impl Actor for WorkerActor {
+    type Msg = WorkerMessage;
+    type State = WorkerState;
+    type Arguments = WorkerArguments;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        arguments: WorkerArguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(WorkerState { arguments, runs: HashMap::new() })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            WorkerMessage::Leased(lease, slot) => {
+                let (cancel, cancelled) = watch::channel(false);
+                if let Ok(mut held) = state.arguments.held.lock() {
+                    held.insert(lease.run_id.clone(), lease.attempt);
+                }
+                let arguments = RunArguments {
+                    lease: (*lease).clone(),
+                    execution: state.arguments.execution.clone(),
+                    cancelled,
+                    parent: myself.clone(),
+                };
+                match Actor::spawn_linked(None, RunActor, arguments, myself.get_cell()).await {
+                    Ok((run, _)) => {
+                        state.runs.insert(run.get_id(), RunEntry { lease: *lease, cancel, _slot: slot });
+                    }
+                    Err(error) => {
+                        let result = infrastructure(format!("could not start the run actor: {error}"));
+                        let settings = state.arguments.settings.clone();
+                        let cluster = state.arguments.cluster.clone();
+                        tokio::spawn(async move { report(&settings, &cluster, &lease, result).await });
+                    }
+                }
+            }
+            WorkerMessage::Finished { actor_id, result } => state.finish(actor_id, *result),
+            WorkerMessage::Reap(actor_id) => {
+                state.finish(actor_id, infrastructure("the run actor stopped without a result".into()));
+            }
+            WorkerMessage::Lost(lost) => {
+                for entry in state.runs.values() {
+                    if lost.iter().any(|l| l.run_id == entry.lease.run_id && l.attempt == entry.lease.attempt) {
+                        warn!(run.id = %entry.lease.run_id, attempt = entry.lease.attempt, "lease lost; cancelling the run");
+                        let _ = entry.cancel.send(true);
+                    }
+                }
+            }
+            WorkerMessage::CancelAll => {
+                for entry in state.runs.values() {
+                    let _ = entry.cancel.send(true);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorFailed(cell, error) => {
+                warn!(%error, "run actor failed");
+                state.finish(cell.get_id(), infrastructure(format!("the run actor panicked: {error}")));
+            }
+            // `Finished` may still be queued behind this event: reap after it.
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                let _ = myself.send_message(WorkerMessage::Reap(cell.get_id()));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        for entry in state.runs.values() {
+            let _ = entry.cancel.send(true);
+        }
+        Ok(())
+    }
+}
+
+fn infrastructure(error: String) -> v1::RunResult {
+    v1::RunResult { outcome: "infrastructure".into(), exit_code: -1, error, retryable: true, ..Default::default() }
+}
+
+/// One run attempt.
+struct RunActor;
+
+struct RunArguments {
+    lease: v1::Lease,
+    execution: Arc<WorkerConfig>,
+    cancelled: watch::Receiver<bool>,
+    parent: ActorRef<WorkerMessage>,
+}
+
+/// Messages of a run actor.
+enum RunMessage {
+    /// The attempt's execution ended.
+    Done(Box<v1::RunResult>),
+}
+
+impl Actor for RunActor {
+    type Msg = RunMessage;
+    type State = ActorRef<WorkerMessage>;
+    type Arguments = RunArguments;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        arguments: RunArguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let RunArguments { lease, execution, cancelled, parent } = arguments;
+        let span = info_span!("run", fleet.id = %lease.fleet_id, run.id = %lease.run_id, attempt = lease.attempt, repository = %lease.repository);
+        // Execution runs in its own task so the mailbox never blocks on it; a panic in it
+        // becomes an infrastructure failure.
+        tokio::spawn(async move {
+            let execution_task = tokio::spawn(
+                async move { crate::execute::execute_attempt(&execution, &lease, cancelled).await }.instrument(span),
+            );
+            let result = match execution_task.await {
+                Ok(result) => result,
+                Err(error) => infrastructure(format!("the attempt's execution panicked: {error}")),
+            };
+            let _ = myself.send_message(RunMessage::Done(Box::new(result)));
+        });
+        Ok(parent)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        parent: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let RunMessage::Done(result) = message;
+        let _ = parent.send_message(WorkerMessage::Finished { actor_id: myself.get_id(), result });
+        myself.stop(None);
+        Ok(())
+    }
+}
+
+/// Sends one result, retrying transient failures with backoff for up to `report_retry_max_ms`.
+async fn report(settings: &WorkerSettings, cluster: &Cluster, lease: &v1::Lease, result: v1::RunResult) {
+    let outcome = result.outcome.clone();
+    let request = v1::ReportResultRequest {
+        worker_id: settings.worker_id.clone(),
+        run_id: lease.run_id.clone(),
+        attempt: lease.attempt,
+        result: Some(result),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(settings.report_retry_max_ms);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut client = cluster.client();
+        let call = client.report_result(request.clone());
+        match tokio::time::timeout(Duration::from_millis(settings.rpc_timeout_ms), call).await {
+            Ok(Ok(response)) => {
+                let response = response.into_inner();
+                if response.accepted {
+                    info!(run.id = %lease.run_id, attempt = lease.attempt, %outcome, "result accepted");
+                } else {
+                    warn!(run.id = %lease.run_id, attempt = lease.attempt, reason = %response.reason, "result rejected by the cluster");
+                }
+                return;
+            }
+            Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
+                warn!(run.id = %lease.run_id, %status, "result refused as invalid; not retried");
+                return;
+            }
+            Ok(Err(status)) => warn!(run.id = %lease.run_id, %status, "reporting the result failed; retrying"),
+            Err(_) => warn!(run.id = %lease.run_id, "reporting the result timed out; retrying"),
+        }
+        cluster.rotate();
+        if tokio::time::Instant::now() + backoff > deadline {
+            warn!(run.id = %lease.run_id, "giving up reporting the result; the lease will expire");
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Asks for as many runs as there are free slots, one long poll at a time.
+async fn lease_poller(
+    settings: WorkerSettings,
+    cluster: Cluster,
+    slots: Arc<Semaphore>,
+    actor: ActorRef<WorkerMessage>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let first = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
+            _ = stop.changed() => return,
+        };
+        let mut permits = vec![first];
+        while let Ok(permit) = slots.clone().try_acquire_owned() {
+            permits.push(permit);
+        }
+        let request = v1::LeaseRunsRequest {
+            worker_id: settings.worker_id.clone(),
+            free_slots: permits.len() as u32,
+            wait_ms: settings.lease_wait_ms,
+        };
+        let mut client = cluster.client();
+        let timeout = Duration::from_millis(settings.lease_wait_ms + settings.rpc_timeout_ms);
+        let response = tokio::select! {
+            response = tokio::time::timeout(timeout, client.lease_runs(request)) => response,
+            _ = stop.changed() => return,
+        };
+        match response {
+            Ok(Ok(response)) => {
+                backoff = Duration::from_millis(100);
+                for lease in response.into_inner().leases {
+                    let Some(permit) = permits.pop() else {
+                        warn!(run.id = %lease.run_id, "the cluster leased more runs than slots asked for");
+                        break;
+                    };
+                    info!(run.id = %lease.run_id, attempt = lease.attempt, repository = %lease.repository, "leased");
+                    if actor.send_message(WorkerMessage::Leased(Box::new(lease), permit)).is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(Err(status)) => {
+                warn!(%status, "lease request failed");
+                cluster.rotate();
+                drop(permits);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(_) => {
+                warn!("lease request timed out");
+                cluster.rotate();
+            }
+        }
+    }
+}
+
+/// Renews held leases every `heartbeat_interval_ms`; tells the actor which ones were lost.
+async fn heartbeat_ticker(
+    settings: WorkerSettings,
+    cluster: Cluster,
+    held: HeldLeases,
+    actor: ActorRef<WorkerMessage>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(settings.heartbeat_interval_ms));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let leases: Vec<HeldLease> = match held.lock() {
+            Ok(held) => held.iter().map(|(run_id, attempt)| HeldLease { run_id: run_id.clone(), attempt: *attempt }).collect(),
+            Err(_) => return,
+        };
+        if leases.is_empty() {
+            continue;
+        }
+        let mut client = cluster.client();
+        let request = v1::HeartbeatRequest { worker_id: settings.worker_id.clone(), leases };
+        match tokio::time::timeout(Duration::from_millis(settings.rpc_timeout_ms), client.heartbeat(request)).await {
+            Ok(Ok(response)) => {
+                let lost = response.into_inner().lost;
+                if !lost.is_empty() {
+                    if let Ok(mut held) = held.lock() {
+                        for lease in &lost {
+                            if held.get(&lease.run_id) == Some(&lease.attempt) {
+                                held.remove(&lease.run_id);
+                            }
+                        }
+                    }
+                    let _ = actor.send_message(WorkerMessage::Lost(lost));
+                }
+            }
+            Ok(Err(status)) => {
+                warn!(%status, "heartbeat failed");
+                cluster.rotate();
+            }
+            Err(_) => {
+                warn!("heartbeat timed out");
+                cluster.rotate();
+            }
+        }
+    }
+}

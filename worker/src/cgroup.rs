@@ -1,0 +1,549 @@
+//! Resource limits: one cgroup per sandboxed command, with a memory and a pids limit.
+//!
+//! Supports cgroup v2 (the unified hierarchy at `<mount>/`, when `cgroup.controllers` lists
+//! `memory` and/or `pids`) and v1 (`<mount>/memory/`, `<mount>/pids/`). The worker creates
+//! `<parent>/` (e.g. `/sys/fs/cgroup/flotilla`) once, then one child per command, which the
+//! command's first process enters before it executes anything (race-free: the forked child writes
+//! to `cgroup.procs` in a `pre_exec` hook). Afterwards every process left in the cgroup is killed
+//! and the cgroup removed.
+//!
+//! When neither version is usable (not root, read-only mount, no controllers), commands run
+//! without limits and a warning is logged once per (mount, parent) pair.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// What the worker can use for resource limits on this host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CgroupSupport {
+    /// cgroup v2: command cgroups are created under `parent_directory`, with the controllers that
+    /// are available.
+    V2 {
+        /// E.g. `/sys/fs/cgroup/flotilla`.
+        parent_directory: PathBuf,
+        /// Whether the memory controller is enabled for the children.
+        memory: bool,
+        /// Whether the pids controller is enabled for the children.
+        pids: bool,
+    },
+    /// cgroup v1: one parent per available controller hierarchy.
+    V1 {
+        /// E.g. `/sys/fs/cgroup/memory/flotilla`, `None` without a memory hierarchy.
+        memory_parent_directory: Option<PathBuf>,
+        /// E.g. `/sys/fs/cgroup/pids/flotilla`, `None` without a pids hierarchy.
+        pids_parent_directory: Option<PathBuf>,
+    },
+    /// No limits can be applied; `reason` says why.
+    Unavailable {
+        /// Human-readable reason.
+        reason: String,
+    },
+}
+
+impl CgroupSupport {
+    /// Whether memory limits are applied.
+    pub fn limits_memory(&self) -> bool {
+        match self {
+            CgroupSupport::V2 { memory, .. } => *memory,
+            CgroupSupport::V1 {
+                memory_parent_directory,
+                ..
+            } => memory_parent_directory.is_some(),
+            CgroupSupport::Unavailable { .. } => false,
+        }
+    }
+
+    /// Whether pids limits are applied.
+    pub fn limits_pids(&self) -> bool {
+        match self {
+            CgroupSupport::V2 { pids, .. } => *pids,
+            CgroupSupport::V1 {
+                pids_parent_directory,
+                ..
+            } => pids_parent_directory.is_some(),
+            CgroupSupport::Unavailable { .. } => false,
+        }
+    }
+}
+
+fn valid_parent_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.split('/').all(|component| {
+            !component.is_empty()
+                && component != "."
+                && component != ".."
+                && component
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'))
+        })
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|text| text.trim().to_owned())
+}
+
+fn write_file(path: &Path, value: &str) -> std::io::Result<()> {
+    std::fs::write(path, value.as_bytes())
+}
+
+/// Detects cgroup support under `mount_directory` and prepares `<parent_name>` (creating it and,
+/// for v2, enabling the memory and pids controllers for its children). Never fails: problems give
+/// [`CgroupSupport::Unavailable`].
+pub fn detect_cgroup_support(mount_directory: &Path, parent_name: &str) -> CgroupSupport {
+    if !valid_parent_name(parent_name) {
+        return CgroupSupport::Unavailable {
+            reason: format!("invalid cgroup parent name {parent_name:?}"),
+        };
+    }
+    if let Some(controllers) = read_trimmed(&mount_directory.join("cgroup.controllers")) {
+        return detect_v2(mount_directory, parent_name, &controllers);
+    }
+    detect_v1(mount_directory, parent_name)
+}
+
+fn detect_v2(mount_directory: &Path, parent_name: &str, controllers: &str) -> CgroupSupport {
+    let available: Vec<&str> = controllers.split_whitespace().collect();
+    let wanted: Vec<&str> = ["memory", "pids"]
+        .into_iter()
+        .filter(|controller| available.contains(controller))
+        .collect();
+    if wanted.is_empty() {
+        return CgroupSupport::Unavailable {
+            reason: format!(
+                "cgroup v2 at {} has neither the memory nor the pids controller",
+                mount_directory.display()
+            ),
+        };
+    }
+    // Enable the controllers level by level: the root's subtree_control, then each component of
+    // the parent (which hold no processes, so the no-internal-process rule is respected).
+    let mut directory = mount_directory.to_path_buf();
+    let mut levels = vec![directory.clone()];
+    for component in parent_name.split('/') {
+        directory = directory.join(component);
+        levels.push(directory.clone());
+    }
+    for (index, level) in levels.iter().enumerate() {
+        if index > 0
+            && let Err(error) = std::fs::create_dir_all(level)
+        {
+            return CgroupSupport::Unavailable {
+                reason: format!("cannot create cgroup {}: {error}", level.display()),
+            };
+        }
+        let subtree_control = level.join("cgroup.subtree_control");
+        let enabled = read_trimmed(&subtree_control).unwrap_or_default();
+        for controller in &wanted {
+            if enabled.split_whitespace().any(|name| name == *controller) {
+                continue;
+            }
+            if let Err(error) = write_file(&subtree_control, &format!("+{controller}")) {
+                return CgroupSupport::Unavailable {
+                    reason: format!(
+                        "cannot enable the {controller} controller in {}: {error}",
+                        subtree_control.display()
+                    ),
+                };
+            }
+        }
+    }
+    CgroupSupport::V2 {
+        parent_directory: directory,
+        memory: wanted.contains(&"memory"),
+        pids: wanted.contains(&"pids"),
+    }
+}
+
+fn detect_v1(mount_directory: &Path, parent_name: &str) -> CgroupSupport {
+    let mut problems = Vec::new();
+    let mut prepare = |controller: &str| -> Option<PathBuf> {
+        let root = mount_directory.join(controller);
+        if !root.join("cgroup.procs").exists() {
+            problems.push(format!(
+                "no cgroup v1 {controller} hierarchy at {}",
+                root.display()
+            ));
+            return None;
+        }
+        let parent = root.join(parent_name);
+        match std::fs::create_dir_all(&parent) {
+            Ok(()) => Some(parent),
+            Err(error) => {
+                problems.push(format!(
+                    "cannot create cgroup {}: {error}",
+                    parent.display()
+                ));
+                None
+            }
+        }
+    };
+    let memory_parent_directory = prepare("memory");
+    let pids_parent_directory = prepare("pids");
+    if memory_parent_directory.is_none() && pids_parent_directory.is_none() {
+        return CgroupSupport::Unavailable {
+            reason: problems.join("; "),
+        };
+    }
+    for problem in &problems {
+        tracing::warn!(problem = %problem, "cgroup v1: a resource limit is not available");
+    }
+    CgroupSupport::V1 {
+        memory_parent_directory,
+        pids_parent_directory,
+    }
+}
+
+/// [`detect_cgroup_support`], computed once per (mount directory, parent name) in this process;
+/// logs a warning the first time limits are unavailable.
+pub fn cgroup_support(mount_directory: &Path, parent_name: &str) -> Arc<CgroupSupport> {
+    type Cache = Mutex<HashMap<(PathBuf, String), Arc<CgroupSupport>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    let key = (mount_directory.to_path_buf(), parent_name.to_owned());
+    let mut entries = match cache.lock() {
+        Ok(entries) => entries,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    if let Some(support) = entries.get(&key) {
+        return Arc::clone(support);
+    }
+    let support = Arc::new(detect_cgroup_support(mount_directory, parent_name));
+    match support.as_ref() {
+        CgroupSupport::Unavailable { reason } => {
+            tracing::warn!(%reason, "cgroups are not usable: sandboxed commands run without memory and pids limits");
+        }
+        other => tracing::info!(support = ?other, "cgroup resource limits available"),
+    }
+    entries.insert(key, Arc::clone(&support));
+    support
+}
+
+/// Whether the cgroup version is v2 (affects file names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Version {
+    V1,
+    V2,
+}
+
+/// The cgroup(s) of one sandboxed command. Dropping it kills what is left in it and removes it
+/// (best effort); [`InvocationCgroup::finish`] does the same and waits for the processes to exit.
+#[derive(Debug)]
+pub(crate) struct InvocationCgroup {
+    version: Version,
+    /// One directory per hierarchy (v2: one).
+    directories: Vec<PathBuf>,
+    /// The directory with the memory controller, if any.
+    memory_directory: Option<PathBuf>,
+    removed: bool,
+}
+
+fn unique_suffix() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl InvocationCgroup {
+    /// Creates the cgroup(s) `<parent>/<label>-<pid>-<counter>` and sets the limits. Returns
+    /// `Ok(None)` when `support` is unavailable.
+    ///
+    /// Errors: a directory or limit file cannot be written (what was created is removed).
+    pub(crate) fn create(
+        support: &CgroupSupport,
+        label: &str,
+        memory_limit_bytes: u64,
+        pids_limit: u32,
+    ) -> std::io::Result<Option<Self>> {
+        let label: String = label
+            .chars()
+            .map(|character| {
+                if character.is_ascii_alphanumeric() || character == '-' {
+                    character
+                } else {
+                    '_'
+                }
+            })
+            .take(64)
+            .collect();
+        let name = format!("{label}-{}", unique_suffix());
+        let cgroup = match support {
+            CgroupSupport::Unavailable { .. } => return Ok(None),
+            CgroupSupport::V2 {
+                parent_directory, ..
+            } => {
+                let directory = parent_directory.join(&name);
+                InvocationCgroup {
+                    version: Version::V2,
+                    directories: vec![directory.clone()],
+                    memory_directory: support.limits_memory().then_some(directory),
+                    removed: false,
+                }
+            }
+            CgroupSupport::V1 {
+                memory_parent_directory,
+                pids_parent_directory,
+            } => {
+                let memory_directory = memory_parent_directory
+                    .as_ref()
+                    .map(|parent| parent.join(&name));
+                let pids_directory = pids_parent_directory
+                    .as_ref()
+                    .map(|parent| parent.join(&name));
+                InvocationCgroup {
+                    version: Version::V1,
+                    directories: memory_directory
+                        .iter()
+                        .chain(pids_directory.iter())
+                        .cloned()
+                        .collect(),
+                    memory_directory,
+                    removed: false,
+                }
+            }
+        };
+        // On error, `cgroup` is dropped, which removes the directories that exist.
+        for directory in &cgroup.directories {
+            std::fs::create_dir(directory)?;
+        }
+        match cgroup.version {
+            Version::V2 => {
+                let directory = &cgroup.directories[0];
+                if support.limits_memory() {
+                    write_file(
+                        &directory.join("memory.max"),
+                        &memory_limit_bytes.to_string(),
+                    )?;
+                    // No swap, so the memory limit is the limit; absent without swap accounting.
+                    let _ = write_file(&directory.join("memory.swap.max"), "0");
+                    // On OOM, kill the whole sandbox rather than one process of it.
+                    let _ = write_file(&directory.join("memory.oom.group"), "1");
+                }
+                if support.limits_pids() {
+                    write_file(&directory.join("pids.max"), &pids_limit.to_string())?;
+                }
+            }
+            Version::V1 => {
+                if let Some(directory) = &cgroup.memory_directory {
+                    write_file(
+                        &directory.join("memory.limit_in_bytes"),
+                        &memory_limit_bytes.to_string(),
+                    )?;
+                    // Memory + swap limit, where swap accounting exists.
+                    let memsw = directory.join("memory.memsw.limit_in_bytes");
+                    if memsw.exists() {
+                        let _ = write_file(&memsw, &memory_limit_bytes.to_string());
+                    }
+                }
+                if let CgroupSupport::V1 {
+                    pids_parent_directory: Some(parent),
+                    ..
+                } = support
+                {
+                    write_file(
+                        &parent.join(&name).join("pids.max"),
+                        &pids_limit.to_string(),
+                    )?;
+                }
+            }
+        }
+        Ok(Some(cgroup))
+    }
+
+    /// The `cgroup.procs` files a new process must write `0` into to enter the cgroup(s), as C
+    /// strings for the `pre_exec` hook (which must not allocate).
+    pub(crate) fn procs_files(&self) -> std::io::Result<Vec<CString>> {
+        self.directories
+            .iter()
+            .map(|directory| {
+                CString::new(directory.join("cgroup.procs").as_os_str().as_bytes())
+                    .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, error))
+            })
+            .collect()
+    }
+
+    fn process_ids(&self) -> Vec<libc::pid_t> {
+        let mut process_ids = Vec::new();
+        for directory in &self.directories {
+            if let Ok(text) = std::fs::read_to_string(directory.join("cgroup.procs")) {
+                process_ids.extend(
+                    text.split_whitespace()
+                        .filter_map(|line| line.parse::<libc::pid_t>().ok()),
+                );
+            }
+        }
+        process_ids.sort_unstable();
+        process_ids.dedup();
+        process_ids
+    }
+
+    /// Sends SIGKILL to every process in the cgroup(s) (v2: through `cgroup.kill` when the kernel
+    /// has it). Returns whether any process was left.
+    pub(crate) fn kill_all(&self) -> bool {
+        let process_ids = self.process_ids();
+        if process_ids.is_empty() {
+            return false;
+        }
+        if self.version == Version::V2 {
+            let kill_file = self.directories[0].join("cgroup.kill");
+            if kill_file.exists() && write_file(&kill_file, "1").is_ok() {
+                return true;
+            }
+        }
+        for process_id in process_ids {
+            if process_id > 0 {
+                // SAFETY: kill(2) has no memory-safety preconditions.
+                unsafe {
+                    libc::kill(process_id, libc::SIGKILL);
+                }
+            }
+        }
+        true
+    }
+
+    /// Kills every process left and waits up to `wait` for the cgroup(s) to be empty. Returns
+    /// whether they are empty.
+    pub(crate) async fn kill_and_wait(&self, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        loop {
+            if !self.kill_all() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The number of processes the kernel's OOM killer killed in this cgroup (v2 `memory.events`,
+    /// v1 `memory.oom_control` `oom_kill`), `None` if unknown.
+    pub(crate) fn oom_kill_count(&self) -> Option<u64> {
+        let directory = self.memory_directory.as_ref()?;
+        let file = match self.version {
+            Version::V2 => "memory.events",
+            Version::V1 => "memory.oom_control",
+        };
+        let text = std::fs::read_to_string(directory.join(file)).ok()?;
+        text.lines().find_map(|line| {
+            let mut fields = line.split_whitespace();
+            (fields.next() == Some("oom_kill"))
+                .then(|| fields.next().and_then(|value| value.parse().ok()))
+                .flatten()
+        })
+    }
+
+    /// Whether the memory limit was ever hit (v1 `memory.failcnt`, v2 `memory.events` `max`).
+    pub(crate) fn memory_limit_hit(&self) -> bool {
+        let Some(directory) = self.memory_directory.as_ref() else {
+            return false;
+        };
+        match self.version {
+            Version::V1 => read_trimmed(&directory.join("memory.failcnt"))
+                .and_then(|value| value.parse::<u64>().ok())
+                .is_some_and(|count| count > 0),
+            Version::V2 => {
+                std::fs::read_to_string(directory.join("memory.events")).is_ok_and(|text| {
+                    text.lines().any(|line| {
+                        let mut fields = line.split_whitespace();
+                        fields.next() == Some("max")
+                            && fields.next().is_some_and(|value| value != "0")
+                    })
+                })
+            }
+        }
+    }
+
+    /// Kills what is left, waits up to `wait` for it to exit, and removes the cgroup(s).
+    ///
+    /// Errors: a cgroup could not be removed (processes still in it); it is left behind.
+    pub(crate) async fn finish(mut self, wait: Duration) -> std::io::Result<()> {
+        self.kill_and_wait(wait).await;
+        let result = self.remove_directories();
+        self.removed = true;
+        result
+    }
+
+    fn remove_directories(&self) -> std::io::Result<()> {
+        let mut result = Ok(());
+        for directory in &self.directories {
+            let mut attempt = 0;
+            loop {
+                match std::fs::remove_dir(directory) {
+                    Ok(()) => break,
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(error) => {
+                        attempt += 1;
+                        if attempt >= 20 {
+                            result = Err(error);
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    /// The cgroup directories (one per hierarchy).
+    #[cfg(test)]
+    pub(crate) fn directories(&self) -> &[PathBuf] {
+        &self.directories
+    }
+}
+
+impl Drop for InvocationCgroup {
+    fn drop(&mut self) {
+        if self.removed {
+            return;
+        }
+        self.kill_all();
+        if let Err(error) = self.remove_directories() {
+            tracing::warn!(directories = ?self.directories, %error, "cannot remove a sandbox cgroup");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parent_names_are_validated() {
+        assert!(valid_parent_name("flotilla"));
+        assert!(valid_parent_name("a/b-c.d"));
+        assert!(!valid_parent_name(""));
+        assert!(!valid_parent_name("../x"));
+        assert!(!valid_parent_name("/abs"));
+        assert!(!valid_parent_name("a//b"));
+        assert!(!valid_parent_name("a b"));
+    }
+
+    #[tokio::test]
+    async fn invocation_cgroup_is_created_and_removed() {
+        let support = cgroup_support(Path::new("/sys/fs/cgroup"), "flotilla");
+        let Ok(Some(cgroup)) = InvocationCgroup::create(&support, "unit", 64 << 20, 32) else {
+            eprintln!("cgroups not usable here ({support:?}); skipping");
+            return;
+        };
+        let directories = cgroup.directories().to_vec();
+        assert!(!directories.is_empty());
+        for directory in &directories {
+            assert!(directory.is_dir());
+        }
+        cgroup.finish(Duration::from_secs(1)).await.unwrap();
+        for directory in &directories {
+            assert!(!directory.exists());
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The worker's execution settings: where it keeps mirrors, clones and logs, and the limits it
+//! puts on logs, patches, sandboxes and git.
+//!
+//! Every field has a default ([`WorkerConfig::default`]); the struct deserializes from a partial
+//! TOML/JSON/YAML table (missing fields take their defaults, unknown fields are rejected).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Where the sandbox finds the Rust toolchain's `rustup` home (`RUSTUP_HOME`).
+pub const SANDBOX_RUSTUP_HOME: &str = "/opt/rustup";
+/// Where the sandbox finds the toolchain's binaries (`cargo`, `rustc`, `rustfmt` proxies).
+pub const SANDBOX_CARGO_BIN: &str = "/opt/cargo/bin";
+
+const MEBIBYTE: u64 = 1024 * 1024;
+
+/// A read-only bind mount of a host directory (or file) into the sandbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mount {
+    /// Absolute host path. A mount whose source does not exist is skipped (with a warning).
+    pub source: PathBuf,
+    /// Absolute path inside the sandbox, e.g. `/opt/rustup`.
+    pub target: PathBuf,
+}
+
+impl Mount {
+    /// The default toolchain mounts, derived from the worker's environment:
+    ///
+    /// - `$RUSTUP_HOME` (or `$HOME/.rustup`) → [`SANDBOX_RUSTUP_HOME`] (`/opt/rustup`), if it
+    ///   exists;
+    /// - `$CARGO_HOME/bin` (or `$HOME/.cargo/bin`) → [`SANDBOX_CARGO_BIN`] (`/opt/cargo/bin`), if
+    ///   it exists.
+    ///
+    /// `$HOME` defaults to `/root`. Only the toolchain and the `bin` directory are mounted, never
+    /// the rest of `CARGO_HOME` (registry credentials live there).
+    pub fn default_toolchain_mounts() -> Vec<Mount> {
+        let home = std::env::var_os("HOME")
+            .filter(|value| !value.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/root"));
+        let rustup_home = std::env::var_os("RUSTUP_HOME")
+            .filter(|value| !value.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| home.join(".rustup"));
+        let cargo_home = std::env::var_os("CARGO_HOME")
+            .filter(|value| !value.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| home.join(".cargo"));
+        let mut mounts = Vec::new();
+        if rustup_home.is_dir() {
+            mounts.push(Mount {
+                source: rustup_home,
+                target: PathBuf::from(SANDBOX_RUSTUP_HOME),
+            });
+        }
+        let cargo_bin = cargo_home.join("bin");
+        if cargo_bin.is_dir() {
+            mounts.push(Mount {
+                source: cargo_bin,
+                target: PathBuf::from(SANDBOX_CARGO_BIN),
+            });
+        }
+        mounts
+    }
+
+    /// The host path that corresponds to `sandbox_path` through one of `mounts` (for the `none`
+    /// driver, which has no mounts), or `None` if no mount covers it.
+    pub fn host_path(mounts: &[Mount], sandbox_path: &Path) -> Option<PathBuf> {
+        mounts.iter().find_map(|mount| {
+            sandbox_path.strip_prefix(&mount.target).ok().map(|rest| {
+                if rest.as_os_str().is_empty() {
+                    mount.source.clone()
+                } else {
+                    mount.source.join(rest)
+                }
+            })
+        })
+    }
+}
+
+/// Settings of the execution pipeline (see the crate documentation).
+///
+/// Sizes are bytes, times milliseconds. A memory or pids limit of 0 in a fleet's `SandboxSpec`
+/// means the `default_*` value here.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Root of the worker's files: `mirrors/` (one bare mirror per repository URL), `attempts/`
+    /// (one clone per attempt, `<run_id>-<attempt>/repo`), `logs/` (one log per attempt,
+    /// `<run_id>-<attempt>.log`). Created when needed. Default `/var/lib/flotilla/worker`.
+    pub work_directory: PathBuf,
+    /// Size cap of an attempt's full log file. Writing stops past it, after a `[log truncated]`
+    /// marker. Default 8 MiB.
+    pub log_max_bytes: u64,
+    /// Size of the log tail kept in memory and sent in results (`RunResult.log_tail`). Default
+    /// 16 KiB.
+    pub log_tail_bytes: usize,
+    /// Size cap of the patch sent in results; a longer one is cut and marked `patch_truncated`.
+    /// Default 256 KiB.
+    pub patch_max_bytes: usize,
+    /// At most this many files are listed in a result's diffstat. Default 10 000.
+    pub diffstat_max_files: usize,
+    /// cgroup memory limit of a sandboxed command when the fleet gives 0. Default 2 GiB.
+    pub default_memory_limit_bytes: u64,
+    /// cgroup pids limit (processes and threads) of a sandboxed command when the fleet gives 0.
+    /// Default 1024.
+    pub default_pids_limit: u32,
+    /// Wall-clock limit of a sandboxed command when the fleet gives 0. Default 1 hour.
+    pub default_timeout_ms: u64,
+    /// Upper bound on any sandboxed command's wall-clock limit, whatever the fleet asks.
+    /// Default 24 hours.
+    pub timeout_max_ms: u64,
+    /// Read-only mounts of toolchains into the sandbox. Default:
+    /// [`Mount::default_toolchain_mounts`].
+    pub toolchain_mounts: Vec<Mount>,
+    /// Author and committer name of the commits the worker makes. Default `Flotilla`.
+    pub git_author_name: String,
+    /// Author and committer e-mail of the commits the worker makes. Default `flotilla@localhost`.
+    pub git_author_email: String,
+    /// The `git` executable (a name looked up in `PATH`, or a path). Default `git`.
+    pub git_path: PathBuf,
+    /// Wall-clock limit of every host git command (clone, fetch, push...); the command's process
+    /// group is killed when it passes. Default 10 minutes.
+    pub git_timeout_ms: u64,
+    /// Cap on the output the worker reads from one git command (status, numstat); the rest is
+    /// discarded. Default 16 MiB.
+    pub git_output_max_bytes: usize,
+    /// The `bwrap` (bubblewrap) executable. Default `bwrap`.
+    pub bwrap_path: PathBuf,
+    /// Where the cgroup file systems are mounted. Default `/sys/fs/cgroup`.
+    pub cgroup_mount_directory: PathBuf,
+    /// cgroup (relative to each hierarchy's root) under which the worker creates one cgroup per
+    /// sandboxed command. `[A-Za-z0-9._-]` components separated by `/`. Default `flotilla`.
+    pub cgroup_parent_name: String,
+    /// How long to wait for killed processes to exit (cgroup empty) before giving up on them.
+    /// Default 5 seconds.
+    pub process_exit_wait_ms: u64,
+    /// After a sandboxed command exits, how long to keep reading output that its leftover
+    /// processes still write. Default 2 seconds.
+    pub output_drain_timeout_ms: u64,
+    /// Keep each attempt's clone after the attempt (for debugging). Default false: deleted.
+    pub keep_attempt_directories: bool,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            work_directory: PathBuf::from("/var/lib/flotilla/worker"),
+            log_max_bytes: 8 * MEBIBYTE,
+            log_tail_bytes: 16 * 1024,
+            patch_max_bytes: 256 * 1024,
+            diffstat_max_files: 10_000,
+            default_memory_limit_bytes: 2 * 1024 * MEBIBYTE,
+            default_pids_limit: 1024,
+            default_timeout_ms: 60 * 60 * 1000,
+            timeout_max_ms: 24 * 60 * 60 * 1000,
+            toolchain_mounts: Mount::default_toolchain_mounts(),
+            git_author_name: "Flotilla".to_owned(),
+            git_author_email: "flotilla@localhost".to_owned(),
+            git_path: PathBuf::from("git"),
+            git_timeout_ms: 10 * 60 * 1000,
+            git_output_max_bytes: 16 * MEBIBYTE as usize,
+            bwrap_path: PathBuf::from("bwrap"),
+            cgroup_mount_directory: PathBuf::from("/sys/fs/cgroup"),
+            cgroup_parent_name: "flotilla".to_owned(),
+            process_exit_wait_ms: 5_000,
+            output_drain_timeout_ms: 2_000,
+            keep_attempt_directories: false,
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// `<work_directory>/mirrors`: one bare mirror per repository URL.
+    pub fn mirrors_directory(&self) -> PathBuf {
+        self.work_directory.join("mirrors")
+    }
+
+    /// `<work_directory>/attempts`: one directory per attempt.
+    pub fn attempts_directory(&self) -> PathBuf {
+        self.work_directory.join("attempts")
+    }
+
+    /// `<work_directory>/logs`: one log file per attempt.
+    pub fn logs_directory(&self) -> PathBuf {
+        self.work_directory.join("logs")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_path_maps_through_mounts() {
+        let mounts = vec![Mount {
+            source: PathBuf::from("/root/.cargo/bin"),
+            target: PathBuf::from("/opt/cargo/bin"),
+        }];
+        assert_eq!(
+            Mount::host_path(&mounts, Path::new("/opt/cargo/bin")),
+            Some(PathBuf::from("/root/.cargo/bin"))
+        );
+        assert_eq!(
+            Mount::host_path(&mounts, Path::new("/opt/cargo/bin/cargo")),
+            Some(PathBuf::from("/root/.cargo/bin/cargo"))
+        );
+        assert_eq!(Mount::host_path(&mounts, Path::new("/usr/bin")), None);
+    }
+
+    #[test]
+    fn config_deserializes_partially() {
+        let config: WorkerConfig =
+            serde_json::from_str(r#"{"work_directory": "/tmp/w", "log_tail_bytes": 10}"#).unwrap();
+        assert_eq!(config.work_directory, PathBuf::from("/tmp/w"));
+        assert_eq!(config.log_tail_bytes, 10);
+        assert_eq!(config.patch_max_bytes, 256 * 1024);
+        assert!(serde_json::from_str::<WorkerConfig>(r#"{"no_such_field": 1}"#).is_err());
+    }
+}

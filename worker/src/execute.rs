@@ -1,0 +1,551 @@
+//! One attempt of one run, end to end: prepare (mirror + clone) → agent in the sandbox → commit
+//! the agent's changes → each verification command in the sandbox → publish (push).
+//!
+//! The agent's changes are committed right after the agent, before verification, so that files
+//! the verification commands create (build outputs not covered by `.gitignore`) never end up in
+//! the commit; verification runs on exactly the committed tree, and nothing is pushed unless it
+//! passes.
+//!
+//! Outcomes ([`RunResult::outcome`]):
+//!
+//! | outcome          | when                                                                  |
+//! |------------------|-----------------------------------------------------------------------|
+//! | `changed`        | agent and verification passed, files changed, committed (and pushed)  |
+//! | `unchanged`      | agent and verification passed, nothing changed                        |
+//! | `agent_failed`   | the agent exited non-zero or was OOM-killed (exit code, log tail)     |
+//! | `verify_failed`  | a verification command exited non-zero or was OOM-killed              |
+//! | `timed_out`      | the agent or a verification command passed its timeout                |
+//! | `infrastructure` | bad lease, clone/fetch/push/commit failure, sandbox start failure     |
+//! | `cancelled`      | the cancellation token fired                                          |
+//!
+//! `retryable` is set for transient infrastructure failures (git and sandbox start problems), not
+//! for invalid leases. `exit_code` is the failing command's exit code, 0 for success, -1 when
+//! there is none.
+
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+
+use flotilla_proto::v1::{FleetSpec, Lease, RunResult, SandboxSpec};
+use futures::FutureExt;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::attempt_log::AttemptLog;
+use crate::config::WorkerConfig;
+use crate::git::{self, CommitSummary, Git, GitError};
+use crate::sandbox::{SandboxCommand, SandboxDriver, SandboxError, SandboxOutcome, run_sandboxed};
+
+/// Outcome: files changed, verification passed, committed (and pushed when the fleet asks).
+pub const OUTCOME_CHANGED: &str = "changed";
+/// Outcome: nothing changed, verification passed.
+pub const OUTCOME_UNCHANGED: &str = "unchanged";
+/// Outcome: the agent command failed.
+pub const OUTCOME_AGENT_FAILED: &str = "agent_failed";
+/// Outcome: a verification command failed.
+pub const OUTCOME_VERIFY_FAILED: &str = "verify_failed";
+/// Outcome: the agent or a verification command timed out.
+pub const OUTCOME_TIMED_OUT: &str = "timed_out";
+/// Outcome: the worker's infrastructure (git, sandbox, lease) failed.
+pub const OUTCOME_INFRASTRUCTURE: &str = "infrastructure";
+/// Outcome: cancelled.
+pub const OUTCOME_CANCELLED: &str = "cancelled";
+
+/// Longest run id kept in file names; longer ones are cut.
+const RUN_ID_FILE_NAME_MAX_CHARS: usize = 100;
+
+/// The file-name form of an attempt: `<run_id>-<attempt>`, the run id restricted to
+/// `[A-Za-z0-9._-]` (others become `_`), at most 100 characters, never starting with `.`.
+pub fn attempt_name(run_id: &str, attempt: u32) -> String {
+    let mut name: String = run_id
+        .chars()
+        .map(|character| {
+            if character.is_ascii_alphanumeric() || matches!(character, '.' | '_' | '-') {
+                character
+            } else {
+                '_'
+            }
+        })
+        .take(RUN_ID_FILE_NAME_MAX_CHARS)
+        .collect();
+    if name.is_empty() || name.starts_with('.') {
+        name.insert_str(0, "run");
+    }
+    format!("{name}-{attempt}")
+}
+
+/// The directory of an attempt's files: `<work_directory>/attempts/<attempt_name>` (the clone is
+/// its `repo/`, the `none` driver's scratch space its `scratch/`).
+pub fn attempt_directory(config: &WorkerConfig, run_id: &str, attempt: u32) -> PathBuf {
+    config
+        .attempts_directory()
+        .join(attempt_name(run_id, attempt))
+}
+
+/// The full log of an attempt: `<work_directory>/logs/<attempt_name>.log`.
+pub fn attempt_log_path(config: &WorkerConfig, run_id: &str, attempt: u32) -> PathBuf {
+    config
+        .logs_directory()
+        .join(format!("{}.log", attempt_name(run_id, attempt)))
+}
+
+fn base_result(outcome: &str, exit_code: i32) -> RunResult {
+    RunResult {
+        outcome: outcome.to_owned(),
+        exit_code,
+        ..RunResult::default()
+    }
+}
+
+fn infrastructure(log: &mut AttemptLog, message: String, retryable: bool) -> RunResult {
+    log.note(&format!(
+        "infrastructure failure (retryable: {retryable}): {message}"
+    ));
+    tracing::warn!(%message, retryable, "attempt failed: infrastructure");
+    RunResult {
+        error: message,
+        retryable,
+        ..base_result(OUTCOME_INFRASTRUCTURE, -1)
+    }
+}
+
+fn cancelled(log: &mut AttemptLog) -> RunResult {
+    log.note("cancelled");
+    RunResult {
+        error: "cancelled".to_owned(),
+        ..base_result(OUTCOME_CANCELLED, -1)
+    }
+}
+
+fn with_summary(mut result: RunResult, summary: Option<&CommitSummary>) -> RunResult {
+    if let Some(summary) = summary {
+        result.commit = summary.commit.clone();
+        result.diffstat = summary.diffstat.clone();
+        result.patch = summary.patch.clone();
+        result.patch_truncated = summary.patch_truncated;
+    }
+    result
+}
+
+fn git_failure(log: &mut AttemptLog, phase: &str, error: &GitError) -> RunResult {
+    if error.is_cancelled() {
+        return cancelled(log);
+    }
+    infrastructure(log, format!("{phase}: {error}"), error.is_retryable())
+}
+
+/// The result for a sandboxed command that did not succeed, `None` if it did. `failed_outcome`
+/// is `agent_failed` or `verify_failed`.
+fn command_failure(
+    log: &mut AttemptLog,
+    label: &str,
+    failed_outcome: &str,
+    outcome: &SandboxOutcome,
+    memory_limit_bytes: u64,
+) -> Option<RunResult> {
+    if outcome.succeeded() {
+        return None;
+    }
+    let exit_code = outcome.exit_code.unwrap_or(-1);
+    let result = if outcome.cancelled {
+        return Some(cancelled(log));
+    } else if outcome.timed_out {
+        RunResult {
+            error: format!("{label} timed out after {} ms", outcome.duration_ms),
+            ..base_result(OUTCOME_TIMED_OUT, -1)
+        }
+    } else if outcome.oom_killed {
+        RunResult {
+            error: format!(
+                "{label} was killed by the OOM killer: memory limit of {memory_limit_bytes} bytes reached"
+            ),
+            ..base_result(failed_outcome, exit_code)
+        }
+    } else {
+        RunResult {
+            error: format!("{label} {}", outcome.describe()),
+            ..base_result(failed_outcome, exit_code)
+        }
+    };
+    log.note(&format!("outcome {}: {}", result.outcome, result.error));
+    Some(result)
+}
+
+fn sandbox_failure(log: &mut AttemptLog, label: &str, error: &SandboxError) -> RunResult {
+    infrastructure(log, format!("{label}: {error}"), error.is_retryable())
+}
+
+/// Runs one attempt of `lease` (see the module documentation) and returns its result; never
+/// panics and never fails: every problem becomes a result (`infrastructure` with the error
+/// message for unexpected ones, including a panic inside the pipeline).
+///
+/// Files: the clone in [`attempt_directory`] (removed afterwards unless
+/// [`WorkerConfig::keep_attempt_directories`]), the log at [`attempt_log_path`] (kept). The
+/// result's `log_tail` is the end of that log.
+///
+/// Cancellation: when `cancel` becomes `true` — or its sender is dropped (whoever owned the run
+/// is gone) — the running git command or sandbox is killed and the result is `cancelled`. A
+/// receiver that is already `true` cancels at once.
+pub async fn execute_attempt(
+    config: &WorkerConfig,
+    lease: &Lease,
+    mut cancel: watch::Receiver<bool>,
+) -> RunResult {
+    let token = CancellationToken::new();
+    let pipeline = execute_attempt_with_token(config, lease, token.clone());
+    tokio::pin!(pipeline);
+    tokio::select! {
+        result = &mut pipeline => result,
+        () = async {
+            // Ends when cancelled, or when the sender is dropped (wait_for errs).
+            let _ = cancel.wait_for(|cancelled| *cancelled).await;
+        } => {
+            token.cancel();
+            pipeline.await
+        }
+    }
+}
+
+/// [`execute_attempt`] with a [`CancellationToken`] instead of a watch channel: cancelling the
+/// token cancels the attempt.
+pub async fn execute_attempt_with_token(
+    config: &WorkerConfig,
+    lease: &Lease,
+    cancel: CancellationToken,
+) -> RunResult {
+    let log_path = attempt_log_path(config, &lease.run_id, lease.attempt);
+    let mut log = match AttemptLog::create(&log_path, config.log_max_bytes, config.log_tail_bytes) {
+        Ok(log) => log,
+        Err(error) => {
+            tracing::warn!(path = %log_path.display(), %error, "cannot create the attempt log; keeping only its tail");
+            AttemptLog::discard(config.log_tail_bytes)
+        }
+    };
+    let directory = attempt_directory(config, &lease.run_id, lease.attempt);
+    let pipeline =
+        AssertUnwindSafe(run_pipeline(config, lease, &cancel, &directory, &mut log)).catch_unwind();
+    let mut result = match pipeline.await {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|text| (*text).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_owned());
+            infrastructure(&mut log, format!("internal error: {message}"), true)
+        }
+    };
+    if !config.keep_attempt_directories
+        && let Err(error) = tokio::fs::remove_dir_all(&directory).await
+        && error.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(directory = %directory.display(), %error, "cannot remove the attempt directory");
+    }
+    tracing::info!(
+        run_id = %lease.run_id,
+        fleet_id = %lease.fleet_id,
+        attempt = lease.attempt,
+        outcome = %result.outcome,
+        exit_code = result.exit_code,
+        "attempt finished"
+    );
+    result.log_tail = log.tail();
+    result
+}
+
+/// The sandbox settings of a fleet, with the worker's defaults filled in.
+struct SandboxSettings {
+    driver: SandboxDriver,
+    timeout_ms: u64,
+    memory_limit_bytes: u64,
+    pids_limit: u32,
+    network: bool,
+}
+
+impl SandboxSettings {
+    fn new(config: &WorkerConfig, spec: &SandboxSpec) -> Result<Self, SandboxError> {
+        let timeout_ms = if spec.timeout_ms == 0 {
+            config.default_timeout_ms
+        } else {
+            spec.timeout_ms
+        };
+        Ok(SandboxSettings {
+            driver: SandboxDriver::from_name(&spec.driver)?,
+            timeout_ms: timeout_ms.min(config.timeout_max_ms),
+            memory_limit_bytes: if spec.memory_limit_bytes == 0 {
+                config.default_memory_limit_bytes
+            } else {
+                spec.memory_limit_bytes
+            },
+            pids_limit: if spec.pids_limit == 0 {
+                config.default_pids_limit
+            } else {
+                spec.pids_limit
+            },
+            network: spec.network,
+        })
+    }
+}
+
+/// The environment of the agent and verification commands: the fleet's `env` (sorted by name),
+/// then the `FLOTILLA_*` variables, which win.
+fn command_environment(lease: &Lease, spec: &FleetSpec, task: &str) -> Vec<(String, String)> {
+    let mut environment: Vec<(String, String)> = spec
+        .agent
+        .as_ref()
+        .map(|agent| {
+            agent
+                .env
+                .iter()
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    environment.sort();
+    environment.push(("FLOTILLA_TASK".to_owned(), task.to_owned()));
+    environment.push(("FLOTILLA_RUN_ID".to_owned(), lease.run_id.clone()));
+    environment.push(("FLOTILLA_ATTEMPT".to_owned(), lease.attempt.to_string()));
+    environment.push((
+        "FLOTILLA_REPOSITORY".to_owned(),
+        git::redact_url_credentials(&lease.repository),
+    ));
+    environment
+}
+
+async fn run_pipeline(
+    config: &WorkerConfig,
+    lease: &Lease,
+    cancel: &CancellationToken,
+    directory: &Path,
+    log: &mut AttemptLog,
+) -> RunResult {
+    // Validate the lease.
+    let Some(spec) = lease.spec.as_ref() else {
+        return infrastructure(log, "the lease has no fleet spec".to_owned(), false);
+    };
+    let Some(agent) = spec
+        .agent
+        .as_ref()
+        .filter(|agent| !agent.command.trim().is_empty())
+    else {
+        return infrastructure(log, "the fleet spec has no agent command".to_owned(), false);
+    };
+    if lease.repository.trim().is_empty() {
+        return infrastructure(log, "the lease has no repository".to_owned(), false);
+    }
+    if lease.branch.trim().is_empty() {
+        return infrastructure(log, "the lease has no branch".to_owned(), false);
+    }
+    let settings = match SandboxSettings::new(config, &spec.sandbox.clone().unwrap_or_default()) {
+        Ok(settings) => settings,
+        Err(error) => return sandbox_failure(log, "sandbox", &error),
+    };
+    // A tracing span for one phase, with the run's identifiers.
+    macro_rules! phase_span {
+        ($name:literal) => {
+            tracing::info_span!($name, run_id = %lease.run_id, fleet_id = %lease.fleet_id, attempt = lease.attempt)
+        };
+    }
+    let git = Git::from_config(config);
+
+    // Prepare: a fresh attempt directory, the mirror, the clone.
+    if cancel.is_cancelled() {
+        return cancelled(log);
+    }
+    log.note(&format!(
+        "clone: {} (branch {})",
+        git::redact_url_credentials(&lease.repository),
+        lease.branch
+    ));
+    if let Err(error) = tokio::fs::remove_dir_all(directory).await
+        && error.kind() != std::io::ErrorKind::NotFound
+    {
+        return infrastructure(
+            log,
+            format!(
+                "cannot clear the attempt directory {}: {error}",
+                directory.display()
+            ),
+            true,
+        );
+    }
+    let repository_directory = directory.join("repo");
+    let prepared = git::prepare_repository(
+        &git,
+        &config.mirrors_directory(),
+        &lease.repository,
+        &repository_directory,
+        &lease.branch,
+        cancel,
+    )
+    .instrument(phase_span!("clone"))
+    .await;
+    let prepared = match prepared {
+        Ok(prepared) => prepared,
+        Err(error) => return git_failure(log, "clone", &error),
+    };
+    log.note(&format!(
+        "clone: mirror {:?}, base {}",
+        prepared.mirror_status,
+        prepared
+            .base_commit
+            .as_deref()
+            .unwrap_or("(empty repository)")
+    ));
+
+    // Agent.
+    if cancel.is_cancelled() {
+        return cancelled(log);
+    }
+    let environment = command_environment(lease, spec, &agent.task);
+    let sandbox_command = |label: String, command_line: &str| SandboxCommand {
+        label,
+        command_line: command_line.to_owned(),
+        workspace_directory: prepared.directory.clone(),
+        scratch_directory: directory.join("scratch"),
+        environment: environment.clone(),
+        network: settings.network,
+        timeout_ms: settings.timeout_ms,
+        memory_limit_bytes: settings.memory_limit_bytes,
+        pids_limit: settings.pids_limit,
+    };
+    let agent_command = sandbox_command("agent".to_owned(), &agent.command);
+    let outcome = run_sandboxed(config, settings.driver, &agent_command, log, cancel)
+        .instrument(phase_span!("agent"))
+        .await;
+    match outcome {
+        Err(error) => return sandbox_failure(log, "agent", &error),
+        Ok(outcome) => {
+            if let Some(result) = command_failure(
+                log,
+                "agent",
+                OUTCOME_AGENT_FAILED,
+                &outcome,
+                settings.memory_limit_bytes,
+            ) {
+                return result;
+            }
+        }
+    }
+
+    // Commit what the agent changed.
+    if cancel.is_cancelled() {
+        return cancelled(log);
+    }
+    let message = if spec.commit_message.trim().is_empty() {
+        format!("Flotilla: {}", lease.fleet_name)
+    } else {
+        spec.commit_message.clone()
+    };
+    let summary = git::commit_changes(&git, config, &prepared.directory, &message, cancel)
+        .instrument(phase_span!("commit"))
+        .await;
+    let summary = match summary {
+        Ok(summary) => summary,
+        Err(error) => return git_failure(log, "commit", &error),
+    };
+    match &summary {
+        Some(summary) => log.note(&format!(
+            "commit: {} ({} files changed)",
+            summary.commit,
+            summary.diffstat.len()
+        )),
+        None => log.note("commit: nothing changed"),
+    }
+
+    // Verify.
+    for (index, verify_command) in spec.verify.iter().enumerate() {
+        if cancel.is_cancelled() {
+            return cancelled(log);
+        }
+        let label = format!("verify-{}", index + 1);
+        let command = sandbox_command(label.clone(), verify_command);
+        let outcome = run_sandboxed(config, settings.driver, &command, log, cancel)
+            .instrument(phase_span!("verify"))
+            .await;
+        match outcome {
+            Err(error) => {
+                return with_summary(sandbox_failure(log, &label, &error), summary.as_ref());
+            }
+            Ok(outcome) => {
+                if let Some(result) = command_failure(
+                    log,
+                    &label,
+                    OUTCOME_VERIFY_FAILED,
+                    &outcome,
+                    settings.memory_limit_bytes,
+                ) {
+                    return with_summary(result, summary.as_ref());
+                }
+            }
+        }
+    }
+
+    // Publish.
+    let Some(summary) = summary else {
+        log.note("outcome unchanged");
+        return base_result(OUTCOME_UNCHANGED, 0);
+    };
+    let mut result = with_summary(base_result(OUTCOME_CHANGED, 0), Some(&summary));
+    if spec.push {
+        if cancel.is_cancelled() {
+            return with_summary(cancelled(log), Some(&summary));
+        }
+        let pushed = git::push_branch(
+            &git,
+            &prepared.directory,
+            &lease.repository,
+            &prepared.branch,
+            cancel,
+        )
+        .instrument(phase_span!("publish"))
+        .await;
+        if let Err(error) = pushed {
+            return with_summary(git_failure(log, "push", &error), Some(&summary));
+        }
+        log.note(&format!(
+            "publish: pushed {} to {}",
+            prepared.branch,
+            git::redact_url_credentials(&lease.repository)
+        ));
+        result.pushed = true;
+    }
+    log.note("outcome changed");
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempt_names_are_safe() {
+        assert_eq!(attempt_name("run-1", 2), "run-1-2");
+        assert_eq!(attempt_name("../../etc", 1), "run.._.._etc-1");
+        assert_eq!(attempt_name("", 1), "run-1");
+        assert_eq!(attempt_name("a/b c", 3), "a_b_c-3");
+        assert_eq!(
+            attempt_name(&"x".repeat(500), 1).len(),
+            RUN_ID_FILE_NAME_MAX_CHARS + 2
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_leases_are_infrastructure_results() {
+        let directory = tempfile::tempdir().unwrap();
+        let config = WorkerConfig {
+            work_directory: directory.path().to_path_buf(),
+            ..WorkerConfig::default()
+        };
+        let lease = Lease {
+            run_id: "r".to_owned(),
+            ..Lease::default()
+        };
+        let (_keep, cancel) = watch::channel(false);
+        let result = execute_attempt(&config, &lease, cancel).await;
+        assert_eq!(result.outcome, OUTCOME_INFRASTRUCTURE);
+        assert!(!result.retryable);
+        assert!(result.error.contains("no fleet spec"), "{}", result.error);
+        assert!(result.log_tail.contains("no fleet spec"));
+    }
+}

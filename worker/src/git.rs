@@ -1,0 +1,1070 @@
+//! Host-side git: a mirror cache per repository URL, a fresh clone per attempt, and publishing
+//! (commit, diffstat, patch, push).
+//!
+//! Every git command runs hardened — `-c core.hooksPath=/dev/null -c core.fsmonitor=false`,
+//! `GIT_CONFIG_NOSYSTEM=1`, `GIT_TERMINAL_PROMPT=0`, no inherited `GIT_DIR`-like variables,
+//! `--no-ext-diff --no-textconv` for diffs — in its own process group, with a timeout
+//! ([`WorkerConfig::git_timeout_ms`]) and cancellation that kill the group, and with its output
+//! read up to [`WorkerConfig::git_output_max_bytes`].
+//!
+//! Layout: `<work_directory>/mirrors/<name>-<hash>.git` (see [`mirror_path`]), created with
+//! `git clone --mirror` and refreshed with `git fetch --prune`, under a per-mirror async mutex
+//! so concurrent runs of one repository never race on it. Each attempt clones the mirror
+//! locally (hard-linked objects, no alternates, so the clone is self-contained and git works
+//! inside the sandbox) and points `origin` at the real URL.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use flotilla_proto::v1::FileStat;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::WorkerConfig;
+
+/// Configuration options passed with `-c` to every host git command.
+pub const HARDENED_GIT_OPTIONS: &[&str] = &[
+    "core.hooksPath=/dev/null",
+    "core.fsmonitor=false",
+    "core.untrackedCache=false",
+    "protocol.ext.allow=never",
+    "protocol.file.allow=always",
+    "submodule.recurse=false",
+    "commit.gpgSign=false",
+    "tag.gpgSign=false",
+];
+
+/// Environment variables removed from every host git command (they would redirect it).
+const REMOVED_GIT_VARIABLES: &[&str] = &[
+    "GIT_DIR",
+    "GIT_WORK_TREE",
+    "GIT_INDEX_FILE",
+    "GIT_OBJECT_DIRECTORY",
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+    "GIT_COMMON_DIR",
+    "GIT_NAMESPACE",
+    "GIT_CONFIG",
+    "GIT_CONFIG_PARAMETERS",
+    "GIT_CONFIG_COUNT",
+    "GIT_EXTERNAL_DIFF",
+    "GIT_EXEC_PATH",
+    "GIT_TEMPLATE_DIR",
+    "GIT_CEILING_DIRECTORIES",
+    "GIT_DISCOVERY_ACROSS_FILESYSTEM",
+];
+
+/// Bytes of a failed git command's standard error kept for the error message.
+const STDERR_MAX_BYTES: usize = 64 * 1024;
+
+/// Errors of host git commands.
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    /// git could not be started.
+    #[error("cannot run {path}: {source}")]
+    Spawn {
+        /// The git executable.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// git exited non-zero.
+    #[error("git {command} failed ({status}): {stderr}")]
+    Failed {
+        /// The git arguments after the hardening options, e.g. `fetch --prune origin`.
+        command: String,
+        /// The exit status, as text.
+        status: String,
+        /// The end of git's standard error.
+        stderr: String,
+    },
+    /// git did not finish within the timeout and was killed.
+    #[error("git {command} timed out after {timeout_ms} ms")]
+    TimedOut {
+        /// The git arguments.
+        command: String,
+        /// The timeout in milliseconds.
+        timeout_ms: u64,
+    },
+    /// The cancellation token fired; git was killed.
+    #[error("git {command} cancelled")]
+    Cancelled {
+        /// The git arguments.
+        command: String,
+    },
+    /// A file system operation around git failed.
+    #[error("cannot prepare {path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Bad input (e.g. an invalid branch name or an empty URL).
+    #[error("{message}")]
+    Invalid {
+        /// What is wrong.
+        message: String,
+    },
+    /// git printed something the worker cannot parse.
+    #[error("unexpected output of git {command}: {message}")]
+    Output {
+        /// The git arguments.
+        command: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl GitError {
+    /// Whether the error came from cancellation.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, GitError::Cancelled { .. })
+    }
+
+    /// Whether another attempt may succeed (network, remote, time and file system problems; not
+    /// invalid input).
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, GitError::Invalid { .. })
+    }
+}
+
+/// What a git command printed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GitOutput {
+    /// Its exit code (`None`: killed by a signal).
+    pub exit_code: Option<i32>,
+    /// Its standard output, up to the command's output cap.
+    pub stdout: Vec<u8>,
+    /// Whether standard output was longer than the cap (the rest was discarded).
+    pub stdout_truncated: bool,
+    /// Its standard error (the first 64 KiB), lossily decoded.
+    pub stderr: String,
+}
+
+/// Runs host git commands with the worker's settings (executable, timeout, output cap, author).
+#[derive(Clone, Debug)]
+pub struct Git {
+    path: PathBuf,
+    timeout_ms: u64,
+    output_max_bytes: usize,
+    author_name: String,
+    author_email: String,
+}
+
+async fn read_capped<R: AsyncRead + Unpin>(reader: Option<R>, max_bytes: usize) -> (Vec<u8>, bool) {
+    let Some(mut reader) = reader else {
+        return (Vec::new(), false);
+    };
+    let mut kept = Vec::new();
+    let mut truncated = false;
+    let mut buffer = vec![0_u8; 64 * 1024];
+    loop {
+        match reader.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(count) => {
+                let room = max_bytes.saturating_sub(kept.len());
+                if count > room {
+                    truncated = true;
+                }
+                kept.extend_from_slice(&buffer[..count.min(room)]);
+            }
+        }
+    }
+    (kept, truncated)
+}
+
+fn kill_process_group(process_id: Option<u32>) {
+    if let Some(id) = process_id.and_then(|id| libc::pid_t::try_from(id).ok())
+        && id > 0
+    {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe {
+            libc::kill(-id, libc::SIGKILL);
+        }
+    }
+}
+
+fn describe_arguments(arguments: &[OsString]) -> String {
+    arguments
+        .iter()
+        .map(|argument| argument.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl Git {
+    /// The runner for `config`'s git executable, timeout, output cap and author.
+    pub fn from_config(config: &WorkerConfig) -> Self {
+        Git {
+            path: config.git_path.clone(),
+            timeout_ms: config.git_timeout_ms,
+            output_max_bytes: config.git_output_max_bytes,
+            author_name: config.git_author_name.clone(),
+            author_email: config.git_author_email.clone(),
+        }
+    }
+
+    /// Runs `git -c <hardening>... <arguments>` in `directory`, reading standard output up to
+    /// `stdout_max_bytes`. Returns the output whatever the exit status.
+    ///
+    /// Errors: [`GitError::Spawn`], [`GitError::TimedOut`], [`GitError::Cancelled`].
+    pub async fn run_unchecked<I, S>(
+        &self,
+        directory: &Path,
+        arguments: I,
+        stdout_max_bytes: usize,
+        cancel: &CancellationToken,
+    ) -> Result<GitOutput, GitError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let arguments: Vec<OsString> = arguments
+            .into_iter()
+            .map(|argument| argument.as_ref().to_owned())
+            .collect();
+        let mut process = tokio::process::Command::new(&self.path);
+        for option in HARDENED_GIT_OPTIONS {
+            process.arg("-c").arg(option);
+        }
+        process.args(&arguments).current_dir(directory);
+        for name in REMOVED_GIT_VARIABLES {
+            process.env_remove(name);
+        }
+        process
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            // Only known transports (file, git, http(s), ssh): no arbitrary remote helpers.
+            .env("GIT_PROTOCOL_FROM_USER", "0")
+            .env("GIT_ASKPASS", "/bin/false")
+            .env("SSH_ASKPASS", "/bin/false")
+            .env("LC_ALL", "C")
+            .env("GIT_AUTHOR_NAME", &self.author_name)
+            .env("GIT_AUTHOR_EMAIL", &self.author_email)
+            .env("GIT_COMMITTER_NAME", &self.author_name)
+            .env("GIT_COMMITTER_EMAIL", &self.author_email);
+        if std::env::var_os("GIT_SSH_COMMAND").is_none() {
+            process.env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes");
+        }
+        process
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = process.spawn().map_err(|source| GitError::Spawn {
+            path: self.path.clone(),
+            source,
+        })?;
+        let process_id = child.id();
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let work = async {
+            let (stdout, stderr, status) = tokio::join!(
+                read_capped(stdout, stdout_max_bytes),
+                read_capped(stderr, STDERR_MAX_BYTES),
+                child.wait()
+            );
+            (stdout, stderr, status)
+        };
+        let timeout = Duration::from_millis(self.timeout_ms.max(1));
+        let ((stdout, stdout_truncated), (stderr, _), status) = tokio::select! {
+            result = work => result,
+            () = tokio::time::sleep(timeout) => {
+                kill_process_group(process_id);
+                return Err(GitError::TimedOut { command: describe_arguments(&arguments), timeout_ms: self.timeout_ms });
+            }
+            () = cancel.cancelled() => {
+                kill_process_group(process_id);
+                return Err(GitError::Cancelled { command: describe_arguments(&arguments) });
+            }
+        };
+        let status = status.map_err(|source| GitError::Spawn {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(GitOutput {
+            exit_code: status.code(),
+            stdout,
+            stdout_truncated,
+            stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
+        })
+    }
+
+    /// [`Git::run_unchecked`] with the configured output cap, failing unless git exits 0.
+    ///
+    /// Errors: as [`Git::run_unchecked`], and [`GitError::Failed`].
+    pub async fn run<I, S>(
+        &self,
+        directory: &Path,
+        arguments: I,
+        cancel: &CancellationToken,
+    ) -> Result<GitOutput, GitError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let arguments: Vec<OsString> = arguments
+            .into_iter()
+            .map(|argument| argument.as_ref().to_owned())
+            .collect();
+        let output = self
+            .run_unchecked(directory, &arguments, self.output_max_bytes, cancel)
+            .await?;
+        if output.exit_code != Some(0) {
+            return Err(GitError::Failed {
+                command: describe_arguments(&arguments),
+                status: output.exit_code.map_or_else(
+                    || "killed by a signal".to_owned(),
+                    |code| format!("exit code {code}"),
+                ),
+                stderr: output.stderr,
+            });
+        }
+        Ok(output)
+    }
+
+    async fn run_text<I, S>(
+        &self,
+        directory: &Path,
+        arguments: I,
+        cancel: &CancellationToken,
+    ) -> Result<String, GitError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let output = self.run(directory, arguments, cancel).await?;
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+}
+
+/// 64-bit FNV-1a: a stable hash for mirror names (not for security).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in bytes {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// The last path segment of a repository URL without `.git`, e.g. `widgets` for
+/// `https://example.com/acme/widgets.git` or `/srv/git/widgets/`.
+pub fn repository_name(url: &str) -> String {
+    let trimmed = url.trim_end_matches('/');
+    let last = trimmed.rsplit(['/', ':']).next().unwrap_or(trimmed);
+    last.strip_suffix(".git").unwrap_or(last).to_owned()
+}
+
+/// The mirror directory for `url` under `mirrors_directory`:
+/// `<repository name, sanitized to [A-Za-z0-9._-], at most 64 characters>-<16 hex digits of the
+/// URL's FNV-1a hash>.git`. Distinct URLs get distinct directories.
+pub fn mirror_path(mirrors_directory: &Path, url: &str) -> PathBuf {
+    let name: String = repository_name(url)
+        .chars()
+        .map(|character| {
+            if character.is_ascii_alphanumeric() || matches!(character, '.' | '_' | '-') {
+                character
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    let name = name.trim_start_matches('.');
+    let name = if name.is_empty() { "repository" } else { name };
+    mirrors_directory.join(format!("{name}-{:016x}.git", fnv1a(url.as_bytes())))
+}
+
+/// The async mutex guarding the mirror at `path` in this process.
+fn mirror_lock(path: &Path) -> Arc<tokio::sync::Mutex<()>> {
+    static LOCKS: OnceLock<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>> = OnceLock::new();
+    let locks = LOCKS.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut locks = match locks.lock() {
+        Ok(locks) => locks,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    Arc::clone(locks.entry(path.to_path_buf()).or_default())
+}
+
+/// How the mirror was brought up to date.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MirrorStatus {
+    /// It did not exist (or was broken): cloned from the origin.
+    Cloned,
+    /// It existed: fetched from the origin.
+    Fetched,
+}
+
+/// A clone prepared for one attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PreparedRepository {
+    /// The clone's working tree (`attempts/<run_id>-<attempt>/repo`).
+    pub directory: PathBuf,
+    /// The branch checked out (created from the default branch).
+    pub branch: String,
+    /// The default branch's commit the branch starts from; `None` for an empty repository.
+    pub base_commit: Option<String>,
+    /// Whether the mirror was cloned or fetched.
+    pub mirror_status: MirrorStatus,
+}
+
+/// The files an attempt changed, committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommitSummary {
+    /// The new commit's id (hex).
+    pub commit: String,
+    /// Lines added and removed per file (binary files: 0 and 0), at most
+    /// [`WorkerConfig::diffstat_max_files`] entries.
+    pub diffstat: Vec<FileStat>,
+    /// The patch (`git diff` of the commit), at most [`WorkerConfig::patch_max_bytes`] bytes.
+    pub patch: String,
+    /// Whether the patch was cut.
+    pub patch_truncated: bool,
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> GitError + '_ {
+    move |source| GitError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Brings the mirror of `url` up to date (clone on first use, fetch afterwards) and returns its
+/// path. Holds the mirror's lock while doing so. A fresh clone goes to a temporary directory and
+/// is renamed into place, so an interrupted clone never leaves a broken mirror.
+///
+/// Errors: [`GitError`] from git or the file system.
+pub async fn update_mirror(
+    git: &Git,
+    mirrors_directory: &Path,
+    url: &str,
+    cancel: &CancellationToken,
+) -> Result<(PathBuf, MirrorStatus), GitError> {
+    let path = mirror_path(mirrors_directory, url);
+    let lock = mirror_lock(&path);
+    let _guard = lock.lock().await;
+    let status = update_mirror_locked(git, mirrors_directory, &path, url, cancel).await?;
+    Ok((path, status))
+}
+
+async fn update_mirror_locked(
+    git: &Git,
+    mirrors_directory: &Path,
+    path: &Path,
+    url: &str,
+    cancel: &CancellationToken,
+) -> Result<MirrorStatus, GitError> {
+    tokio::fs::create_dir_all(mirrors_directory)
+        .await
+        .map_err(io_error(mirrors_directory))?;
+    let usable = path.is_dir()
+        && git
+            .run(
+                mirrors_directory,
+                [
+                    OsStr::new("--git-dir"),
+                    path.as_os_str(),
+                    OsStr::new("rev-parse"),
+                    OsStr::new("--git-dir"),
+                ],
+                cancel,
+            )
+            .await
+            .is_ok();
+    if usable {
+        let git_directory = path.as_os_str();
+        git.run(
+            mirrors_directory,
+            [
+                OsStr::new("--git-dir"),
+                git_directory,
+                OsStr::new("fetch"),
+                OsStr::new("--prune"),
+                OsStr::new("--quiet"),
+                OsStr::new("origin"),
+            ],
+            cancel,
+        )
+        .await?;
+        update_mirror_head(git, mirrors_directory, path, cancel).await;
+        return Ok(MirrorStatus::Fetched);
+    }
+    if path.exists() {
+        tracing::warn!(mirror = %path.display(), "mirror is broken; cloning it again");
+        tokio::fs::remove_dir_all(path)
+            .await
+            .map_err(io_error(path))?;
+    }
+    let temporary = path.with_extension(format!("tmp-{}", std::process::id()));
+    if temporary.exists() {
+        tokio::fs::remove_dir_all(&temporary)
+            .await
+            .map_err(io_error(&temporary))?;
+    }
+    let cloned = git
+        .run(
+            mirrors_directory,
+            [
+                OsStr::new("clone"),
+                OsStr::new("--mirror"),
+                OsStr::new("--quiet"),
+                OsStr::new("--"),
+                OsStr::new(url),
+                temporary.as_os_str(),
+            ],
+            cancel,
+        )
+        .await;
+    if let Err(error) = cloned {
+        let _ = tokio::fs::remove_dir_all(&temporary).await;
+        return Err(error);
+    }
+    tokio::fs::rename(&temporary, path)
+        .await
+        .map_err(io_error(path))?;
+    Ok(MirrorStatus::Cloned)
+}
+
+/// Points the mirror's HEAD at the origin's current default branch (best effort: a failure only
+/// leaves the previous default).
+async fn update_mirror_head(
+    git: &Git,
+    mirrors_directory: &Path,
+    path: &Path,
+    cancel: &CancellationToken,
+) {
+    let output = git
+        .run(
+            mirrors_directory,
+            [
+                OsStr::new("--git-dir"),
+                path.as_os_str(),
+                OsStr::new("ls-remote"),
+                OsStr::new("--symref"),
+                OsStr::new("origin"),
+                OsStr::new("HEAD"),
+            ],
+            cancel,
+        )
+        .await;
+    let Ok(output) = output else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&output.stdout);
+    let head = text.lines().find_map(|line| {
+        let rest = line.strip_prefix("ref: ")?;
+        let (reference, name) = rest.split_once('\t')?;
+        (name == "HEAD" && reference.starts_with("refs/heads/")).then(|| reference.to_owned())
+    });
+    if let Some(reference) = head {
+        let _ = git
+            .run(
+                mirrors_directory,
+                [
+                    OsStr::new("--git-dir"),
+                    path.as_os_str(),
+                    OsStr::new("symbolic-ref"),
+                    OsStr::new("HEAD"),
+                    OsStr::new(&reference),
+                ],
+                cancel,
+            )
+            .await;
+    }
+}
+
+/// Checks that `url` is a repository location the worker accepts: a URL with a scheme
+/// (`file://`, `https://`, `ssh://`...), an scp-like `user@host:path`, or an absolute path. Never
+/// a relative path or something starting with `-`.
+///
+/// Errors: [`GitError::Invalid`].
+pub fn validate_repository_url(url: &str) -> Result<(), GitError> {
+    let invalid = |why: &str| {
+        Err(GitError::Invalid {
+            message: format!(
+                "invalid repository {:?}: {why}",
+                redact_url_credentials(url)
+            ),
+        })
+    };
+    if url.trim().is_empty() {
+        return invalid("empty");
+    }
+    if url.starts_with('-') || url.chars().any(char::is_control) {
+        return invalid("starts with '-' or contains control characters");
+    }
+    let has_scheme = url.split_once("://").is_some_and(|(scheme, _)| {
+        !scheme.is_empty()
+            && scheme.chars().all(|character| {
+                character.is_ascii_alphanumeric() || matches!(character, '+' | '-' | '.')
+            })
+    });
+    let scp_like = !has_scheme
+        && url
+            .split_once(':')
+            .is_some_and(|(host, _)| !host.is_empty() && !host.contains('/'));
+    if has_scheme || scp_like || url.starts_with('/') {
+        Ok(())
+    } else {
+        invalid("not a URL or an absolute path")
+    }
+}
+
+/// `url` without the user information of a `scheme://user:password@host/...` URL (replaced by
+/// nothing), for places the agent or a log can see. Other forms are returned unchanged.
+pub fn redact_url_credentials(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
+/// Checks that `branch` is a valid branch name (`git check-ref-format --branch`).
+///
+/// Errors: [`GitError::Invalid`].
+pub async fn validate_branch(
+    git: &Git,
+    directory: &Path,
+    branch: &str,
+    cancel: &CancellationToken,
+) -> Result<(), GitError> {
+    if branch.is_empty() || branch.starts_with('-') {
+        return Err(GitError::Invalid {
+            message: format!("invalid branch name {branch:?}"),
+        });
+    }
+    let output = git
+        .run_unchecked(
+            directory,
+            ["check-ref-format", "--branch", branch],
+            4096,
+            cancel,
+        )
+        .await?;
+    if output.exit_code != Some(0) {
+        return Err(GitError::Invalid {
+            message: format!("invalid branch name {branch:?}"),
+        });
+    }
+    Ok(())
+}
+
+/// Updates the mirror of `url`, clones it into `destination` (which must not exist), sets
+/// `origin` to `url` (without credentials, see [`redact_url_credentials`]), and checks out a new `branch` at the default branch's commit (or an unborn
+/// `branch` for an empty repository). Holds the mirror's lock until the clone is done.
+///
+/// Errors: [`GitError`] from git or the file system; [`GitError::Invalid`] for an invalid URL
+/// ([`validate_repository_url`]) or branch.
+pub async fn prepare_repository(
+    git: &Git,
+    mirrors_directory: &Path,
+    url: &str,
+    destination: &Path,
+    branch: &str,
+    cancel: &CancellationToken,
+) -> Result<PreparedRepository, GitError> {
+    validate_repository_url(url)?;
+    let parent = destination.parent().unwrap_or(destination);
+    tokio::fs::create_dir_all(parent)
+        .await
+        .map_err(io_error(parent))?;
+    validate_branch(git, parent, branch, cancel).await?;
+
+    let path = mirror_path(mirrors_directory, url);
+    let lock = mirror_lock(&path);
+    let guard = lock.lock().await;
+    let mirror_status = update_mirror_locked(git, mirrors_directory, &path, url, cancel).await?;
+    git.run(
+        parent,
+        [
+            OsStr::new("clone"),
+            OsStr::new("--quiet"),
+            OsStr::new("--template="),
+            OsStr::new("--"),
+            path.as_os_str(),
+            destination.as_os_str(),
+        ],
+        cancel,
+    )
+    .await?;
+    drop(guard);
+
+    // The clone's configuration is readable in the sandbox: no credentials in it.
+    let public_url = redact_url_credentials(url);
+    git.run(
+        destination,
+        ["remote", "set-url", "origin", public_url.as_str()],
+        cancel,
+    )
+    .await?;
+    let head = git
+        .run_unchecked(
+            destination,
+            ["rev-parse", "--verify", "--quiet", "HEAD^{commit}"],
+            4096,
+            cancel,
+        )
+        .await?;
+    let base_commit = if head.exit_code == Some(0) {
+        let commit = String::from_utf8_lossy(&head.stdout).trim().to_owned();
+        git.run(destination, ["checkout", "--quiet", "-B", branch], cancel)
+            .await?;
+        Some(commit)
+    } else {
+        let reference = format!("refs/heads/{branch}");
+        git.run(
+            destination,
+            ["symbolic-ref", "HEAD", reference.as_str()],
+            cancel,
+        )
+        .await?;
+        None
+    };
+    Ok(PreparedRepository {
+        directory: destination.to_path_buf(),
+        branch: branch.to_owned(),
+        base_commit,
+        mirror_status,
+    })
+}
+
+/// Parses `git diff --numstat -z --no-renames` output: `<added>\t<deleted>\t<path>\0` records,
+/// `-` for binary files (counted as 0). At most `max_files` entries.
+///
+/// Errors: [`GitError::Output`] for a malformed record.
+pub fn parse_numstat(output: &[u8], max_files: usize) -> Result<Vec<FileStat>, GitError> {
+    let malformed = |message: String| GitError::Output {
+        command: "diff --numstat".to_owned(),
+        message,
+    };
+    let mut stats = Vec::new();
+    for record in output
+        .split(|byte| *byte == 0)
+        .filter(|record| !record.is_empty())
+    {
+        if stats.len() >= max_files {
+            break;
+        }
+        let text = String::from_utf8_lossy(record);
+        let mut fields = text.splitn(3, '\t');
+        let (Some(added), Some(deleted), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            return Err(malformed(format!("record {text:?}")));
+        };
+        let count = |field: &str| -> Result<u32, GitError> {
+            if field == "-" {
+                return Ok(0);
+            }
+            field
+                .parse::<u64>()
+                .map(|value| u32::try_from(value).unwrap_or(u32::MAX))
+                .map_err(|_| malformed(format!("count {field:?}")))
+        };
+        stats.push(FileStat {
+            path: path.to_owned(),
+            insertions: count(added)?,
+            deletions: count(deleted)?,
+        });
+    }
+    Ok(stats)
+}
+
+/// `bytes` as text of at most `max_bytes` bytes (lossily decoded, cut at a character boundary),
+/// and whether anything was cut.
+pub fn cap_text(bytes: &[u8], already_truncated: bool, max_bytes: usize) -> (String, bool) {
+    let mut text = String::from_utf8_lossy(bytes).into_owned();
+    let mut truncated = already_truncated;
+    if text.len() > max_bytes {
+        let mut cut = max_bytes;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        truncated = true;
+    }
+    (text, truncated)
+}
+
+/// Whether the working tree of `directory` differs from HEAD (`git status --porcelain`, untracked
+/// files included, ignored files not).
+///
+/// Errors: [`GitError`].
+pub async fn has_changes(
+    git: &Git,
+    directory: &Path,
+    cancel: &CancellationToken,
+) -> Result<bool, GitError> {
+    let output = git
+        .run_unchecked(
+            directory,
+            [
+                "status",
+                "--porcelain",
+                "-z",
+                "--untracked-files=all",
+                "--ignore-submodules=all",
+            ],
+            4096,
+            cancel,
+        )
+        .await?;
+    if output.exit_code != Some(0) {
+        return Err(GitError::Failed {
+            command: "status --porcelain".to_owned(),
+            status: format!("{:?}", output.exit_code),
+            stderr: output.stderr,
+        });
+    }
+    Ok(!output.stdout.is_empty())
+}
+
+/// Stages everything (`git add -A`, `.gitignore` respected) and, if anything changed, commits it
+/// on the checked-out branch with `message` and the configured author/committer, returning the
+/// commit, its diffstat and its patch (capped). Returns `None` when nothing changed.
+///
+/// Errors: [`GitError`].
+pub async fn commit_changes(
+    git: &Git,
+    config: &WorkerConfig,
+    directory: &Path,
+    message: &str,
+    cancel: &CancellationToken,
+) -> Result<Option<CommitSummary>, GitError> {
+    if !has_changes(git, directory, cancel).await? {
+        return Ok(None);
+    }
+    git.run(directory, ["add", "-A"], cancel).await?;
+    let staged = git
+        .run_unchecked(
+            directory,
+            ["diff", "--cached", "--quiet", "--no-ext-diff"],
+            4096,
+            cancel,
+        )
+        .await?;
+    match staged.exit_code {
+        Some(0) => return Ok(None),
+        Some(1) => {}
+        other => {
+            return Err(GitError::Failed {
+                command: "diff --cached --quiet".to_owned(),
+                status: format!("{other:?}"),
+                stderr: staged.stderr,
+            });
+        }
+    }
+    let numstat = git
+        .run(
+            directory,
+            [
+                "diff",
+                "--cached",
+                "--numstat",
+                "-z",
+                "--no-renames",
+                "--no-ext-diff",
+                "--no-textconv",
+            ],
+            cancel,
+        )
+        .await?;
+    let diffstat = parse_numstat(&numstat.stdout, config.diffstat_max_files)?;
+    let patch = git
+        .run_unchecked(
+            directory,
+            [
+                "diff",
+                "--cached",
+                "--no-renames",
+                "--no-ext-diff",
+                "--no-textconv",
+                "--no-color",
+            ],
+            config.patch_max_bytes,
+            cancel,
+        )
+        .await?;
+    if patch.exit_code != Some(0) {
+        return Err(GitError::Failed {
+            command: "diff --cached".to_owned(),
+            status: format!("{:?}", patch.exit_code),
+            stderr: patch.stderr,
+        });
+    }
+    let (patch, patch_truncated) = cap_text(
+        &patch.stdout,
+        patch.stdout_truncated,
+        config.patch_max_bytes,
+    );
+    let message = if message.trim().is_empty() {
+        "Flotilla change"
+    } else {
+        message
+    };
+    git.run(
+        directory,
+        [
+            "commit",
+            "--quiet",
+            "--no-verify",
+            "--no-gpg-sign",
+            "--allow-empty-message",
+            "-m",
+            message,
+        ],
+        cancel,
+    )
+    .await?;
+    let commit = git
+        .run_text(directory, ["rev-parse", "HEAD"], cancel)
+        .await?;
+    Ok(Some(CommitSummary {
+        commit,
+        diffstat,
+        patch,
+        patch_truncated,
+    }))
+}
+
+/// Pushes the checked-out HEAD to `url` (the origin, credentials included) as
+/// `refs/heads/<branch>`, with `--force` (bot branches are re-created by each attempt).
+///
+/// Errors: [`GitError`] (e.g. the remote refused or is unreachable).
+pub async fn push_branch(
+    git: &Git,
+    directory: &Path,
+    url: &str,
+    branch: &str,
+    cancel: &CancellationToken,
+) -> Result<(), GitError> {
+    validate_repository_url(url)?;
+    let refspec = format!("HEAD:refs/heads/{branch}");
+    git.run(
+        directory,
+        [
+            "push",
+            "--force",
+            "--quiet",
+            "--no-verify",
+            "--",
+            url,
+            refspec.as_str(),
+        ],
+        cancel,
+    )
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repository_urls_are_validated() {
+        for good in [
+            "https://example.com/a/b.git",
+            "file:///srv/git/x.git",
+            "ssh://git@example.com/x.git",
+            "git@example.com:acme/x.git",
+            "/srv/git/x.git",
+        ] {
+            assert!(validate_repository_url(good).is_ok(), "{good}");
+        }
+        for bad in ["", "relative/path", "-uploadpack=evil", "x\ny", "://x"] {
+            assert!(validate_repository_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn credentials_are_redacted() {
+        assert_eq!(
+            redact_url_credentials("https://user:token@example.com/a/b.git"),
+            "https://example.com/a/b.git"
+        );
+        assert_eq!(
+            redact_url_credentials("https://example.com/a@b.git"),
+            "https://example.com/a@b.git"
+        );
+        assert_eq!(
+            redact_url_credentials("git@example.com:a/b.git"),
+            "git@example.com:a/b.git"
+        );
+    }
+
+    #[test]
+    fn repository_names() {
+        assert_eq!(
+            repository_name("https://example.com/acme/widgets.git"),
+            "widgets"
+        );
+        assert_eq!(repository_name("/srv/git/widgets/"), "widgets");
+        assert_eq!(
+            repository_name("git@example.com:acme/gadgets.git"),
+            "gadgets"
+        );
+        assert_eq!(repository_name("file:///tmp/x/origin.git"), "origin");
+    }
+
+    #[test]
+    fn mirror_paths_are_distinct_and_safe() {
+        let root = Path::new("/w/mirrors");
+        let first = mirror_path(root, "https://a.example/x/repo.git");
+        let second = mirror_path(root, "https://b.example/x/repo.git");
+        assert_ne!(first, second);
+        assert_eq!(first.parent(), Some(root));
+        let odd = mirror_path(root, "file:///../..");
+        assert_eq!(odd.parent(), Some(root));
+        let name = odd.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(!name.starts_with('.'), "{name}");
+        assert_eq!(mirror_path(root, "x"), mirror_path(root, "x"));
+    }
+
+    #[test]
+    fn numstat_parses_binary_and_paths_with_tabs() {
+        let output = b"3\t1\tsrc/lib.rs\0-\t-\timage.png\x005\t0\tweird\tname\0";
+        let stats = parse_numstat(output, 10).unwrap();
+        assert_eq!(stats.len(), 3);
+        assert_eq!(
+            (
+                stats[0].path.as_str(),
+                stats[0].insertions,
+                stats[0].deletions
+            ),
+            ("src/lib.rs", 3, 1)
+        );
+        assert_eq!(
+            (
+                stats[1].path.as_str(),
+                stats[1].insertions,
+                stats[1].deletions
+            ),
+            ("image.png", 0, 0)
+        );
+        assert_eq!(stats[2].path, "weird\tname");
+        assert_eq!(parse_numstat(output, 1).unwrap().len(), 1);
+        assert!(parse_numstat(b"x\ty\tz\0", 10).is_err());
+        assert!(parse_numstat(b"garbage\0", 10).is_err());
+    }
+
+    #[test]
+    fn text_is_capped_at_a_character_boundary() {
+        assert_eq!(
+            cap_text("héllo".as_bytes(), false, 2),
+            ("h".to_owned(), true)
+        );
+        assert_eq!(cap_text(b"abc", false, 10), ("abc".to_owned(), false));
+        assert_eq!(cap_text(b"abc", true, 10), ("abc".to_owned(), true));
+    }
+}
