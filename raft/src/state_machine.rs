@@ -1,0 +1,410 @@
+//! The replicated state machine: [`flotilla_scheduler::State`] in memory behind openraft's
+//! [`RaftStateMachine`], with snapshots persisted in RocksDB.
+//!
+//! Persistence model ("persistent snapshot", see [`RaftStateMachine::apply`]): applying an
+//! entry changes only memory. Every snapshot, whether built here or installed from the leader
+//! (Raft §7), is written to RocksDB (synced) before openraft is told about it, so openraft only
+//! purges log entries that a persisted snapshot covers. On startup the state is restored from the
+//! persisted snapshot, and openraft re-applies the committed entries after it (the log store
+//! persists the committed log id).
+//!
+//! Snapshot format: the JSON of a [`SnapshotPayload`].
+//!
+//! Applying is deterministic: it reads no clock and no randomness; time comes from
+//! [`flotilla_scheduler::Request::now_ms`].
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use flotilla_scheduler::{Response, State};
+use openraft::storage::RaftStateMachine;
+use openraft::{AnyError, EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
+use rocksdb::{DB, WriteBatch};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::storage::{Database, SNAPSHOTS_COLUMN_FAMILY, column_family, read_json, to_json};
+use crate::types::{
+    Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+};
+
+/// Key of the latest snapshot's [`SnapshotMeta`] (JSON) in the snapshots column family.
+const SNAPSHOT_META_KEY: &[u8] = b"meta";
+/// Key of the latest snapshot's data (JSON of a [`SnapshotPayload`]) in the snapshots column
+/// family.
+const SNAPSHOT_DATA_KEY: &[u8] = b"data";
+
+/// The reason in the [`Response::Rejected`] that applying a blank entry returns. Blank entries
+/// are appended by every new leader (Raft §8) and carry no command; nobody waits for their
+/// response, which exists only because openraft wants one response per entry.
+pub const BLANK_ENTRY_REASON: &str = "no-op: blank entry";
+
+/// The reason in the [`Response::Rejected`] that applying a membership entry returns. The
+/// membership change itself is recorded; the response is what
+/// [`Raft::change_membership`](openraft::Raft::change_membership) hands back as data.
+pub const MEMBERSHIP_ENTRY_REASON: &str = "no-op: membership entry";
+
+/// What a snapshot holds: the whole state and where in the log it was taken.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotPayload {
+    /// The scheduler state after applying every entry up to `last_applied_log_id`.
+    pub state: State,
+    /// The last log entry applied to `state`; `None` before the first.
+    pub last_applied_log_id: Option<LogId>,
+    /// The last membership configuration applied.
+    pub last_membership: StoredMembership,
+}
+
+/// The in-memory state machine and its position in the log.
+#[derive(Clone, Debug)]
+struct AppliedState {
+    state: State,
+    last_applied_log_id: Option<LogId>,
+    last_membership: StoredMembership,
+}
+
+/// What the state machine store shares with every [`StateHandle`].
+struct SharedState {
+    applied: RwLock<AppliedState>,
+    /// The last applied log index (0 before the first entry).
+    last_applied_index: watch::Sender<u64>,
+}
+
+impl SharedState {
+    fn read_applied<T>(&self, reader: impl FnOnce(&AppliedState) -> T) -> T {
+        // A panic while holding the lock can only come from `State::apply`; the state machine
+        // worker has stopped then and readers see the state as it was left.
+        let applied = self.applied.read().unwrap_or_else(PoisonError::into_inner);
+        reader(&applied)
+    }
+
+    fn write_applied<T>(&self, writer: impl FnOnce(&mut AppliedState) -> T) -> T {
+        let (result, index) = {
+            let mut applied = self.applied.write().unwrap_or_else(PoisonError::into_inner);
+            let result = writer(&mut applied);
+            (
+                result,
+                applied.last_applied_log_id.map_or(0, |log_id| log_id.index),
+            )
+        };
+        self.last_applied_index.send_if_modified(|current| {
+            let changed = *current != index;
+            *current = index;
+            changed
+        });
+        result
+    }
+}
+
+/// Read access to the replicated [`State`] for the rest of the node, and a notification when it
+/// changes. Cloning is cheap; clones share the state.
+#[derive(Clone)]
+pub struct StateHandle {
+    shared: Arc<SharedState>,
+}
+
+impl Debug for StateHandle {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("StateHandle")
+            .field("last_applied_index", &self.last_applied_index())
+            .finish()
+    }
+}
+
+impl StateHandle {
+    /// Runs `reader` on the current state under a read lock and returns its result.
+    ///
+    /// Applying waits while `reader` runs, so keep it short; it cannot await (the lock is a
+    /// `std` lock, never held across an `.await`). The state is this node's applied state: on a
+    /// follower it may lag the leader; call
+    /// [`RaftNode::ensure_linearizable`](crate::RaftNode::ensure_linearizable) first for a
+    /// linearizable read.
+    pub fn read<T>(&self, reader: impl FnOnce(&State) -> T) -> T {
+        self.shared.read_applied(|applied| reader(&applied.state))
+    }
+
+    /// A receiver of the last applied log index (0 before the first entry). It changes after
+    /// every batch of applied entries and after a snapshot is installed, so long polls and event
+    /// streams can wait for [`watch::Receiver::changed`] and then [`read`](Self::read).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.shared.last_applied_index.subscribe()
+    }
+
+    /// The last applied log index (0 before the first entry).
+    pub fn last_applied_index(&self) -> u64 {
+        *self.shared.last_applied_index.borrow()
+    }
+}
+
+/// The state machine store: openraft's [`RaftStateMachine`] over [`State`], with the latest
+/// snapshot in RocksDB.
+pub struct StateMachineStore {
+    database: Arc<Database>,
+    shared: Arc<SharedState>,
+    snapshots: Arc<SnapshotWriter>,
+}
+
+impl Debug for StateMachineStore {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("StateMachineStore")
+            .field("path", &self.database.path())
+            .finish()
+    }
+}
+
+/// Serializes snapshot writes and numbers snapshot ids.
+struct SnapshotWriter {
+    /// Held while comparing with and replacing the persisted snapshot, so that a slow snapshot
+    /// build never overwrites a newer snapshot installed meanwhile.
+    write_lock: Mutex<()>,
+    /// Distinguishes snapshots built at the same log id within this process.
+    next_sequence: AtomicU64,
+}
+
+/// Reads the persisted snapshot, if any.
+fn read_snapshot(database: &DB) -> Result<Option<(SnapshotMeta, Vec<u8>)>, AnyError> {
+    let Some(meta) =
+        read_json::<SnapshotMeta>(database, SNAPSHOTS_COLUMN_FAMILY, SNAPSHOT_META_KEY)?
+    else {
+        return Ok(None);
+    };
+    let snapshots = column_family(database, SNAPSHOTS_COLUMN_FAMILY)?;
+    let data = database
+        .get_cf(snapshots, SNAPSHOT_DATA_KEY)
+        .map_err(|error| AnyError::new(&error))?
+        .ok_or_else(|| AnyError::error("snapshot meta without snapshot data"))?;
+    Ok(Some((meta, data)))
+}
+
+impl SnapshotWriter {
+    /// Persists `(meta, data)` as the latest snapshot unless the persisted one is newer. Blocks;
+    /// call it on a blocking thread.
+    fn persist(&self, database: &DB, meta: &SnapshotMeta, data: &[u8]) -> Result<(), AnyError> {
+        let _guard = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let persisted: Option<SnapshotMeta> =
+            read_json(database, SNAPSHOTS_COLUMN_FAMILY, SNAPSHOT_META_KEY)?;
+        if let Some(persisted) = persisted
+            && persisted.last_log_id > meta.last_log_id
+        {
+            tracing::info!(
+                persisted = %persisted,
+                built = %meta,
+                "not persisting a snapshot older than the persisted one"
+            );
+            return Ok(());
+        }
+        let snapshots = column_family(database, SNAPSHOTS_COLUMN_FAMILY)?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(snapshots, SNAPSHOT_META_KEY, to_json(meta)?);
+        batch.put_cf(snapshots, SNAPSHOT_DATA_KEY, data);
+        let mut options = rocksdb::WriteOptions::default();
+        options.set_sync(true);
+        database
+            .write_opt(batch, &options)
+            .map_err(|error| AnyError::new(&error))
+    }
+}
+
+impl StateMachineStore {
+    /// A state machine store on `database`, restored from the persisted snapshot if there is
+    /// one.
+    pub(crate) fn open(database: Arc<Database>) -> Result<Self, Box<StorageError>> {
+        let applied = match read_snapshot(&database)
+            .map_err(|error| Box::new(StorageIOError::read_snapshot(None, error).into()))?
+        {
+            Some((meta, data)) => {
+                let payload: SnapshotPayload = serde_json::from_slice(&data).map_err(|error| {
+                    let error = StorageIOError::read_snapshot(
+                        Some(meta.signature()),
+                        AnyError::new(&error),
+                    );
+                    Box::new(error.into())
+                })?;
+                tracing::info!(snapshot = %meta, "restored the state machine from the persisted snapshot");
+                AppliedState {
+                    state: payload.state,
+                    last_applied_log_id: meta.last_log_id,
+                    last_membership: meta.last_membership,
+                }
+            }
+            None => AppliedState {
+                state: State::new(),
+                last_applied_log_id: None,
+                last_membership: StoredMembership::default(),
+            },
+        };
+        let index = applied.last_applied_log_id.map_or(0, |log_id| log_id.index);
+        let (last_applied_index, _) = watch::channel(index);
+        Ok(StateMachineStore {
+            database,
+            shared: Arc::new(SharedState {
+                applied: RwLock::new(applied),
+                last_applied_index,
+            }),
+            snapshots: Arc::new(SnapshotWriter {
+                write_lock: Mutex::new(()),
+                next_sequence: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// A handle on the state that outlives this store (openraft owns the store).
+    pub fn state_handle(&self) -> StateHandle {
+        StateHandle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Persists a snapshot on a blocking thread.
+    async fn persist_snapshot(
+        &self,
+        meta: &SnapshotMeta,
+        data: Vec<u8>,
+    ) -> Result<(), StorageError> {
+        persist_snapshot(&self.database, &self.snapshots, meta, data).await
+    }
+}
+
+async fn persist_snapshot(
+    database: &Arc<Database>,
+    snapshots: &Arc<SnapshotWriter>,
+    meta: &SnapshotMeta,
+    data: Vec<u8>,
+) -> Result<(), StorageError> {
+    let database = Arc::clone(database);
+    let snapshots = Arc::clone(snapshots);
+    let task_meta = meta.clone();
+    tokio::task::spawn_blocking(move || snapshots.persist(&database, &task_meta, &data))
+        .await
+        .map_err(|error| AnyError::new(&error))
+        .and_then(|result| result)
+        .map_err(|error| StorageIOError::write_snapshot(Some(meta.signature()), error))?;
+    Ok(())
+}
+
+/// Builds a snapshot from a copy of the state taken when openraft asked for the builder.
+pub struct SnapshotBuilder {
+    database: Arc<Database>,
+    snapshots: Arc<SnapshotWriter>,
+    applied: AppliedState,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let payload = SnapshotPayload {
+            state: self.applied.state.clone(),
+            last_applied_log_id: self.applied.last_applied_log_id,
+            last_membership: self.applied.last_membership.clone(),
+        };
+        let sequence = self.snapshots.next_sequence.fetch_add(1, Ordering::Relaxed);
+        let snapshot_id = match payload.last_applied_log_id {
+            Some(log_id) => format!("{}-{}-{sequence}", log_id.leader_id, log_id.index),
+            None => format!("none-{sequence}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: payload.last_applied_log_id,
+            last_membership: payload.last_membership.clone(),
+            snapshot_id,
+        };
+        let data = tokio::task::spawn_blocking(move || to_json(&payload))
+            .await
+            .map_err(|error| AnyError::new(&error))
+            .and_then(|result| result)
+            .map_err(|error| StorageIOError::write_snapshot(Some(meta.signature()), error))?;
+        persist_snapshot(&self.database, &self.snapshots, &meta, data.clone()).await?;
+        tracing::info!(snapshot = %meta, bytes = data.len(), "built and persisted a snapshot");
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+/// Applies one entry to `applied` and returns its response.
+fn apply_entry(applied: &mut AppliedState, entry: Entry) -> Response {
+    applied.last_applied_log_id = Some(entry.log_id);
+    match entry.payload {
+        EntryPayload::Blank => Response::Rejected {
+            reason: BLANK_ENTRY_REASON.into(),
+        },
+        EntryPayload::Normal(request) => applied.state.apply(&request),
+        EntryPayload::Membership(membership) => {
+            applied.last_membership = StoredMembership::new(Some(entry.log_id), membership);
+            Response::Rejected {
+                reason: MEMBERSHIP_ENTRY_REASON.into(),
+            }
+        }
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        Ok(self
+            .shared
+            .read_applied(|applied| (applied.last_applied_log_id, applied.last_membership.clone())))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        Ok(self.shared.write_applied(|applied| {
+            entries
+                .into_iter()
+                .map(|entry| apply_entry(applied, entry))
+                .collect()
+        }))
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            database: Arc::clone(&self.database),
+            snapshots: Arc::clone(&self.snapshots),
+            applied: self.shared.read_applied(AppliedState::clone),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let payload: SnapshotPayload = serde_json::from_slice(&data).map_err(|error| {
+            StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&error))
+        })?;
+        self.persist_snapshot(meta, data).await?;
+        self.shared.write_applied(|applied| {
+            *applied = AppliedState {
+                state: payload.state,
+                last_applied_log_id: meta.last_log_id,
+                last_membership: meta.last_membership.clone(),
+            };
+        });
+        tracing::info!(snapshot = %meta, "installed a snapshot from the leader");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        let snapshot = read_snapshot(&self.database)
+            .map_err(|error| StorageIOError::read_snapshot(None, error))?;
+        Ok(snapshot.map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
+    }
+}
