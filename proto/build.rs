@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/flotilla/v1/flotilla.proto", "proto/flotilla/raft/v1/raft.proto"];
+    let files = [
+        "proto/flotilla/v1/flotilla.proto",
+        "proto/flotilla/raft/v1/raft.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

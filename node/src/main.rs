@@ -1,1 +1,271 @@
-fn main() {}
+//! `flotilla`: a cluster node (`flotilla server`) and its command-line client.
+//!
+//! Exit codes: see [`cli::exit_code`] (0 ok, 1 error, 2 usage, 3 not found, 4 invalid argument,
+//! 5 unavailable, 6 a watched fleet had failed runs).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use flotilla::cli::{self, CliError, Output, exit_code};
+use flotilla::{config, quickstart, server, telemetry};
+
+/// Flotilla: a control plane for background coding agents.
+#[derive(Parser, Debug)]
+#[command(name = "flotilla", version, about)]
+struct Arguments {
+    /// Cluster node addresses for client commands, comma-separated.
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_ADDRESS",
+        default_value = "http://127.0.0.1:7600"
+    )]
+    address: String,
+    /// Output format of client commands.
+    #[arg(long, global = true, value_enum, default_value = "human")]
+    output: Output,
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand, Debug)]
+enum Commands {
+    /// Runs a cluster node (with a local worker unless disabled).
+    Server(ServerArguments),
+    /// Submits, inspects and cancels fleets.
+    #[command(subcommand)]
+    Fleet(FleetCommands),
+    /// Inspects runs.
+    #[command(subcommand)]
+    Run(RunCommands),
+    /// The main job end to end: starts a single-node cluster with a local worker in-process,
+    /// submits an "enforce rustfmt" fleet over gRPC, watches it and prints the roll-up.
+    Quickstart(quickstart::QuickstartArguments),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommands),
+}
+
+#[derive(clap::Args, Debug)]
+struct ServerArguments {
+    /// TOML configuration file (see README.md); flags and FLOTILLA_* variables override it.
+    #[arg(long, env = "FLOTILLA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Raft node id.
+    #[arg(long, env = "FLOTILLA_NODE_ID")]
+    node_id: Option<u64>,
+    /// Data directory.
+    #[arg(long, env = "FLOTILLA_DATA_DIRECTORY")]
+    data_directory: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long, env = "FLOTILLA_LISTEN_ADDRESS")]
+    listen_address: Option<String>,
+    /// HTTP listen address (metrics, health, dashboard); empty disables.
+    #[arg(long, env = "FLOTILLA_HTTP_LISTEN_ADDRESS")]
+    http_listen_address: Option<String>,
+    /// Address other nodes and workers use for this node.
+    #[arg(long, env = "FLOTILLA_ADVERTISE_ADDRESS")]
+    advertise_address: Option<String>,
+    /// Do not run a local worker.
+    #[arg(long)]
+    no_worker: bool,
+    /// Slots of the local worker.
+    #[arg(long, env = "FLOTILLA_WORKER_SLOTS")]
+    worker_slots: Option<u32>,
+    /// OTLP gRPC endpoint for traces.
+    #[arg(long, env = "FLOTILLA_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum FleetCommands {
+    /// Submits a fleet from a YAML or TOML spec file.
+    Submit {
+        /// The spec file.
+        spec: PathBuf,
+        /// Follow the fleet with a progress bar and print the roll-up.
+        #[arg(long)]
+        watch: bool,
+        /// Idempotency key: a repeated submission returns the first fleet.
+        #[arg(long, default_value = "")]
+        idempotency_key: String,
+    },
+    /// Shows a fleet and its runs.
+    Status {
+        /// Fleet id (fl-N).
+        fleet_id: String,
+    },
+    /// Lists recent fleets.
+    List {
+        /// Most fleets to show.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Follows a fleet's progress until it ends.
+    Watch {
+        /// Fleet id.
+        fleet_id: String,
+        /// Resume after this event sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
+    /// Cancels a fleet's unfinished runs.
+    Cancel {
+        /// Fleet id.
+        fleet_id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RunCommands {
+    /// Shows a run: result, diffstat, attempts with log tails.
+    Show {
+        /// Run id (fl-N-I).
+        run_id: String,
+        /// Also print the patch.
+        #[arg(long)]
+        patch: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommands {
+    /// Sandbox start time: runs `true` in a bubblewrap sandbox COUNT times; prints p50/p99.
+    Sandbox {
+        /// Starts to measure.
+        #[arg(long, default_value_t = 200)]
+        count: u32,
+    },
+}
+
+fn server_config(arguments: &ServerArguments) -> anyhow::Result<config::ServerConfig> {
+    let mut config = match &arguments.config {
+        Some(path) => config::ServerConfig::from_file(path)?,
+        None => config::ServerConfig::default(),
+    };
+    if let Some(node_id) = arguments.node_id {
+        config.node_id = node_id;
+    }
+    if let Some(directory) = &arguments.data_directory {
+        config.data_directory = directory.clone();
+    }
+    if let Some(address) = &arguments.listen_address {
+        config.listen_address = address.clone();
+    }
+    if let Some(address) = &arguments.http_listen_address {
+        config.http_listen_address = address.clone();
+    }
+    if let Some(address) = &arguments.advertise_address {
+        config.advertise_address = address.clone();
+    }
+    if arguments.no_worker {
+        config.worker.enabled = false;
+    }
+    if let Some(slots) = arguments.worker_slots {
+        config.worker.slots = slots;
+    }
+    if let Some(endpoint) = &arguments.otlp_endpoint {
+        config.telemetry.otlp_endpoint = endpoint.clone();
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+async fn run_server(arguments: ServerArguments) -> anyhow::Result<i32> {
+    let config = server_config(&arguments)?;
+    if arguments.print_config {
+        print!("{}", toml::to_string_pretty(&config)?);
+        return Ok(exit_code::OK);
+    }
+    let _telemetry = telemetry::init(&config.telemetry)?;
+    let server = server::start(config).await?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate_signal() => {}
+    }
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(exit_code::OK)
+}
+
+async fn terminate_signal() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut signal) => {
+            signal.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+
+async fn run_client(address: &str, output: Output, command: Commands) -> Result<i32, CliError> {
+    let mut client = cli::connect(address).await?;
+    match command {
+        Commands::Fleet(FleetCommands::Submit {
+            spec,
+            watch,
+            idempotency_key,
+        }) => cli::submit(&mut client, &spec, idempotency_key, watch, output).await,
+        Commands::Fleet(FleetCommands::Status { fleet_id }) => {
+            cli::status(&mut client, &fleet_id, output).await
+        }
+        Commands::Fleet(FleetCommands::List { limit }) => {
+            cli::list(&mut client, limit, output).await
+        }
+        Commands::Fleet(FleetCommands::Watch { fleet_id, after }) => {
+            cli::watch_fleet(&mut client, &fleet_id, after, output).await
+        }
+        Commands::Fleet(FleetCommands::Cancel { fleet_id }) => {
+            cli::cancel(&mut client, &fleet_id, output).await
+        }
+        Commands::Run(RunCommands::Show { run_id, patch }) => {
+            cli::show_run(&mut client, &run_id, patch, output).await
+        }
+        Commands::Server(_) | Commands::Quickstart(_) | Commands::Bench(_) => Err(CliError {
+            message: "not a client command".into(),
+            code: exit_code::USAGE,
+        }),
+    }
+}
+
+fn main() {
+    let arguments = Arguments::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            std::process::exit(exit_code::ERROR);
+        }
+    };
+    let code = runtime.block_on(async move {
+        let result: anyhow::Result<i32> = match arguments.command {
+            Commands::Server(server_arguments) => run_server(server_arguments).await,
+            Commands::Quickstart(quickstart_arguments) => {
+                quickstart::run(quickstart_arguments).await
+            }
+            Commands::Bench(BenchCommands::Sandbox { count }) => {
+                quickstart::bench_sandbox(count).await
+            }
+            command => match run_client(&arguments.address, arguments.output, command).await {
+                Ok(code) => Ok(code),
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    return error.code;
+                }
+            },
+        };
+        match result {
+            Ok(code) => code,
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                exit_code::ERROR
+            }
+        }
+    });
+    std::process::exit(code);
+}

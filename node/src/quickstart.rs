@@ -66,12 +66,16 @@ pub async fn run(arguments: QuickstartArguments) -> anyhow::Result<i32> {
     config.telemetry.log_filter = "warn".into();
     let _telemetry = crate::telemetry::init(&config.telemetry)?;
     let slots = config.worker.slots;
-    let server = crate::server::start(config).await.context("starting the single-node cluster")?;
+    let server = crate::server::start(config)
+        .await
+        .context("starting the single-node cluster")?;
     eprintln!(
         "flotilla: single-node cluster on {} (data {}, dashboard http://{}), local worker with {slots} slots",
         server.grpc_address,
         data_directory.display(),
-        server.http_address.map_or_else(String::new, |a| a.to_string()),
+        server
+            .http_address
+            .map_or_else(String::new, |a| a.to_string()),
     );
     let spec = v1::FleetSpec {
         name: "rustfmt".into(),
@@ -82,7 +86,11 @@ pub async fn run(arguments: QuickstartArguments) -> anyhow::Result<i32> {
             env: Default::default(),
         }),
         verify: vec![arguments.verify_command],
-        sandbox: Some(v1::SandboxSpec { driver: "bwrap".into(), timeout_ms: 300_000, ..Default::default() }),
+        sandbox: Some(v1::SandboxSpec {
+            driver: "bwrap".into(),
+            timeout_ms: 300_000,
+            ..Default::default()
+        }),
         branch_template: "flotilla/{fleet}".into(),
         commit_message: "Format with rustfmt\n\nApplied by the Flotilla quick start fleet.".into(),
         max_parallelism: slots,
@@ -91,10 +99,20 @@ pub async fn run(arguments: QuickstartArguments) -> anyhow::Result<i32> {
         ..Default::default()
     };
     let mut client = cli::connect(&format!("http://{}", server.grpc_address)).await?;
-    let code = cli::submit_spec(&mut client, spec, "quickstart".into(), true, arguments.output).await;
+    let code = cli::submit_spec(
+        &mut client,
+        spec,
+        "quickstart".into(),
+        true,
+        arguments.output,
+    )
+    .await;
     server.shutdown().await;
     let code = code.map_err(|e| anyhow::anyhow!(e.message))?;
-    eprintln!("flotilla: quick start done in {:.1} s (including cluster start and shutdown)", started.elapsed().as_secs_f64());
+    eprintln!(
+        "flotilla: quick start done in {:.1} s (including cluster start and shutdown)",
+        started.elapsed().as_secs_f64()
+    );
     Ok(code)
 }
 
@@ -104,7 +122,10 @@ pub async fn run(arguments: QuickstartArguments) -> anyhow::Result<i32> {
 /// # Errors
 /// The sandbox cannot be started.
 pub async fn bench_sandbox(count: u32) -> anyhow::Result<i32> {
-    anyhow::ensure!(count > 0 && count <= 100_000, "--count must be between 1 and 100000");
+    anyhow::ensure!(
+        count > 0 && count <= 100_000,
+        "--count must be between 1 and 100000"
+    );
     let directory = tempfile::tempdir().context("temporary directory")?;
     let config = flotilla_worker::config::WorkerConfig {
         work_directory: directory.path().to_path_buf(),
@@ -112,8 +133,11 @@ pub async fn bench_sandbox(count: u32) -> anyhow::Result<i32> {
     };
     let mut samples_ms = Vec::with_capacity(count as usize);
     for _ in 0..count {
-        let elapsed =
-            flotilla_worker::sandbox::measure_sandbox_start(&config, flotilla_worker::sandbox::SandboxDriver::Bubblewrap).await?;
+        let elapsed = flotilla_worker::sandbox::measure_sandbox_start(
+            &config,
+            flotilla_worker::sandbox::SandboxDriver::Bubblewrap,
+        )
+        .await?;
         samples_ms.push(elapsed.as_secs_f64() * 1000.0);
     }
     samples_ms.sort_by(f64::total_cmp);

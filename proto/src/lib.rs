@@ -19,4 +19,5 @@ pub mod raft {
 
 /// Encoded `google.protobuf.FileDescriptorSet` of every Flotilla proto file, for gRPC server
 /// reflection (`tonic-reflection`).
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/flotilla_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/flotilla_descriptor.bin"));

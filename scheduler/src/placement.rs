@@ -32,7 +32,11 @@ pub struct Placement {
 /// `fleets` must be ordered by `fleet_number` (oldest first). The result lists the chosen runs
 /// in the order they were chosen: round-robin over fleets, run order within a fleet.
 pub fn place(now_ms: u64, free_slots: u32, fleets: &[FleetSlots<'_>]) -> Vec<Placement> {
-    debug_assert!(fleets.windows(2).all(|w| w[0].fleet_number < w[1].fleet_number));
+    debug_assert!(
+        fleets
+            .windows(2)
+            .all(|w| w[0].fleet_number < w[1].fleet_number)
+    );
     // Per fleet: the eligible runs it can take, capped by its available parallelism.
     let mut queues: Vec<(u64, Vec<u32>)> = fleets
         .iter()
@@ -57,7 +61,10 @@ pub fn place(now_ms: u64, free_slots: u32, fleets: &[FleetSlots<'_>]) -> Vec<Pla
                 break;
             }
             if let Some(run_index) = queue.1.get(*cursor) {
-                chosen.push(Placement { fleet_number: queue.0, run_index: *run_index });
+                chosen.push(Placement {
+                    fleet_number: queue.0,
+                    run_index: *run_index,
+                });
                 *cursor += 1;
                 progressed = true;
             }
@@ -73,15 +80,24 @@ pub fn place(now_ms: u64, free_slots: u32, fleets: &[FleetSlots<'_>]) -> Vec<Pla
 mod tests {
     use super::*;
 
+    /// `(fleet_number, available, [(run_index, not_before_ms)])`.
+    type ParsedFleet = (u64, u32, Vec<(u32, u64)>);
+
     /// Data-driven check. `fleets` is a list of lines `"<fleet_number> available=<n> pending=<i>[@<not_before>],..."`;
     /// `expected` is the placements as `"<fleet>.<run> ..."`.
     fn check(now_ms: u64, free_slots: u32, fleets: &[&str], expected: &str) {
-        let parsed: Vec<(u64, u32, Vec<(u32, u64)>)> = fleets
+        let parsed: Vec<ParsedFleet> = fleets
             .iter()
             .map(|line| {
                 let mut parts = line.split_whitespace();
                 let number: u64 = parts.next().unwrap().parse().unwrap();
-                let available: u32 = parts.next().unwrap().strip_prefix("available=").unwrap().parse().unwrap();
+                let available: u32 = parts
+                    .next()
+                    .unwrap()
+                    .strip_prefix("available=")
+                    .unwrap()
+                    .parse()
+                    .unwrap();
                 let pending = parts
                     .next()
                     .unwrap()
@@ -90,7 +106,9 @@ mod tests {
                     .split(',')
                     .filter(|s| !s.is_empty())
                     .map(|item| match item.split_once('@') {
-                        Some((run, not_before)) => (run.parse().unwrap(), not_before.parse().unwrap()),
+                        Some((run, not_before)) => {
+                            (run.parse().unwrap(), not_before.parse().unwrap())
+                        }
                         None => (item.parse().unwrap(), 0),
                     })
                     .collect();
@@ -128,14 +146,42 @@ mod tests {
 
     #[test]
     fn skips_runs_in_backoff() {
-        check(100, 3, &["1 available=5 pending=0@500,1,2@100,3"], "1.1 1.2 1.3");
+        check(
+            100,
+            3,
+            &["1 available=5 pending=0@500,1,2@100,3"],
+            "1.1 1.2 1.3",
+        );
         check(1_000, 3, &["1 available=5 pending=0@500,1"], "1.0 1.1");
     }
 
     #[test]
     fn shares_slots_round_robin_oldest_first() {
-        check(0, 5, &["1 available=9 pending=0,1,2,3", "2 available=9 pending=0,1", "3 available=1 pending=7,8"], "1.0 2.0 3.7 1.1 2.1");
-        check(0, 2, &["1 available=9 pending=0,1,2,3", "2 available=9 pending=0,1"], "1.0 2.0");
-        check(0, 9, &["1 available=1 pending=0,1", "2 available=0 pending=5", "4 available=3 pending=2,3"], "1.0 4.2 4.3");
+        check(
+            0,
+            5,
+            &[
+                "1 available=9 pending=0,1,2,3",
+                "2 available=9 pending=0,1",
+                "3 available=1 pending=7,8",
+            ],
+            "1.0 2.0 3.7 1.1 2.1",
+        );
+        check(
+            0,
+            2,
+            &["1 available=9 pending=0,1,2,3", "2 available=9 pending=0,1"],
+            "1.0 2.0",
+        );
+        check(
+            0,
+            9,
+            &[
+                "1 available=1 pending=0,1",
+                "2 available=0 pending=5",
+                "4 available=3 pending=2,3",
+            ],
+            "1.0 4.2 4.3",
+        );
     }
 }

@@ -159,7 +159,10 @@ pub struct FieldError {
 impl FieldError {
     /// A new error for `field`.
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        FieldError { field: field.into(), message: message.into() }
+        FieldError {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -167,7 +170,9 @@ impl FieldError {
 pub fn is_valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
 /// Whether `branch` is a branch name git accepts (the subset of `git check-ref-format --branch`
@@ -181,7 +186,9 @@ pub fn is_valid_branch(branch: &str) -> bool {
         && !branch.contains("..")
         && !branch.contains("//")
         && !branch.contains("@{")
-        && branch.bytes().all(|b| b > 0x20 && b != 0x7f && !b"~^:?*[\\".contains(&b))
+        && branch
+            .bytes()
+            .all(|b| b > 0x20 && b != 0x7f && !b"~^:?*[\\".contains(&b))
 }
 
 impl FleetSpec {
@@ -193,10 +200,16 @@ impl FleetSpec {
     pub fn validate(&self, prefix: &str, limits: &SpecLimits) -> Result<(), FieldError> {
         let field = |name: &str| format!("{prefix}.{name}");
         if !is_valid_name(&self.name) {
-            return Err(FieldError::new(field("name"), "must be 1-64 characters of [A-Za-z0-9._-]"));
+            return Err(FieldError::new(
+                field("name"),
+                "must be 1-64 characters of [A-Za-z0-9._-]",
+            ));
         }
         if self.repositories.is_empty() {
-            return Err(FieldError::new(field("repositories"), "must name at least one repository"));
+            return Err(FieldError::new(
+                field("repositories"),
+                "must name at least one repository",
+            ));
         }
         if self.repositories.len() > limits.max_runs_per_fleet {
             return Err(FieldError::new(
@@ -211,9 +224,13 @@ impl FleetSpec {
         let mut seen = BTreeSet::new();
         for (index, url) in self.repositories.iter().enumerate() {
             let name = field(&format!("repositories[{index}]"));
-            validate_repository_url(url, limits).map_err(|message| FieldError::new(&name, message))?;
+            validate_repository_url(url, limits)
+                .map_err(|message| FieldError::new(&name, message))?;
             if !seen.insert(url.as_str()) {
-                return Err(FieldError::new(name, format!("duplicate repository {url:?}")));
+                return Err(FieldError::new(
+                    name,
+                    format!("duplicate repository {url:?}"),
+                ));
             }
         }
         if self.agent.command.trim().is_empty() {
@@ -228,7 +245,10 @@ impl FleetSpec {
         if self.agent.task.len() > limits.max_task_bytes {
             return Err(FieldError::new(
                 field("agent.task"),
-                format!("longer than {} bytes (max_task_bytes)", limits.max_task_bytes),
+                format!(
+                    "longer than {} bytes (max_task_bytes)",
+                    limits.max_task_bytes
+                ),
             ));
         }
         if self.agent.env.len() > limits.max_env_vars {
@@ -250,7 +270,10 @@ impl FleetSpec {
             if value.len() > limits.max_command_bytes || value.contains('\0') {
                 return Err(FieldError::new(
                     field(&format!("agent.env.{key}")),
-                    format!("value longer than {} bytes or contains NUL", limits.max_command_bytes),
+                    format!(
+                        "value longer than {} bytes or contains NUL",
+                        limits.max_command_bytes
+                    ),
                 ));
             }
         }
@@ -264,14 +287,20 @@ impl FleetSpec {
             if command.trim().is_empty() || command.len() > limits.max_command_bytes {
                 return Err(FieldError::new(
                     field(&format!("verify[{index}]")),
-                    format!("must be a non-empty command of at most {} bytes", limits.max_command_bytes),
+                    format!(
+                        "must be a non-empty command of at most {} bytes",
+                        limits.max_command_bytes
+                    ),
                 ));
             }
         }
         if !matches!(self.sandbox.driver.as_str(), "bwrap" | "none") {
             return Err(FieldError::new(
                 field("sandbox.driver"),
-                format!("unknown driver {:?}; expected \"bwrap\" or \"none\"", self.sandbox.driver),
+                format!(
+                    "unknown driver {:?}; expected \"bwrap\" or \"none\"",
+                    self.sandbox.driver
+                ),
             ));
         }
         if self.sandbox.timeout_ms < 1_000 || self.sandbox.timeout_ms > limits.max_timeout_ms {
@@ -280,7 +309,9 @@ impl FleetSpec {
                 format!("must be between 1000 and {}", limits.max_timeout_ms),
             ));
         }
-        if self.sandbox.memory_limit_bytes != 0 && self.sandbox.memory_limit_bytes < 16 * 1024 * 1024 {
+        if self.sandbox.memory_limit_bytes != 0
+            && self.sandbox.memory_limit_bytes < 16 * 1024 * 1024
+        {
             return Err(FieldError::new(
                 field("sandbox.memory_limit_bytes"),
                 "must be 0 (the worker's default) or at least 16 MiB",
@@ -296,13 +327,21 @@ impl FleetSpec {
         if !is_valid_branch(&probe) {
             return Err(FieldError::new(
                 field("branch_template"),
-                format!("{:?} does not give a valid git branch name", self.branch_template),
+                format!(
+                    "{:?} does not give a valid git branch name",
+                    self.branch_template
+                ),
             ));
         }
-        if self.commit_message.trim().is_empty() || self.commit_message.len() > limits.max_task_bytes {
+        if self.commit_message.trim().is_empty()
+            || self.commit_message.len() > limits.max_task_bytes
+        {
             return Err(FieldError::new(
                 field("commit_message"),
-                format!("must be non-empty and at most {} bytes", limits.max_task_bytes),
+                format!(
+                    "must be non-empty and at most {} bytes",
+                    limits.max_task_bytes
+                ),
             ));
         }
         if self.max_parallelism == 0 || self.max_parallelism > limits.max_parallelism {
@@ -317,7 +356,9 @@ impl FleetSpec {
                 format!("must be between 1 and {}", limits.max_attempts),
             ));
         }
-        if self.retry.backoff_initial_ms > self.retry.backoff_max_ms || self.retry.backoff_max_ms > 3_600_000 {
+        if self.retry.backoff_initial_ms > self.retry.backoff_max_ms
+            || self.retry.backoff_max_ms > 3_600_000
+        {
             return Err(FieldError::new(
                 field("retry_backoff_max_ms"),
                 "must be at least retry_backoff_initial_ms and at most 3600000",
@@ -332,7 +373,10 @@ fn validate_repository_url(url: &str, limits: &SpecLimits) -> Result<(), String>
         return Err("must not be empty".into());
     }
     if url.len() > limits.max_repository_url_bytes {
-        return Err(format!("longer than {} bytes", limits.max_repository_url_bytes));
+        return Err(format!(
+            "longer than {} bytes",
+            limits.max_repository_url_bytes
+        ));
     }
     if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err("must not contain whitespace or control characters".into());
@@ -359,10 +403,20 @@ pub fn repository_name(url: &str) -> String {
     let last = last.strip_suffix(".git").unwrap_or(last);
     let cleaned: String = last
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     let cleaned = cleaned.trim_start_matches(['.', '-']).to_string();
-    if cleaned.is_empty() { "repository".to_string() } else { cleaned }
+    if cleaned.is_empty() {
+        "repository".to_string()
+    } else {
+        cleaned
+    }
 }
 
 /// Expands a branch template. Pure; the result is checked with [`is_valid_branch`] by callers.
@@ -381,7 +435,11 @@ pub(crate) mod tests {
         FleetSpec {
             name: "rustfmt".into(),
             repositories: repositories.iter().map(|r| r.to_string()).collect(),
-            agent: AgentSpec { command: "cargo fmt".into(), task: "format".into(), env: BTreeMap::new() },
+            agent: AgentSpec {
+                command: "cargo fmt".into(),
+                task: "format".into(),
+                env: BTreeMap::new(),
+            },
             verify: vec!["cargo fmt --check".into()],
             sandbox: SandboxSpec {
                 driver: "bwrap".into(),
@@ -412,8 +470,14 @@ pub(crate) mod tests {
     #[test]
     fn validation_names_the_field() {
         check(|_| {}, "ok");
-        check(|s| s.name = "bad name".into(), "spec.name: must be 1-64 characters of [A-Za-z0-9._-]");
-        check(|s| s.repositories.clear(), "spec.repositories: must name at least one repository");
+        check(
+            |s| s.name = "bad name".into(),
+            "spec.name: must be 1-64 characters of [A-Za-z0-9._-]",
+        );
+        check(
+            |s| s.repositories.clear(),
+            "spec.repositories: must name at least one repository",
+        );
         check(
             |s| s.repositories[1] = "file:///srv/a".into(),
             "spec.repositories[1]: duplicate repository \"file:///srv/a\"",
@@ -422,14 +486,26 @@ pub(crate) mod tests {
             |s| s.repositories[0] = "srv/a".into(),
             "spec.repositories[0]: \"srv/a\" is not a git URL: expected file://, https://, http://, ssh://, git:// or an absolute path",
         );
-        check(|s| s.agent.command = " ".into(), "spec.agent.command: must not be empty");
+        check(
+            |s| s.agent.command = " ".into(),
+            "spec.agent.command: must not be empty",
+        );
         check(
             |s| s.sandbox.driver = "docker".into(),
             "spec.sandbox.driver: unknown driver \"docker\"; expected \"bwrap\" or \"none\"",
         );
-        check(|s| s.sandbox.timeout_ms = 10, "spec.sandbox.timeout_ms: must be between 1000 and 86400000");
-        check(|s| s.max_parallelism = 0, "spec.max_parallelism: must be between 1 and 1024");
-        check(|s| s.retry.max_attempts = 11, "spec.max_attempts: must be between 1 and 10");
+        check(
+            |s| s.sandbox.timeout_ms = 10,
+            "spec.sandbox.timeout_ms: must be between 1000 and 86400000",
+        );
+        check(
+            |s| s.max_parallelism = 0,
+            "spec.max_parallelism: must be between 1 and 1024",
+        );
+        check(
+            |s| s.retry.max_attempts = 11,
+            "spec.max_attempts: must be between 1 and 10",
+        );
         check(
             |s| s.branch_template = "a..b/{fleet}".into(),
             "spec.branch_template: \"a..b/{fleet}\" does not give a valid git branch name",
@@ -449,9 +525,15 @@ pub(crate) mod tests {
     #[test]
     fn repository_names_and_branches() {
         assert_eq!(repository_name("file:///srv/repos/serde.git"), "serde");
-        assert_eq!(repository_name("https://github.com/tokio-rs/tokio/"), "tokio");
+        assert_eq!(
+            repository_name("https://github.com/tokio-rs/tokio/"),
+            "tokio"
+        );
         assert_eq!(repository_name("git@host:org/x y.git"), "x-y");
-        assert_eq!(render_branch("flotilla/{fleet}-{repository}", "fmt", "fl-1", "serde"), "flotilla/fmt-serde");
+        assert_eq!(
+            render_branch("flotilla/{fleet}-{repository}", "fmt", "fl-1", "serde"),
+            "flotilla/fmt-serde"
+        );
         assert!(is_valid_branch("flotilla/fmt"));
         assert!(!is_valid_branch("flotilla/fmt.lock"));
         assert!(!is_valid_branch("has space"));
@@ -459,7 +541,11 @@ pub(crate) mod tests {
 
     #[test]
     fn backoff_doubles_and_saturates() {
-        let policy = RetryPolicy { max_attempts: 10, backoff_initial_ms: 1_000, backoff_max_ms: 5_000 };
+        let policy = RetryPolicy {
+            max_attempts: 10,
+            backoff_initial_ms: 1_000,
+            backoff_max_ms: 5_000,
+        };
         let backoffs: Vec<u64> = (2..=6).map(|n| policy.backoff_ms(n)).collect();
         assert_eq!(backoffs, vec![1_000, 2_000, 4_000, 5_000, 5_000]);
         assert_eq!(policy.backoff_ms(u32::MAX), 5_000);

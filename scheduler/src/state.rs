@@ -22,6 +22,9 @@ use crate::command::{AttemptResult, Command, LeaseGrant, Outcome, Request, Respo
 use crate::placement::{self, FleetSlots};
 use crate::spec::{self, FleetSpec};
 
+/// Per fleet, for placement: `(fleet_number, available_slots, [(run_index, not_before_ms)])`.
+type FleetCandidates = (u64, u32, Vec<(u32, u64)>);
+
 /// Most recent rejected (stale) results kept for inspection; older ones are only counted.
 pub const MAX_REJECTED_RESULTS_KEPT: usize = 1_000;
 
@@ -286,7 +289,10 @@ pub fn parse_run_id(id: &str) -> Option<(u64, u32)> {
 impl State {
     /// An empty state.
     pub fn new() -> Self {
-        State { next_fleet_number: 1, ..State::default() }
+        State {
+            next_fleet_number: 1,
+            ..State::default()
+        }
     }
 
     /// Applies one log entry. Deterministic: the result depends only on `self` and `request`.
@@ -298,26 +304,44 @@ impl State {
             self.next_fleet_number = 1;
         }
         match &request.command {
-            Command::SubmitFleet { spec, idempotency_key } => self.submit_fleet(now_ms, spec, idempotency_key),
-            Command::AcquireLeases { worker_id, free_slots, lease_ttl_ms } => {
-                self.acquire_leases(now_ms, worker_id, *free_slots, *lease_ttl_ms)
-            }
-            Command::Heartbeat { worker_id, leases, lease_ttl_ms } => {
-                self.heartbeat(now_ms, worker_id, leases, *lease_ttl_ms)
-            }
-            Command::ReportResult { worker_id, run_id, attempt, result } => {
-                self.report_result(now_ms, worker_id, run_id, *attempt, result)
-            }
+            Command::SubmitFleet {
+                spec,
+                idempotency_key,
+            } => self.submit_fleet(now_ms, spec, idempotency_key),
+            Command::AcquireLeases {
+                worker_id,
+                free_slots,
+                lease_ttl_ms,
+            } => self.acquire_leases(now_ms, worker_id, *free_slots, *lease_ttl_ms),
+            Command::Heartbeat {
+                worker_id,
+                leases,
+                lease_ttl_ms,
+            } => self.heartbeat(now_ms, worker_id, leases, *lease_ttl_ms),
+            Command::ReportResult {
+                worker_id,
+                run_id,
+                attempt,
+                result,
+            } => self.report_result(now_ms, worker_id, run_id, *attempt, result),
             Command::CancelFleet { fleet_id } => self.cancel_fleet(now_ms, fleet_id),
             Command::ExpireLeases => self.expire_leases(now_ms),
         }
     }
 
-    fn submit_fleet(&mut self, now_ms: u64, fleet_spec: &FleetSpec, idempotency_key: &str) -> Response {
+    fn submit_fleet(
+        &mut self,
+        now_ms: u64,
+        fleet_spec: &FleetSpec,
+        idempotency_key: &str,
+    ) -> Response {
         if !idempotency_key.is_empty()
             && let Some(number) = self.idempotency_keys.get(idempotency_key)
         {
-            return Response::FleetSubmitted { fleet_id: fleet_id(*number), created: false };
+            return Response::FleetSubmitted {
+                fleet_id: fleet_id(*number),
+                created: false,
+            };
         }
         let number = self.next_fleet_number;
         self.next_fleet_number += 1;
@@ -341,7 +365,10 @@ impl State {
                 attempts: Vec::new(),
             })
             .collect();
-        let counts = RunCounts { pending: runs.len() as u32, ..RunCounts::default() };
+        let counts = RunCounts {
+            pending: runs.len() as u32,
+            ..RunCounts::default()
+        };
         let mut fleet = Fleet {
             number,
             spec: fleet_spec.clone(),
@@ -354,7 +381,12 @@ impl State {
             counts,
             events: Vec::new(),
         };
-        push_event(&mut fleet, now_ms, None, format!("fleet submitted with {} runs", counts.pending));
+        push_event(
+            &mut fleet,
+            now_ms,
+            None,
+            format!("fleet submitted with {} runs", counts.pending),
+        );
         if fleet.runs.is_empty() {
             finish_if_done(&mut fleet, now_ms);
         } else {
@@ -362,20 +394,38 @@ impl State {
         }
         self.fleets.insert(number, fleet);
         if !idempotency_key.is_empty() {
-            self.idempotency_keys.insert(idempotency_key.to_string(), number);
+            self.idempotency_keys
+                .insert(idempotency_key.to_string(), number);
         }
-        Response::FleetSubmitted { fleet_id: id, created: true }
+        Response::FleetSubmitted {
+            fleet_id: id,
+            created: true,
+        }
     }
 
-    fn acquire_leases(&mut self, now_ms: u64, worker_id: &str, free_slots: u32, lease_ttl_ms: u64) -> Response {
-        self.workers.insert(worker_id.to_string(), Worker { last_seen_ms: now_ms });
+    fn acquire_leases(
+        &mut self,
+        now_ms: u64,
+        worker_id: &str,
+        free_slots: u32,
+        lease_ttl_ms: u64,
+    ) -> Response {
+        self.workers.insert(
+            worker_id.to_string(),
+            Worker {
+                last_seen_ms: now_ms,
+            },
+        );
         // Per active fleet: enough pending candidates to fill what it may take.
-        let candidates: Vec<(u64, u32, Vec<(u32, u64)>)> = self
+        let candidates: Vec<FleetCandidates> = self
             .active_fleets
             .iter()
             .filter_map(|number| self.fleets.get(number))
             .map(|fleet| {
-                let available = fleet.spec.max_parallelism.saturating_sub(fleet.counts.running);
+                let available = fleet
+                    .spec
+                    .max_parallelism
+                    .saturating_sub(fleet.counts.running);
                 let wanted = available.min(free_slots) as usize;
                 let mut eligible = 0usize;
                 let mut pending = Vec::new();
@@ -404,7 +454,9 @@ impl State {
         let expires_at_ms = now_ms.saturating_add(lease_ttl_ms);
         let mut grants = Vec::with_capacity(placements.len());
         for placed in placements {
-            let Some(fleet) = self.fleets.get_mut(&placed.fleet_number) else { continue };
+            let Some(fleet) = self.fleets.get_mut(&placed.fleet_number) else {
+                continue;
+            };
             let index = placed.run_index;
             let id = fleet.id();
             let run = &mut fleet.runs[index as usize];
@@ -417,7 +469,10 @@ impl State {
                 finished_at_ms: 0,
                 result: None,
             });
-            run.lease = Some(Lease { worker_id: worker_id.to_string(), expires_at_ms });
+            run.lease = Some(Lease {
+                worker_id: worker_id.to_string(),
+                expires_at_ms,
+            });
             grants.push(LeaseGrant {
                 run_id: run_id(fleet.number, index),
                 fleet_id: id,
@@ -428,13 +483,29 @@ impl State {
                 expires_at_ms,
             });
             set_run_state(fleet, index, RunState::Running);
-            push_event(fleet, now_ms, Some(index), format!("attempt {attempt} leased to {worker_id}"));
+            push_event(
+                fleet,
+                now_ms,
+                Some(index),
+                format!("attempt {attempt} leased to {worker_id}"),
+            );
         }
         Response::Leased(grants)
     }
 
-    fn heartbeat(&mut self, now_ms: u64, worker_id: &str, leases: &[(String, u32)], lease_ttl_ms: u64) -> Response {
-        self.workers.insert(worker_id.to_string(), Worker { last_seen_ms: now_ms });
+    fn heartbeat(
+        &mut self,
+        now_ms: u64,
+        worker_id: &str,
+        leases: &[(String, u32)],
+        lease_ttl_ms: u64,
+    ) -> Response {
+        self.workers.insert(
+            worker_id.to_string(),
+            Worker {
+                last_seen_ms: now_ms,
+            },
+        );
         let expires_at_ms = now_ms.saturating_add(lease_ttl_ms);
         let mut lost = Vec::new();
         for (id, attempt) in leases {
@@ -463,21 +534,35 @@ impl State {
         result: &AttemptResult,
     ) -> Response {
         let Some((number, index)) = parse_run_id(id) else {
-            return Response::Rejected { reason: format!("no run {id}") };
+            return Response::Rejected {
+                reason: format!("no run {id}"),
+            };
         };
         let Some(fleet) = self.fleets.get_mut(&number) else {
-            return Response::Rejected { reason: format!("no run {id}") };
+            return Response::Rejected {
+                reason: format!("no run {id}"),
+            };
         };
         let Some(run) = fleet.runs.get(index as usize) else {
-            return Response::Rejected { reason: format!("no run {id}") };
+            return Response::Rejected {
+                reason: format!("no run {id}"),
+            };
         };
         let holder = run.lease.as_ref().map(|l| l.worker_id.as_str());
         let stale = if run.state != RunState::Running {
-            Some(format!("run is {:?}, not running (attempt {attempt})", run.state))
+            Some(format!(
+                "run is {:?}, not running (attempt {attempt})",
+                run.state
+            ))
         } else if run.attempt() != attempt {
-            Some(format!("stale attempt {attempt}, current {}", run.attempt()))
+            Some(format!(
+                "stale attempt {attempt}, current {}",
+                run.attempt()
+            ))
         } else if holder != Some(worker_id) {
-            Some(format!("worker {worker_id} does not hold the lease of attempt {attempt}"))
+            Some(format!(
+                "worker {worker_id} does not hold the lease of attempt {attempt}"
+            ))
         } else {
             None
         };
@@ -494,10 +579,14 @@ impl State {
 
     fn cancel_fleet(&mut self, now_ms: u64, id: &str) -> Response {
         let Some(number) = parse_fleet_id(id) else {
-            return Response::Rejected { reason: format!("no fleet {id}") };
+            return Response::Rejected {
+                reason: format!("no fleet {id}"),
+            };
         };
         let Some(fleet) = self.fleets.get_mut(&number) else {
-            return Response::Rejected { reason: format!("no fleet {id}") };
+            return Response::Rejected {
+                reason: format!("no fleet {id}"),
+            };
         };
         if fleet.state != FleetState::Running {
             return Response::FleetCancelled;
@@ -509,8 +598,11 @@ impl State {
                 RunState::Running => {
                     if let Some(current) = run.attempts.last_mut() {
                         current.finished_at_ms = now_ms;
-                        current.result =
-                            Some(AttemptResult::failure(Outcome::Cancelled, "fleet cancelled", false));
+                        current.result = Some(AttemptResult::failure(
+                            Outcome::Cancelled,
+                            "fleet cancelled",
+                            false,
+                        ));
                     }
                     run.lease = None;
                     set_run_state(fleet, index, RunState::Cancelled);
@@ -529,16 +621,26 @@ impl State {
         let mut count = 0;
         let active: Vec<u64> = self.active_fleets.iter().copied().collect();
         for number in active {
-            let Some(fleet) = self.fleets.get_mut(&number) else { continue };
+            let Some(fleet) = self.fleets.get_mut(&number) else {
+                continue;
+            };
             let expired: Vec<u32> = fleet
                 .runs
                 .iter()
-                .filter(|run| run.lease.as_ref().is_some_and(|l| l.expires_at_ms <= now_ms))
+                .filter(|run| {
+                    run.lease
+                        .as_ref()
+                        .is_some_and(|l| l.expires_at_ms <= now_ms)
+                })
                 .map(|run| run.index)
                 .collect();
             for index in expired {
                 count += 1;
-                let result = AttemptResult::failure(Outcome::LeaseExpired, "lease expired: worker stopped heartbeating", true);
+                let result = AttemptResult::failure(
+                    Outcome::LeaseExpired,
+                    "lease expired: worker stopped heartbeating",
+                    true,
+                );
                 finish_attempt(fleet, index, now_ms, result);
             }
             if fleet.state != FleetState::Running {
@@ -548,7 +650,14 @@ impl State {
         Response::LeasesExpired { count }
     }
 
-    fn record_rejection(&mut self, now_ms: u64, worker_id: &str, run_id: &str, attempt: u32, reason: &str) {
+    fn record_rejection(
+        &mut self,
+        now_ms: u64,
+        worker_id: &str,
+        run_id: &str,
+        attempt: u32,
+        reason: &str,
+    ) {
         self.rejected_results_total += 1;
         if self.rejected_results.len() == MAX_REJECTED_RESULTS_KEPT {
             self.rejected_results.pop_front();
@@ -582,7 +691,11 @@ impl State {
     /// Fleets newest first, starting below fleet number `before` (exclusive; `u64::MAX` for the
     /// first page), at most `limit`.
     pub fn fleets_before(&self, before: u64, limit: usize) -> impl Iterator<Item = &Fleet> {
-        self.fleets.range(..before).rev().take(limit).map(|(_, fleet)| fleet)
+        self.fleets
+            .range(..before)
+            .rev()
+            .take(limit)
+            .map(|(_, fleet)| fleet)
     }
 
     /// The fleet created by `idempotency_key`, if any.
@@ -602,10 +715,16 @@ impl State {
 
     /// Whether some pending run of an active fleet could be leased at `now_ms`.
     pub fn has_eligible_pending(&self, now_ms: u64) -> bool {
-        self.active_fleets.iter().filter_map(|number| self.fleets.get(number)).any(|fleet| {
-            fleet.counts.running < fleet.spec.max_parallelism
-                && fleet.pending.iter().any(|index| fleet.runs[*index as usize].not_before_ms <= now_ms)
-        })
+        self.active_fleets
+            .iter()
+            .filter_map(|number| self.fleets.get(number))
+            .any(|fleet| {
+                fleet.counts.running < fleet.spec.max_parallelism
+                    && fleet
+                        .pending
+                        .iter()
+                        .any(|index| fleet.runs[*index as usize].not_before_ms <= now_ms)
+            })
     }
 
     /// Rejected (stale) results, most recent last, and the total ever rejected.
@@ -633,7 +752,10 @@ impl State {
             for run in &fleet.runs {
                 *counts.slot(run.state) += 1;
                 if (run.state == RunState::Running) != run.lease.is_some() {
-                    return Err(format!("run {} is {:?} with lease {:?}", run.index, run.state, run.lease));
+                    return Err(format!(
+                        "run {} is {:?} with lease {:?}",
+                        run.index, run.state, run.lease
+                    ));
                 }
                 if (run.state == RunState::Pending) != fleet.pending.contains(&run.index) {
                     return Err(format!("run {} pending set out of sync", run.index));
@@ -643,19 +765,27 @@ impl State {
                         return Err(format!("run {} attempt numbers have a gap", run.index));
                     }
                 }
-                if run.state == RunState::Running && run.attempts.last().is_none_or(|a| a.result.is_some()) {
+                if run.state == RunState::Running
+                    && run.attempts.last().is_none_or(|a| a.result.is_some())
+                {
                     return Err(format!("running run {} has no open attempt", run.index));
                 }
             }
             if counts != fleet.counts {
-                return Err(format!("fleet {} counts {:?} != tally {:?}", fleet.number, fleet.counts, counts));
+                return Err(format!(
+                    "fleet {} counts {:?} != tally {:?}",
+                    fleet.number, fleet.counts, counts
+                ));
             }
             if counts.running > fleet.spec.max_parallelism {
                 return Err(format!("fleet {} exceeds max_parallelism", fleet.number));
             }
             let done = counts.pending == 0 && counts.running == 0;
             if done == (fleet.state == FleetState::Running) {
-                return Err(format!("fleet {} state {:?} with counts {:?}", fleet.number, fleet.state, counts));
+                return Err(format!(
+                    "fleet {} state {:?} with counts {:?}",
+                    fleet.number, fleet.state, counts
+                ));
             }
             if (fleet.state == FleetState::Running) != self.active_fleets.contains(&fleet.number) {
                 return Err(format!("fleet {} active set out of sync", fleet.number));
@@ -699,9 +829,15 @@ fn finish_attempt(fleet: &mut Fleet, index: u32, now_ms: u64, result: AttemptRes
         let backoff_ms = fleet.spec.retry.backoff_ms(attempt + 1);
         run.not_before_ms = now_ms.saturating_add(backoff_ms);
         fleet.pending.insert(index);
-        format!("attempt {attempt} {}: {error}; retry in {backoff_ms} ms", outcome.as_str())
+        format!(
+            "attempt {attempt} {}: {error}; retry in {backoff_ms} ms",
+            outcome.as_str()
+        )
     } else if retryable {
-        format!("attempt {attempt} {}: {error}; gave up after {attempt} attempts", outcome.as_str())
+        format!(
+            "attempt {attempt} {}: {error}; gave up after {attempt} attempts",
+            outcome.as_str()
+        )
     } else if error.is_empty() {
         format!("attempt {attempt} {}", outcome.as_str())
     } else {
@@ -724,7 +860,8 @@ fn set_run_state(fleet: &mut Fleet, index: u32, state: RunState) {
 }
 
 fn finish_if_done(fleet: &mut Fleet, now_ms: u64) {
-    if fleet.state == FleetState::Running && fleet.counts.pending == 0 && fleet.counts.running == 0 {
+    if fleet.state == FleetState::Running && fleet.counts.pending == 0 && fleet.counts.running == 0
+    {
         fleet.state = FleetState::Finished;
         fleet.finished_at_ms = now_ms;
         let c = fleet.counts;

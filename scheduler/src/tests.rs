@@ -12,11 +12,17 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        Harness { state: State::new(), now_ms: 1_000 }
+        Harness {
+            state: State::new(),
+            now_ms: 1_000,
+        }
     }
 
     fn apply(&mut self, command: Command) -> Response {
-        let response = self.state.apply(&Request { now_ms: self.now_ms, command });
+        let response = self.state.apply(&Request {
+            now_ms: self.now_ms,
+            command,
+        });
         if let Err(violation) = self.state.check_invariants() {
             panic!("invariant violated: {violation}");
         }
@@ -26,7 +32,10 @@ impl Harness {
     fn submit(&mut self, repositories: &[&str], max_parallelism: u32, key: &str) -> String {
         let mut s = spec(repositories);
         s.max_parallelism = max_parallelism;
-        match self.apply(Command::SubmitFleet { spec: s, idempotency_key: key.into() }) {
+        match self.apply(Command::SubmitFleet {
+            spec: s,
+            idempotency_key: key.into(),
+        }) {
             Response::FleetSubmitted { fleet_id, .. } => fleet_id,
             other => panic!("unexpected {other:?}"),
         }
@@ -34,25 +43,50 @@ impl Harness {
 
     /// Leases and returns `run_id@attempt` strings.
     fn lease(&mut self, worker: &str, slots: u32) -> Vec<String> {
-        match self.apply(Command::AcquireLeases { worker_id: worker.into(), free_slots: slots, lease_ttl_ms: 10_000 }) {
-            Response::Leased(grants) => grants.iter().map(|g| format!("{}@{}", g.run_id, g.attempt)).collect(),
+        match self.apply(Command::AcquireLeases {
+            worker_id: worker.into(),
+            free_slots: slots,
+            lease_ttl_ms: 10_000,
+        }) {
+            Response::Leased(grants) => grants
+                .iter()
+                .map(|g| format!("{}@{}", g.run_id, g.attempt))
+                .collect(),
             other => panic!("unexpected {other:?}"),
         }
     }
 
-    fn report(&mut self, worker: &str, run_id: &str, attempt: u32, result: AttemptResult) -> Response {
-        self.apply(Command::ReportResult { worker_id: worker.into(), run_id: run_id.into(), attempt, result })
+    fn report(
+        &mut self,
+        worker: &str,
+        run_id: &str,
+        attempt: u32,
+        result: AttemptResult,
+    ) -> Response {
+        self.apply(Command::ReportResult {
+            worker_id: worker.into(),
+            run_id: run_id.into(),
+            attempt,
+            result,
+        })
     }
 
     fn run_state(&self, run_id: &str) -> RunState {
-        self.state.run(run_id).map(|(_, run)| run.state).expect("run exists")
+        self.state
+            .run(run_id)
+            .map(|(_, run)| run.state)
+            .expect("run exists")
     }
 }
 
 fn changed() -> AttemptResult {
     AttemptResult {
         commit: "abc".into(),
-        diffstat: vec![FileStat { path: "src/lib.rs".into(), insertions: 2, deletions: 1 }],
+        diffstat: vec![FileStat {
+            path: "src/lib.rs".into(),
+            insertions: 2,
+            deletions: 1,
+        }],
         pushed: true,
         exit_code: 0,
         ..AttemptResult::failure(Outcome::Changed, "", false)
@@ -69,14 +103,29 @@ fn a_fleet_expands_into_runs_and_finishes_with_its_results() {
     let fleet = h.submit(&["file:///a", "file:///b", "file:///c"], 8, "");
     assert_eq!(fleet, "fl-1");
     assert_eq!(h.lease("w1", 8), vec!["fl-1-0@1", "fl-1-1@1", "fl-1-2@1"]);
-    assert_eq!(h.report("w1", "fl-1-0", 1, changed()), Response::ResultAccepted);
-    assert_eq!(h.report("w1", "fl-1-1", 1, outcome(Outcome::Unchanged, false)), Response::ResultAccepted);
-    assert_eq!(h.report("w1", "fl-1-2", 1, outcome(Outcome::AgentFailed, false)), Response::ResultAccepted);
+    assert_eq!(
+        h.report("w1", "fl-1-0", 1, changed()),
+        Response::ResultAccepted
+    );
+    assert_eq!(
+        h.report("w1", "fl-1-1", 1, outcome(Outcome::Unchanged, false)),
+        Response::ResultAccepted
+    );
+    assert_eq!(
+        h.report("w1", "fl-1-2", 1, outcome(Outcome::AgentFailed, false)),
+        Response::ResultAccepted
+    );
     let f = h.state.fleet(&fleet).unwrap();
     assert_eq!(f.state, FleetState::Finished);
-    assert_eq!((f.counts.changed, f.counts.unchanged, f.counts.failed), (1, 1, 1));
+    assert_eq!(
+        (f.counts.changed, f.counts.unchanged, f.counts.failed),
+        (1, 1, 1)
+    );
     assert_eq!(f.runs[0].branch, "flotilla/rustfmt");
-    assert_eq!(f.events.last().unwrap().message, "fleet finished: 1 changed, 1 unchanged, 1 failed, 0 cancelled");
+    assert_eq!(
+        f.events.last().unwrap().message,
+        "fleet finished: 1 changed, 1 unchanged, 1 failed, 0 cancelled"
+    );
     assert_eq!(h.lease("w1", 8), Vec::<String>::new());
 }
 
@@ -94,11 +143,23 @@ fn max_parallelism_bounds_leases_per_fleet() {
 fn idempotency_key_returns_the_same_fleet() {
     let mut h = Harness::new();
     let first = h.submit(&["file:///a"], 1, "key-1");
-    let again = h.apply(Command::SubmitFleet { spec: spec(&["file:///other"]), idempotency_key: "key-1".into() });
-    assert_eq!(again, Response::FleetSubmitted { fleet_id: first.clone(), created: false });
+    let again = h.apply(Command::SubmitFleet {
+        spec: spec(&["file:///other"]),
+        idempotency_key: "key-1".into(),
+    });
+    assert_eq!(
+        again,
+        Response::FleetSubmitted {
+            fleet_id: first.clone(),
+            created: false
+        }
+    );
     let other = h.submit(&["file:///a"], 1, "key-2");
     assert_ne!(first, other);
-    assert_eq!(h.state.fleet_by_idempotency_key("key-1").unwrap().id(), first);
+    assert_eq!(
+        h.state.fleet_by_idempotency_key("key-1").unwrap().id(),
+        first
+    );
 }
 
 #[test]
@@ -108,20 +169,41 @@ fn stale_attempts_are_rejected_and_recorded() {
     assert_eq!(h.lease("w1", 1), vec!["fl-1-0@1"]);
     // The lease expires; the run is retried as attempt 2 on another worker.
     h.now_ms += 10_000;
-    assert_eq!(h.apply(Command::ExpireLeases), Response::LeasesExpired { count: 1 });
+    assert_eq!(
+        h.apply(Command::ExpireLeases),
+        Response::LeasesExpired { count: 1 }
+    );
     assert_eq!(h.run_state("fl-1-0"), RunState::Pending);
-    assert_eq!(h.lease("w2", 1), Vec::<String>::new(), "backoff not over yet");
+    assert_eq!(
+        h.lease("w2", 1),
+        Vec::<String>::new(),
+        "backoff not over yet"
+    );
     h.now_ms += 1_000;
     assert_eq!(h.lease("w2", 1), vec!["fl-1-0@2"]);
     // The first worker wakes up and reports attempt 1: rejected, not applied.
     let late = h.report("w1", "fl-1-0", 1, changed());
-    assert_eq!(late, Response::Rejected { reason: "stale attempt 1, current 2".into() });
+    assert_eq!(
+        late,
+        Response::Rejected {
+            reason: "stale attempt 1, current 2".into()
+        }
+    );
     assert_eq!(h.run_state("fl-1-0"), RunState::Running);
     // A worker that does not hold the lease cannot report the current attempt either.
-    assert!(matches!(h.report("w1", "fl-1-0", 2, changed()), Response::Rejected { .. }));
-    assert_eq!(h.report("w2", "fl-1-0", 2, outcome(Outcome::Unchanged, false)), Response::ResultAccepted);
+    assert!(matches!(
+        h.report("w1", "fl-1-0", 2, changed()),
+        Response::Rejected { .. }
+    ));
+    assert_eq!(
+        h.report("w2", "fl-1-0", 2, outcome(Outcome::Unchanged, false)),
+        Response::ResultAccepted
+    );
     // A duplicate delivery of an applied result is rejected too: exactly one terminal result.
-    assert!(matches!(h.report("w2", "fl-1-0", 2, changed()), Response::Rejected { .. }));
+    assert!(matches!(
+        h.report("w2", "fl-1-0", 2, changed()),
+        Response::Rejected { .. }
+    ));
     assert_eq!(h.run_state("fl-1-0"), RunState::Unchanged);
     let (rejected, total) = h.state.rejected_results();
     assert_eq!(total, 3);
@@ -134,17 +216,39 @@ fn retryable_failures_back_off_then_give_up_after_max_attempts() {
     h.submit(&["file:///a"], 1, "");
     for attempt in 1..=3 {
         assert_eq!(h.lease("w1", 1), vec![format!("fl-1-0@{attempt}")]);
-        h.report("w1", "fl-1-0", attempt, outcome(Outcome::Infrastructure, true));
+        h.report(
+            "w1",
+            "fl-1-0",
+            attempt,
+            outcome(Outcome::Infrastructure, true),
+        );
         h.now_ms += 60_000;
     }
     assert_eq!(h.run_state("fl-1-0"), RunState::Failed);
     let (_, run) = h.state.run("fl-1-0").unwrap();
     assert_eq!(run.attempts.len(), 3);
     let fleet = h.state.fleet("fl-1").unwrap();
-    assert!(fleet.events.iter().any(|e| e.message.contains("gave up after 3 attempts")), "{:?}", fleet.events);
+    assert!(
+        fleet
+            .events
+            .iter()
+            .any(|e| e.message.contains("gave up after 3 attempts")),
+        "{:?}",
+        fleet.events
+    );
     // Backoff doubled between attempts: 1 s then 2 s.
-    assert!(fleet.events.iter().any(|e| e.message.contains("retry in 1000 ms")));
-    assert!(fleet.events.iter().any(|e| e.message.contains("retry in 2000 ms")));
+    assert!(
+        fleet
+            .events
+            .iter()
+            .any(|e| e.message.contains("retry in 1000 ms"))
+    );
+    assert!(
+        fleet
+            .events
+            .iter()
+            .any(|e| e.message.contains("retry in 2000 ms"))
+    );
 }
 
 #[test]
@@ -166,13 +270,25 @@ fn heartbeats_renew_leases_and_report_lost_ones() {
     h.now_ms += 9_000;
     let response = h.apply(Command::Heartbeat {
         worker_id: "w1".into(),
-        leases: vec![("fl-1-0".into(), 1), ("fl-1-1".into(), 7), ("fl-9-0".into(), 1)],
+        leases: vec![
+            ("fl-1-0".into(), 1),
+            ("fl-1-1".into(), 7),
+            ("fl-9-0".into(), 1),
+        ],
         lease_ttl_ms: 10_000,
     });
-    assert_eq!(response, Response::Heartbeat { lost: vec![("fl-1-1".into(), 7), ("fl-9-0".into(), 1)] });
+    assert_eq!(
+        response,
+        Response::Heartbeat {
+            lost: vec![("fl-1-1".into(), 7), ("fl-9-0".into(), 1)]
+        }
+    );
     h.now_ms += 2_000;
     // Run 0 was renewed; run 1 was not and expires.
-    assert_eq!(h.apply(Command::ExpireLeases), Response::LeasesExpired { count: 1 });
+    assert_eq!(
+        h.apply(Command::ExpireLeases),
+        Response::LeasesExpired { count: 1 }
+    );
     assert_eq!(h.run_state("fl-1-0"), RunState::Running);
     assert_eq!(h.run_state("fl-1-1"), RunState::Pending);
 }
@@ -182,14 +298,32 @@ fn cancel_ends_pending_and_running_runs() {
     let mut h = Harness::new();
     h.submit(&["file:///a", "file:///b", "file:///c"], 1, "");
     h.lease("w1", 1);
-    assert_eq!(h.apply(Command::CancelFleet { fleet_id: "fl-1".into() }), Response::FleetCancelled);
+    assert_eq!(
+        h.apply(Command::CancelFleet {
+            fleet_id: "fl-1".into()
+        }),
+        Response::FleetCancelled
+    );
     let fleet = h.state.fleet("fl-1").unwrap();
     assert_eq!(fleet.state, FleetState::Cancelled);
     assert_eq!(fleet.counts.cancelled, 3);
     // The worker's late result is rejected; cancelling again is a no-op.
-    assert!(matches!(h.report("w1", "fl-1-0", 1, changed()), Response::Rejected { .. }));
-    assert_eq!(h.apply(Command::CancelFleet { fleet_id: "fl-1".into() }), Response::FleetCancelled);
-    assert!(matches!(h.apply(Command::CancelFleet { fleet_id: "fl-7".into() }), Response::Rejected { .. }));
+    assert!(matches!(
+        h.report("w1", "fl-1-0", 1, changed()),
+        Response::Rejected { .. }
+    ));
+    assert_eq!(
+        h.apply(Command::CancelFleet {
+            fleet_id: "fl-1".into()
+        }),
+        Response::FleetCancelled
+    );
+    assert!(matches!(
+        h.apply(Command::CancelFleet {
+            fleet_id: "fl-7".into()
+        }),
+        Response::Rejected { .. }
+    ));
 }
 
 #[test]
@@ -207,9 +341,17 @@ fn events_are_numbered_and_resumable() {
     h.lease("w1", 2);
     h.report("w1", "fl-1-0", 1, changed());
     let fleet = h.state.fleet("fl-1").unwrap();
-    let all: Vec<u64> = fleet.events_after(0, 100).iter().map(|e| e.sequence).collect();
+    let all: Vec<u64> = fleet
+        .events_after(0, 100)
+        .iter()
+        .map(|e| e.sequence)
+        .collect();
     assert_eq!(all, vec![1, 2, 3, 4]);
-    let rest: Vec<u64> = fleet.events_after(2, 100).iter().map(|e| e.sequence).collect();
+    let rest: Vec<u64> = fleet
+        .events_after(2, 100)
+        .iter()
+        .map(|e| e.sequence)
+        .collect();
     assert_eq!(rest, vec![3, 4]);
     assert!(fleet.events_after(9, 100).is_empty());
     assert_eq!(fleet.events_after(0, 1).len(), 1);
@@ -219,15 +361,32 @@ fn events_are_numbered_and_resumable() {
 fn the_clock_never_steps_back_and_replay_is_deterministic() {
     let mut h = Harness::new();
     h.submit(&["file:///a"], 1, "");
-    let log = vec![
-        Request { now_ms: 5_000, command: Command::AcquireLeases { worker_id: "w".into(), free_slots: 1, lease_ttl_ms: 100 } },
+    let log = [
+        Request {
+            now_ms: 5_000,
+            command: Command::AcquireLeases {
+                worker_id: "w".into(),
+                free_slots: 1,
+                lease_ttl_ms: 100,
+            },
+        },
         // A new leader whose clock is behind.
-        Request { now_ms: 4_000, command: Command::ExpireLeases },
-        Request { now_ms: 5_200, command: Command::ExpireLeases },
+        Request {
+            now_ms: 4_000,
+            command: Command::ExpireLeases,
+        },
+        Request {
+            now_ms: 5_200,
+            command: Command::ExpireLeases,
+        },
     ];
     let mut replica = h.state.clone();
     let responses: Vec<Response> = log.iter().map(|r| h.state.apply(r)).collect();
-    assert_eq!(responses[1], Response::LeasesExpired { count: 0 }, "time did not step back to 4000");
+    assert_eq!(
+        responses[1],
+        Response::LeasesExpired { count: 0 },
+        "time did not step back to 4000"
+    );
     assert_eq!(responses[2], Response::LeasesExpired { count: 1 });
     let replayed: Vec<Response> = log.iter().map(|r| replica.apply(r)).collect();
     assert_eq!(responses, replayed);
@@ -240,7 +399,10 @@ fn unknown_ids_are_rejected_without_change() {
     h.submit(&["file:///a"], 1, "");
     let before = h.state.clone();
     for id in ["fl-1-5", "fl-2-0", "nonsense", "fl--1-0", "fl-+1-0"] {
-        assert!(matches!(h.report("w", id, 1, changed()), Response::Rejected { .. }), "{id}");
+        assert!(
+            matches!(h.report("w", id, 1, changed()), Response::Rejected { .. }),
+            "{id}"
+        );
     }
     // Only the rejection record changed.
     assert_eq!(h.state.fleet("fl-1"), before.fleet("fl-1"));

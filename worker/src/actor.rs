@@ -106,7 +106,10 @@ impl Cluster {
         let mut clients = Vec::new();
         for endpoint in &settings.endpoints {
             let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
-                .map_err(|e| WorkerError::Endpoint { endpoint: endpoint.clone(), message: e.to_string() })?
+                .map_err(|e| WorkerError::Endpoint {
+                    endpoint: endpoint.clone(),
+                    message: e.to_string(),
+                })?
                 .connect_timeout(Duration::from_secs(2))
                 .connect_lazy();
             clients.push(
@@ -116,9 +119,15 @@ impl Cluster {
             );
         }
         if clients.is_empty() {
-            return Err(WorkerError::Setting { field: "endpoints", message: "must name at least one node".into() });
+            return Err(WorkerError::Setting {
+                field: "endpoints",
+                message: "must name at least one node".into(),
+            });
         }
-        Ok(Cluster { clients: Arc::new(clients), current: Arc::new(Mutex::new(0)) })
+        Ok(Cluster {
+            clients: Arc::new(clients),
+            current: Arc::new(Mutex::new(0)),
+        })
     }
 
     fn client(&self) -> WorkerServiceClient<Channel> {
@@ -163,12 +172,21 @@ impl WorkerHandle {
 ///
 /// # Errors
 /// [`WorkerError`] for invalid settings or when the actor cannot be spawned.
-pub async fn start(settings: WorkerSettings, execution: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
+pub async fn start(
+    settings: WorkerSettings,
+    execution: WorkerConfig,
+) -> Result<WorkerHandle, WorkerError> {
     if settings.slots == 0 || settings.slots > 1024 {
-        return Err(WorkerError::Setting { field: "slots", message: "must be between 1 and 1024".into() });
+        return Err(WorkerError::Setting {
+            field: "slots",
+            message: "must be between 1 and 1024".into(),
+        });
     }
     if settings.heartbeat_interval_ms == 0 {
-        return Err(WorkerError::Setting { field: "heartbeat_interval_ms", message: "must be positive".into() });
+        return Err(WorkerError::Setting {
+            field: "heartbeat_interval_ms",
+            message: "must be positive".into(),
+        });
     }
     let cluster = Cluster::new(&settings)?;
     let held: HeldLeases = Arc::new(Mutex::new(BTreeMap::new()));
@@ -184,11 +202,28 @@ pub async fn start(settings: WorkerSettings, execution: WorkerConfig) -> Result<
     let (stop, stop_receiver) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(settings.slots as usize));
     let tasks = vec![
-        tokio::spawn(lease_poller(settings.clone(), cluster.clone(), slots, actor.clone(), stop_receiver.clone())),
-        tokio::spawn(heartbeat_ticker(settings.clone(), cluster, held, actor.clone(), stop_receiver)),
+        tokio::spawn(lease_poller(
+            settings.clone(),
+            cluster.clone(),
+            slots,
+            actor.clone(),
+            stop_receiver.clone(),
+        )),
+        tokio::spawn(heartbeat_ticker(
+            settings.clone(),
+            cluster,
+            held,
+            actor.clone(),
+            stop_receiver,
+        )),
     ];
     info!(worker.id = %settings.worker_id, slots = settings.slots, "worker started");
-    Ok(WorkerHandle { actor, actor_task, stop, tasks })
+    Ok(WorkerHandle {
+        actor,
+        actor_task,
+        stop,
+        tasks,
+    })
 }
 
 /// Messages of the supervising worker actor.
@@ -233,7 +268,9 @@ struct WorkerState {
 impl WorkerState {
     /// Removes the run's entry (freeing its slot) and reports `result` in the background.
     fn finish(&mut self, actor_id: ActorId, result: v1::RunResult) {
-        let Some(entry) = self.runs.remove(&actor_id) else { return };
+        let Some(entry) = self.runs.remove(&actor_id) else {
+            return;
+        };
         let settings = self.arguments.settings.clone();
         let cluster = self.arguments.cluster.clone();
         let held = self.arguments.held.clone();
@@ -258,7 +295,10 @@ impl Actor for WorkerActor {
         _myself: ActorRef<Self::Msg>,
         arguments: WorkerArguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(WorkerState { arguments, runs: HashMap::new() })
+        Ok(WorkerState {
+            arguments,
+            runs: HashMap::new(),
+        })
     }
 
     async fn handle(
@@ -281,23 +321,39 @@ impl Actor for WorkerActor {
                 };
                 match Actor::spawn_linked(None, RunActor, arguments, myself.get_cell()).await {
                     Ok((run, _)) => {
-                        state.runs.insert(run.get_id(), RunEntry { lease: *lease, cancel, _slot: slot });
+                        state.runs.insert(
+                            run.get_id(),
+                            RunEntry {
+                                lease: *lease,
+                                cancel,
+                                _slot: slot,
+                            },
+                        );
                     }
                     Err(error) => {
-                        let result = infrastructure(format!("could not start the run actor: {error}"));
+                        let result =
+                            infrastructure(format!("could not start the run actor: {error}"));
                         let settings = state.arguments.settings.clone();
                         let cluster = state.arguments.cluster.clone();
-                        tokio::spawn(async move { report(&settings, &cluster, &lease, result).await });
+                        tokio::spawn(
+                            async move { report(&settings, &cluster, &lease, result).await },
+                        );
                     }
                 }
             }
             WorkerMessage::Finished { actor_id, result } => state.finish(actor_id, *result),
             WorkerMessage::Reap(actor_id) => {
-                state.finish(actor_id, infrastructure("the run actor stopped without a result".into()));
+                state.finish(
+                    actor_id,
+                    infrastructure("the run actor stopped without a result".into()),
+                );
             }
             WorkerMessage::Lost(lost) => {
                 for entry in state.runs.values() {
-                    if lost.iter().any(|l| l.run_id == entry.lease.run_id && l.attempt == entry.lease.attempt) {
+                    if lost
+                        .iter()
+                        .any(|l| l.run_id == entry.lease.run_id && l.attempt == entry.lease.attempt)
+                    {
                         warn!(run.id = %entry.lease.run_id, attempt = entry.lease.attempt, "lease lost; cancelling the run");
                         let _ = entry.cancel.send(true);
                     }
@@ -321,7 +377,10 @@ impl Actor for WorkerActor {
         match event {
             SupervisionEvent::ActorFailed(cell, error) => {
                 warn!(%error, "run actor failed");
-                state.finish(cell.get_id(), infrastructure(format!("the run actor panicked: {error}")));
+                state.finish(
+                    cell.get_id(),
+                    infrastructure(format!("the run actor panicked: {error}")),
+                );
             }
             // `Finished` may still be queued behind this event: reap after it.
             SupervisionEvent::ActorTerminated(cell, _, _) => {
@@ -332,7 +391,11 @@ impl Actor for WorkerActor {
         Ok(())
     }
 
-    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         for entry in state.runs.values() {
             let _ = entry.cancel.send(true);
         }
@@ -341,7 +404,13 @@ impl Actor for WorkerActor {
 }
 
 fn infrastructure(error: String) -> v1::RunResult {
-    v1::RunResult { outcome: "infrastructure".into(), exit_code: -1, error, retryable: true, ..Default::default() }
+    v1::RunResult {
+        outcome: "infrastructure".into(),
+        exit_code: -1,
+        error,
+        retryable: true,
+        ..Default::default()
+    }
 }
 
 /// One run attempt.
@@ -370,13 +439,19 @@ impl Actor for RunActor {
         myself: ActorRef<Self::Msg>,
         arguments: RunArguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let RunArguments { lease, execution, cancelled, parent } = arguments;
+        let RunArguments {
+            lease,
+            execution,
+            cancelled,
+            parent,
+        } = arguments;
         let span = info_span!("run", fleet.id = %lease.fleet_id, run.id = %lease.run_id, attempt = lease.attempt, repository = %lease.repository);
         // Execution runs in its own task so the mailbox never blocks on it; a panic in it
         // becomes an infrastructure failure.
         tokio::spawn(async move {
             let execution_task = tokio::spawn(
-                async move { crate::execute::execute_attempt(&execution, &lease, cancelled).await }.instrument(span),
+                async move { crate::execute::execute_attempt(&execution, &lease, cancelled).await }
+                    .instrument(span),
             );
             let result = match execution_task.await {
                 Ok(result) => result,
@@ -394,14 +469,22 @@ impl Actor for RunActor {
         parent: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let RunMessage::Done(result) = message;
-        let _ = parent.send_message(WorkerMessage::Finished { actor_id: myself.get_id(), result });
+        let _ = parent.send_message(WorkerMessage::Finished {
+            actor_id: myself.get_id(),
+            result,
+        });
         myself.stop(None);
         Ok(())
     }
 }
 
 /// Sends one result, retrying transient failures with backoff for up to `report_retry_max_ms`.
-async fn report(settings: &WorkerSettings, cluster: &Cluster, lease: &v1::Lease, result: v1::RunResult) {
+async fn report(
+    settings: &WorkerSettings,
+    cluster: &Cluster,
+    lease: &v1::Lease,
+    result: v1::RunResult,
+) {
     let outcome = result.outcome.clone();
     let request = v1::ReportResultRequest {
         worker_id: settings.worker_id.clone(),
@@ -409,7 +492,8 @@ async fn report(settings: &WorkerSettings, cluster: &Cluster, lease: &v1::Lease,
         attempt: lease.attempt,
         result: Some(result),
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(settings.report_retry_max_ms);
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(settings.report_retry_max_ms);
     let mut backoff = Duration::from_millis(100);
     loop {
         let mut client = cluster.client();
@@ -428,7 +512,9 @@ async fn report(settings: &WorkerSettings, cluster: &Cluster, lease: &v1::Lease,
                 warn!(run.id = %lease.run_id, %status, "result refused as invalid; not retried");
                 return;
             }
-            Ok(Err(status)) => warn!(run.id = %lease.run_id, %status, "reporting the result failed; retrying"),
+            Ok(Err(status)) => {
+                warn!(run.id = %lease.run_id, %status, "reporting the result failed; retrying")
+            }
             Err(_) => warn!(run.id = %lease.run_id, "reporting the result timed out; retrying"),
         }
         cluster.rotate();
@@ -479,7 +565,10 @@ async fn lease_poller(
                         break;
                     };
                     info!(run.id = %lease.run_id, attempt = lease.attempt, repository = %lease.repository, "leased");
-                    if actor.send_message(WorkerMessage::Leased(Box::new(lease), permit)).is_err() {
+                    if actor
+                        .send_message(WorkerMessage::Leased(Box::new(lease), permit))
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -515,15 +604,29 @@ async fn heartbeat_ticker(
             _ = stop.changed() => return,
         }
         let leases: Vec<HeldLease> = match held.lock() {
-            Ok(held) => held.iter().map(|(run_id, attempt)| HeldLease { run_id: run_id.clone(), attempt: *attempt }).collect(),
+            Ok(held) => held
+                .iter()
+                .map(|(run_id, attempt)| HeldLease {
+                    run_id: run_id.clone(),
+                    attempt: *attempt,
+                })
+                .collect(),
             Err(_) => return,
         };
         if leases.is_empty() {
             continue;
         }
         let mut client = cluster.client();
-        let request = v1::HeartbeatRequest { worker_id: settings.worker_id.clone(), leases };
-        match tokio::time::timeout(Duration::from_millis(settings.rpc_timeout_ms), client.heartbeat(request)).await {
+        let request = v1::HeartbeatRequest {
+            worker_id: settings.worker_id.clone(),
+            leases,
+        };
+        match tokio::time::timeout(
+            Duration::from_millis(settings.rpc_timeout_ms),
+            client.heartbeat(request),
+        )
+        .await
+        {
             Ok(Ok(response)) => {
                 let lost = response.into_inner().lost;
                 if !lost.is_empty() {

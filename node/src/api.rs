@@ -1,0 +1,546 @@
+//! The gRPC services `flotilla.v1.FleetService` and `flotilla.v1.WorkerService`.
+//!
+//! Every handler validates its request (errors are `INVALID_ARGUMENT` naming the field), stamps
+//! writes with this node's clock (writes only succeed on the leader, so the stamp is the
+//! leader's) and proposes them through Raft. A write that reaches a follower is forwarded to
+//! the leader over gRPC, so any node serves the whole API.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use flotilla_proto::v1::fleet_service_client::FleetServiceClient;
+use flotilla_proto::v1::fleet_service_server::FleetService;
+use flotilla_proto::v1::worker_service_client::WorkerServiceClient;
+use flotilla_proto::v1::worker_service_server::WorkerService;
+use flotilla_proto::v1::{self};
+use flotilla_raft::{RaftNode, WriteError};
+use flotilla_scheduler::{Command, FieldError, Request, Response, SpecLimits};
+use futures::Stream;
+use tokio::sync::{Semaphore, mpsc};
+use tonic::transport::Channel;
+use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::config::LimitsSection;
+use crate::convert::{self, ResultLimits};
+
+/// Longest an idempotency key may be, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
+/// Most `(run_id, attempt)` pairs in one heartbeat.
+pub const MAX_HEARTBEAT_LEASES: usize = 4096;
+/// Most lease slots one request may ask for.
+pub const MAX_LEASE_SLOTS: u32 = 1024;
+/// Events read from the state per batch when streaming.
+const WATCH_BATCH_EVENTS: usize = 256;
+
+/// Milliseconds since the Unix epoch on this node's clock.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn invalid(error: FieldError) -> Status {
+    Status::invalid_argument(error.to_string())
+}
+
+/// Shared by both services.
+#[derive(Clone)]
+pub struct Api {
+    node: Arc<RaftNode>,
+    spec_limits: SpecLimits,
+    result_limits: ResultLimits,
+    limits: LimitsSection,
+    watch_streams: Arc<Semaphore>,
+    leader_channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+enum Proposal {
+    Applied(Response),
+    Forward(Channel),
+}
+
+impl Api {
+    /// A new API over `node`.
+    pub fn new(node: Arc<RaftNode>, limits: &LimitsSection) -> Self {
+        Api {
+            node,
+            spec_limits: SpecLimits {
+                max_runs_per_fleet: limits.max_runs_per_fleet,
+                max_task_bytes: limits.max_task_bytes,
+                ..SpecLimits::default()
+            },
+            result_limits: ResultLimits {
+                max_log_tail_bytes: limits.max_log_tail_bytes,
+                max_patch_bytes: limits.max_patch_bytes,
+                max_diffstat_entries: 100_000,
+                max_error_bytes: 64 * 1024,
+            },
+            limits: limits.clone(),
+            watch_streams: Arc::new(Semaphore::new(limits.max_watch_streams)),
+            leader_channels: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Proposes `command` stamped with this node's clock. On a follower, returns a channel to
+    /// the leader so the caller can forward the original RPC.
+    async fn propose(&self, command: Command) -> Result<Proposal, Status> {
+        let request = Request {
+            now_ms: now_ms(),
+            command,
+        };
+        match self.node.write(request).await {
+            Ok((_, response)) => Ok(Proposal::Applied(response)),
+            Err(WriteError::ForwardToLeader {
+                leader_address: Some(address),
+                ..
+            }) => Ok(Proposal::Forward(self.channel_to(&address)?)),
+            Err(WriteError::ForwardToLeader {
+                leader_address: None,
+                ..
+            }) => Err(Status::unavailable("no leader is known yet; retry shortly")),
+            Err(error) => Err(Status::unavailable(format!("write failed: {error}"))),
+        }
+    }
+
+    fn channel_to(&self, address: &str) -> Result<Channel, Status> {
+        let mut channels = self
+            .leader_channels
+            .lock()
+            .map_err(|_| Status::internal("leader channel cache poisoned"))?;
+        if let Some(channel) = channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| Status::internal(format!("bad leader address {address}: {e}")))?
+            .connect_timeout(Duration::from_secs(2));
+        let channel = endpoint.connect_lazy();
+        channels.insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    fn fleet_client(&self, channel: Channel) -> FleetServiceClient<Channel> {
+        FleetServiceClient::new(channel)
+            .max_decoding_message_size(self.limits.max_request_bytes)
+            .max_encoding_message_size(self.limits.max_request_bytes)
+    }
+
+    fn worker_client(&self, channel: Channel) -> WorkerServiceClient<Channel> {
+        WorkerServiceClient::new(channel)
+            .max_decoding_message_size(self.limits.max_request_bytes)
+            .max_encoding_message_size(self.limits.max_request_bytes)
+    }
+
+    /// Linearizable read: confirms leadership (read index) before reading local state.
+    async fn read_barrier(&self) -> Result<(), Status> {
+        self.node
+            .ensure_linearizable()
+            .await
+            .map_err(|e| Status::unavailable(format!("linearizable read failed: {e}")))
+    }
+
+    fn fleet_or_not_found(&self, fleet_id: &str, with_runs: bool) -> Result<v1::Fleet, Status> {
+        self.node
+            .state
+            .read(|state| {
+                state
+                    .fleet(fleet_id)
+                    .map(|f| convert::fleet_to_wire(f, with_runs))
+            })
+            .ok_or_else(|| Status::not_found(format!("fleet_id: no fleet {fleet_id:?}")))
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<v1::FleetEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl FleetService for Api {
+    async fn submit_fleet(
+        &self,
+        request: GrpcRequest<v1::SubmitFleetRequest>,
+    ) -> Result<GrpcResponse<v1::SubmitFleetResponse>, Status> {
+        let original = request.into_inner();
+        let message = original.clone();
+        if message.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+            return Err(invalid(FieldError::new(
+                "idempotency_key",
+                format!("longer than {MAX_IDEMPOTENCY_KEY_BYTES} bytes"),
+            )));
+        }
+        let spec =
+            convert::fleet_spec_from_wire(message.spec, &self.spec_limits).map_err(invalid)?;
+        let span =
+            info_span!("submit_fleet", fleet.name = %spec.name, runs = spec.repositories.len());
+        let command = Command::SubmitFleet {
+            spec,
+            idempotency_key: message.idempotency_key,
+        };
+        match self.propose(command).instrument(span.clone()).await? {
+            Proposal::Forward(channel) => self.fleet_client(channel).submit_fleet(original).await,
+            Proposal::Applied(Response::FleetSubmitted { fleet_id, created }) => {
+                span.in_scope(|| info!(fleet.id = %fleet_id, created, "fleet submitted"));
+                if created {
+                    metrics::counter!("flotilla_fleets_submitted_total").increment(1);
+                }
+                let fleet = self.fleet_or_not_found(&fleet_id, true)?;
+                Ok(GrpcResponse::new(v1::SubmitFleetResponse {
+                    fleet: Some(fleet),
+                    created,
+                }))
+            }
+            Proposal::Applied(other) => {
+                Err(Status::internal(format!("unexpected response {other:?}")))
+            }
+        }
+    }
+
+    async fn get_fleet(
+        &self,
+        request: GrpcRequest<v1::GetFleetRequest>,
+    ) -> Result<GrpcResponse<v1::Fleet>, Status> {
+        let fleet_id = request.into_inner().fleet_id;
+        validate_fleet_id(&fleet_id)?;
+        self.read_barrier().await?;
+        self.fleet_or_not_found(&fleet_id, true)
+            .map(GrpcResponse::new)
+    }
+
+    async fn list_fleets(
+        &self,
+        request: GrpcRequest<v1::ListFleetsRequest>,
+    ) -> Result<GrpcResponse<v1::ListFleetsResponse>, Status> {
+        let message = request.into_inner();
+        let page_size = match message.page_size {
+            0 => 100,
+            n @ 1..=1000 => n as usize,
+            _ => {
+                return Err(invalid(FieldError::new(
+                    "page_size",
+                    "must be between 0 and 1000",
+                )));
+            }
+        };
+        let before = if message.page_token.is_empty() {
+            u64::MAX
+        } else {
+            flotilla_scheduler::state::parse_fleet_id(&message.page_token).ok_or_else(|| {
+                invalid(FieldError::new(
+                    "page_token",
+                    "not a token from a previous response",
+                ))
+            })?
+        };
+        self.read_barrier().await?;
+        let fleets: Vec<v1::Fleet> = self.node.state.read(|state| {
+            state
+                .fleets_before(before, page_size)
+                .map(|f| convert::fleet_to_wire(f, false))
+                .collect()
+        });
+        let next_page_token = if fleets.len() == page_size {
+            fleets.last().map(|f| f.id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(GrpcResponse::new(v1::ListFleetsResponse {
+            fleets,
+            next_page_token,
+        }))
+    }
+
+    type WatchFleetStream = EventStream;
+
+    async fn watch_fleet(
+        &self,
+        request: GrpcRequest<v1::WatchFleetRequest>,
+    ) -> Result<GrpcResponse<Self::WatchFleetStream>, Status> {
+        let message = request.into_inner();
+        validate_fleet_id(&message.fleet_id)?;
+        self.fleet_or_not_found(&message.fleet_id, false)?;
+        let permit = self
+            .watch_streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "more than {} watch streams (limits.max_watch_streams)",
+                    self.limits.max_watch_streams
+                ))
+            })?;
+        let (sender, receiver) = mpsc::channel(self.limits.watch_buffer_events.max(1));
+        let state = self.node.state.clone();
+        let mut changes = state.subscribe();
+        let fleet_id = message.fleet_id;
+        let mut after = message.after_sequence;
+        tokio::spawn(async move {
+            let _permit = permit;
+            loop {
+                let (events, done) = state.read(|s| match s.fleet(&fleet_id) {
+                    Some(fleet) => {
+                        let events: Vec<v1::FleetEvent> = fleet
+                            .events_after(after, WATCH_BATCH_EVENTS)
+                            .iter()
+                            .map(|e| convert::event_to_wire(fleet, e))
+                            .collect();
+                        let done = fleet.state != flotilla_scheduler::FleetState::Running
+                            && after + events.len() as u64 >= fleet.last_sequence();
+                        (events, done)
+                    }
+                    None => (Vec::new(), true),
+                });
+                for event in events {
+                    after = event.sequence;
+                    if sender.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+                if done {
+                    return;
+                }
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { return },
+                    () = sender.closed() => return,
+                }
+            }
+        });
+        Ok(GrpcResponse::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
+    }
+
+    async fn get_run(
+        &self,
+        request: GrpcRequest<v1::GetRunRequest>,
+    ) -> Result<GrpcResponse<v1::Run>, Status> {
+        let run_id = request.into_inner().run_id;
+        if flotilla_scheduler::state::parse_run_id(&run_id).is_none() {
+            return Err(invalid(FieldError::new(
+                "run_id",
+                format!("{run_id:?} is not a run id (fl-<n>-<i>)"),
+            )));
+        }
+        self.read_barrier().await?;
+        self.node
+            .state
+            .read(|state| {
+                state
+                    .run(&run_id)
+                    .map(|(fleet, run)| convert::run_to_wire(fleet, run))
+            })
+            .map(GrpcResponse::new)
+            .ok_or_else(|| Status::not_found(format!("run_id: no run {run_id:?}")))
+    }
+
+    async fn cancel_fleet(
+        &self,
+        request: GrpcRequest<v1::CancelFleetRequest>,
+    ) -> Result<GrpcResponse<v1::Fleet>, Status> {
+        let original = request.into_inner();
+        validate_fleet_id(&original.fleet_id)?;
+        let command = Command::CancelFleet {
+            fleet_id: original.fleet_id.clone(),
+        };
+        match self.propose(command).await? {
+            Proposal::Forward(channel) => self.fleet_client(channel).cancel_fleet(original).await,
+            Proposal::Applied(Response::FleetCancelled) => {
+                info!(fleet.id = %original.fleet_id, "fleet cancelled");
+                self.fleet_or_not_found(&original.fleet_id, true)
+                    .map(GrpcResponse::new)
+            }
+            Proposal::Applied(Response::Rejected { reason }) => {
+                Err(Status::not_found(format!("fleet_id: {reason}")))
+            }
+            Proposal::Applied(other) => {
+                Err(Status::internal(format!("unexpected response {other:?}")))
+            }
+        }
+    }
+}
+
+fn validate_fleet_id(fleet_id: &str) -> Result<(), Status> {
+    if flotilla_scheduler::state::parse_fleet_id(fleet_id).is_none() {
+        return Err(invalid(FieldError::new(
+            "fleet_id",
+            format!("{fleet_id:?} is not a fleet id (fl-<n>)"),
+        )));
+    }
+    Ok(())
+}
+
+fn validate_worker_id(worker_id: &str) -> Result<(), Status> {
+    if !flotilla_scheduler::spec::is_valid_name(worker_id) {
+        return Err(invalid(FieldError::new(
+            "worker_id",
+            "must be 1-64 characters of [A-Za-z0-9._-]",
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl WorkerService for Api {
+    async fn lease_runs(
+        &self,
+        request: GrpcRequest<v1::LeaseRunsRequest>,
+    ) -> Result<GrpcResponse<v1::LeaseRunsResponse>, Status> {
+        let original = request.into_inner();
+        validate_worker_id(&original.worker_id)?;
+        if original.free_slots == 0 || original.free_slots > MAX_LEASE_SLOTS {
+            return Err(invalid(FieldError::new(
+                "free_slots",
+                format!("must be between 1 and {MAX_LEASE_SLOTS}"),
+            )));
+        }
+        if original.wait_ms > self.limits.max_lease_wait_ms {
+            return Err(invalid(FieldError::new(
+                "wait_ms",
+                format!(
+                    "must be at most {} (limits.max_lease_wait_ms)",
+                    self.limits.max_lease_wait_ms
+                ),
+            )));
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(original.wait_ms);
+        let mut changes = self.node.state.subscribe();
+        loop {
+            // Only propose when something can be leased: idle polls do not grow the log.
+            let eligible = self.node.state.read(|s| s.has_eligible_pending(now_ms()));
+            if eligible {
+                let command = Command::AcquireLeases {
+                    worker_id: original.worker_id.clone(),
+                    free_slots: original.free_slots,
+                    lease_ttl_ms: self.limits.lease_ttl_ms,
+                };
+                match self.propose(command).await? {
+                    Proposal::Forward(channel) => {
+                        return self.worker_client(channel).lease_runs(original).await;
+                    }
+                    Proposal::Applied(Response::Leased(grants)) if !grants.is_empty() => {
+                        metrics::counter!("flotilla_leases_granted_total")
+                            .increment(grants.len() as u64);
+                        let leases = grants
+                            .into_iter()
+                            .map(|g| v1::Lease {
+                                run_id: g.run_id,
+                                fleet_id: g.fleet_id,
+                                fleet_name: g.spec.name.clone(),
+                                repository: g.repository,
+                                attempt: g.attempt,
+                                branch: g.branch,
+                                spec: Some(convert::fleet_spec_to_wire(&g.spec)),
+                                lease_ttl_ms: self.limits.lease_ttl_ms,
+                            })
+                            .collect();
+                        return Ok(GrpcResponse::new(v1::LeaseRunsResponse { leases }));
+                    }
+                    Proposal::Applied(_) => {}
+                }
+            } else if let Some((leader_id, address)) = self.node.current_leader()
+                && leader_id != self.node.node_id
+            {
+                // Followers see the state too, but the leader must stamp the lease.
+                {
+                    let channel = self.channel_to(&address)?;
+                    return self.worker_client(channel).lease_runs(original).await;
+                }
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(GrpcResponse::new(v1::LeaseRunsResponse {
+                    leases: Vec::new(),
+                }));
+            }
+            // Wake on a state change, or after at most a second (retry backoffs end by time).
+            let wait = (deadline - now).min(Duration::from_secs(1));
+            let _ = tokio::time::timeout(wait, changes.changed()).await;
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        request: GrpcRequest<v1::HeartbeatRequest>,
+    ) -> Result<GrpcResponse<v1::HeartbeatResponse>, Status> {
+        let original = request.into_inner();
+        validate_worker_id(&original.worker_id)?;
+        if original.leases.len() > MAX_HEARTBEAT_LEASES {
+            return Err(invalid(FieldError::new(
+                "leases",
+                format!("more than {MAX_HEARTBEAT_LEASES} entries"),
+            )));
+        }
+        let command = Command::Heartbeat {
+            worker_id: original.worker_id.clone(),
+            leases: original
+                .leases
+                .iter()
+                .map(|l| (l.run_id.clone(), l.attempt))
+                .collect(),
+            lease_ttl_ms: self.limits.lease_ttl_ms,
+        };
+        match self.propose(command).await? {
+            Proposal::Forward(channel) => self.worker_client(channel).heartbeat(original).await,
+            Proposal::Applied(Response::Heartbeat { lost }) => {
+                Ok(GrpcResponse::new(v1::HeartbeatResponse {
+                    lost: lost
+                        .into_iter()
+                        .map(|(run_id, attempt)| v1::HeldLease { run_id, attempt })
+                        .collect(),
+                }))
+            }
+            Proposal::Applied(other) => {
+                Err(Status::internal(format!("unexpected response {other:?}")))
+            }
+        }
+    }
+
+    async fn report_result(
+        &self,
+        request: GrpcRequest<v1::ReportResultRequest>,
+    ) -> Result<GrpcResponse<v1::ReportResultResponse>, Status> {
+        let original = request.into_inner();
+        let message = original.clone();
+        validate_worker_id(&message.worker_id)?;
+        if flotilla_scheduler::state::parse_run_id(&message.run_id).is_none() {
+            return Err(invalid(FieldError::new(
+                "run_id",
+                format!("{:?} is not a run id", message.run_id),
+            )));
+        }
+        if message.attempt == 0 {
+            return Err(invalid(FieldError::new("attempt", "must be at least 1")));
+        }
+        let result = convert::attempt_result_from_wire(message.result, &self.result_limits)
+            .map_err(invalid)?;
+        let outcome = result.outcome;
+        let command = Command::ReportResult {
+            worker_id: message.worker_id.clone(),
+            run_id: message.run_id.clone(),
+            attempt: message.attempt,
+            result,
+        };
+        match self.propose(command).await? {
+            Proposal::Forward(channel) => self.worker_client(channel).report_result(original).await,
+            Proposal::Applied(Response::ResultAccepted) => {
+                metrics::counter!("flotilla_results_accepted_total", "outcome" => outcome.as_str())
+                    .increment(1);
+                Ok(GrpcResponse::new(v1::ReportResultResponse {
+                    accepted: true,
+                    reason: String::new(),
+                }))
+            }
+            Proposal::Applied(Response::Rejected { reason }) => {
+                warn!(run.id = %message.run_id, attempt = message.attempt, worker.id = %message.worker_id, %reason, "result rejected");
+                metrics::counter!("flotilla_results_rejected_total").increment(1);
+                Ok(GrpcResponse::new(v1::ReportResultResponse {
+                    accepted: false,
+                    reason,
+                }))
+            }
+            Proposal::Applied(other) => {
+                Err(Status::internal(format!("unexpected response {other:?}")))
+            }
+        }
+    }
+}

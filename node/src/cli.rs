@@ -1,0 +1,566 @@
+//! Client commands: `fleet submit|status|list|watch|cancel`, `run show`. Human output by default,
+//! `--output json` for machines (one JSON document per command; `watch` prints one event per line).
+
+use std::io::{IsTerminal as _, Write as _};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use flotilla_proto::v1::fleet_service_client::FleetServiceClient;
+use flotilla_proto::v1::{self, FleetState, RunState};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use tonic::transport::Channel;
+
+/// Output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Tables and progress bars for people.
+    Human,
+    /// JSON documents (NDJSON for streams).
+    Json,
+}
+
+/// Exit codes of the CLI (documented in README.md).
+pub mod exit_code {
+    /// Success.
+    pub const OK: i32 = 0;
+    /// Any other error.
+    pub const ERROR: i32 = 1;
+    /// Bad command line (clap's own code).
+    pub const USAGE: i32 = 2;
+    /// The fleet or run does not exist.
+    pub const NOT_FOUND: i32 = 3;
+    /// The server rejected the request as invalid (the message names the field).
+    pub const INVALID_ARGUMENT: i32 = 4;
+    /// No node could be reached, or the cluster has no leader.
+    pub const UNAVAILABLE: i32 = 5;
+    /// A watched fleet finished with failed or cancelled runs.
+    pub const FLEET_FAILED: i32 = 6;
+}
+
+/// An error with the exit code it maps to.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct CliError {
+    /// What to print.
+    pub message: String,
+    /// The process exit code.
+    pub code: i32,
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(status: tonic::Status) -> Self {
+        let code = match status.code() {
+            tonic::Code::NotFound => exit_code::NOT_FOUND,
+            tonic::Code::InvalidArgument => exit_code::INVALID_ARGUMENT,
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => exit_code::UNAVAILABLE,
+            _ => exit_code::ERROR,
+        };
+        CliError {
+            message: format!("{:?}: {}", status.code(), status.message()),
+            code,
+        }
+    }
+}
+
+/// Largest gRPC message the CLI sends or accepts.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Connects to the first reachable of `addresses` (comma-separated `http://host:port`).
+///
+/// # Errors
+/// [`CliError`] with [`exit_code::UNAVAILABLE`] when none answers.
+pub async fn connect(addresses: &str) -> Result<FleetServiceClient<Channel>, CliError> {
+    let mut last_error = String::from("no address given");
+    for address in addresses
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+    {
+        let endpoint = match tonic::transport::Endpoint::from_shared(address.to_string()) {
+            Ok(endpoint) => endpoint.connect_timeout(Duration::from_secs(3)),
+            Err(error) => {
+                last_error = format!("{address}: {error}");
+                continue;
+            }
+        };
+        match endpoint.connect().await {
+            Ok(channel) => {
+                return Ok(FleetServiceClient::new(channel)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES));
+            }
+            Err(error) => last_error = format!("{address}: {error}"),
+        }
+    }
+    Err(CliError {
+        message: format!("cannot reach the cluster ({last_error})"),
+        code: exit_code::UNAVAILABLE,
+    })
+}
+
+fn run_state_name(state: i32) -> &'static str {
+    match RunState::try_from(state).unwrap_or(RunState::Unspecified) {
+        RunState::Unspecified => "unknown",
+        RunState::Pending => "pending",
+        RunState::Running => "running",
+        RunState::Changed => "changed",
+        RunState::Unchanged => "unchanged",
+        RunState::Failed => "failed",
+        RunState::Cancelled => "cancelled",
+    }
+}
+
+fn fleet_state_name(state: i32) -> &'static str {
+    match FleetState::try_from(state).unwrap_or(FleetState::Unspecified) {
+        FleetState::Unspecified => "unknown",
+        FleetState::Running => "running",
+        FleetState::Finished => "finished",
+        FleetState::Cancelled => "cancelled",
+    }
+}
+
+fn counts_json(counts: Option<&v1::RunCounts>) -> serde_json::Value {
+    let c = counts.cloned().unwrap_or_default();
+    json!({"total": c.total, "pending": c.pending, "running": c.running, "changed": c.changed,
+           "unchanged": c.unchanged, "failed": c.failed, "cancelled": c.cancelled})
+}
+
+fn fleet_json(fleet: &v1::Fleet) -> serde_json::Value {
+    json!({
+        "id": fleet.id, "name": fleet.name, "state": fleet_state_name(fleet.state),
+        "counts": counts_json(fleet.counts.as_ref()),
+        "created_at_ms": fleet.created_at_ms, "finished_at_ms": fleet.finished_at_ms,
+        "wall_time_ms": fleet.finished_at_ms.saturating_sub(fleet.created_at_ms),
+        "idempotency_key": fleet.idempotency_key,
+        "runs": fleet.runs.iter().map(|r| json!({
+            "id": r.id, "repository": r.repository, "state": run_state_name(r.state), "attempt": r.attempt,
+            "branch": r.branch, "files_changed": r.files_changed, "insertions": r.insertions,
+            "deletions": r.deletions, "error": r.error,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn event_json(event: &v1::FleetEvent) -> serde_json::Value {
+    json!({
+        "fleet_id": event.fleet_id, "sequence": event.sequence, "time_ms": event.time_ms,
+        "run_id": event.run_id, "repository": event.repository, "run_state": run_state_name(event.run_state),
+        "attempt": event.attempt, "fleet_state": fleet_state_name(event.fleet_state),
+        "counts": counts_json(event.counts.as_ref()), "message": event.message,
+    })
+}
+
+fn short_repository(url: &str) -> String {
+    flotilla_scheduler::spec::repository_name(url)
+}
+
+fn format_duration_ms(ms: u64) -> String {
+    if ms >= 60_000 {
+        format!(
+            "{}m{:02}.{:01}s",
+            ms / 60_000,
+            (ms % 60_000) / 1000,
+            (ms % 1000) / 100
+        )
+    } else {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    }
+}
+
+/// Prints a fleet: summary line, then (human) the roll-up table.
+pub fn print_fleet(fleet: &v1::Fleet, output: Output) {
+    if output == Output::Json {
+        println!("{}", fleet_json(fleet));
+        return;
+    }
+    let c = fleet.counts.unwrap_or_default();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "fleet {} ({}) {}",
+        fleet.id,
+        fleet.name,
+        fleet_state_name(fleet.state)
+    );
+    if !fleet.runs.is_empty() {
+        let _ = writeln!(
+            out,
+            "{:<10} {:<32} {:>6} {:>8} {:>8}  BRANCH / ERROR",
+            "STATE", "REPOSITORY", "FILES", "+", "-"
+        );
+        for run in &fleet.runs {
+            let detail = if run.branch.is_empty() {
+                run.error.clone()
+            } else {
+                run.branch.clone()
+            };
+            let detail: String = detail.chars().take(100).collect();
+            let _ = writeln!(
+                out,
+                "{:<10} {:<32} {:>6} {:>8} {:>8}  {}",
+                run_state_name(run.state),
+                short_repository(&run.repository),
+                run.files_changed,
+                run.insertions,
+                run.deletions,
+                detail
+            );
+        }
+    }
+    let wall = if fleet.finished_at_ms > 0 {
+        format!(
+            ", wall time {}",
+            format_duration_ms(fleet.finished_at_ms.saturating_sub(fleet.created_at_ms))
+        )
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        out,
+        "{} runs: {} changed, {} unchanged, {} failed, {} cancelled, {} pending, {} running{wall}",
+        c.total, c.changed, c.unchanged, c.failed, c.cancelled, c.pending, c.running
+    );
+}
+
+/// `fleet submit`.
+///
+/// # Errors
+/// A bad spec file (exit 4) or an RPC failure.
+pub async fn submit(
+    client: &mut FleetServiceClient<Channel>,
+    spec_path: &Path,
+    idempotency_key: String,
+    watch: bool,
+    output: Output,
+) -> Result<i32, CliError> {
+    let spec = crate::spec_file::load(spec_path).map_err(|e| CliError {
+        message: e.to_string(),
+        code: exit_code::INVALID_ARGUMENT,
+    })?;
+    submit_spec(client, spec, idempotency_key, watch, output).await
+}
+
+/// Submits a wire spec; with `watch`, follows it to the end and prints the roll-up.
+///
+/// # Errors
+/// An RPC failure.
+pub async fn submit_spec(
+    client: &mut FleetServiceClient<Channel>,
+    spec: v1::FleetSpec,
+    idempotency_key: String,
+    watch: bool,
+    output: Output,
+) -> Result<i32, CliError> {
+    let response = client
+        .submit_fleet(v1::SubmitFleetRequest {
+            spec: Some(spec),
+            idempotency_key,
+        })
+        .await?
+        .into_inner();
+    let fleet = response.fleet.ok_or_else(|| CliError {
+        message: "empty response".into(),
+        code: exit_code::ERROR,
+    })?;
+    if output == Output::Human {
+        let verb = if response.created {
+            "submitted"
+        } else {
+            "already submitted (idempotency key matched)"
+        };
+        eprintln!(
+            "fleet {} {verb}: {} runs",
+            fleet.id,
+            fleet.counts.as_ref().map_or(0, |c| c.total)
+        );
+    }
+    if !watch {
+        if output == Output::Json {
+            println!(
+                "{}",
+                json!({"created": response.created, "fleet": fleet_json(&fleet)})
+            );
+        } else {
+            println!("{}", fleet.id);
+        }
+        return Ok(exit_code::OK);
+    }
+    watch_fleet(client, &fleet.id, 0, output).await
+}
+
+/// `fleet watch`: follows a fleet's events with a progress bar (human) or NDJSON, then prints
+/// the roll-up. Returns [`exit_code::FLEET_FAILED`] when runs failed or were cancelled.
+///
+/// # Errors
+/// An RPC failure.
+pub async fn watch_fleet(
+    client: &mut FleetServiceClient<Channel>,
+    fleet_id: &str,
+    after_sequence: u64,
+    output: Output,
+) -> Result<i32, CliError> {
+    let mut stream = client
+        .watch_fleet(v1::WatchFleetRequest {
+            fleet_id: fleet_id.to_string(),
+            after_sequence,
+        })
+        .await?
+        .into_inner();
+    let interactive = output == Output::Human && std::io::stderr().is_terminal();
+    let bar = if interactive {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40.cyan/blue} {pos}/{len} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    while let Some(event) = stream.message().await? {
+        let c = event.counts.unwrap_or_default();
+        match output {
+            Output::Json => println!("{}", event_json(&event)),
+            Output::Human => {
+                let done = c.changed + c.unchanged + c.failed + c.cancelled;
+                bar.set_length(u64::from(c.total));
+                bar.set_position(u64::from(done));
+                bar.set_message(format!(
+                    "{} changed, {} unchanged, {} failed, {} running",
+                    c.changed, c.unchanged, c.failed, c.running
+                ));
+                let terminal = matches!(
+                    RunState::try_from(event.run_state),
+                    Ok(RunState::Changed | RunState::Unchanged | RunState::Failed)
+                );
+                if !interactive && (terminal || event.run_id.is_empty()) {
+                    eprintln!(
+                        "[{done}/{}] {} {}",
+                        c.total,
+                        short_repository(&event.repository),
+                        event.message
+                    );
+                } else if interactive && RunState::try_from(event.run_state) == Ok(RunState::Failed)
+                {
+                    bar.println(format!(
+                        "failed: {} {}",
+                        short_repository(&event.repository),
+                        event.message
+                    ));
+                }
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let fleet = client
+        .get_fleet(v1::GetFleetRequest {
+            fleet_id: fleet_id.to_string(),
+        })
+        .await?
+        .into_inner();
+    if output == Output::Human {
+        print_fleet(&fleet, output);
+    }
+    let c = fleet.counts.unwrap_or_default();
+    Ok(if c.failed + c.cancelled > 0 {
+        exit_code::FLEET_FAILED
+    } else {
+        exit_code::OK
+    })
+}
+
+/// `fleet list`.
+///
+/// # Errors
+/// An RPC failure.
+pub async fn list(
+    client: &mut FleetServiceClient<Channel>,
+    limit: u32,
+    output: Output,
+) -> Result<i32, CliError> {
+    let response = client
+        .list_fleets(v1::ListFleetsRequest {
+            page_size: limit,
+            page_token: String::new(),
+        })
+        .await?
+        .into_inner();
+    if output == Output::Json {
+        let fleets: Vec<_> = response.fleets.iter().map(fleet_json).collect();
+        println!(
+            "{}",
+            json!({"fleets": fleets, "next_page_token": response.next_page_token})
+        );
+        return Ok(exit_code::OK);
+    }
+    println!(
+        "{:<10} {:<24} {:<10} {:>6} {:>8} {:>10} {:>7}",
+        "FLEET", "NAME", "STATE", "RUNS", "CHANGED", "UNCHANGED", "FAILED"
+    );
+    for fleet in &response.fleets {
+        let c = fleet.counts.unwrap_or_default();
+        println!(
+            "{:<10} {:<24} {:<10} {:>6} {:>8} {:>10} {:>7}",
+            fleet.id,
+            fleet.name,
+            fleet_state_name(fleet.state),
+            c.total,
+            c.changed,
+            c.unchanged,
+            c.failed
+        );
+    }
+    Ok(exit_code::OK)
+}
+
+/// `run show`.
+///
+/// # Errors
+/// An RPC failure.
+pub async fn show_run(
+    client: &mut FleetServiceClient<Channel>,
+    run_id: &str,
+    with_patch: bool,
+    output: Output,
+) -> Result<i32, CliError> {
+    let run = client
+        .get_run(v1::GetRunRequest {
+            run_id: run_id.to_string(),
+        })
+        .await?
+        .into_inner();
+    if output == Output::Json {
+        let attempts: Vec<_> = run
+            .attempts
+            .iter()
+            .map(|a| {
+                json!({"number": a.number, "worker_id": a.worker_id, "started_at_ms": a.started_at_ms,
+                       "finished_at_ms": a.finished_at_ms, "outcome": a.outcome, "exit_code": a.exit_code,
+                       "error": a.error, "log_tail": a.log_tail})
+            })
+            .collect();
+        let diffstat: Vec<_> = run
+            .diffstat
+            .iter()
+            .map(|f| json!({"path": f.path, "insertions": f.insertions, "deletions": f.deletions}))
+            .collect();
+        println!(
+            "{}",
+            json!({"id": run.id, "fleet_id": run.fleet_id, "repository": run.repository,
+                   "state": run_state_name(run.state), "branch": run.branch, "commit": run.commit,
+                   "pushed": run.pushed, "diffstat": diffstat, "patch": run.patch,
+                   "patch_truncated": run.patch_truncated, "attempts": attempts})
+        );
+        return Ok(exit_code::OK);
+    }
+    println!(
+        "run {} of fleet {}: {}",
+        run.id,
+        run.fleet_id,
+        run_state_name(run.state)
+    );
+    println!("repository: {}", run.repository);
+    if !run.commit.is_empty() {
+        println!(
+            "branch: {} (commit {}, pushed: {})",
+            run.branch, run.commit, run.pushed
+        );
+    }
+    for file in &run.diffstat {
+        println!(
+            "  {:>6} {:>6}  {}",
+            format!("+{}", file.insertions),
+            format!("-{}", file.deletions),
+            file.path
+        );
+    }
+    for attempt in &run.attempts {
+        let outcome = if attempt.outcome.is_empty() {
+            "running"
+        } else {
+            attempt.outcome.as_str()
+        };
+        println!(
+            "attempt {} on {}: {} (exit code {}) {}",
+            attempt.number, attempt.worker_id, outcome, attempt.exit_code, attempt.error
+        );
+        if !attempt.log_tail.is_empty() {
+            println!(
+                "--- log tail ---\n{}\n----------------",
+                attempt.log_tail.trim_end()
+            );
+        }
+    }
+    if with_patch && !run.patch.is_empty() {
+        println!("{}", run.patch);
+        if run.patch_truncated {
+            println!(
+                "[patch truncated; the full change is on branch {}]",
+                run.branch
+            );
+        }
+    }
+    Ok(exit_code::OK)
+}
+
+/// `fleet status`.
+///
+/// # Errors
+/// An RPC failure.
+pub async fn status(
+    client: &mut FleetServiceClient<Channel>,
+    fleet_id: &str,
+    output: Output,
+) -> Result<i32, CliError> {
+    let fleet = client
+        .get_fleet(v1::GetFleetRequest {
+            fleet_id: fleet_id.to_string(),
+        })
+        .await?
+        .into_inner();
+    print_fleet(&fleet, output);
+    Ok(exit_code::OK)
+}
+
+/// `fleet cancel`.
+///
+/// # Errors
+/// An RPC failure.
+pub async fn cancel(
+    client: &mut FleetServiceClient<Channel>,
+    fleet_id: &str,
+    output: Output,
+) -> Result<i32, CliError> {
+    let fleet = client
+        .cancel_fleet(v1::CancelFleetRequest {
+            fleet_id: fleet_id.to_string(),
+        })
+        .await?
+        .into_inner();
+    print_fleet(&fleet, output);
+    Ok(exit_code::OK)
+}
+
+/// Reads a file of repository URLs (one per line, `#` comments).
+///
+/// # Errors
+/// The file cannot be read or names no repository.
+pub fn read_repositories_file(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let repositories: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect();
+    anyhow::ensure!(
+        !repositories.is_empty(),
+        "{} names no repository",
+        path.display()
+    );
+    Ok(repositories)
+}

@@ -1,0 +1,407 @@
+//! Server configuration: defaults, then a TOML file, then `FLOTILLA_*` environment variables
+//! and command-line flags (in `main.rs`). Unknown keys are rejected with their path.
+//!
+//! Every limit has a name, a default and a key here; README.md's configuration section lists
+//! them.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The whole server configuration. `flotilla server --print-config` prints it as TOML.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// This node's Raft id, unique in the cluster, at least 1.
+    pub node_id: u64,
+    /// Where Raft's RocksDB, snapshots and the worker's mirrors and logs live.
+    pub data_directory: PathBuf,
+    /// gRPC listen address (API, workers, Raft).
+    pub listen_address: String,
+    /// Address other nodes and workers use to reach this node; defaults to `listen_address`.
+    pub advertise_address: String,
+    /// HTTP listen address (metrics, health, dashboard); empty disables it.
+    pub http_listen_address: String,
+    /// Raft timing and snapshots.
+    pub raft: RaftSection,
+    /// Request and state limits.
+    pub limits: LimitsSection,
+    /// The node's own worker.
+    pub worker: WorkerSection,
+    /// Logs and traces.
+    pub telemetry: TelemetrySection,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            node_id: 1,
+            data_directory: default_data_directory(),
+            listen_address: "127.0.0.1:7600".into(),
+            advertise_address: String::new(),
+            http_listen_address: "127.0.0.1:7601".into(),
+            raft: RaftSection::default(),
+            limits: LimitsSection::default(),
+            worker: WorkerSection::default(),
+            telemetry: TelemetrySection::default(),
+        }
+    }
+}
+
+fn default_data_directory() -> PathBuf {
+    match std::env::var_os("HOME") {
+        Some(home) => Path::new(&home).join(".local/share/flotilla"),
+        None => PathBuf::from("flotilla-data"),
+    }
+}
+
+/// Raft settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftSection {
+    /// Leader heartbeat interval.
+    pub heartbeat_interval_ms: u64,
+    /// Election timeout lower bound.
+    pub election_timeout_min_ms: u64,
+    /// Election timeout upper bound.
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many log entries since the last one.
+    pub snapshot_logs_since_last: u64,
+}
+
+impl Default for RaftSection {
+    fn default() -> Self {
+        RaftSection {
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+            snapshot_logs_since_last: 10_000,
+        }
+    }
+}
+
+/// Limits on requests and on what the state holds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Largest gRPC request accepted, in bytes.
+    pub max_request_bytes: usize,
+    /// Most repositories in one fleet.
+    pub max_runs_per_fleet: usize,
+    /// Largest task text.
+    pub max_task_bytes: usize,
+    /// Largest log tail a worker may report.
+    pub max_log_tail_bytes: usize,
+    /// Largest patch a worker may report.
+    pub max_patch_bytes: usize,
+    /// Longest a lease long poll may wait.
+    pub max_lease_wait_ms: u64,
+    /// Event stream buffer per watcher; a watcher that falls this far behind is slowed down.
+    pub watch_buffer_events: usize,
+    /// Most concurrent WatchFleet streams on this node.
+    pub max_watch_streams: usize,
+    /// Time-to-live of a lease without heartbeat.
+    pub lease_ttl_ms: u64,
+    /// After this node becomes leader, leases are not expired for this long (grace for workers
+    /// to find the new leader).
+    pub lease_grace_after_election_ms: u64,
+    /// How often the leader looks for expired leases.
+    pub lease_check_interval_ms: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_request_bytes: 16 * 1024 * 1024,
+            max_runs_per_fleet: 10_000,
+            max_task_bytes: 64 * 1024,
+            max_log_tail_bytes: 64 * 1024,
+            max_patch_bytes: 1024 * 1024,
+            max_lease_wait_ms: 30_000,
+            watch_buffer_events: 256,
+            max_watch_streams: 1024,
+            lease_ttl_ms: 30_000,
+            lease_grace_after_election_ms: 30_000,
+            lease_check_interval_ms: 1_000,
+        }
+    }
+}
+
+/// The worker embedded in the node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerSection {
+    /// Run a worker in this process.
+    pub enabled: bool,
+    /// Runs executed at once.
+    pub slots: u32,
+    /// Worker id; empty means `node-<node_id>`.
+    pub worker_id: String,
+    /// Long-poll time of a lease request.
+    pub lease_wait_ms: u64,
+    /// Heartbeat interval; must be well below `limits.lease_ttl_ms`.
+    pub heartbeat_interval_ms: u64,
+    /// Default cgroup memory limit of a sandbox.
+    pub default_memory_limit_bytes: u64,
+    /// Default cgroup pids limit of a sandbox.
+    pub default_pids_limit: u32,
+    /// Full log kept per attempt on the worker's disk.
+    pub log_max_bytes: u64,
+    /// Log tail sent with each result.
+    pub log_tail_bytes: usize,
+    /// Patch size sent with each result.
+    pub patch_max_bytes: usize,
+}
+
+impl Default for WorkerSection {
+    fn default() -> Self {
+        WorkerSection {
+            enabled: true,
+            slots: std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
+            worker_id: String::new(),
+            lease_wait_ms: 10_000,
+            heartbeat_interval_ms: 5_000,
+            default_memory_limit_bytes: 2 * 1024 * 1024 * 1024,
+            default_pids_limit: 1024,
+            log_max_bytes: 8 * 1024 * 1024,
+            log_tail_bytes: 16 * 1024,
+            patch_max_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Logging and tracing.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySection {
+    /// `text` or `json`.
+    pub log_format: String,
+    /// A `tracing` filter, e.g. `info,flotilla=debug`. `RUST_LOG` overrides it.
+    pub log_filter: String,
+    /// OTLP gRPC endpoint (e.g. `http://127.0.0.1:4317`); empty disables trace export.
+    pub otlp_endpoint: String,
+}
+
+impl Default for TelemetrySection {
+    fn default() -> Self {
+        TelemetrySection {
+            log_format: "text".into(),
+            log_filter: "info".into(),
+            otlp_endpoint: String::new(),
+        }
+    }
+}
+
+/// A configuration error, naming the file and field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with the key's path.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("config {field}: {message}")]
+    Invalid {
+        /// The key's path.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A TOML error as one line: its message and, when known, the line number.
+pub fn toml_message(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim().replace('\n', " ");
+    match error.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("{message} (line {line})")
+        }
+        None => message,
+    }
+}
+
+impl ServerConfig {
+    /// Reads a TOML file over the defaults.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Parse`] with the key's path.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let deserializer =
+            toml::Deserializer::parse(&text).map_err(|error| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: toml_message(&text, &error),
+            })?;
+        serde_path_to_error::deserialize(deserializer).map_err(|error| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: format!("{}: {}", error.path(), toml_message(&text, error.inner())),
+        })
+    }
+
+    /// Checks ranges and relations between values.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, message: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                message: message.to_string(),
+            })
+        };
+        if self.node_id == 0 {
+            return invalid("node_id", "must be at least 1");
+        }
+        if self.listen_address.parse::<std::net::SocketAddr>().is_err() {
+            return invalid("listen_address", "must be an IP:port socket address");
+        }
+        if !self.http_listen_address.is_empty()
+            && self
+                .http_listen_address
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+        {
+            return invalid(
+                "http_listen_address",
+                "must be an IP:port socket address or empty",
+            );
+        }
+        let raft = &self.raft;
+        if raft.heartbeat_interval_ms == 0
+            || raft.heartbeat_interval_ms * 2 > raft.election_timeout_min_ms
+        {
+            return invalid(
+                "raft.heartbeat_interval_ms",
+                "must be positive and at most half of election_timeout_min_ms",
+            );
+        }
+        if raft.election_timeout_min_ms >= raft.election_timeout_max_ms {
+            return invalid(
+                "raft.election_timeout_max_ms",
+                "must be greater than election_timeout_min_ms",
+            );
+        }
+        if self.worker.slots == 0 || self.worker.slots > 1024 {
+            return invalid("worker.slots", "must be between 1 and 1024");
+        }
+        if self.worker.heartbeat_interval_ms == 0
+            || self.worker.heartbeat_interval_ms * 3 > self.limits.lease_ttl_ms
+        {
+            return invalid(
+                "worker.heartbeat_interval_ms",
+                "must be positive and at most a third of limits.lease_ttl_ms",
+            );
+        }
+        if self.worker.lease_wait_ms > self.limits.max_lease_wait_ms {
+            return invalid(
+                "worker.lease_wait_ms",
+                "must not exceed limits.max_lease_wait_ms",
+            );
+        }
+        if self.worker.log_tail_bytes > self.limits.max_log_tail_bytes {
+            return invalid(
+                "worker.log_tail_bytes",
+                "must not exceed limits.max_log_tail_bytes",
+            );
+        }
+        if self.worker.patch_max_bytes > self.limits.max_patch_bytes {
+            return invalid(
+                "worker.patch_max_bytes",
+                "must not exceed limits.max_patch_bytes",
+            );
+        }
+        if self.limits.max_runs_per_fleet == 0 || self.limits.max_runs_per_fleet > 100_000 {
+            return invalid("limits.max_runs_per_fleet", "must be between 1 and 100000");
+        }
+        if self.limits.max_request_bytes < 64 * 1024 {
+            return invalid("limits.max_request_bytes", "must be at least 65536");
+        }
+        if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
+            return invalid("telemetry.log_format", "must be \"text\" or \"json\"");
+        }
+        Ok(())
+    }
+
+    /// `advertise_address`, or `listen_address` when empty.
+    pub fn advertised(&self) -> String {
+        if self.advertise_address.is_empty() {
+            self.listen_address.clone()
+        } else {
+            self.advertise_address.clone()
+        }
+    }
+
+    /// `worker.worker_id`, or `node-<node_id>` when empty.
+    pub fn worker_id(&self) -> String {
+        if self.worker.worker_id.is_empty() {
+            format!("node-{}", self.node_id)
+        } else {
+            self.worker.worker_id.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ServerConfig, String> {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), text).unwrap();
+        ServerConfig::from_file(file.path())
+            .and_then(|c| c.validate().map(|()| c))
+            .map_err(|e| {
+                e.to_string()
+                    .replace(&file.path().display().to_string(), "FILE")
+            })
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        ServerConfig::default().validate().unwrap();
+        assert_eq!(parse("").unwrap().listen_address, "127.0.0.1:7600");
+    }
+
+    #[test]
+    fn unknown_and_invalid_keys_are_named() {
+        let unknown = parse("[worker]\nslotz = 3\n").unwrap_err();
+        assert!(
+            unknown.starts_with(
+                "config file FILE: worker.slotz: unknown field `slotz`, expected one of"
+            ),
+            "{unknown}"
+        );
+        assert!(
+            unknown.ends_with("(line 2)") && !unknown.contains('\n'),
+            "{unknown}"
+        );
+        assert_eq!(
+            parse("[worker]\nslots = \"three\"\n").unwrap_err(),
+            "config file FILE: worker.slots: invalid type: string \"three\", expected u32 (line 2)"
+        );
+        assert_eq!(
+            parse("node_id = 0\n").unwrap_err(),
+            "config node_id: must be at least 1"
+        );
+        assert_eq!(
+            parse("[raft]\nelection_timeout_min_ms = 900\n").unwrap_err(),
+            "config raft.election_timeout_max_ms: must be greater than election_timeout_min_ms"
+        );
+    }
+}

@@ -1,0 +1,472 @@
+//! Conversions between the wire types (`flotilla.v1`) and the state machine's types, with the
+//! validation of every field that arrives over the wire. Errors name the field's path.
+
+use flotilla_proto::v1;
+use flotilla_scheduler::spec::{self as scheduler_spec, DEFAULT_BRANCH_TEMPLATE};
+use flotilla_scheduler::{
+    AgentSpec, AttemptResult, FieldError, FileStat, Fleet, FleetEvent, FleetSpec, FleetState,
+    Outcome, RetryPolicy, Run, RunCounts, RunState, SandboxSpec, SpecLimits,
+};
+
+/// Limits on what a worker may report, in bytes unless named otherwise.
+#[derive(Clone, Debug)]
+pub struct ResultLimits {
+    /// Largest accepted `log_tail`.
+    pub max_log_tail_bytes: usize,
+    /// Largest accepted `patch`.
+    pub max_patch_bytes: usize,
+    /// Most diffstat entries.
+    pub max_diffstat_entries: usize,
+    /// Largest `error` message.
+    pub max_error_bytes: usize,
+}
+
+/// Converts a submitted spec, filling defaults for zero values, and validates it.
+///
+/// # Errors
+/// The first invalid field, with its path below `spec`.
+pub fn fleet_spec_from_wire(
+    spec: Option<v1::FleetSpec>,
+    limits: &SpecLimits,
+) -> Result<FleetSpec, FieldError> {
+    let spec = spec.ok_or_else(|| FieldError::new("spec", "is required"))?;
+    let agent = spec
+        .agent
+        .ok_or_else(|| FieldError::new("spec.agent", "is required"))?;
+    let sandbox = spec.sandbox.unwrap_or_default();
+    let defaults = RetryPolicy::default();
+    let converted = FleetSpec {
+        name: spec.name,
+        repositories: spec.repositories,
+        agent: AgentSpec {
+            command: agent.command,
+            task: agent.task,
+            env: agent.env.into_iter().collect(),
+        },
+        verify: spec.verify,
+        sandbox: SandboxSpec {
+            driver: if sandbox.driver.is_empty() {
+                "bwrap".into()
+            } else {
+                sandbox.driver
+            },
+            timeout_ms: if sandbox.timeout_ms == 0 {
+                scheduler_spec::DEFAULT_SANDBOX_TIMEOUT_MS
+            } else {
+                sandbox.timeout_ms
+            },
+            memory_limit_bytes: sandbox.memory_limit_bytes,
+            pids_limit: sandbox.pids_limit,
+            network: sandbox.network,
+        },
+        branch_template: if spec.branch_template.is_empty() {
+            DEFAULT_BRANCH_TEMPLATE.into()
+        } else {
+            spec.branch_template
+        },
+        commit_message: if spec.commit_message.is_empty() {
+            "Apply Flotilla fleet change".into()
+        } else {
+            spec.commit_message
+        },
+        max_parallelism: if spec.max_parallelism == 0 {
+            16
+        } else {
+            spec.max_parallelism
+        },
+        retry: RetryPolicy {
+            max_attempts: if spec.max_attempts == 0 {
+                defaults.max_attempts
+            } else {
+                spec.max_attempts
+            },
+            backoff_initial_ms: if spec.retry_backoff_initial_ms == 0 {
+                defaults.backoff_initial_ms
+            } else {
+                spec.retry_backoff_initial_ms
+            },
+            backoff_max_ms: if spec.retry_backoff_max_ms == 0 {
+                defaults.backoff_max_ms.max(spec.retry_backoff_initial_ms)
+            } else {
+                spec.retry_backoff_max_ms
+            },
+        },
+        push: spec.push,
+    };
+    converted.validate("spec", limits)?;
+    Ok(converted)
+}
+
+/// The wire form of a stored spec.
+pub fn fleet_spec_to_wire(spec: &FleetSpec) -> v1::FleetSpec {
+    v1::FleetSpec {
+        name: spec.name.clone(),
+        repositories: spec.repositories.clone(),
+        agent: Some(v1::AgentSpec {
+            command: spec.agent.command.clone(),
+            task: spec.agent.task.clone(),
+            env: spec.agent.env.clone().into_iter().collect(),
+        }),
+        verify: spec.verify.clone(),
+        sandbox: Some(v1::SandboxSpec {
+            driver: spec.sandbox.driver.clone(),
+            timeout_ms: spec.sandbox.timeout_ms,
+            memory_limit_bytes: spec.sandbox.memory_limit_bytes,
+            pids_limit: spec.sandbox.pids_limit,
+            network: spec.sandbox.network,
+        }),
+        branch_template: spec.branch_template.clone(),
+        commit_message: spec.commit_message.clone(),
+        max_parallelism: spec.max_parallelism,
+        max_attempts: spec.retry.max_attempts,
+        push: spec.push,
+        retry_backoff_initial_ms: spec.retry.backoff_initial_ms,
+        retry_backoff_max_ms: spec.retry.backoff_max_ms,
+    }
+}
+
+/// Converts and validates a reported result.
+///
+/// # Errors
+/// The first invalid field, with its path below `result`.
+pub fn attempt_result_from_wire(
+    result: Option<v1::RunResult>,
+    limits: &ResultLimits,
+) -> Result<AttemptResult, FieldError> {
+    let result = result.ok_or_else(|| FieldError::new("result", "is required"))?;
+    let outcome = Outcome::parse(&result.outcome).ok_or_else(|| {
+        FieldError::new(
+            "result.outcome",
+            format!("unknown outcome {:?}", result.outcome),
+        )
+    })?;
+    if outcome == Outcome::LeaseExpired {
+        return Err(FieldError::new(
+            "result.outcome",
+            "lease_expired is decided by the cluster, not reported",
+        ));
+    }
+    if result.log_tail.len() > limits.max_log_tail_bytes {
+        return Err(FieldError::new(
+            "result.log_tail",
+            format!(
+                "{} bytes exceed max_log_tail_bytes {}",
+                result.log_tail.len(),
+                limits.max_log_tail_bytes
+            ),
+        ));
+    }
+    if result.patch.len() > limits.max_patch_bytes {
+        return Err(FieldError::new(
+            "result.patch",
+            format!(
+                "{} bytes exceed max_patch_bytes {}",
+                result.patch.len(),
+                limits.max_patch_bytes
+            ),
+        ));
+    }
+    if result.error.len() > limits.max_error_bytes {
+        return Err(FieldError::new(
+            "result.error",
+            format!("longer than {} bytes", limits.max_error_bytes),
+        ));
+    }
+    if result.diffstat.len() > limits.max_diffstat_entries {
+        return Err(FieldError::new(
+            "result.diffstat",
+            format!("more than {} entries", limits.max_diffstat_entries),
+        ));
+    }
+    if outcome == Outcome::Changed && result.commit.is_empty() {
+        return Err(FieldError::new(
+            "result.commit",
+            "is required when the outcome is changed",
+        ));
+    }
+    Ok(AttemptResult {
+        outcome,
+        exit_code: result.exit_code,
+        error: result.error,
+        log_tail: result.log_tail,
+        commit: result.commit,
+        diffstat: result
+            .diffstat
+            .into_iter()
+            .map(|f| FileStat {
+                path: f.path,
+                insertions: f.insertions,
+                deletions: f.deletions,
+            })
+            .collect(),
+        patch: result.patch,
+        patch_truncated: result.patch_truncated,
+        pushed: result.pushed,
+        retryable: result.retryable,
+    })
+}
+
+/// Wire form of a run state.
+pub fn run_state_to_wire(state: RunState) -> v1::RunState {
+    match state {
+        RunState::Pending => v1::RunState::Pending,
+        RunState::Running => v1::RunState::Running,
+        RunState::Changed => v1::RunState::Changed,
+        RunState::Unchanged => v1::RunState::Unchanged,
+        RunState::Failed => v1::RunState::Failed,
+        RunState::Cancelled => v1::RunState::Cancelled,
+    }
+}
+
+/// Wire form of a fleet state.
+pub fn fleet_state_to_wire(state: FleetState) -> v1::FleetState {
+    match state {
+        FleetState::Running => v1::FleetState::Running,
+        FleetState::Finished => v1::FleetState::Finished,
+        FleetState::Cancelled => v1::FleetState::Cancelled,
+    }
+}
+
+/// Wire form of run counts.
+pub fn counts_to_wire(counts: &RunCounts) -> v1::RunCounts {
+    v1::RunCounts {
+        pending: counts.pending,
+        running: counts.running,
+        changed: counts.changed,
+        unchanged: counts.unchanged,
+        failed: counts.failed,
+        cancelled: counts.cancelled,
+        total: counts.total(),
+    }
+}
+
+/// Wire form of a fleet; `with_runs` adds a summary of every run.
+pub fn fleet_to_wire(fleet: &Fleet, with_runs: bool) -> v1::Fleet {
+    let id = fleet.id();
+    v1::Fleet {
+        runs: if with_runs {
+            fleet
+                .runs
+                .iter()
+                .map(|run| run_summary_to_wire(fleet, run))
+                .collect()
+        } else {
+            Vec::new()
+        },
+        id,
+        name: fleet.spec.name.clone(),
+        state: fleet_state_to_wire(fleet.state) as i32,
+        counts: Some(counts_to_wire(&fleet.counts)),
+        created_at_ms: fleet.created_at_ms,
+        finished_at_ms: fleet.finished_at_ms,
+        spec: Some(fleet_spec_to_wire(&fleet.spec)),
+        idempotency_key: fleet.idempotency_key.clone(),
+        last_sequence: fleet.last_sequence(),
+    }
+}
+
+fn run_summary_to_wire(fleet: &Fleet, run: &Run) -> v1::RunSummary {
+    let result = run.last_result();
+    let (insertions, deletions) = result.map_or((0, 0), |r| {
+        r.diffstat.iter().fold((0u32, 0u32), |(i, d), f| {
+            (
+                i.saturating_add(f.insertions),
+                d.saturating_add(f.deletions),
+            )
+        })
+    });
+    v1::RunSummary {
+        id: flotilla_scheduler::state::run_id(fleet.number, run.index),
+        repository: run.repository.clone(),
+        state: run_state_to_wire(run.state) as i32,
+        attempt: run.attempt(),
+        branch: if run.state == RunState::Changed {
+            run.branch.clone()
+        } else {
+            String::new()
+        },
+        files_changed: result.map_or(0, |r| r.diffstat.len() as u32),
+        insertions,
+        deletions,
+        error: result.map_or_else(String::new, |r| r.error.clone()),
+    }
+}
+
+/// Wire form of a run with its attempt history.
+pub fn run_to_wire(fleet: &Fleet, run: &Run) -> v1::Run {
+    let result = run.last_result().filter(|_| run.state.is_terminal());
+    v1::Run {
+        id: flotilla_scheduler::state::run_id(fleet.number, run.index),
+        fleet_id: fleet.id(),
+        repository: run.repository.clone(),
+        state: run_state_to_wire(run.state) as i32,
+        attempts: run
+            .attempts
+            .iter()
+            .map(|attempt| v1::Attempt {
+                number: attempt.number,
+                worker_id: attempt.worker_id.clone(),
+                started_at_ms: attempt.started_at_ms,
+                finished_at_ms: attempt.finished_at_ms,
+                outcome: attempt
+                    .result
+                    .as_ref()
+                    .map_or_else(String::new, |r| r.outcome.as_str().to_string()),
+                exit_code: attempt.result.as_ref().map_or(-1, |r| r.exit_code),
+                error: attempt
+                    .result
+                    .as_ref()
+                    .map_or_else(String::new, |r| r.error.clone()),
+                log_tail: attempt
+                    .result
+                    .as_ref()
+                    .map_or_else(String::new, |r| r.log_tail.clone()),
+            })
+            .collect(),
+        branch: run.branch.clone(),
+        commit: result.map_or_else(String::new, |r| r.commit.clone()),
+        diffstat: result.map_or_else(Vec::new, |r| {
+            r.diffstat
+                .iter()
+                .map(|f| v1::FileStat {
+                    path: f.path.clone(),
+                    insertions: f.insertions,
+                    deletions: f.deletions,
+                })
+                .collect()
+        }),
+        patch: result.map_or_else(String::new, |r| r.patch.clone()),
+        patch_truncated: result.is_some_and(|r| r.patch_truncated),
+        pushed: result.is_some_and(|r| r.pushed),
+        not_before_ms: run.not_before_ms,
+    }
+}
+
+/// Wire form of a fleet event.
+pub fn event_to_wire(fleet: &Fleet, event: &FleetEvent) -> v1::FleetEvent {
+    let run = event
+        .run_index
+        .and_then(|index| fleet.runs.get(index as usize));
+    v1::FleetEvent {
+        fleet_id: fleet.id(),
+        sequence: event.sequence,
+        time_ms: event.time_ms,
+        run_id: event.run_index.map_or_else(String::new, |index| {
+            flotilla_scheduler::state::run_id(fleet.number, index)
+        }),
+        repository: run.map_or_else(String::new, |r| r.repository.clone()),
+        run_state: event
+            .run_state
+            .map_or(v1::RunState::Unspecified, run_state_to_wire) as i32,
+        attempt: event.attempt,
+        fleet_state: fleet_state_to_wire(event.fleet_state) as i32,
+        counts: Some(counts_to_wire(&event.counts)),
+        message: event.message.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire_spec() -> v1::FleetSpec {
+        v1::FleetSpec {
+            name: "fmt".into(),
+            repositories: vec!["file:///srv/a.git".into()],
+            agent: Some(v1::AgentSpec {
+                command: "cargo fmt".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_fill_zero_values() {
+        let spec = fleet_spec_from_wire(Some(wire_spec()), &SpecLimits::default()).unwrap();
+        assert_eq!(spec.sandbox.driver, "bwrap");
+        assert_eq!(
+            spec.sandbox.timeout_ms,
+            scheduler_spec::DEFAULT_SANDBOX_TIMEOUT_MS
+        );
+        assert_eq!(spec.branch_template, DEFAULT_BRANCH_TEMPLATE);
+        assert_eq!(spec.max_parallelism, 16);
+        assert_eq!(spec.retry, RetryPolicy::default());
+        // The round trip keeps every field.
+        let again =
+            fleet_spec_from_wire(Some(fleet_spec_to_wire(&spec)), &SpecLimits::default()).unwrap();
+        assert_eq!(again, spec);
+    }
+
+    #[test]
+    fn missing_and_invalid_fields_are_named() {
+        let limits = SpecLimits::default();
+        let error = |spec: Option<v1::FleetSpec>| {
+            fleet_spec_from_wire(spec, &limits).unwrap_err().to_string()
+        };
+        assert_eq!(error(None), "spec: is required");
+        assert_eq!(
+            error(Some(v1::FleetSpec {
+                agent: None,
+                ..wire_spec()
+            })),
+            "spec.agent: is required"
+        );
+        let mut bad = wire_spec();
+        bad.sandbox = Some(v1::SandboxSpec {
+            timeout_ms: 5,
+            ..Default::default()
+        });
+        assert_eq!(
+            error(Some(bad)),
+            "spec.sandbox.timeout_ms: must be between 1000 and 86400000"
+        );
+    }
+
+    #[test]
+    fn results_are_checked_against_limits() {
+        let limits = ResultLimits {
+            max_log_tail_bytes: 4,
+            max_patch_bytes: 4,
+            max_diffstat_entries: 1,
+            max_error_bytes: 8,
+        };
+        let check = |result: v1::RunResult| match attempt_result_from_wire(Some(result), &limits) {
+            Ok(_) => "ok".to_string(),
+            Err(error) => error.to_string(),
+        };
+        let ok = v1::RunResult {
+            outcome: "unchanged".into(),
+            ..Default::default()
+        };
+        assert_eq!(check(ok.clone()), "ok");
+        assert_eq!(
+            check(v1::RunResult {
+                outcome: "won".into(),
+                ..ok.clone()
+            }),
+            "result.outcome: unknown outcome \"won\""
+        );
+        assert_eq!(
+            check(v1::RunResult {
+                log_tail: "12345".into(),
+                ..ok.clone()
+            }),
+            "result.log_tail: 5 bytes exceed max_log_tail_bytes 4"
+        );
+        assert_eq!(
+            check(v1::RunResult {
+                outcome: "changed".into(),
+                ..ok.clone()
+            }),
+            "result.commit: is required when the outcome is changed"
+        );
+        assert_eq!(
+            check(v1::RunResult {
+                outcome: "lease_expired".into(),
+                ..ok
+            }),
+            "result.outcome: lease_expired is decided by the cluster, not reported"
+        );
+    }
+}

@@ -1,0 +1,160 @@
+//! The node's HTTP endpoint (hyper): `/metrics` (Prometheus text format), `/healthz` (JSON
+//! role and Raft indexes) and `/` (a small read-only dashboard of recent fleets).
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use flotilla_raft::RaftNode;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::warn;
+
+/// Fleets shown on the dashboard.
+const DASHBOARD_FLEETS: usize = 50;
+
+/// Serves HTTP on `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    node: Arc<RaftNode>,
+    metrics: PrometheusHandle,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => return,
+        };
+        let (stream, _) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                warn!(%error, "http accept failed");
+                continue;
+            }
+        };
+        let node = node.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let node = node.clone();
+                let metrics = metrics.clone();
+                async move { Ok::<_, Infallible>(route(&request, &node, &metrics)) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(error) = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                warn!(%error, "http connection failed");
+            }
+        });
+    }
+}
+
+fn route(
+    request: &Request<Incoming>,
+    node: &RaftNode,
+    metrics: &PrometheusHandle,
+) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET {
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET\n".into(),
+        );
+    }
+    match request.uri().path() {
+        "/metrics" => {
+            record_raft_metrics(node);
+            respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                metrics.render(),
+            )
+        }
+        "/healthz" => respond(StatusCode::OK, "application/json", health_json(node)),
+        "/" => respond(StatusCode::OK, "text/html; charset=utf-8", dashboard(node)),
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = content_type.parse() {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+/// Raft gauges from openraft's metrics: term, last log index, applied index, leadership.
+fn record_raft_metrics(node: &RaftNode) {
+    let raft_metrics = node.raft.metrics().borrow().clone();
+    metrics::gauge!("flotilla_raft_term").set(raft_metrics.current_term as f64);
+    metrics::gauge!("flotilla_raft_last_log_index")
+        .set(raft_metrics.last_log_index.unwrap_or(0) as f64);
+    metrics::gauge!("flotilla_raft_applied_index")
+        .set(raft_metrics.last_applied.map_or(0, |l| l.index) as f64);
+    let is_leader = raft_metrics.current_leader == Some(raft_metrics.id);
+    metrics::gauge!("flotilla_raft_is_leader").set(if is_leader { 1.0 } else { 0.0 });
+}
+
+/// `{"node_id":..,"state":"Leader","term":..,"leader":..,"last_log_index":..,"applied_index":..}`.
+pub fn health_json(node: &RaftNode) -> String {
+    let m = node.raft.metrics().borrow().clone();
+    serde_json::json!({
+        "node_id": m.id,
+        "state": format!("{:?}", m.state),
+        "term": m.current_term,
+        "leader": m.current_leader,
+        "last_log_index": m.last_log_index,
+        "applied_index": m.last_applied.map(|l| l.index),
+    })
+    .to_string()
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn dashboard(node: &RaftNode) -> String {
+    let mut html = String::from(
+        "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=2><title>Flotilla</title>\
+         <style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}</style>\
+         </head><body><h1>Flotilla</h1>",
+    );
+    let _ = write!(html, "<p>{}</p>", escape(&health_json(node)));
+    html.push_str("<table><tr><th>fleet</th><th>name</th><th>state</th><th>total</th><th>pending</th><th>running</th><th>changed</th><th>unchanged</th><th>failed</th><th>cancelled</th></tr>");
+    node.state.read(|state| {
+        for fleet in state.fleets_before(u64::MAX, DASHBOARD_FLEETS) {
+            let c = fleet.counts;
+            let _ = write!(
+                html,
+                "<tr><td>{}</td><td>{}</td><td>{:?}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                fleet.id(),
+                escape(&fleet.spec.name),
+                fleet.state,
+                c.total(),
+                c.pending,
+                c.running,
+                c.changed,
+                c.unchanged,
+                c.failed,
+                c.cancelled
+            );
+        }
+    });
+    html.push_str("</table></body></html>");
+    html
+}

@@ -1,0 +1,39 @@
+//! The `flotilla` node: server (API, Raft, worker, HTTP) and command-line client, as a library so
+//! that the binary (`main.rs`) and the integration tests share it.
+//!
+//! - [`server`]: starts a node; [`api`]: the gRPC services; [`http`]: metrics, health, dashboard;
+//! - [`config`]: server configuration; [`spec_file`]: fleet spec files; [`convert`]: wire <-> state;
+//! - [`cli`]: client commands; [`quickstart`]: the main job end to end and benchmarks;
+//! - [`telemetry`]: logs and OpenTelemetry traces.
+//!
+//! What this crate must not know: how the state machine decides (that is `flotilla-scheduler`),
+//! how Raft stores and replicates (that is `flotilla-raft`), how a run executes (that is
+//! `flotilla-worker`). It wires them together and owns every edge: validation, limits, I/O.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod convert;
+pub mod http;
+pub mod quickstart;
+pub mod server;
+pub mod spec_file;
+pub mod telemetry;
+
+static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn metrics_handle() -> PrometheusHandle {
+    METRICS
+        .get_or_init(|| {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}

@@ -1,0 +1,230 @@
+//! `flotilla server`: one cluster node. Opens the Raft node on RocksDB, serves gRPC (API,
+//! workers, Raft, reflection) and HTTP (metrics, health, dashboard), runs the leader's lease
+//! expiry timer, and (unless disabled) a local worker.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use flotilla_proto::v1::fleet_service_server::FleetServiceServer;
+use flotilla_proto::v1::worker_service_server::WorkerServiceServer;
+use flotilla_raft::{RaftNode, RaftNodeConfig};
+use flotilla_scheduler::{Command, Request};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::api::{Api, now_ms};
+use crate::config::ServerConfig;
+
+/// A started node. Dropping it does not stop it: call [`RunningServer::shutdown`].
+pub struct RunningServer {
+    /// Bound gRPC address.
+    pub grpc_address: SocketAddr,
+    /// Bound HTTP address, if enabled.
+    pub http_address: Option<SocketAddr>,
+    /// The Raft node.
+    pub node: Arc<RaftNode>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    worker: Option<flotilla_worker::actor::WorkerHandle>,
+}
+
+impl RunningServer {
+    /// Stops the worker (its runs are cancelled), the servers and Raft, and waits for them.
+    pub async fn shutdown(mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop().await;
+        }
+        let _ = self.shutdown.send(true);
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        if let Err(error) = self.node.shutdown().await {
+            warn!(%error, "raft shutdown failed");
+        }
+    }
+
+    /// Resolves when shutdown was requested through [`RunningServer::shutdown_signal`].
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+}
+
+/// Starts a node with `config` and returns once it serves. With no peers configured it
+/// initializes a single-node cluster on first start (later starts reuse the stored membership).
+///
+/// # Errors
+/// Invalid configuration, an unusable data directory, or an address that cannot be bound.
+pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.data_directory)
+        .with_context(|| format!("data_directory {}", config.data_directory.display()))?;
+    let grpc_listener = TcpListener::bind(&config.listen_address)
+        .await
+        .with_context(|| format!("listen_address {}", config.listen_address))?;
+    let grpc_address = grpc_listener.local_addr()?;
+    let advertise_address = if config.advertise_address.is_empty() {
+        grpc_address.to_string()
+    } else {
+        config.advertise_address.clone()
+    };
+    let node = Arc::new(
+        flotilla_raft::open(RaftNodeConfig {
+            node_id: config.node_id,
+            advertise_address: advertise_address.clone(),
+            data_directory: config.data_directory.clone(),
+            heartbeat_interval_ms: config.raft.heartbeat_interval_ms,
+            election_timeout_min_ms: config.raft.election_timeout_min_ms,
+            election_timeout_max_ms: config.raft.election_timeout_max_ms,
+            snapshot_logs_since_last: config.raft.snapshot_logs_since_last,
+            ..RaftNodeConfig::default()
+        })
+        .await
+        .context("opening the Raft node")?,
+    );
+    node.initialize_single_node()
+        .await
+        .context("initializing the single-node cluster")?;
+
+    let (shutdown, shutdown_receiver) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let api = Api::new(node.clone(), &config.limits);
+    let max_bytes = config.limits.max_request_bytes;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("gRPC reflection")?;
+    let router = tonic::transport::Server::builder()
+        .add_service(
+            FleetServiceServer::new(api.clone())
+                .max_decoding_message_size(max_bytes)
+                .max_encoding_message_size(max_bytes),
+        )
+        .add_service(
+            WorkerServiceServer::new(api)
+                .max_decoding_message_size(max_bytes)
+                .max_encoding_message_size(max_bytes),
+        )
+        .add_service(node.grpc_service())
+        .add_service(reflection);
+    let mut grpc_shutdown = shutdown_receiver.clone();
+    tasks.push(tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        let signal = async move {
+            let _ = grpc_shutdown.wait_for(|stop| *stop).await;
+        };
+        if let Err(error) = router.serve_with_incoming_shutdown(incoming, signal).await {
+            warn!(%error, "gRPC server failed");
+        }
+    }));
+
+    let http_address = if config.http_listen_address.is_empty() {
+        None
+    } else {
+        let listener = TcpListener::bind(&config.http_listen_address)
+            .await
+            .with_context(|| format!("http_listen_address {}", config.http_listen_address))?;
+        let address = listener.local_addr()?;
+        let metrics = crate::metrics_handle();
+        tasks.push(tokio::spawn(crate::http::serve(
+            listener,
+            node.clone(),
+            metrics,
+            shutdown_receiver.clone(),
+        )));
+        Some(address)
+    };
+
+    tasks.push(tokio::spawn(lease_expiry_loop(
+        node.clone(),
+        Duration::from_millis(config.limits.lease_check_interval_ms),
+        config.limits.lease_grace_after_election_ms,
+        shutdown_receiver.clone(),
+    )));
+
+    let worker = if config.worker.enabled {
+        let settings = flotilla_worker::actor::WorkerSettings {
+            worker_id: config.worker_id(),
+            endpoints: vec![format!("http://{advertise_address}")],
+            slots: config.worker.slots,
+            lease_wait_ms: config.worker.lease_wait_ms,
+            heartbeat_interval_ms: config.worker.heartbeat_interval_ms,
+            ..flotilla_worker::actor::WorkerSettings::default()
+        };
+        let execution = flotilla_worker::config::WorkerConfig {
+            work_directory: config.data_directory.join("worker"),
+            log_max_bytes: config.worker.log_max_bytes,
+            log_tail_bytes: config.worker.log_tail_bytes,
+            patch_max_bytes: config.worker.patch_max_bytes,
+            default_memory_limit_bytes: config.worker.default_memory_limit_bytes,
+            default_pids_limit: config.worker.default_pids_limit,
+            ..flotilla_worker::config::WorkerConfig::default()
+        };
+        Some(
+            flotilla_worker::actor::start(settings, execution)
+                .await
+                .context("starting the local worker")?,
+        )
+    } else {
+        None
+    };
+    info!(%grpc_address, ?http_address, node_id = config.node_id, data_directory = %config.data_directory.display(), "flotilla node serving");
+    Ok(RunningServer {
+        grpc_address,
+        http_address,
+        node,
+        shutdown,
+        tasks,
+        worker,
+    })
+}
+
+/// On the leader: proposes `ExpireLeases` when some lease has passed its expiry, but not during
+/// the grace period after this node became leader, so workers that were talking to the old
+/// leader have time to heartbeat to the new one (cf. Nomad's `heartbeat_grace`).
+async fn lease_expiry_loop(
+    node: Arc<RaftNode>,
+    interval: Duration,
+    grace_after_election_ms: u64,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut leader_since_ms: Option<u64> = None;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let now = now_ms();
+        if node
+            .current_leader()
+            .is_none_or(|(leader_id, _)| leader_id != node.node_id)
+        {
+            leader_since_ms = None;
+            continue;
+        }
+        let since = *leader_since_ms.get_or_insert(now);
+        if now.saturating_sub(since) < grace_after_election_ms {
+            continue;
+        }
+        let due = node
+            .state
+            .read(|s| s.next_lease_expiry_ms())
+            .is_some_and(|expiry| expiry <= now);
+        if due
+            && let Err(error) = node
+                .write(Request {
+                    now_ms: now,
+                    command: Command::ExpireLeases,
+                })
+                .await
+        {
+            warn!(%error, "proposing lease expiry failed");
+        }
+    }
+}

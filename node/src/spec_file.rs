@@ -1,0 +1,356 @@
+//! Fleet spec files (YAML or TOML) as the CLI reads them, turned into the wire `FleetSpec`.
+//!
+//! ```yaml
+//! name: rustfmt                     # required
+//! targets:
+//!   repositories: [file:///srv/origin/serde.git]   # git URLs
+//!   globs: ["/srv/origin/*.git"]                   # local repositories, expanded by the CLI
+//!   repositories_file: repositories.txt            # one URL per line, relative to this file
+//! agent:
+//!   command: cargo fmt --all        # required, run with /bin/sh -c in the repository
+//!   task: Format the code           # given as $FLOTILLA_TASK
+//!   env: { RUST_LOG: info }
+//! verify: ["cargo fmt --all -- --check"]
+//! sandbox: { driver: bwrap, timeout_ms: 600000, memory_limit_bytes: 0, pids_limit: 0, network: false }
+//! branch: flotilla/{fleet}
+//! commit_message: Format with rustfmt
+//! max_parallelism: 16
+//! max_attempts: 3
+//! push: true
+//! ```
+//!
+//! Unknown keys and wrongly typed values are errors naming the key's path; the server validates
+//! values (ranges, URLs) again, since not every client is this CLI.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use flotilla_proto::v1;
+use serde::Deserialize;
+
+/// Most repositories a glob or a repositories file may produce (the server has its own limit).
+pub const MAX_EXPANDED_REPOSITORIES: usize = 100_000;
+
+/// A spec file's contents.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpecFile {
+    name: String,
+    targets: Targets,
+    agent: Agent,
+    #[serde(default)]
+    verify: Vec<String>,
+    #[serde(default)]
+    sandbox: Sandbox,
+    #[serde(default)]
+    branch: String,
+    #[serde(default)]
+    commit_message: String,
+    #[serde(default)]
+    max_parallelism: u32,
+    #[serde(default)]
+    max_attempts: u32,
+    #[serde(default)]
+    retry_backoff_initial_ms: u64,
+    #[serde(default)]
+    retry_backoff_max_ms: u64,
+    #[serde(default = "default_push")]
+    push: bool,
+}
+
+fn default_push() -> bool {
+    true
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Targets {
+    #[serde(default)]
+    repositories: Vec<String>,
+    #[serde(default)]
+    globs: Vec<String>,
+    #[serde(default)]
+    repositories_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Agent {
+    command: String,
+    #[serde(default)]
+    task: String,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Sandbox {
+    #[serde(default)]
+    driver: String,
+    #[serde(default)]
+    timeout_ms: u64,
+    #[serde(default)]
+    memory_limit_bytes: u64,
+    #[serde(default)]
+    pids_limit: u32,
+    #[serde(default)]
+    network: bool,
+}
+
+/// Why a spec file was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecFileError {
+    /// Reading a file failed.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file's syntax, or a key, is wrong.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What and where (the key's path).
+        message: String,
+    },
+    /// A target could not be expanded.
+    #[error("{path}: {field}: {message}")]
+    Targets {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Parses `text` as YAML, or as TOML when `path` ends in `.toml`.
+///
+/// # Errors
+/// [`SpecFileError::Parse`] with the key's path.
+pub fn parse(path: &Path, text: &str) -> Result<SpecFile, SpecFileError> {
+    let parse_error = |message: String| SpecFileError::Parse {
+        path: path.to_path_buf(),
+        message,
+    };
+    if path.extension().is_some_and(|e| e == "toml") {
+        let deserializer = toml::Deserializer::parse(text)
+            .map_err(|e| parse_error(crate::config::toml_message(text, &e)))?;
+        serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            parse_error(format!(
+                "{}: {}",
+                e.path(),
+                crate::config::toml_message(text, e.inner())
+            ))
+        })
+    } else {
+        let deserializer = serde_yaml_ng::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            // The YAML message may start with (part of) the path already: keep it once.
+            let path = e.path().to_string();
+            let inner = e.inner().to_string();
+            let message = match inner.split_once(": ") {
+                Some((prefix, rest)) if path.starts_with(prefix) => rest.to_string(),
+                _ => inner,
+            };
+            parse_error(format!("{path}: {message}"))
+        })
+    }
+}
+
+/// Reads, parses and expands a spec file into the wire spec.
+///
+/// # Errors
+/// Any [`SpecFileError`].
+pub fn load(path: &Path) -> Result<v1::FleetSpec, SpecFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SpecFileError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let file = parse(path, &text)?;
+    file.into_wire(path)
+}
+
+impl SpecFile {
+    /// Expands the targets (globs and repositories file, relative to the spec file's directory)
+    /// and builds the wire spec.
+    ///
+    /// # Errors
+    /// [`SpecFileError::Targets`] when a glob is malformed, a file is unreadable, or nothing
+    /// matched.
+    pub fn into_wire(self, path: &Path) -> Result<v1::FleetSpec, SpecFileError> {
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let error = |field: &str, message: String| SpecFileError::Targets {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            message,
+        };
+        let mut repositories = self.targets.repositories;
+        for (index, pattern) in self.targets.globs.iter().enumerate() {
+            let field = format!("targets.globs[{index}]");
+            let absolute = if Path::new(pattern).is_absolute() {
+                pattern.clone()
+            } else {
+                base.join(pattern).display().to_string()
+            };
+            let matches = glob::glob(&absolute).map_err(|e| error(&field, e.to_string()))?;
+            let before = repositories.len();
+            for entry in matches {
+                let entry = entry.map_err(|e| error(&field, e.to_string()))?;
+                let canonical = entry
+                    .canonicalize()
+                    .map_err(|e| error(&field, e.to_string()))?;
+                if canonical.join(".git").exists() || canonical.join("HEAD").exists() {
+                    repositories.push(format!("file://{}", canonical.display()));
+                }
+                if repositories.len() > MAX_EXPANDED_REPOSITORIES {
+                    return Err(error(
+                        &field,
+                        format!("matches more than {MAX_EXPANDED_REPOSITORIES} repositories"),
+                    ));
+                }
+            }
+            if repositories.len() == before {
+                return Err(error(
+                    &field,
+                    format!("{pattern:?} matched no git repository"),
+                ));
+            }
+        }
+        if let Some(file) = &self.targets.repositories_file {
+            let file = base.join(file);
+            let text = std::fs::read_to_string(&file).map_err(|e| {
+                error(
+                    "targets.repositories_file",
+                    format!("{}: {e}", file.display()),
+                )
+            })?;
+            repositories.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(String::from),
+            );
+            if repositories.len() > MAX_EXPANDED_REPOSITORIES {
+                return Err(error(
+                    "targets.repositories_file",
+                    format!("more than {MAX_EXPANDED_REPOSITORIES} repositories"),
+                ));
+            }
+        }
+        if repositories.is_empty() {
+            return Err(error(
+                "targets",
+                "names no repository (repositories, globs or repositories_file)".into(),
+            ));
+        }
+        Ok(v1::FleetSpec {
+            name: self.name,
+            repositories,
+            agent: Some(v1::AgentSpec {
+                command: self.agent.command,
+                task: self.agent.task,
+                env: self.agent.env.into_iter().collect(),
+            }),
+            verify: self.verify,
+            sandbox: Some(v1::SandboxSpec {
+                driver: self.sandbox.driver,
+                timeout_ms: self.sandbox.timeout_ms,
+                memory_limit_bytes: self.sandbox.memory_limit_bytes,
+                pids_limit: self.sandbox.pids_limit,
+                network: self.sandbox.network,
+            }),
+            branch_template: self.branch,
+            commit_message: self.commit_message,
+            max_parallelism: self.max_parallelism,
+            max_attempts: self.max_attempts,
+            push: self.push,
+            retry_backoff_initial_ms: self.retry_backoff_initial_ms,
+            retry_backoff_max_ms: self.retry_backoff_max_ms,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(file_name: &str, text: &str, expected: &str) {
+        let directory = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(directory.path().join("repos/a/.git")).unwrap();
+        std::fs::create_dir_all(directory.path().join("repos/b/.git")).unwrap();
+        std::fs::write(
+            directory.path().join("list.txt"),
+            "file:///x.git\n# comment\n\nfile:///y.git\n",
+        )
+        .unwrap();
+        let path = directory.path().join(file_name);
+        let actual = match parse(&path, text).and_then(|f| f.into_wire(&path)) {
+            Ok(spec) => {
+                let root = directory
+                    .path()
+                    .canonicalize()
+                    .unwrap()
+                    .display()
+                    .to_string();
+                format!(
+                    "ok {} {}",
+                    spec.name,
+                    spec.repositories.join(",").replace(&root, "ROOT")
+                )
+            }
+            Err(error) => error
+                .to_string()
+                .replace(&path.display().to_string(), "FILE"),
+        };
+        assert_eq!(actual, expected);
+    }
+
+    #[test]
+    fn yaml_and_toml_specs_expand_their_targets() {
+        check(
+            "fleet.yaml",
+            "name: fmt\ntargets:\n  repositories: [file:///z.git]\n  globs: [repos/*]\n  repositories_file: list.txt\nagent:\n  command: cargo fmt\n",
+            "ok fmt file:///z.git,file://ROOT/repos/a,file://ROOT/repos/b,file:///x.git,file:///y.git",
+        );
+        check(
+            "fleet.toml",
+            "name = \"fmt\"\nverify = [\"true\"]\n[targets]\nrepositories = [\"file:///z.git\"]\n[agent]\ncommand = \"cargo fmt\"\n",
+            "ok fmt file:///z.git",
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        check(
+            "fleet.yaml",
+            "name: fmt\ntargets: {repositories: [file:///z.git]}\nagent: {command: x, comand: y}\n",
+            "FILE: agent.comand: unknown field `comand`, expected one of `command`, `task`, `env` at line 3 column 21",
+        );
+        check(
+            "fleet.yaml",
+            "name: fmt\ntargets: {repositories: [file:///z.git]}\nagent: {command: x}\nmax_parallelism: many\n",
+            "FILE: max_parallelism: invalid type: string \"many\", expected u32 at line 4 column 18",
+        );
+        check(
+            "fleet.yaml",
+            "name: fmt\ntargets: {globs: [nothing/*]}\nagent: {command: x}\n",
+            "FILE: targets.globs[0]: \"nothing/*\" matched no git repository",
+        );
+        check(
+            "fleet.yaml",
+            "name: fmt\ntargets: {}\nagent: {command: x}\n",
+            "FILE: targets: names no repository (repositories, globs or repositories_file)",
+        );
+        check(
+            "fleet.toml",
+            "name = \"fmt\"\n[targets]\nrepositories = [\"file:///z.git\"]\n[agent]\ncommand = 5\n",
+            "FILE: agent.command: invalid type: integer `5`, expected a string (line 5)",
+        );
+    }
+}

@@ -1,0 +1,138 @@
+//! The `flotilla` command line against a real server process: spec files, exit codes, JSON
+//! output, gRPC reflection.
+
+mod common;
+
+use std::process::Command;
+
+use common::{Node, origin_repository};
+
+fn flotilla(address: &str, arguments: &[&str]) -> (i32, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(["--address", address])
+        .args(arguments)
+        .output()
+        .expect("run flotilla");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_watch_and_inspect_through_the_cli() {
+    let root = tempfile::tempdir().unwrap();
+    let repository = origin_repository(root.path(), "repo", &[("a.txt", "one\n")]);
+    let node = Node::start(&root.path().join("node"), &[]).await;
+    let spec = root.path().join("fleet.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name: append\ntargets:\n  repositories: [{repository}]\nagent:\n  command: echo two >> a.txt\nverify: [\"grep -q two a.txt\"]\nsandbox: {{timeout_ms: 20000}}\n"
+        ),
+    )
+    .unwrap();
+    let spec = spec.to_str().unwrap();
+    let (code, stdout, stderr) = flotilla(
+        &node.address,
+        &["--output", "json", "fleet", "submit", spec, "--watch"],
+    );
+    assert_eq!(code, 0, "{stdout}\n{stderr}\n{}", node.log_text());
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last = events.last().unwrap();
+    assert_eq!(last["fleet_state"], "finished");
+    assert_eq!(last["counts"]["changed"], 1);
+
+    let (code, stdout, _) = flotilla(
+        &node.address,
+        &["--output", "json", "fleet", "status", "fl-1"],
+    );
+    assert_eq!(code, 0);
+    let fleet: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(fleet["runs"][0]["state"], "changed");
+    assert_eq!(fleet["runs"][0]["branch"], "flotilla/append");
+    assert_eq!(fleet["runs"][0]["insertions"], 1);
+
+    let (code, stdout, _) = flotilla(&node.address, &["run", "show", "fl-1-0", "--patch"]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("+two"), "{stdout}");
+
+    let (code, stdout, _) = flotilla(&node.address, &["fleet", "list"]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("fl-1") && stdout.contains("append"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gives_one_clear_line_and_its_exit_code() {
+    let root = tempfile::tempdir().unwrap();
+    let node = Node::start(&root.path().join("node"), &["--no-worker"]).await;
+    let spec = root.path().join("fleet.yaml");
+    std::fs::write(&spec, "name: x\ntargets: {repositories: [file:///a.git]}\nagent: {command: true}\nmax_paralelism: 3\n").unwrap();
+    let (code, _, stderr) = flotilla(&node.address, &["fleet", "submit", spec.to_str().unwrap()]);
+    assert_eq!(code, 4, "{stderr}");
+    assert!(
+        stderr.contains("max_paralelism") && stderr.contains("unknown field"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+
+    std::fs::write(
+        &spec,
+        "name: x\ntargets: {repositories: [relative/path]}\nagent: {command: true}\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = flotilla(&node.address, &["fleet", "submit", spec.to_str().unwrap()]);
+    assert_eq!(code, 4, "{stderr}");
+    assert!(stderr.contains("spec.repositories[0]"), "{stderr}");
+
+    let (code, _, stderr) = flotilla(&node.address, &["fleet", "status", "fl-42"]);
+    assert_eq!(code, 3, "{stderr}");
+    let (code, _, stderr) = flotilla("http://127.0.0.1:1", &["fleet", "list"]);
+    assert_eq!(code, 5, "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_reflection_lists_the_services() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let root = tempfile::tempdir().unwrap();
+    let node = Node::start(&root.path().join("node"), &["--no-worker"]).await;
+    let channel = tonic::transport::Channel::from_shared(node.address.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("{response:?}")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"flotilla.v1.FleetService".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"flotilla.v1.WorkerService".to_string()),
+        "{names:?}"
+    );
+}

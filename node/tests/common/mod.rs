@@ -1,0 +1,205 @@
+//! Helpers for tests that run real `flotilla server` processes against real git repositories.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla_proto::v1;
+use flotilla_proto::v1::fleet_service_client::FleetServiceClient;
+use tonic::transport::Channel;
+
+/// A `flotilla server` child process.
+pub struct Node {
+    pub child: Child,
+    pub address: String,
+    pub data_directory: PathBuf,
+    pub log: PathBuf,
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").port()
+}
+
+impl Node {
+    /// Starts a single-node cluster with a local worker in `data_directory`.
+    pub async fn start(data_directory: &Path, extra_arguments: &[&str]) -> Node {
+        Self::start_on(data_directory, free_port(), extra_arguments).await
+    }
+
+    pub async fn start_on(data_directory: &Path, port: u16, extra_arguments: &[&str]) -> Node {
+        std::fs::create_dir_all(data_directory).expect("data directory");
+        let log = data_directory.join(format!(
+            "server-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let address = format!("127.0.0.1:{port}");
+        let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["server", "--data-directory"])
+            .arg(data_directory)
+            .args([
+                "--listen-address",
+                &address,
+                "--http-listen-address",
+                "",
+                "--worker-slots",
+                "2",
+            ])
+            .args(extra_arguments)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn flotilla server");
+        let node = Node {
+            child,
+            address: format!("http://{address}"),
+            data_directory: data_directory.to_path_buf(),
+            log,
+        };
+        node.wait_ready().await;
+        node
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut client) = FleetServiceClient::connect(self.address.clone()).await
+                && client
+                    .list_fleets(v1::ListFleetsRequest::default())
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not become ready; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn client(&self) -> FleetServiceClient<Channel> {
+        FleetServiceClient::connect(self.address.clone())
+            .await
+            .expect("connect")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs git in `directory`, panicking with its output on failure; returns stdout.
+pub fn git(directory: &Path, arguments: &[&str]) -> String {
+    let output = Command::new("git")
+        .arg("-C")
+        .arg(directory)
+        .args(arguments)
+        .env("GIT_AUTHOR_NAME", "Test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.com")
+        .env("GIT_COMMITTER_NAME", "Test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.com")
+        .output()
+        .expect("git");
+    assert!(
+        output.status.success(),
+        "git {arguments:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Creates a bare origin `<root>/<name>.git` holding one commit with `files`; returns its URL.
+pub fn origin_repository(root: &Path, name: &str, files: &[(&str, &str)]) -> String {
+    let work = root.join(format!("{name}-work"));
+    std::fs::create_dir_all(&work).expect("work dir");
+    git(&work, &["init", "-q", "-b", "main"]);
+    for (path, text) in files {
+        let file = work.join(path);
+        std::fs::create_dir_all(file.parent().expect("parent")).expect("dirs");
+        std::fs::write(file, text).expect("write");
+    }
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "initial"]);
+    let bare = root.join(format!("{name}.git"));
+    let status = Command::new("git")
+        .args(["clone", "-q", "--bare"])
+        .arg(&work)
+        .arg(&bare)
+        .status()
+        .expect("git clone --bare");
+    assert!(status.success());
+    format!("file://{}", bare.display())
+}
+
+/// A spec with a shell agent, one verify command, bwrap sandbox.
+pub fn spec(name: &str, repositories: Vec<String>, agent: &str, verify: &[&str]) -> v1::FleetSpec {
+    v1::FleetSpec {
+        name: name.into(),
+        repositories,
+        agent: Some(v1::AgentSpec {
+            command: agent.into(),
+            task: "test task".into(),
+            env: Default::default(),
+        }),
+        verify: verify.iter().map(|v| v.to_string()).collect(),
+        sandbox: Some(v1::SandboxSpec {
+            driver: "bwrap".into(),
+            timeout_ms: 30_000,
+            ..Default::default()
+        }),
+        branch_template: "flotilla/{fleet}".into(),
+        commit_message: "test change".into(),
+        max_parallelism: 4,
+        max_attempts: 2,
+        push: true,
+        ..Default::default()
+    }
+}
+
+/// Waits until the fleet is no longer running; returns it with its runs.
+pub async fn wait_finished(
+    client: &mut FleetServiceClient<Channel>,
+    fleet_id: &str,
+    node: &Node,
+) -> v1::Fleet {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let fleet = client
+            .get_fleet(v1::GetFleetRequest {
+                fleet_id: fleet_id.into(),
+            })
+            .await
+            .expect("get fleet")
+            .into_inner();
+        if fleet.state != v1::FleetState::Running as i32 {
+            return fleet;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fleet {fleet_id} did not finish: {fleet:?}\nlog:\n{}",
+            node.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
