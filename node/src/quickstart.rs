@@ -33,6 +33,13 @@ pub struct QuickstartArguments {
     /// The verification command line.
     #[arg(long, default_value = DEFAULT_VERIFY_COMMAND)]
     verify_command: String,
+    /// Rust toolchain the sandboxed commands use (`RUSTUP_TOOLCHAIN`). The sandbox's toolchain is
+    /// read-only and offline, so a repository's `rust-toolchain.toml` that asks for a toolchain
+    /// or component that is not installed (several crates ask for `rust-src`) cannot be
+    /// honoured; the fleet formats with the installed toolchain instead. Empty: the
+    /// repository's own choice.
+    #[arg(long, default_value = "stable")]
+    rust_toolchain: String,
     /// Output format of the roll-up.
     #[arg(long, value_enum, default_value = "human")]
     output: Output,
@@ -83,7 +90,13 @@ pub async fn run(arguments: QuickstartArguments) -> anyhow::Result<i32> {
         agent: Some(v1::AgentSpec {
             command: arguments.agent_command,
             task: "Format every Rust file with rustfmt so that `cargo fmt --check` passes.".into(),
-            env: Default::default(),
+            env: if arguments.rust_toolchain.is_empty() {
+                Default::default()
+            } else {
+                [("RUSTUP_TOOLCHAIN".to_string(), arguments.rust_toolchain)]
+                    .into_iter()
+                    .collect()
+            },
         }),
         verify: vec![arguments.verify_command],
         sandbox: Some(v1::SandboxSpec {
@@ -116,12 +129,14 @@ pub async fn run(arguments: QuickstartArguments) -> anyhow::Result<i32> {
     Ok(code)
 }
 
-/// `flotilla bench sandbox`: starts `count` bubblewrap sandboxes running `true`, one after the
-/// other, and prints the start-to-exit time percentiles.
+/// `flotilla bench sandbox`: starts `count` bubblewrap sandboxes running `true`, interleaved
+/// with `count` plain process starts (the `none` driver: same log capture and cgroup setup, no
+/// namespaces) as the baseline measured in the same run, and prints percentiles and the ratio.
 ///
 /// # Errors
 /// The sandbox cannot be started.
 pub async fn bench_sandbox(count: u32) -> anyhow::Result<i32> {
+    use flotilla_worker::sandbox::{SandboxDriver, measure_sandbox_start};
     anyhow::ensure!(
         count > 0 && count <= 100_000,
         "--count must be between 1 and 100000"
@@ -131,23 +146,32 @@ pub async fn bench_sandbox(count: u32) -> anyhow::Result<i32> {
         work_directory: directory.path().to_path_buf(),
         ..flotilla_worker::config::WorkerConfig::default()
     };
-    let mut samples_ms = Vec::with_capacity(count as usize);
+    let mut sandbox_ms = Vec::with_capacity(count as usize);
+    let mut baseline_ms = Vec::with_capacity(count as usize);
     for _ in 0..count {
-        let elapsed = flotilla_worker::sandbox::measure_sandbox_start(
-            &config,
-            flotilla_worker::sandbox::SandboxDriver::Bubblewrap,
-        )
-        .await?;
-        samples_ms.push(elapsed.as_secs_f64() * 1000.0);
+        let elapsed = measure_sandbox_start(&config, SandboxDriver::Bubblewrap).await?;
+        sandbox_ms.push(elapsed.as_secs_f64() * 1000.0);
+        let elapsed = measure_sandbox_start(&config, SandboxDriver::None).await?;
+        baseline_ms.push(elapsed.as_secs_f64() * 1000.0);
     }
-    samples_ms.sort_by(f64::total_cmp);
-    let percentile = |p: f64| samples_ms[((samples_ms.len() as f64 - 1.0) * p).round() as usize];
+    let report = |name: &str, samples: &mut Vec<f64>| {
+        samples.sort_by(f64::total_cmp);
+        let percentile = |p: f64| samples[((samples.len() as f64 - 1.0) * p).round() as usize];
+        println!(
+            "{name}: {count} starts, p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            percentile(0.5),
+            percentile(0.9),
+            percentile(0.99),
+            percentile(1.0)
+        );
+        (percentile(0.5), percentile(0.99))
+    };
+    let (sandbox_p50, sandbox_p99) = report("bwrap sandbox", &mut sandbox_ms);
+    let (baseline_p50, baseline_p99) = report("plain process (baseline)", &mut baseline_ms);
     println!(
-        "sandbox starts: {count}, p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        percentile(0.5),
-        percentile(0.9),
-        percentile(0.99),
-        percentile(1.0)
+        "ratio sandbox / plain process: p50 {:.2}x, p99 {:.2}x",
+        sandbox_p50 / baseline_p50,
+        sandbox_p99 / baseline_p99
     );
     Ok(0)
 }
