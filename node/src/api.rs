@@ -42,6 +42,17 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The W3C `traceparent` of `span` (empty when no OpenTelemetry layer is installed), so that
+/// workers can continue the submission's trace.
+fn trace_parent(span: &tracing::Span) -> String {
+    use opentelemetry::propagation::TextMapPropagator as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let mut carrier = HashMap::new();
+    opentelemetry_sdk::propagation::TraceContextPropagator::new()
+        .inject_context(&span.context(), &mut carrier);
+    carrier.remove("traceparent").unwrap_or_default()
+}
+
 fn invalid(error: FieldError) -> Status {
     Status::invalid_argument(error.to_string())
 }
@@ -176,6 +187,7 @@ impl FleetService for Api {
         let command = Command::SubmitFleet {
             spec,
             idempotency_key: message.idempotency_key,
+            trace_parent: trace_parent(&span),
         };
         match self.propose(command).instrument(span.clone()).await? {
             Proposal::Forward(channel) => self.fleet_client(channel).submit_fleet(original).await,
@@ -431,6 +443,7 @@ impl WorkerService for Api {
                                 branch: g.branch,
                                 spec: Some(convert::fleet_spec_to_wire(&g.spec)),
                                 lease_ttl_ms: self.limits.lease_ttl_ms,
+                                trace_parent: g.trace_parent,
                             })
                             .collect();
                         return Ok(GrpcResponse::new(v1::LeaseRunsResponse { leases }));
@@ -542,5 +555,31 @@ impl WorkerService for Api {
                 Err(Status::internal(format!("unexpected response {other:?}")))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    use super::*;
+
+    #[test]
+    fn trace_parent_is_w3c_when_traced_and_empty_otherwise() {
+        assert_eq!(trace_parent(&info_span!("untraced")), "");
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let value = trace_parent(&info_span!("submit_fleet"));
+            let parts: Vec<&str> = value.split('-').collect();
+            assert_eq!(parts.len(), 4, "{value}");
+            assert_eq!(
+                (parts[0], parts[1].len(), parts[2].len()),
+                ("00", 32, 16),
+                "{value}"
+            );
+        });
     }
 }

@@ -28,6 +28,10 @@ pub enum Command {
         spec: FleetSpec,
         /// Optional idempotency key; empty means none.
         idempotency_key: String,
+        /// W3C `traceparent` of the submission's span, or empty. Opaque here: it is handed to
+        /// workers with each lease so that a run's trace continues the submission's.
+        #[serde(default)]
+        trace_parent: String,
     },
     /// Leases up to `free_slots` pending runs to `worker_id`, each until `now_ms + lease_ttl_ms`.
     AcquireLeases {
@@ -192,6 +196,8 @@ pub struct LeaseGrant {
     pub spec: FleetSpec,
     /// When the lease ends unless renewed, in milliseconds since the Unix epoch.
     pub expires_at_ms: u64,
+    /// W3C `traceparent` of the fleet's submission, or empty.
+    pub trace_parent: String,
 }
 
 /// What applying a command returned.

@@ -185,6 +185,9 @@ pub struct Fleet {
     pub spec: FleetSpec,
     /// Idempotency key of the submission; empty if none.
     pub idempotency_key: String,
+    /// W3C `traceparent` of the submission's span, or empty.
+    #[serde(default)]
+    pub trace_parent: String,
     /// Current state.
     pub state: FleetState,
     /// Leader time of submission.
@@ -307,7 +310,8 @@ impl State {
             Command::SubmitFleet {
                 spec,
                 idempotency_key,
-            } => self.submit_fleet(now_ms, spec, idempotency_key),
+                trace_parent,
+            } => self.submit_fleet(now_ms, spec, idempotency_key, trace_parent),
             Command::AcquireLeases {
                 worker_id,
                 free_slots,
@@ -334,6 +338,7 @@ impl State {
         now_ms: u64,
         fleet_spec: &FleetSpec,
         idempotency_key: &str,
+        trace_parent: &str,
     ) -> Response {
         if !idempotency_key.is_empty()
             && let Some(number) = self.idempotency_keys.get(idempotency_key)
@@ -373,6 +378,7 @@ impl State {
             number,
             spec: fleet_spec.clone(),
             idempotency_key: idempotency_key.to_string(),
+            trace_parent: trace_parent.to_string(),
             state: FleetState::Running,
             created_at_ms: now_ms,
             finished_at_ms: 0,
@@ -481,6 +487,7 @@ impl State {
                 branch: run.branch.clone(),
                 spec: fleet.spec.clone(),
                 expires_at_ms,
+                trace_parent: fleet.trace_parent.clone(),
             });
             set_run_state(fleet, index, RunState::Running);
             push_event(

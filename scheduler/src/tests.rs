@@ -35,6 +35,7 @@ impl Harness {
         match self.apply(Command::SubmitFleet {
             spec: s,
             idempotency_key: key.into(),
+            trace_parent: String::new(),
         }) {
             Response::FleetSubmitted { fleet_id, .. } => fleet_id,
             other => panic!("unexpected {other:?}"),
@@ -146,6 +147,7 @@ fn idempotency_key_returns_the_same_fleet() {
     let again = h.apply(Command::SubmitFleet {
         spec: spec(&["file:///other"]),
         idempotency_key: "key-1".into(),
+        trace_parent: String::new(),
     });
     assert_eq!(
         again,

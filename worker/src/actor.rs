@@ -446,6 +446,7 @@ impl Actor for RunActor {
             parent,
         } = arguments;
         let span = info_span!("run", fleet.id = %lease.fleet_id, run.id = %lease.run_id, attempt = lease.attempt, repository = %lease.repository);
+        continue_trace(&span, &lease.trace_parent);
         // Execution runs in its own task so the mailbox never blocks on it; a panic in it
         // becomes an infrastructure failure.
         tokio::spawn(async move {
@@ -476,6 +477,20 @@ impl Actor for RunActor {
         myself.stop(None);
         Ok(())
     }
+}
+
+/// Makes `span` a child of the submission's span given as a W3C `traceparent` (no-op when empty
+/// or when no OpenTelemetry layer is installed).
+fn continue_trace(span: &tracing::Span, trace_parent: &str) {
+    use opentelemetry::propagation::TextMapPropagator as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if trace_parent.is_empty() {
+        return;
+    }
+    let carrier: HashMap<String, String> =
+        [("traceparent".to_string(), trace_parent.to_string())].into();
+    let parent = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier);
+    let _ = span.set_parent(parent);
 }
 
 /// Sends one result, retrying transient failures with backoff for up to `report_retry_max_ms`.
@@ -649,5 +664,40 @@ async fn heartbeat_ticker(
                 cluster.rotate();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    use super::*;
+
+    #[test]
+    fn a_run_span_continues_the_submission_trace() {
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let submission = info_span!("submit_fleet");
+            let parent = submission.context().span().span_context().clone();
+            assert!(parent.is_valid());
+            let trace_parent = format!("00-{}-{}-01", parent.trace_id(), parent.span_id());
+            let run = info_span!("run");
+            continue_trace(&run, &trace_parent);
+            assert_eq!(
+                run.context().span().span_context().trace_id(),
+                parent.trace_id()
+            );
+            // Without a trace parent the run starts its own trace.
+            let other = info_span!("run");
+            continue_trace(&other, "");
+            assert_ne!(
+                other.context().span().span_context().trace_id(),
+                parent.trace_id()
+            );
+        });
     }
 }

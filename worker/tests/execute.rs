@@ -25,6 +25,7 @@ fn lease(repository: &str, run_id: &str, attempt: u32, agent: &str, verify: &[&s
         repository: repository.to_owned(),
         attempt,
         branch: BRANCH.to_owned(),
+        trace_parent: String::new(),
         spec: Some(FleetSpec {
             name: "test-fleet".to_owned(),
             repositories: vec![repository.to_owned()],

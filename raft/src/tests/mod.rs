@@ -57,6 +57,7 @@ fn submit_fleet(name: &str, now_ms: u64) -> Request {
         command: Command::SubmitFleet {
             spec: fleet_spec(name),
             idempotency_key: String::new(),
+            trace_parent: String::new(),
         },
     }
 }
