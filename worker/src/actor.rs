@@ -168,6 +168,26 @@ impl WorkerHandle {
     }
 }
 
+/// Executes one leased attempt and returns its result; the cancellation receiver turns `true`
+/// (or its sender is dropped) when the run must stop. Production uses
+/// [`crate::execute::execute_attempt`]; tests substitute their own to exercise supervision.
+pub type Executor = Arc<
+    dyn Fn(v1::Lease, watch::Receiver<bool>) -> futures::future::BoxFuture<'static, v1::RunResult>
+        + Send
+        + Sync,
+>;
+
+/// The production executor: [`crate::execute::execute_attempt`] with `execution`'s settings.
+pub fn sandbox_executor(execution: WorkerConfig) -> Executor {
+    let execution = Arc::new(execution);
+    Arc::new(move |lease, cancelled| {
+        let execution = execution.clone();
+        Box::pin(
+            async move { crate::execute::execute_attempt(&execution, &lease, cancelled).await },
+        )
+    })
+}
+
 /// Starts the worker: its supervising actor, the lease poller and the heartbeat ticker.
 ///
 /// # Errors
@@ -175,6 +195,17 @@ impl WorkerHandle {
 pub async fn start(
     settings: WorkerSettings,
     execution: WorkerConfig,
+) -> Result<WorkerHandle, WorkerError> {
+    start_with_executor(settings, sandbox_executor(execution)).await
+}
+
+/// [`start`] with an explicit [`Executor`].
+///
+/// # Errors
+/// [`WorkerError`] for invalid settings or when the actor cannot be spawned.
+pub async fn start_with_executor(
+    settings: WorkerSettings,
+    executor: Executor,
 ) -> Result<WorkerHandle, WorkerError> {
     if settings.slots == 0 || settings.slots > 1024 {
         return Err(WorkerError::Setting {
@@ -192,7 +223,7 @@ pub async fn start(
     let held: HeldLeases = Arc::new(Mutex::new(BTreeMap::new()));
     let arguments = WorkerArguments {
         settings: settings.clone(),
-        execution: Arc::new(execution),
+        executor,
         cluster: cluster.clone(),
         held: held.clone(),
     };
@@ -249,7 +280,7 @@ struct WorkerActor;
 
 struct WorkerArguments {
     settings: WorkerSettings,
-    execution: Arc<WorkerConfig>,
+    executor: Executor,
     cluster: Cluster,
     held: HeldLeases,
 }
@@ -315,7 +346,7 @@ impl Actor for WorkerActor {
                 }
                 let arguments = RunArguments {
                     lease: (*lease).clone(),
-                    execution: state.arguments.execution.clone(),
+                    executor: state.arguments.executor.clone(),
                     cancelled,
                     parent: myself.clone(),
                 };
@@ -418,7 +449,7 @@ struct RunActor;
 
 struct RunArguments {
     lease: v1::Lease,
-    execution: Arc<WorkerConfig>,
+    executor: Executor,
     cancelled: watch::Receiver<bool>,
     parent: ActorRef<WorkerMessage>,
 }
@@ -441,7 +472,7 @@ impl Actor for RunActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         let RunArguments {
             lease,
-            execution,
+            executor,
             cancelled,
             parent,
         } = arguments;
@@ -450,10 +481,7 @@ impl Actor for RunActor {
         // Execution runs in its own task so the mailbox never blocks on it; a panic in it
         // becomes an infrastructure failure.
         tokio::spawn(async move {
-            let execution_task = tokio::spawn(
-                async move { crate::execute::execute_attempt(&execution, &lease, cancelled).await }
-                    .instrument(span),
-            );
+            let execution_task = tokio::spawn(executor(lease, cancelled).instrument(span));
             let result = match execution_task.await {
                 Ok(result) => result,
                 Err(error) => infrastructure(format!("the attempt's execution panicked: {error}")),
