@@ -343,7 +343,7 @@ async fn run_pipeline(
     // A tracing span for one phase, with the run's identifiers.
     macro_rules! phase_span {
         ($name:literal) => {
-            tracing::info_span!($name, run_id = %lease.run_id, fleet_id = %lease.fleet_id, attempt = lease.attempt)
+            tracing::info_span!($name, run.id = %lease.run_id, fleet.id = %lease.fleet_id, attempt = lease.attempt)
         };
     }
     let git = Git::from_config(config);
