@@ -2,7 +2,8 @@
 # sandboxes need when missing, and points cargo at a shared, persistent build cache.
 #
 # - Debian packages: bubblewrap (sandboxes), libclang (bindgen for RocksDB), sccache (compiler
-#   cache), git. Installed with apt-get only when missing.
+#   cache), git, iproute2 and iptables (network namespaces and partitions of the chaos tests).
+#   Installed with apt-get only when missing.
 # - CARGO_TARGET_DIR defaults to ~/.cache/flotilla/target, outside the clone, so fresh clones on
 #   the same machine reuse the build; RUSTC_WRAPPER=sccache caches C++ and Rust objects too.
 #   Both can be overridden from the environment.
@@ -13,6 +14,8 @@ flotilla_missing_packages() {
   command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
   command -v sccache >/dev/null 2>&1 || missing+=(sccache)
   command -v git >/dev/null 2>&1 || missing+=(git)
+  command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+  command -v iptables >/dev/null 2>&1 || missing+=(iptables)
   command -v cc >/dev/null 2>&1 || missing+=(build-essential)
   if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
     missing+=(libclang1-14 libclang-common-14-dev)

@@ -15,7 +15,7 @@ use flotilla_proto::v1::fleet_service_server::FleetService;
 use flotilla_proto::v1::worker_service_client::WorkerServiceClient;
 use flotilla_proto::v1::worker_service_server::WorkerService;
 use flotilla_proto::v1::{self};
-use flotilla_raft::{RaftNode, WriteError};
+use flotilla_raft::{RaftNode, ReadError, WriteError};
 use flotilla_scheduler::{Command, FieldError, Request, Response, SpecLimits};
 use futures::Stream;
 use tokio::sync::{Semaphore, mpsc};
@@ -144,12 +144,20 @@ impl Api {
             .max_encoding_message_size(self.limits.max_request_bytes)
     }
 
-    /// Linearizable read: confirms leadership (read index) before reading local state.
-    async fn read_barrier(&self) -> Result<(), Status> {
-        self.node
-            .ensure_linearizable()
-            .await
-            .map_err(|e| Status::unavailable(format!("linearizable read failed: {e}")))
+    /// Linearizable read: on the leader, confirms leadership with a quorum (read index) and
+    /// waits until the state has applied it; returns `None`, and the caller reads local state.
+    /// On a follower, returns a channel to the leader, and the caller forwards the read there.
+    async fn read_barrier(&self) -> Result<Option<Channel>, Status> {
+        match self.node.ensure_linearizable().await {
+            Ok(()) => Ok(None),
+            Err(ReadError::ForwardToLeader {
+                leader_address: Some(address),
+                ..
+            }) => Ok(Some(self.channel_to(&address)?)),
+            Err(error) => Err(Status::unavailable(format!(
+                "linearizable read failed: {error}"
+            ))),
+        }
     }
 
     fn fleet_or_not_found(&self, fleet_id: &str, with_runs: bool) -> Result<v1::Fleet, Status> {
@@ -212,9 +220,12 @@ impl FleetService for Api {
         &self,
         request: GrpcRequest<v1::GetFleetRequest>,
     ) -> Result<GrpcResponse<v1::Fleet>, Status> {
-        let fleet_id = request.into_inner().fleet_id;
+        let original = request.into_inner();
+        let fleet_id = original.fleet_id.clone();
         validate_fleet_id(&fleet_id)?;
-        self.read_barrier().await?;
+        if let Some(leader) = self.read_barrier().await? {
+            return self.fleet_client(leader).get_fleet(original).await;
+        }
         self.fleet_or_not_found(&fleet_id, true)
             .map(GrpcResponse::new)
     }
@@ -224,6 +235,7 @@ impl FleetService for Api {
         request: GrpcRequest<v1::ListFleetsRequest>,
     ) -> Result<GrpcResponse<v1::ListFleetsResponse>, Status> {
         let message = request.into_inner();
+        let original = message.clone();
         let page_size = match message.page_size {
             0 => 100,
             n @ 1..=1000 => n as usize,
@@ -244,7 +256,9 @@ impl FleetService for Api {
                 ))
             })?
         };
-        self.read_barrier().await?;
+        if let Some(leader) = self.read_barrier().await? {
+            return self.fleet_client(leader).list_fleets(original).await;
+        }
         let fleets: Vec<v1::Fleet> = self.node.state.read(|state| {
             state
                 .fleets_before(before, page_size)
@@ -326,14 +340,17 @@ impl FleetService for Api {
         &self,
         request: GrpcRequest<v1::GetRunRequest>,
     ) -> Result<GrpcResponse<v1::Run>, Status> {
-        let run_id = request.into_inner().run_id;
+        let original = request.into_inner();
+        let run_id = original.run_id.clone();
         if flotilla_scheduler::state::parse_run_id(&run_id).is_none() {
             return Err(invalid(FieldError::new(
                 "run_id",
                 format!("{run_id:?} is not a run id (fl-<n>-<i>)"),
             )));
         }
-        self.read_barrier().await?;
+        if let Some(leader) = self.read_barrier().await? {
+            return self.fleet_client(leader).get_run(original).await;
+        }
         self.node
             .state
             .read(|state| {

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use flotilla_proto::v1::cluster_service_client::ClusterServiceClient;
 use flotilla_proto::v1::fleet_service_client::FleetServiceClient;
 use flotilla_proto::v1::{self, FleetState, RunState};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -72,6 +73,21 @@ const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// # Errors
 /// [`CliError`] with [`exit_code::UNAVAILABLE`] when none answers.
 pub async fn connect(addresses: &str) -> Result<FleetServiceClient<Channel>, CliError> {
+    let channel = connect_channel(addresses).await?;
+    Ok(FleetServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// Like [`connect`], for `ClusterService`.
+///
+/// # Errors
+/// [`CliError`] with [`exit_code::UNAVAILABLE`] when none answers.
+pub async fn connect_cluster(addresses: &str) -> Result<ClusterServiceClient<Channel>, CliError> {
+    Ok(ClusterServiceClient::new(connect_channel(addresses).await?))
+}
+
+async fn connect_channel(addresses: &str) -> Result<Channel, CliError> {
     let mut last_error = String::from("no address given");
     for address in addresses
         .split(',')
@@ -86,11 +102,7 @@ pub async fn connect(addresses: &str) -> Result<FleetServiceClient<Channel>, Cli
             }
         };
         match endpoint.connect().await {
-            Ok(channel) => {
-                return Ok(FleetServiceClient::new(channel)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES));
-            }
+            Ok(channel) => return Ok(channel),
             Err(error) => last_error = format!("{address}: {error}"),
         }
     }
@@ -563,4 +575,163 @@ pub fn read_repositories_file(path: &Path) -> anyhow::Result<Vec<String>> {
         path.display()
     );
     Ok(repositories)
+}
+
+fn print_cluster_status(status: &v1::ClusterStatus, output: Output) {
+    if output == Output::Json {
+        let members: Vec<_> = status
+            .members
+            .iter()
+            .map(|m| {
+                json!({"node_id": m.node_id, "address": m.address, "voter": m.voter,
+                       "matched_index": m.matched_index, "lag": m.lag})
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"node_id": status.node_id, "role": status.role, "term": status.term,
+                   "leader_id": status.leader_id, "leader_address": status.leader_address,
+                   "last_log_index": status.last_log_index, "committed_index": status.committed_index,
+                   "applied_index": status.applied_index, "snapshot_index": status.snapshot_index,
+                   "members": members})
+        );
+        return;
+    }
+    let leader = if status.leader_id == 0 {
+        "none".to_string()
+    } else {
+        format!("{} ({})", status.leader_id, status.leader_address)
+    };
+    println!(
+        "node {}: {}, term {}, leader {leader}",
+        status.node_id, status.role, status.term
+    );
+    println!(
+        "last log index {}, committed {}, applied {}, snapshot {}",
+        status.last_log_index, status.committed_index, status.applied_index, status.snapshot_index
+    );
+    println!(
+        "{:<8} {:<24} {:<8} {:>10} {:>8}",
+        "NODE", "ADDRESS", "ROLE", "MATCHED", "LAG"
+    );
+    for member in &status.members {
+        let role = if member.voter { "voter" } else { "learner" };
+        println!(
+            "{:<8} {:<24} {:<8} {:>10} {:>8}",
+            member.node_id, member.address, role, member.matched_index, member.lag
+        );
+    }
+}
+
+/// `cluster status`.
+///
+/// # Errors
+/// An RPC failure.
+pub async fn cluster_status(
+    client: &mut ClusterServiceClient<Channel>,
+    from_leader: bool,
+    output: Output,
+) -> Result<i32, CliError> {
+    let status = client
+        .status(v1::StatusRequest { from_leader })
+        .await?
+        .into_inner();
+    print_cluster_status(&status, output);
+    Ok(exit_code::OK)
+}
+
+/// `cluster digest`.
+///
+/// # Errors
+/// An RPC failure.
+pub async fn cluster_digest(
+    client: &mut ClusterServiceClient<Channel>,
+    output: Output,
+) -> Result<i32, CliError> {
+    let digest = client
+        .state_digest(v1::StateDigestRequest {})
+        .await?
+        .into_inner();
+    if output == Output::Json {
+        println!(
+            "{}",
+            json!({"node_id": digest.node_id, "applied_index": digest.applied_index, "digest": digest.digest})
+        );
+    } else {
+        println!(
+            "node {} applied index {} digest {}",
+            digest.node_id, digest.applied_index, digest.digest
+        );
+    }
+    Ok(exit_code::OK)
+}
+
+fn parse_member(entry: &str) -> Result<v1::Member, CliError> {
+    let invalid = || CliError {
+        message: format!("--members: {entry:?} is not <node_id>=<host:port>"),
+        code: exit_code::USAGE,
+    };
+    let (node_id, address) = entry.split_once('=').ok_or_else(invalid)?;
+    Ok(v1::Member {
+        node_id: node_id.trim().parse().map_err(|_| invalid())?,
+        address: address.trim().to_string(),
+    })
+}
+
+/// `cluster init`.
+///
+/// # Errors
+/// A malformed member or an RPC failure.
+pub async fn cluster_init(
+    client: &mut ClusterServiceClient<Channel>,
+    members: &[String],
+    output: Output,
+) -> Result<i32, CliError> {
+    let members = members
+        .iter()
+        .map(|m| parse_member(m))
+        .collect::<Result<Vec<_>, _>>()?;
+    let status = client
+        .initialize(v1::InitializeRequest { members })
+        .await?
+        .into_inner();
+    print_cluster_status(&status, output);
+    Ok(exit_code::OK)
+}
+
+/// `cluster add`.
+///
+/// # Errors
+/// An RPC failure.
+pub async fn cluster_add(
+    client: &mut ClusterServiceClient<Channel>,
+    node_id: u64,
+    address: String,
+    learner: bool,
+    output: Output,
+) -> Result<i32, CliError> {
+    let request = v1::AddMemberRequest {
+        member: Some(v1::Member { node_id, address }),
+        learner,
+    };
+    let status = client.add_member(request).await?.into_inner();
+    print_cluster_status(&status, output);
+    Ok(exit_code::OK)
+}
+
+/// `cluster remove`.
+///
+/// # Errors
+/// An RPC failure.
+pub async fn cluster_remove(
+    client: &mut ClusterServiceClient<Channel>,
+    node_id: u64,
+    output: Output,
+) -> Result<i32, CliError> {
+    let status = client
+        .remove_member(v1::RemoveMemberRequest { node_id })
+        .await?
+        .into_inner();
+    print_cluster_status(&status, output);
+    Ok(exit_code::OK)
 }

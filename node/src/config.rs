@@ -22,6 +22,8 @@ pub struct ServerConfig {
     pub advertise_address: String,
     /// HTTP listen address (metrics, health, dashboard); empty disables it.
     pub http_listen_address: String,
+    /// Cluster formation.
+    pub cluster: ClusterSection,
     /// Raft timing and snapshots.
     pub raft: RaftSection,
     /// Request and state limits.
@@ -40,6 +42,7 @@ impl Default for ServerConfig {
             listen_address: "127.0.0.1:7600".into(),
             advertise_address: String::new(),
             http_listen_address: "127.0.0.1:7601".into(),
+            cluster: ClusterSection::default(),
             raft: RaftSection::default(),
             limits: LimitsSection::default(),
             worker: WorkerSection::default(),
@@ -52,6 +55,58 @@ fn default_data_directory() -> PathBuf {
     match std::env::var_os("HOME") {
         Some(home) => Path::new(&home).join(".local/share/flotilla"),
         None => PathBuf::from("flotilla-data"),
+    }
+}
+
+/// How the node finds its cluster on first start.
+///
+/// - `initial_members` empty and `join` false (the default): a fresh node initializes a
+///   single-node cluster (later nodes are added with `flotilla cluster add`);
+/// - `initial_members` set: every listed node, started with the same list, initializes the
+///   cluster with those voters if its store is fresh (first formation only: a node whose data
+///   was lost must rejoin with `join` instead, or it would found a second cluster);
+/// - `join` true: the node waits, uninitialized, until a member adds it.
+///
+/// On later starts the stored membership is used and these settings are ignored.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Initial voters as `"<node_id>=<host:port>"`, this node included.
+    pub initial_members: Vec<String>,
+    /// Start uninitialized and wait to be added.
+    pub join: bool,
+}
+
+impl ClusterSection {
+    /// Parses `initial_members` into node id -> address.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the entry.
+    pub fn members(&self) -> Result<std::collections::BTreeMap<u64, String>, ConfigError> {
+        let mut members = std::collections::BTreeMap::new();
+        for entry in &self.initial_members {
+            let invalid = |message: String| ConfigError::Invalid {
+                field: "cluster.initial_members",
+                message,
+            };
+            let (id, address) = entry
+                .split_once('=')
+                .ok_or_else(|| invalid(format!("{entry:?} is not <node_id>=<host:port>")))?;
+            let id: u64 =
+                id.trim().parse().ok().filter(|id| *id > 0).ok_or_else(|| {
+                    invalid(format!("{entry:?}: node id must be a positive integer"))
+                })?;
+            let address = address.trim();
+            if address.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(format!(
+                    "{entry:?}: {address:?} is not an IP:port socket address"
+                )));
+            }
+            if members.insert(id, address.to_string()).is_some() {
+                return Err(invalid(format!("node id {id} is listed twice")));
+            }
+        }
+        Ok(members)
     }
 }
 
@@ -105,8 +160,13 @@ pub struct LimitsSection {
     /// After this node becomes leader, leases are not expired for this long (grace for workers
     /// to find the new leader).
     pub lease_grace_after_election_ms: u64,
-    /// How often the leader looks for expired leases.
+    /// How often the leader looks for expired leases and compactable fleets.
     pub lease_check_interval_ms: u64,
+    /// How long an ended fleet (its runs, events, idempotency key) is kept before it is
+    /// compacted away.
+    pub fleet_retention_ms: u64,
+    /// Most fleets compacted by one command.
+    pub compaction_batch_fleets: u32,
 }
 
 impl Default for LimitsSection {
@@ -123,6 +183,8 @@ impl Default for LimitsSection {
             lease_ttl_ms: 30_000,
             lease_grace_after_election_ms: 30_000,
             lease_check_interval_ms: 1_000,
+            fleet_retention_ms: 7 * 24 * 3_600_000,
+            compaction_batch_fleets: 100,
         }
     }
 }
@@ -329,8 +391,27 @@ impl ServerConfig {
         if self.limits.max_runs_per_fleet == 0 || self.limits.max_runs_per_fleet > 100_000 {
             return invalid("limits.max_runs_per_fleet", "must be between 1 and 100000");
         }
+        if self.limits.lease_check_interval_ms == 0 {
+            return invalid("limits.lease_check_interval_ms", "must be positive");
+        }
+        if self.limits.compaction_batch_fleets == 0 {
+            return invalid("limits.compaction_batch_fleets", "must be positive");
+        }
         if self.limits.max_request_bytes < 64 * 1024 {
             return invalid("limits.max_request_bytes", "must be at least 65536");
+        }
+        let members = self.cluster.members()?;
+        if !members.is_empty() && !members.contains_key(&self.node_id) {
+            return invalid(
+                "cluster.initial_members",
+                "must include this node's node_id",
+            );
+        }
+        if !members.is_empty() && self.cluster.join {
+            return invalid(
+                "cluster.join",
+                "cannot be combined with cluster.initial_members",
+            );
         }
         if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
             return invalid("telemetry.log_format", "must be \"text\" or \"json\"");
@@ -399,6 +480,20 @@ mod tests {
             parse("node_id = 0\n").unwrap_err(),
             "config node_id: must be at least 1"
         );
+        assert_eq!(
+            parse("[cluster]\ninitial_members = [\"1=127.0.0.1:7600\", \"two=127.0.0.1:7601\"]\n")
+                .unwrap_err(),
+            "config cluster.initial_members: \"two=127.0.0.1:7601\": node id must be a positive integer"
+        );
+        assert_eq!(
+            parse("[cluster]\ninitial_members = [\"2=127.0.0.1:7601\"]\n").unwrap_err(),
+            "config cluster.initial_members: must include this node's node_id"
+        );
+        let three = parse(
+            "[cluster]\ninitial_members = [\"1=127.0.0.1:7600\", \"2=10.1.0.2:7600\", \"3=10.1.0.3:7600\"]\n",
+        )
+        .unwrap();
+        assert_eq!(three.cluster.members().unwrap().len(), 3);
         assert_eq!(
             parse("[raft]\nelection_timeout_min_ms = 900\n").unwrap_err(),
             "config raft.election_timeout_max_ms: must be greater than election_timeout_min_ms"

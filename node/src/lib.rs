@@ -1,9 +1,11 @@
 //! The `flotilla` node: server (API, Raft, worker, HTTP) and command-line client, as a library so
 //! that the binary (`main.rs`) and the integration tests share it.
 //!
-//! - [`server`]: starts a node; [`api`]: the gRPC services; [`http`]: metrics, health, dashboard;
+//! - [`server`]: starts a node; [`api`]: the fleet and worker gRPC services; [`cluster`]:
+//!   membership, status and state digests; [`http`]: metrics, health, dashboard;
 //! - [`config`]: server configuration; [`spec_file`]: fleet spec files; [`convert`]: wire <-> state;
-//! - [`cli`]: client commands; [`quickstart`]: the main job end to end and benchmarks;
+//! - [`cli`]: client commands; [`quickstart`]: the main job end to end and `bench sandbox`;
+//!   [`bench`]: `bench writes` and `bench failover` against local clusters (etcd as baseline);
 //! - [`telemetry`]: logs and OpenTelemetry traces.
 //!
 //! What this crate must not know: how the state machine decides (that is `flotilla-scheduler`),
@@ -15,7 +17,9 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 pub mod api;
+pub mod bench;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod convert;
 pub mod http;

@@ -38,6 +38,11 @@ enum Commands {
     /// Inspects runs.
     #[command(subcommand)]
     Run(RunCommands),
+    /// Runs a worker-only node (no vote): leases runs from the cluster and executes them.
+    Worker(WorkerArguments),
+    /// Cluster membership and status.
+    #[command(subcommand)]
+    Cluster(ClusterCommands),
     /// The main job end to end: starts a single-node cluster with a local worker in-process,
     /// submits an "enforce rustfmt" fleet over gRPC, watches it and prints the roll-up.
     Quickstart(quickstart::QuickstartArguments),
@@ -66,6 +71,12 @@ struct ServerArguments {
     /// Address other nodes and workers use for this node.
     #[arg(long, env = "FLOTILLA_ADVERTISE_ADDRESS")]
     advertise_address: Option<String>,
+    /// Initial voters for first formation, `<node_id>=<host:port>,...` (this node included).
+    #[arg(long, env = "FLOTILLA_INITIAL_MEMBERS", value_delimiter = ',')]
+    initial_members: Vec<String>,
+    /// Start uninitialized and wait to be added with `flotilla cluster add`.
+    #[arg(long)]
+    join: bool,
     /// Do not run a local worker.
     #[arg(long)]
     no_worker: bool,
@@ -78,6 +89,67 @@ struct ServerArguments {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct WorkerArguments {
+    /// TOML configuration file; its `[worker]`, `[limits]` and `[telemetry]` sections apply.
+    #[arg(long, env = "FLOTILLA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Cluster nodes to lease from, comma-separated `http://host:port`; any node works (writes
+    /// are forwarded to the leader), the others are tried on failure.
+    #[arg(
+        long,
+        env = "FLOTILLA_ENDPOINTS",
+        value_delimiter = ',',
+        required = true
+    )]
+    endpoints: Vec<String>,
+    /// Worker id (1-64 of [A-Za-z0-9._-]); must be unique in the cluster.
+    #[arg(long, env = "FLOTILLA_WORKER_ID")]
+    worker_id: Option<String>,
+    /// Runs at once.
+    #[arg(long, env = "FLOTILLA_WORKER_SLOTS")]
+    slots: Option<u32>,
+    /// Where mirrors, attempt clones and logs live.
+    #[arg(long, env = "FLOTILLA_DATA_DIRECTORY")]
+    data_directory: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommands {
+    /// Leader, term, indexes, members and replication lag.
+    Status {
+        /// Ask the leader (for replication lag) rather than the addressed node.
+        #[arg(long)]
+        from_leader: bool,
+    },
+    /// The applied index and SHA-256 digest of the addressed node's replicated state.
+    Digest,
+    /// Initializes a new cluster on the addressed node with these voters.
+    Init {
+        /// Voters as `<node_id>=<host:port>`, comma-separated, the addressed node included.
+        #[arg(long, value_delimiter = ',', required = true)]
+        members: Vec<String>,
+    },
+    /// Adds a node (as learner, then voter unless --learner).
+    Add {
+        /// The new node's id.
+        #[arg(long)]
+        node_id: u64,
+        /// The new node's gRPC address, host:port.
+        #[arg(long)]
+        node_address: String,
+        /// Keep it a non-voting learner.
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Removes a voter or learner.
+    Remove {
+        /// The node's id.
+        #[arg(long)]
+        node_id: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -139,6 +211,23 @@ enum BenchCommands {
         #[arg(long, default_value_t = 200)]
         count: u32,
     },
+    /// Committed writes per second: a local 3-node cluster (WorkerService.Heartbeat, one Raft
+    /// entry each) against a local 3-member etcd cluster (KV.Put), same clients, same machine.
+    Writes {
+        /// Concurrent clients, one measurement per value, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,64")]
+        clients: Vec<u32>,
+        /// Length of each measurement.
+        #[arg(long, default_value_t = 10_000)]
+        duration_ms: u64,
+    },
+    /// Leader failover: kill -9 of the leader of a local 3-node cluster while a worker leases
+    /// runs; time to a new leader and to the first new lease.
+    Failover {
+        /// Leader kills.
+        #[arg(long, default_value_t = 20)]
+        trials: u32,
+    },
 }
 
 fn server_config(arguments: &ServerArguments) -> anyhow::Result<config::ServerConfig> {
@@ -160,6 +249,12 @@ fn server_config(arguments: &ServerArguments) -> anyhow::Result<config::ServerCo
     }
     if let Some(address) = &arguments.advertise_address {
         config.advertise_address = address.clone();
+    }
+    if !arguments.initial_members.is_empty() {
+        config.cluster.initial_members = arguments.initial_members.clone();
+    }
+    if arguments.join {
+        config.cluster.join = true;
     }
     if arguments.no_worker {
         config.worker.enabled = false;
@@ -191,6 +286,37 @@ async fn run_server(arguments: ServerArguments) -> anyhow::Result<i32> {
     Ok(exit_code::OK)
 }
 
+async fn run_worker(arguments: WorkerArguments) -> anyhow::Result<i32> {
+    let mut config = match &arguments.config {
+        Some(path) => config::ServerConfig::from_file(path)?,
+        None => config::ServerConfig::default(),
+    };
+    if let Some(worker_id) = arguments.worker_id {
+        config.worker.worker_id = worker_id;
+    }
+    if let Some(slots) = arguments.slots {
+        config.worker.slots = slots;
+    }
+    if let Some(directory) = arguments.data_directory {
+        config.data_directory = directory;
+    }
+    config.validate()?;
+    anyhow::ensure!(
+        flotilla_scheduler::spec::is_valid_name(&config.worker_id()),
+        "worker id {:?} must be 1-64 characters of [A-Za-z0-9._-]",
+        config.worker_id()
+    );
+    let _telemetry = telemetry::init(&config.telemetry)?;
+    let worker = server::start_worker(&config, arguments.endpoints).await?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate_signal() => {}
+    }
+    tracing::info!("worker shutting down");
+    worker.stop().await;
+    Ok(exit_code::OK)
+}
+
 async fn terminate_signal() {
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(mut signal) => {
@@ -201,6 +327,26 @@ async fn terminate_signal() {
 }
 
 async fn run_client(address: &str, output: Output, command: Commands) -> Result<i32, CliError> {
+    if let Commands::Cluster(command) = command {
+        let mut client = cli::connect_cluster(address).await?;
+        return match command {
+            ClusterCommands::Status { from_leader } => {
+                cli::cluster_status(&mut client, from_leader, output).await
+            }
+            ClusterCommands::Digest => cli::cluster_digest(&mut client, output).await,
+            ClusterCommands::Init { members } => {
+                cli::cluster_init(&mut client, &members, output).await
+            }
+            ClusterCommands::Add {
+                node_id,
+                node_address,
+                learner,
+            } => cli::cluster_add(&mut client, node_id, node_address, learner, output).await,
+            ClusterCommands::Remove { node_id } => {
+                cli::cluster_remove(&mut client, node_id, output).await
+            }
+        };
+    }
     let mut client = cli::connect(address).await?;
     match command {
         Commands::Fleet(FleetCommands::Submit {
@@ -223,7 +369,11 @@ async fn run_client(address: &str, output: Output, command: Commands) -> Result<
         Commands::Run(RunCommands::Show { run_id, patch }) => {
             cli::show_run(&mut client, &run_id, patch, output).await
         }
-        Commands::Server(_) | Commands::Quickstart(_) | Commands::Bench(_) => Err(CliError {
+        Commands::Server(_)
+        | Commands::Quickstart(_)
+        | Commands::Bench(_)
+        | Commands::Worker(_)
+        | Commands::Cluster(_) => Err(CliError {
             message: "not a client command".into(),
             code: exit_code::USAGE,
         }),
@@ -245,11 +395,19 @@ fn main() {
     let code = runtime.block_on(async move {
         let result: anyhow::Result<i32> = match arguments.command {
             Commands::Server(server_arguments) => run_server(server_arguments).await,
+            Commands::Worker(worker_arguments) => run_worker(worker_arguments).await,
             Commands::Quickstart(quickstart_arguments) => {
                 quickstart::run(quickstart_arguments).await
             }
             Commands::Bench(BenchCommands::Sandbox { count }) => {
                 quickstart::bench_sandbox(count).await
+            }
+            Commands::Bench(BenchCommands::Writes {
+                clients,
+                duration_ms,
+            }) => flotilla::bench::writes(&clients, duration_ms).await,
+            Commands::Bench(BenchCommands::Failover { trials }) => {
+                flotilla::bench::failover(trials).await
             }
             command => match run_client(&arguments.address, arguments.output, command).await {
                 Ok(code) => Ok(code),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use flotilla_proto::v1::cluster_service_server::ClusterServiceServer;
 use flotilla_proto::v1::fleet_service_server::FleetServiceServer;
 use flotilla_proto::v1::worker_service_server::WorkerServiceServer;
 use flotilla_raft::{RaftNode, RaftNodeConfig};
@@ -85,9 +86,20 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .await
         .context("opening the Raft node")?,
     );
-    node.initialize_single_node()
-        .await
-        .context("initializing the single-node cluster")?;
+    let members = config.cluster.members()?;
+    if !members.is_empty() {
+        let initialized = node
+            .initialize_cluster(members)
+            .await
+            .context("initializing the cluster from cluster.initial_members")?;
+        info!(initialized, "cluster formation from initial members");
+    } else if !config.cluster.join {
+        node.initialize_single_node()
+            .await
+            .context("initializing the single-node cluster")?;
+    } else {
+        info!("waiting to be added to a cluster (cluster.join)");
+    }
 
     let (shutdown, shutdown_receiver) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -109,6 +121,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                 .max_decoding_message_size(max_bytes)
                 .max_encoding_message_size(max_bytes),
         )
+        .add_service(ClusterServiceServer::new(crate::cluster::Cluster::new(
+            node.clone(),
+        )))
         .add_service(node.grpc_service())
         .add_service(reflection);
     let mut grpc_shutdown = shutdown_receiver.clone();
@@ -139,36 +154,15 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         Some(address)
     };
 
-    tasks.push(tokio::spawn(lease_expiry_loop(
+    tasks.push(tokio::spawn(leader_housekeeping_loop(
         node.clone(),
-        Duration::from_millis(config.limits.lease_check_interval_ms),
-        config.limits.lease_grace_after_election_ms,
+        config.limits.clone(),
         shutdown_receiver.clone(),
     )));
 
     let worker = if config.worker.enabled {
-        let settings = flotilla_worker::actor::WorkerSettings {
-            worker_id: config.worker_id(),
-            endpoints: vec![format!("http://{advertise_address}")],
-            slots: config.worker.slots,
-            lease_wait_ms: config.worker.lease_wait_ms,
-            heartbeat_interval_ms: config.worker.heartbeat_interval_ms,
-            ..flotilla_worker::actor::WorkerSettings::default()
-        };
-        let execution = flotilla_worker::config::WorkerConfig {
-            work_directory: config.data_directory.join("worker"),
-            log_max_bytes: config.worker.log_max_bytes,
-            log_tail_bytes: config.worker.log_tail_bytes,
-            patch_max_bytes: config.worker.patch_max_bytes,
-            default_memory_limit_bytes: config.worker.default_memory_limit_bytes,
-            default_pids_limit: config.worker.default_pids_limit,
-            ..flotilla_worker::config::WorkerConfig::default()
-        };
-        Some(
-            flotilla_worker::actor::start(settings, execution)
-                .await
-                .context("starting the local worker")?,
-        )
+        let endpoints = vec![format!("http://{advertise_address}")];
+        Some(start_worker(&config, endpoints).await?)
     } else {
         None
     };
@@ -183,16 +177,51 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     })
 }
 
-/// On the leader: proposes `ExpireLeases` when some lease has passed its expiry, but not during
-/// the grace period after this node became leader, so workers that were talking to the old
-/// leader have time to heartbeat to the new one (cf. Nomad's `heartbeat_grace`).
-async fn lease_expiry_loop(
+/// Starts a worker with `config`'s `[worker]` settings that leases from `endpoints`
+/// (`http://host:port`), keeping mirrors and logs under `data_directory/worker`.
+///
+/// # Errors
+/// Invalid worker settings.
+pub async fn start_worker(
+    config: &ServerConfig,
+    endpoints: Vec<String>,
+) -> anyhow::Result<flotilla_worker::actor::WorkerHandle> {
+    let settings = flotilla_worker::actor::WorkerSettings {
+        worker_id: config.worker_id(),
+        endpoints,
+        slots: config.worker.slots,
+        lease_wait_ms: config.worker.lease_wait_ms,
+        heartbeat_interval_ms: config.worker.heartbeat_interval_ms,
+        max_message_bytes: config.limits.max_request_bytes,
+        ..flotilla_worker::actor::WorkerSettings::default()
+    };
+    let execution = flotilla_worker::config::WorkerConfig {
+        work_directory: config.data_directory.join("worker"),
+        log_max_bytes: config.worker.log_max_bytes,
+        log_tail_bytes: config.worker.log_tail_bytes,
+        patch_max_bytes: config.worker.patch_max_bytes,
+        default_memory_limit_bytes: config.worker.default_memory_limit_bytes,
+        default_pids_limit: config.worker.default_pids_limit,
+        ..flotilla_worker::config::WorkerConfig::default()
+    };
+    flotilla_worker::actor::start(settings, execution)
+        .await
+        .context("starting the worker")
+}
+
+/// The leader's periodic duties, every `limits.lease_check_interval_ms`:
+/// - proposes `ExpireLeases` when some lease has passed its expiry, but not during the grace
+///   period after this node became leader, so workers that were talking to the old leader have
+///   time to heartbeat to the new one (cf. Nomad's `heartbeat_grace`);
+/// - proposes `CompactFleets` when an ended fleet is older than `limits.fleet_retention_ms`.
+///
+/// Only checks local state first, so an idle cluster writes nothing.
+async fn leader_housekeeping_loop(
     node: Arc<RaftNode>,
-    interval: Duration,
-    grace_after_election_ms: u64,
+    limits: crate::config::LimitsSection,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut ticker = tokio::time::interval(interval);
+    let mut ticker = tokio::time::interval(Duration::from_millis(limits.lease_check_interval_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leader_since_ms: Option<u64> = None;
     loop {
@@ -209,22 +238,32 @@ async fn lease_expiry_loop(
             continue;
         }
         let since = *leader_since_ms.get_or_insert(now);
-        if now.saturating_sub(since) < grace_after_election_ms {
-            continue;
+        let (expiry_due, compaction_due) = node.state.read(|s| {
+            (
+                s.next_lease_expiry_ms().is_some_and(|expiry| expiry <= now),
+                s.has_compactable_fleets(now, limits.fleet_retention_ms),
+            )
+        });
+        let mut commands = Vec::new();
+        if expiry_due && now.saturating_sub(since) >= limits.lease_grace_after_election_ms {
+            commands.push(Command::ExpireLeases);
         }
-        let due = node
-            .state
-            .read(|s| s.next_lease_expiry_ms())
-            .is_some_and(|expiry| expiry <= now);
-        if due
-            && let Err(error) = node
+        if compaction_due {
+            commands.push(Command::CompactFleets {
+                retention_ms: limits.fleet_retention_ms,
+                max_fleets: limits.compaction_batch_fleets,
+            });
+        }
+        for command in commands {
+            if let Err(error) = node
                 .write(Request {
                     now_ms: now,
-                    command: Command::ExpireLeases,
+                    command,
                 })
                 .await
-        {
-            warn!(%error, "proposing lease expiry failed");
+            {
+                warn!(%error, "proposing a housekeeping command failed");
+            }
         }
     }
 }

@@ -11,7 +11,9 @@
 //! - [`network`]: openraft's network over gRPC ([`GrpcNetworkFactory`]);
 //! - [`service`]: the gRPC service that receives it ([`RaftGrpcService`]);
 //! - [`node`]: everything assembled: [`open`] a [`RaftNode`], initialize, [`RaftNode::write`],
-//!   [`RaftNode::ensure_linearizable`].
+//!   [`RaftNode::ensure_linearizable`], membership changes ([`RaftNode::add_learner`],
+//!   [`RaftNode::promote_voter`], [`RaftNode::remove_member`]) and [`RaftNode::cluster_view`];
+//! - `election` (private): the election timer described below.
 //!
 //! # Why openraft 0.9
 //!
@@ -21,18 +23,47 @@
 //! still in alpha: its storage and network traits, type-config macro and error types change
 //! between alphas, and each upgrade would mean rewriting the stores and the transport.
 //!
-//! What 0.9 lacks: it draws the randomized election timeout once per node, when the node starts,
-//! not once per campaign as the Raft paper suggests (§5.2, "each candidate restarts its randomized
-//! election timeout at the start of an election"). Two nodes that happen to draw close timeouts
-//! can therefore split votes in several elections in a row. A later workaround, not implemented:
-//! start nodes with `enable_elect = false` and run an external timer that, when no leader was
-//! heard for a freshly drawn random timeout, calls `raft.trigger().elect()`, drawing a new
-//! timeout for every campaign.
+//! What 0.9 lacks: it draws the randomized election timeout once per node, when the node starts
+//! (`EngineConfig::new`), not once per campaign as the Raft paper says (§5.2, "each candidate
+//! restarts its randomized election timeout at the start of an election"). Two nodes that happen
+//! to draw close timeouts therefore split votes in election after election (seen in ~8% of
+//! failovers downstream, fluree/db #1845). This crate works around it (module `election`,
+//! switch [`RaftNodeConfig::resample_election_timeout`], on by default):
+//!
+//! - openraft runs with `enable_elect = false`, so its tick never campaigns
+//!   (`RaftCore::handle_tick_election` returns early); heartbeats, replication and vote handling
+//!   are unchanged;
+//! - each node runs its own election timer task. [`RaftGrpcService`] (as built by
+//!   [`RaftNode::grpc_service`]) records the last time the node heard from a leader: every
+//!   AppendEntries it accepted (openraft answered `Success`, `PartialSuccess` or `Conflict`, not
+//!   `HigherVote`), every InstallSnapshot chunk it accepted, and every vote it granted;
+//! - a node that is a voter, not the leader, campaigns ([`openraft::raft::trigger::Trigger::elect`])
+//!   once nothing was heard for its current timeout (counted from the last contact, its last
+//!   campaign, or when it last became eligible, whichever is latest), and draws a new timeout,
+//!   uniformly in `[election_timeout_min_ms, election_timeout_max_ms)`, for every campaign;
+//! - a learner (or a node outside the membership) never campaigns; the only voter of a cluster
+//!   campaigns at once, as openraft does (a restarted single-node cluster elects itself at start),
+//!   unless it has heard from a leader since it was opened (that leader removed itself): then it
+//!   waits for its timeout, so the leader can finish committing the change;
+//! - a healthy follower never campaigns: openraft's leader sends a heartbeat every 1.5
+//!   `heartbeat_interval_ms` (its tick), and the configuration requires
+//!   `election_timeout_min_ms >= 2 * heartbeat_interval_ms`;
+//! - openraft's leader lease (a follower refuses votes for this long after hearing from its
+//!   leader, against disruptive candidates) becomes `election_timeout_min_ms`, as in the Raft
+//!   thesis (§4.2.3), instead of openraft's `election_timeout_max_ms`: with the latter, every
+//!   campaign started by a timeout below the maximum would be refused by followers that heard
+//!   the dead leader at the same moment, and each failover would take two campaigns.
+//!
+//! [`RaftNode::elections_started`] counts the campaigns a node started, under either timer, so
+//! the two can be compared. With the switch off, openraft's timer campaigns after
+//! `leader lease + its once-drawn timeout` (`election_timeout_max_ms` +
+//! `[election_timeout_min_ms, election_timeout_max_ms)` after the last heartbeat).
 //!
 //! [openraft]: https://docs.rs/openraft/0.9
 
 #![warn(missing_docs)]
 
+mod election;
 pub mod log_store;
 pub mod network;
 pub mod node;
@@ -43,7 +74,10 @@ pub mod types;
 
 pub use log_store::LogStore;
 pub use network::{GrpcConnection, GrpcNetworkFactory, NetworkConfig};
-pub use node::{RaftError, RaftNode, RaftNodeConfig, ReadError, WriteError, open};
+pub use node::{
+    ClusterView, MemberView, MembershipError, RaftError, RaftNode, RaftNodeConfig, ReadError,
+    WriteError, open,
+};
 pub use service::RaftGrpcService;
 pub use state_machine::{SnapshotPayload, StateHandle, StateMachineStore};
 pub use storage::{OpenStorageError, open_storage};

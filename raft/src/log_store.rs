@@ -13,6 +13,7 @@
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{AnyError, LogState, OptionalSend, RaftLogReader, StorageIOError};
@@ -39,6 +40,9 @@ const LAST_PURGED_KEY: &[u8] = b"last_purged_log_id";
 #[derive(Clone)]
 pub struct LogStore {
     database: Arc<Database>,
+    /// The index of the last committed log id saved or read (0 before any); shared with the
+    /// [`RaftNode`](crate::RaftNode), which reports it in its cluster view.
+    committed_index: Arc<AtomicU64>,
 }
 
 impl Debug for LogStore {
@@ -82,7 +86,25 @@ impl LogStore {
     /// A log store on `database`, which must have the column families of
     /// [`open_storage`](crate::open_storage).
     pub(crate) fn new(database: Arc<Database>) -> Self {
-        LogStore { database }
+        LogStore {
+            database,
+            committed_index: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The index of the last committed entry openraft saved through this store or its clones,
+    /// shared: openraft saves it before applying every newly committed batch, on the leader and
+    /// on followers (0 before any).
+    pub(crate) fn committed_index(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.committed_index)
+    }
+
+    /// Publishes `committed` as the committed index, never moving it backwards.
+    fn publish_committed(&self, committed: Option<LogId>) {
+        if let Some(log_id) = committed {
+            self.committed_index
+                .fetch_max(log_id.index, Ordering::Relaxed);
+        }
     }
 
     /// A receiver whose `changed()` fails once every user dropped the database and RocksDB
@@ -188,6 +210,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.write_meta(COMMITTED_KEY, &committed, Durability::Buffered)
             .await
             .map_err(StorageIOError::write)?;
+        self.publish_committed(committed);
         Ok(())
     }
 
@@ -195,7 +218,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let committed: Option<Option<LogId>> =
             read_json(&self.database, META_COLUMN_FAMILY, COMMITTED_KEY)
                 .map_err(StorageIOError::read)?;
-        Ok(committed.flatten())
+        let committed = committed.flatten();
+        self.publish_committed(committed);
+        Ok(committed)
     }
 
     async fn append<I>(

@@ -1,9 +1,10 @@
 //! One Raft node of Flotilla, assembled: RocksDB storage, the tonic network, openraft's
 //! [`Raft`], the [`StateHandle`], and the gRPC service peers call.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use flotilla_proto::raft::raft_service_server::RaftServiceServer;
@@ -11,9 +12,11 @@ use flotilla_scheduler::{Request, Response};
 use openraft::error::{
     ChangeMembershipError, CheckIsLeaderError, ClientWriteError, Fatal, InitializeError,
 };
-use openraft::{BasicNode, SnapshotPolicy};
+use openraft::{BasicNode, ChangeMembers, Membership, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
+use crate::election::{self, LeaderContact, TimerMode};
 use crate::network::{GrpcNetworkFactory, NetworkConfig};
 use crate::service::RaftGrpcService;
 use crate::state_machine::StateHandle;
@@ -45,6 +48,10 @@ pub const DEFAULT_INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 5_000;
 /// milliseconds.
 pub const DEFAULT_STORAGE_RELEASE_TIMEOUT_MS: u64 = 5_000;
 
+/// Default time [`RaftNode::add_learner`] waits for the new learner to catch up with the
+/// leader's log, in milliseconds.
+pub const DEFAULT_LEARNER_CATCH_UP_TIMEOUT_MS: u64 = 60_000;
+
 /// Name of the RocksDB directory inside [`RaftNodeConfig::data_directory`].
 pub const DATABASE_DIRECTORY_NAME: &str = "raft";
 
@@ -68,12 +75,22 @@ pub struct RaftNodeConfig {
     /// Leader heartbeat interval, in milliseconds; also the AppendEntries RPC timeout. Default
     /// [`DEFAULT_HEARTBEAT_INTERVAL_MS`].
     pub heartbeat_interval_ms: u64,
-    /// Election timeout lower bound, in milliseconds; must exceed the heartbeat interval. Default
-    /// [`DEFAULT_ELECTION_TIMEOUT_MIN_MS`].
+    /// Election timeout lower bound, in milliseconds; must be at least twice the heartbeat
+    /// interval (openraft's leader sends a heartbeat every 1.5 heartbeat intervals, on its tick).
+    /// Default [`DEFAULT_ELECTION_TIMEOUT_MIN_MS`].
     pub election_timeout_min_ms: u64,
-    /// Election timeout upper bound, in milliseconds; must exceed the lower bound. Default
-    /// [`DEFAULT_ELECTION_TIMEOUT_MAX_MS`].
+    /// Election timeout upper bound (excluded), in milliseconds; must exceed the lower bound.
+    /// Default [`DEFAULT_ELECTION_TIMEOUT_MAX_MS`].
     pub election_timeout_max_ms: u64,
+    /// `true` (the default): this crate's election timer campaigns, drawing a fresh random
+    /// election timeout for every campaign, and openraft's leader lease (how long a follower
+    /// refuses votes after hearing from its leader) is `election_timeout_min_ms`; `false`:
+    /// openraft's own timer, whose timeout is drawn once per node, and its lease of
+    /// `election_timeout_max_ms`. See the crate documentation.
+    pub resample_election_timeout: bool,
+    /// Time [`RaftNode::add_learner`] waits for the learner to catch up, in milliseconds. Default
+    /// [`DEFAULT_LEARNER_CATCH_UP_TIMEOUT_MS`].
+    pub learner_catch_up_timeout_ms: u64,
     /// Build a snapshot once this many entries were committed since the last one (at least 1).
     /// Default [`DEFAULT_SNAPSHOT_LOGS_SINCE_LAST`].
     pub snapshot_logs_since_last: u64,
@@ -108,6 +125,8 @@ impl Default for RaftNodeConfig {
             heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
             election_timeout_min_ms: DEFAULT_ELECTION_TIMEOUT_MIN_MS,
             election_timeout_max_ms: DEFAULT_ELECTION_TIMEOUT_MAX_MS,
+            resample_election_timeout: true,
+            learner_catch_up_timeout_ms: DEFAULT_LEARNER_CATCH_UP_TIMEOUT_MS,
             snapshot_logs_since_last: DEFAULT_SNAPSHOT_LOGS_SINCE_LAST,
             max_in_snapshot_log_to_keep: DEFAULT_MAX_IN_SNAPSHOT_LOG_TO_KEEP,
             max_payload_entries: DEFAULT_MAX_PAYLOAD_ENTRIES,
@@ -137,10 +156,35 @@ impl RaftNodeConfig {
 
     /// The openraft configuration, validated.
     ///
+    /// With [`resample_election_timeout`](Self::resample_election_timeout) on, openraft's own
+    /// election timer is off (`enable_elect = false`) and its election timeout bounds are set to
+    /// `[election_timeout_min_ms - 1, election_timeout_min_ms)`: openraft then uses
+    /// `election_timeout_min_ms` as its leader lease (it uses its upper bound) and
+    /// `election_timeout_min_ms - 1` as its vote RPC timeout (its lower bound); nothing else
+    /// reads them once its timer is off.
+    ///
     /// # Errors
     /// [`RaftError::InvalidConfig`] naming the offending field.
     pub fn to_openraft_config(&self) -> Result<openraft::Config, RaftError> {
         let invalid = |message: String| Err(RaftError::InvalidConfig(message));
+        if self.heartbeat_interval_ms == 0
+            || self.heartbeat_interval_ms.saturating_mul(2) > self.election_timeout_min_ms
+        {
+            return invalid(format!(
+                "heartbeat_interval_ms: must be at least 1 and at most half of \
+                 election_timeout_min_ms ({} ms)",
+                self.election_timeout_min_ms
+            ));
+        }
+        if self.election_timeout_min_ms >= self.election_timeout_max_ms {
+            return invalid(format!(
+                "election_timeout_max_ms: must be greater than election_timeout_min_ms ({} ms)",
+                self.election_timeout_min_ms
+            ));
+        }
+        if self.learner_catch_up_timeout_ms == 0 {
+            return invalid("learner_catch_up_timeout_ms: must be at least 1".into());
+        }
         if self.advertise_address.is_empty() {
             return invalid(
                 "advertise_address: must be the host:port peers reach this node at".into(),
@@ -169,11 +213,20 @@ impl RaftNodeConfig {
         if self.network.unreachable_backoff_initial_ms == 0 {
             return invalid("network.unreachable_backoff_initial_ms: must be at least 1".into());
         }
+        let (election_timeout_min, election_timeout_max) = if self.resample_election_timeout {
+            (
+                self.election_timeout_min_ms - 1,
+                self.election_timeout_min_ms,
+            )
+        } else {
+            (self.election_timeout_min_ms, self.election_timeout_max_ms)
+        };
         openraft::Config {
             cluster_name: self.cluster_name.clone(),
             heartbeat_interval: self.heartbeat_interval_ms,
-            election_timeout_min: self.election_timeout_min_ms,
-            election_timeout_max: self.election_timeout_max_ms,
+            election_timeout_min,
+            election_timeout_max,
+            enable_elect: !self.resample_election_timeout,
             install_snapshot_timeout: self.install_snapshot_timeout_ms,
             max_payload_entries: self.max_payload_entries,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_logs_since_last),
@@ -257,6 +310,129 @@ pub enum ReadError {
     Stopped(Box<Fatal<NodeId>>),
 }
 
+/// Why a membership change ([`RaftNode::add_learner`], [`RaftNode::promote_voter`],
+/// [`RaftNode::remove_member`]) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    /// This node is not the leader; send the change to the leader. Both fields are `None` while
+    /// no leader is known (an election is under way).
+    #[error("not the leader; the leader is {leader_id:?} at {leader_address:?}")]
+    ForwardToLeader {
+        /// The leader's node id, if known.
+        leader_id: Option<NodeId>,
+        /// The leader's `host:port`, if known.
+        leader_address: Option<String>,
+    },
+    /// The change is not allowed as asked, with the reason: openraft's (another change is still
+    /// being committed, the node to promote is not a learner, ...) or this crate's (the node is
+    /// already a member at another address, an empty address).
+    #[error("membership change refused: {0}")]
+    Refused(String),
+    /// The node to remove is neither a voter nor a learner.
+    #[error("node {node_id} is not a member of the cluster")]
+    NotAMember {
+        /// The node asked for.
+        node_id: NodeId,
+    },
+    /// Removing the node would leave the cluster without a voter.
+    #[error("node {node_id} is the last voter; a cluster needs at least one")]
+    LastVoter {
+        /// The node asked for.
+        node_id: NodeId,
+    },
+    /// The learner was added but its log did not catch up with the leader's in time (it may be
+    /// unreachable). It stays a learner and replication to it continues; retrying the add waits
+    /// again.
+    #[error(
+        "learner {node_id} was added but did not catch up with the leader within {timeout_ms} ms"
+    )]
+    CatchUpTimeout {
+        /// The learner.
+        node_id: NodeId,
+        /// How long the leader waited, in milliseconds.
+        timeout_ms: u64,
+    },
+    /// The Raft node has stopped; a change already proposed may or may not take effect.
+    #[error("the Raft node stopped: {0}")]
+    Stopped(Box<Fatal<NodeId>>),
+}
+
+impl From<openraft::error::RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>>
+    for MembershipError
+{
+    fn from(
+        error: openraft::error::RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>,
+    ) -> Self {
+        match error {
+            openraft::error::RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
+                let (leader_id, leader_address) = leader(forward);
+                MembershipError::ForwardToLeader {
+                    leader_id,
+                    leader_address,
+                }
+            }
+            openraft::error::RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                ChangeMembershipError::EmptyMembership(_),
+            )) => MembershipError::Refused("the change would leave no voter".into()),
+            openraft::error::RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                error,
+            )) => MembershipError::Refused(error.to_string()),
+            openraft::error::RaftError::Fatal(fatal) => MembershipError::Stopped(Box::new(fatal)),
+        }
+    }
+}
+
+/// One node of the cluster as [`RaftNode::cluster_view`] shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberView {
+    /// The node's id.
+    pub node_id: NodeId,
+    /// The node's `host:port`, as stored in the membership.
+    pub address: String,
+    /// `true` for a voter, `false` for a learner. During a joint configuration, a voter of either
+    /// configuration.
+    pub voter: bool,
+    /// On the leader: the index of the last log entry known to be replicated to the node (0
+    /// before any; the leader's own entry is its flushed log). `None` on other nodes.
+    pub matched_index: Option<u64>,
+}
+
+/// A node's view of the cluster, from its openraft metrics (see [`RaftNode::cluster_view`]).
+/// Indexes are log indexes, 0 before the first entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterView {
+    /// This node's id.
+    pub node_id: NodeId,
+    /// This node's role: `"Leader"`, `"Follower"`, `"Candidate"`, `"Learner"` (a learner, or a
+    /// node not yet in a membership) or `"Shutdown"`.
+    pub role: String,
+    /// The current term (Raft §5.1).
+    pub term: u64,
+    /// The leader's id and `host:port`, if this node knows one.
+    pub leader: Option<(NodeId, String)>,
+    /// The index of the last entry in this node's log.
+    pub last_log_index: u64,
+    /// The highest index this node knows to be committed: on the leader, its commit index; on a
+    /// follower, the leader's commit index as of the last AppendEntries it applied (it may lag
+    /// the leader's by a heartbeat). openraft 0.9's metrics lack it: it is what openraft last
+    /// saved through the log store (`save_committed`), and never below `applied_index`.
+    pub committed_index: u64,
+    /// The index of the last entry applied to this node's state machine.
+    pub applied_index: u64,
+    /// The index of the last entry covered by this node's snapshot.
+    pub snapshot_index: u64,
+    /// Every voter and learner of the effective membership, by ascending id.
+    pub members: Vec<MemberView>,
+}
+
+/// The election timer task and what stops it.
+struct ElectionTimerTask {
+    /// Changing it (or dropping it) ends the task.
+    stop: watch::Sender<bool>,
+    /// The task, taken by the first [`RaftNode::shutdown`].
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
 /// A running Raft node. Cloning is cheap; clones share the node.
 #[derive(Clone)]
 pub struct RaftNode {
@@ -269,7 +445,11 @@ pub struct RaftNode {
     advertise_address: String,
     max_message_bytes: usize,
     storage_release_timeout: Duration,
+    learner_catch_up_timeout: Duration,
     database_closed: watch::Receiver<()>,
+    committed_index: Arc<AtomicU64>,
+    leader_contact: Arc<LeaderContact>,
+    election_timer: Arc<ElectionTimerTask>,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -299,6 +479,7 @@ pub async fn open(config: RaftNodeConfig) -> Result<RaftNode, RaftError> {
     let (log_store, state_machine) = open_storage(&database_path)?;
     let state = state_machine.state_handle();
     let database_closed = log_store.database_closed_receiver();
+    let committed_index = log_store.committed_index();
     let network = GrpcNetworkFactory::new(config.node_id, config.network.clone());
     let raft = Raft::new(
         config.node_id,
@@ -308,7 +489,29 @@ pub async fn open(config: RaftNodeConfig) -> Result<RaftNode, RaftError> {
         state_machine,
     )
     .await?;
-    tracing::info!(node_id = config.node_id, address = %config.advertise_address, "Raft node started");
+    let leader_contact = Arc::new(LeaderContact::default());
+    let timer_mode = if config.resample_election_timeout {
+        TimerMode::Resample {
+            min_ms: config.election_timeout_min_ms,
+            max_ms: config.election_timeout_max_ms,
+        }
+    } else {
+        TimerMode::CountOnly
+    };
+    let (stop, stop_receiver) = watch::channel(false);
+    let task = tokio::spawn(election::run(
+        raft.clone(),
+        config.node_id,
+        Arc::clone(&leader_contact),
+        timer_mode,
+        stop_receiver,
+    ));
+    tracing::info!(
+        node_id = config.node_id,
+        address = %config.advertise_address,
+        resample_election_timeout = config.resample_election_timeout,
+        "Raft node started"
+    );
     Ok(RaftNode {
         raft,
         state,
@@ -316,7 +519,14 @@ pub async fn open(config: RaftNodeConfig) -> Result<RaftNode, RaftError> {
         advertise_address: config.advertise_address,
         max_message_bytes: config.network.max_message_bytes,
         storage_release_timeout: Duration::from_millis(config.storage_release_timeout_ms),
+        learner_catch_up_timeout: Duration::from_millis(config.learner_catch_up_timeout_ms),
         database_closed,
+        committed_index,
+        leader_contact,
+        election_timer: Arc::new(ElectionTimerTask {
+            stop,
+            task: Mutex::new(Some(task)),
+        }),
     })
 }
 
@@ -330,10 +540,16 @@ fn leader(
 impl RaftNode {
     /// The gRPC service peers send Raft RPCs to; add it to this node's tonic server at
     /// `advertise_address`. Its message size limits are `network.max_message_bytes`.
+    ///
+    /// The service also tells this node's election timer when a leader was heard; serve this one
+    /// rather than one made with [`RaftGrpcService::new`].
     pub fn grpc_service(&self) -> RaftServiceServer<RaftGrpcService> {
-        RaftServiceServer::new(RaftGrpcService::new(self.raft.clone()))
-            .max_decoding_message_size(self.max_message_bytes)
-            .max_encoding_message_size(self.max_message_bytes)
+        RaftServiceServer::new(RaftGrpcService::with_leader_contact(
+            self.raft.clone(),
+            Arc::clone(&self.leader_contact),
+        ))
+        .max_decoding_message_size(self.max_message_bytes)
+        .max_encoding_message_size(self.max_message_bytes)
     }
 
     /// This node's advertised `host:port`.
@@ -451,6 +667,232 @@ impl RaftNode {
         Some((leader_id, address))
     }
 
+    /// The number of campaigns (elections) this node started since [`open`]: the terms in which
+    /// it voted for itself, as seen in its openraft metrics, whichever timer triggered them (see
+    /// [`RaftNodeConfig::resample_election_timeout`]). Includes the campaign of
+    /// [`initialize_cluster`](Self::initialize_cluster); excludes terms from before `open`.
+    pub fn elections_started(&self) -> u64 {
+        self.leader_contact.elections_started()
+    }
+
+    /// This node's view of the cluster, from openraft's metrics (no I/O, no waiting; on a
+    /// follower it may lag the leader's). See [`ClusterView`].
+    pub fn cluster_view(&self) -> ClusterView {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voter_ids: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let is_leader = metrics.state == ServerState::Leader;
+        let members = membership
+            .nodes()
+            .map(|(node_id, node)| MemberView {
+                node_id: *node_id,
+                address: node.addr.clone(),
+                voter: voter_ids.contains(node_id),
+                matched_index: if is_leader {
+                    metrics
+                        .replication
+                        .as_ref()
+                        .and_then(|replication| replication.get(node_id))
+                        .map(|matched| matched.map_or(0, |log_id| log_id.index))
+                } else {
+                    None
+                },
+            })
+            .collect();
+        let leader = metrics.current_leader.and_then(|leader_id| {
+            membership
+                .get_node(&leader_id)
+                .map(|node| (leader_id, node.addr.clone()))
+        });
+        let role = match metrics.state {
+            ServerState::Leader => "Leader",
+            ServerState::Follower => "Follower",
+            ServerState::Candidate => "Candidate",
+            ServerState::Learner => "Learner",
+            ServerState::Shutdown => "Shutdown",
+        };
+        let applied_index = metrics.last_applied.map_or(0, |log_id| log_id.index);
+        ClusterView {
+            node_id: self.node_id,
+            role: role.to_string(),
+            term: metrics.current_term,
+            leader,
+            last_log_index: metrics.last_log_index.unwrap_or(0),
+            committed_index: self
+                .committed_index
+                .load(Ordering::Relaxed)
+                .max(applied_index),
+            applied_index,
+            snapshot_index: metrics.snapshot.map_or(0, |log_id| log_id.index),
+            members,
+        }
+    }
+
+    /// The effective membership, if this node's metrics say it is the leader.
+    ///
+    /// # Errors
+    /// [`MembershipError::ForwardToLeader`] naming the leader this node knows;
+    /// [`MembershipError::Stopped`].
+    fn membership_as_leader(&self) -> Result<Membership<NodeId, BasicNode>, MembershipError> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        if let Err(fatal) = &metrics.running_state {
+            return Err(MembershipError::Stopped(Box::new(fatal.clone())));
+        }
+        if metrics.state == ServerState::Leader {
+            return Ok(metrics.membership_config.membership().clone());
+        }
+        let leader_id = metrics.current_leader;
+        let leader_address = leader_id.and_then(|leader_id| {
+            metrics
+                .membership_config
+                .membership()
+                .get_node(&leader_id)
+                .map(|node| node.addr.clone())
+        });
+        Err(MembershipError::ForwardToLeader {
+            leader_id,
+            leader_address,
+        })
+    }
+
+    /// Adds node `node_id`, reachable at `address` (`host:port`), as a learner, and waits until
+    /// its log has caught up with the leader's (it has every entry up to the membership entry
+    /// that added it), so that it can be promoted with [`promote_voter`](Self::promote_voter)
+    /// without stalling commits. Adding a member again at the same address only waits again.
+    /// Run it on the leader.
+    ///
+    /// # Errors
+    /// [`MembershipError::ForwardToLeader`] on a follower, or if leadership is lost while
+    /// waiting; [`MembershipError::Refused`] if `address` is empty, the node is a member at
+    /// another address, or openraft refuses (another membership change is in progress);
+    /// [`MembershipError::CatchUpTimeout`] after `learner_catch_up_timeout_ms` (the learner
+    /// stays); [`MembershipError::Stopped`].
+    pub async fn add_learner(
+        &self,
+        node_id: NodeId,
+        address: String,
+    ) -> Result<(), MembershipError> {
+        if address.is_empty() {
+            return Err(MembershipError::Refused(
+                "address: must be the host:port of the node".into(),
+            ));
+        }
+        let membership = self.membership_as_leader()?;
+        if let Some(existing) = membership.get_node(&node_id)
+            && existing.addr != address
+        {
+            return Err(MembershipError::Refused(format!(
+                "node {node_id} is already a member at {}, not {address}; remove it first",
+                existing.addr
+            )));
+        }
+        let response = self
+            .raft
+            .add_learner(node_id, BasicNode::new(address.clone()), false)
+            .await?;
+        if node_id == self.node_id {
+            return Ok(());
+        }
+        let membership_index = response.log_id.index;
+        let mut metrics = self.raft.metrics();
+        let caught_up = async {
+            loop {
+                {
+                    let current = metrics.borrow_and_update();
+                    if let Err(fatal) = &current.running_state {
+                        return Err(MembershipError::Stopped(Box::new(fatal.clone())));
+                    }
+                    if current.state != ServerState::Leader {
+                        drop(current);
+                        return Err(self.membership_as_leader().err().unwrap_or(
+                            MembershipError::ForwardToLeader {
+                                leader_id: None,
+                                leader_address: None,
+                            },
+                        ));
+                    }
+                    let matched = current
+                        .replication
+                        .as_ref()
+                        .and_then(|replication| replication.get(&node_id).copied())
+                        .flatten();
+                    if matched.is_some_and(|log_id| log_id.index >= membership_index) {
+                        return Ok(());
+                    }
+                }
+                if metrics.changed().await.is_err() {
+                    return Err(MembershipError::Stopped(Box::new(Fatal::Stopped)));
+                }
+            }
+        };
+        match tokio::time::timeout(self.learner_catch_up_timeout, caught_up).await {
+            Ok(result) => {
+                result?;
+                tracing::info!(node_id, %address, "learner added and caught up");
+                Ok(())
+            }
+            Err(_elapsed) => Err(MembershipError::CatchUpTimeout {
+                node_id,
+                timeout_ms: self.learner_catch_up_timeout.as_millis() as u64,
+            }),
+        }
+    }
+
+    /// Makes learner `node_id` a voter, keeping every existing voter, through openraft's joint
+    /// consensus (Raft §6): returns once the final configuration is committed. Promoting a node
+    /// that is already a voter does nothing. Run it on the leader.
+    ///
+    /// # Errors
+    /// [`MembershipError::ForwardToLeader`] on a follower; [`MembershipError::Refused`] if the
+    /// node is not a learner ([`add_learner`](Self::add_learner) it first) or another change is
+    /// in progress; [`MembershipError::Stopped`].
+    pub async fn promote_voter(&self, node_id: NodeId) -> Result<(), MembershipError> {
+        let membership = self.membership_as_leader()?;
+        if membership.voter_ids().any(|voter_id| voter_id == node_id) {
+            return Ok(());
+        }
+        if membership.get_node(&node_id).is_none() {
+            return Err(MembershipError::Refused(format!(
+                "node {node_id} is not a learner; add it as a learner first"
+            )));
+        }
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node_id])), true)
+            .await?;
+        tracing::info!(node_id, "learner promoted to voter");
+        Ok(())
+    }
+
+    /// Removes node `node_id` from the cluster: a voter through joint consensus (returns once the
+    /// final configuration is committed), a learner in one step. The leader can remove itself:
+    /// it steps down once the change is committed and the others elect a new leader. The removed
+    /// node should then be shut down; until it is, it may campaign in vain (the remaining voters
+    /// refuse it: their logs are ahead of its and their leader lease holds). Run it on the
+    /// leader.
+    ///
+    /// # Errors
+    /// [`MembershipError::ForwardToLeader`] on a follower; [`MembershipError::LastVoter`] if it
+    /// is the only voter; [`MembershipError::NotAMember`]; [`MembershipError::Refused`] if
+    /// another change is in progress; [`MembershipError::Stopped`].
+    pub async fn remove_member(&self, node_id: NodeId) -> Result<(), MembershipError> {
+        let membership = self.membership_as_leader()?;
+        let voter_ids: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let change = if voter_ids.contains(&node_id) {
+            if voter_ids.len() == 1 {
+                return Err(MembershipError::LastVoter { node_id });
+            }
+            ChangeMembers::RemoveVoters(BTreeSet::from([node_id]))
+        } else if membership.get_node(&node_id).is_some() {
+            ChangeMembers::RemoveNodes(BTreeSet::from([node_id]))
+        } else {
+            return Err(MembershipError::NotAMember { node_id });
+        };
+        self.raft.change_membership(change, false).await?;
+        tracing::info!(node_id, "member removed");
+        Ok(())
+    }
+
     /// Stops openraft and waits until its tasks have released the database, so the same
     /// directory can be opened again (even in this process).
     ///
@@ -458,6 +900,19 @@ impl RaftNode {
     /// [`RaftError::CoreTask`] if openraft's core task failed; [`RaftError::StorageNotReleased`]
     /// if the database is still held after `storage_release_timeout_ms`.
     pub async fn shutdown(&self) -> Result<(), RaftError> {
+        self.election_timer.stop.send_replace(true);
+        let task = self
+            .election_timer
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(task) = task {
+            // The timer holds no resources but a handle on openraft; ending it mid-campaign is
+            // harmless.
+            task.abort();
+            let _ = task.await;
+        }
         self.raft.shutdown().await?;
         let mut database_closed = self.database_closed.clone();
         // Nothing is ever sent: `changed` fails once the database is closed.

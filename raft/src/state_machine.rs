@@ -126,6 +126,17 @@ impl StateHandle {
         self.shared.read_applied(|applied| reader(&applied.state))
     }
 
+    /// Runs `reader` on the current state and the log index of the last entry applied to it (0
+    /// before the first entry), both read under the same read lock, so the index is exactly the
+    /// one the state reflects (for state digests compared across nodes). Same rules as
+    /// [`read`](Self::read): keep it short, no await.
+    pub fn read_with_index<T>(&self, reader: impl FnOnce(&State, u64) -> T) -> T {
+        self.shared.read_applied(|applied| {
+            let index = applied.last_applied_log_id.map_or(0, |log_id| log_id.index);
+            reader(&applied.state, index)
+        })
+    }
+
     /// A receiver of the last applied log index (0 before the first entry). It changes after
     /// every batch of applied entries and after a snapshot is installed, so long polls and event
     /// streams can wait for [`watch::Receiver::changed`] and then [`read`](Self::read).

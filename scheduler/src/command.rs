@@ -70,6 +70,15 @@ pub enum Command {
     },
     /// Ends every lease whose expiry is at or before `now_ms`; the runs are retried or failed.
     ExpireLeases,
+    /// Forgets fleets that ended at least `retention_ms` before `now_ms` (their runs, events
+    /// and idempotency keys), at most `max_fleets` of them, oldest first, so the state stays
+    /// bounded. A key forgotten this way may create a new fleet if submitted again.
+    CompactFleets {
+        /// How long an ended fleet is kept, in milliseconds.
+        retention_ms: u64,
+        /// Most fleets removed by this command.
+        max_fleets: u32,
+    },
 }
 
 /// How an attempt ended, as the worker reports it.
@@ -224,6 +233,11 @@ pub enum Response {
     /// `ExpireLeases`: how many leases ended.
     LeasesExpired {
         /// Count of expired leases.
+        count: u32,
+    },
+    /// `CompactFleets`: how many fleets were forgotten.
+    FleetsCompacted {
+        /// Count of removed fleets.
         count: u32,
     },
     /// The command was valid on the wire but not applicable to the state; nothing changed.

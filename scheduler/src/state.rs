@@ -217,6 +217,12 @@ impl Fleet {
         &self.events[start..end]
     }
 
+    /// Whether the fleet ended at least `retention_ms` before `now_ms`.
+    pub fn is_compactable(&self, now_ms: u64, retention_ms: u64) -> bool {
+        self.state != FleetState::Running
+            && self.finished_at_ms.saturating_add(retention_ms) <= now_ms
+    }
+
     /// Sequence number of the newest event (0 if none).
     pub fn last_sequence(&self) -> u64 {
         self.events.len() as u64
@@ -330,6 +336,10 @@ impl State {
             } => self.report_result(now_ms, worker_id, run_id, *attempt, result),
             Command::CancelFleet { fleet_id } => self.cancel_fleet(now_ms, fleet_id),
             Command::ExpireLeases => self.expire_leases(now_ms),
+            Command::CompactFleets {
+                retention_ms,
+                max_fleets,
+            } => self.compact_fleets(now_ms, *retention_ms, *max_fleets),
         }
     }
 
@@ -655,6 +665,33 @@ impl State {
             }
         }
         Response::LeasesExpired { count }
+    }
+
+    fn compact_fleets(&mut self, now_ms: u64, retention_ms: u64, max_fleets: u32) -> Response {
+        let due: Vec<u64> = self
+            .fleets
+            .values()
+            .filter(|fleet| fleet.is_compactable(now_ms, retention_ms))
+            .map(|fleet| fleet.number)
+            .take(max_fleets as usize)
+            .collect();
+        for number in &due {
+            if let Some(fleet) = self.fleets.remove(number)
+                && !fleet.idempotency_key.is_empty()
+            {
+                self.idempotency_keys.remove(&fleet.idempotency_key);
+            }
+        }
+        Response::FleetsCompacted {
+            count: due.len() as u32,
+        }
+    }
+
+    /// Whether some ended fleet is past `retention_ms` at `now_ms`, for the leader's timer.
+    pub fn has_compactable_fleets(&self, now_ms: u64, retention_ms: u64) -> bool {
+        self.fleets
+            .values()
+            .any(|fleet| fleet.is_compactable(now_ms, retention_ms))
     }
 
     fn record_rejection(

@@ -409,3 +409,35 @@ fn unknown_ids_are_rejected_without_change() {
     // Only the rejection record changed.
     assert_eq!(h.state.fleet("fl-1"), before.fleet("fl-1"));
 }
+
+#[test]
+fn ended_fleets_are_compacted_after_their_retention() {
+    let mut h = Harness::new();
+    h.submit(&["file:///a"], 1, "old");
+    h.submit(&["file:///b"], 1, "running");
+    h.lease("w", 2);
+    h.report("w", "fl-1-0", 1, changed());
+    let compact = Command::CompactFleets {
+        retention_ms: 5_000,
+        max_fleets: 10,
+    };
+    h.now_ms += 4_999;
+    assert_eq!(
+        h.apply(compact.clone()),
+        Response::FleetsCompacted { count: 0 }
+    );
+    h.now_ms += 1;
+    assert!(h.state.has_compactable_fleets(h.now_ms, 5_000));
+    assert_eq!(
+        h.apply(compact.clone()),
+        Response::FleetsCompacted { count: 1 }
+    );
+    assert!(h.state.fleet("fl-1").is_none());
+    assert!(
+        h.state.fleet("fl-2").is_some(),
+        "a running fleet is never compacted"
+    );
+    // Its idempotency key is forgotten with it; fleet numbers are never reused.
+    assert_eq!(h.submit(&["file:///a"], 1, "old"), "fl-3");
+    assert!(!h.state.has_compactable_fleets(h.now_ms, 5_000));
+}

@@ -2,6 +2,8 @@
 //! 127.0.0.1.
 
 mod cluster;
+mod election;
+mod membership;
 mod restart;
 mod snapshot;
 mod storage_suite;
@@ -10,6 +12,8 @@ mod transport;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
+
+use openraft::ServerState;
 
 use flotilla_scheduler::spec::DEFAULT_BRANCH_TEMPLATE;
 use flotilla_scheduler::{AgentSpec, Command, FleetSpec, Request, RetryPolicy, SandboxSpec};
@@ -71,13 +75,44 @@ struct TestNode {
 
 impl TestNode {
     /// Opens node `node_id` on `data_directory` with `configure` applied to the default
-    /// configuration, and serves its Raft RPCs.
+    /// configuration, and serves its Raft RPCs on an ephemeral port.
     async fn start(
         node_id: u64,
         data_directory: &Path,
         configure: impl FnOnce(&mut RaftNodeConfig),
     ) -> TestNode {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        TestNode::serve(node_id, data_directory, listener, configure).await
+    }
+
+    /// Like [`TestNode::start`], on `address` (a restarted node keeps the address stored in the
+    /// membership). Retries binding for a while: the previous server may still be closing.
+    async fn start_at(
+        node_id: u64,
+        data_directory: &Path,
+        address: &str,
+        configure: impl FnOnce(&mut RaftNodeConfig),
+    ) -> TestNode {
+        let deadline = tokio::time::Instant::now() + WAIT_TIMEOUT;
+        let listener = loop {
+            match TcpListener::bind(address).await {
+                Ok(listener) => break listener,
+                Err(error) if tokio::time::Instant::now() < deadline => {
+                    eprintln!("rebinding {address}: {error}; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(error) => panic!("cannot rebind {address}: {error}"),
+            }
+        };
+        TestNode::serve(node_id, data_directory, listener, configure).await
+    }
+
+    async fn serve(
+        node_id: u64,
+        data_directory: &Path,
+        listener: TcpListener,
+        configure: impl FnOnce(&mut RaftNodeConfig),
+    ) -> TestNode {
         let address = listener.local_addr().unwrap().to_string();
         let mut config = RaftNodeConfig::new(node_id, address, data_directory);
         configure(&mut config);
@@ -132,4 +167,54 @@ async fn wait_for_applied(node: &RaftNode, index: u64) {
         .applied_index_at_least(Some(index), "entry applied")
         .await
         .unwrap();
+}
+
+/// Starts nodes `1..=directories.len()` with `configure`, initializes them as one cluster, and
+/// waits until all agree on a leader.
+async fn start_cluster(
+    directories: &[tempfile::TempDir],
+    configure: impl Fn(&mut RaftNodeConfig),
+) -> Vec<TestNode> {
+    let mut nodes = Vec::new();
+    for (node_id, directory) in (1..).zip(directories) {
+        nodes.push(TestNode::start(node_id, directory.path(), &configure).await);
+    }
+    let voters: BTreeMap<u64, String> = nodes
+        .iter()
+        .map(|test_node| {
+            (
+                test_node.node.node_id,
+                test_node.node.advertise_address().to_string(),
+            )
+        })
+        .collect();
+    assert!(nodes[0].node.initialize_cluster(voters).await.unwrap());
+    let members: Vec<&RaftNode> = nodes.iter().map(|test_node| &test_node.node).collect();
+    wait_for_agreed_leader(&members, 0).await;
+    nodes
+}
+
+/// Waits until one of `nodes` is the leader in a term above `above_term` and all of `nodes`
+/// name it as their leader; returns its id and term.
+async fn wait_for_agreed_leader(nodes: &[&RaftNode], above_term: u64) -> (u64, u64) {
+    let deadline = tokio::time::Instant::now() + WAIT_TIMEOUT;
+    loop {
+        let leader = nodes.iter().find_map(|node| {
+            let metrics = node.raft.metrics().borrow().clone();
+            (metrics.state == ServerState::Leader && metrics.current_term > above_term)
+                .then_some((metrics.id, metrics.current_term))
+        });
+        if let Some((leader_id, term)) = leader
+            && nodes
+                .iter()
+                .all(|node| node.raft.metrics().borrow().current_leader == Some(leader_id))
+        {
+            return (leader_id, term);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no agreed leader in a term above {above_term} within {WAIT_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }

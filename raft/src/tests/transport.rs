@@ -82,10 +82,18 @@ fn inconsistent_configurations_are_rejected() {
     let valid = crate::RaftNodeConfig::new(1, "127.0.0.1:7000", "/nonexistent");
     assert!(valid.to_openraft_config().is_ok());
     type Edit = fn(&mut crate::RaftNodeConfig);
-    let cases: [(Edit, &str); 6] = [
+    let cases: [(Edit, &str); 8] = [
         (
             |config| config.advertise_address.clear(),
             "advertise_address",
+        ),
+        (
+            |config| config.heartbeat_interval_ms = config.election_timeout_min_ms / 2 + 1,
+            "heartbeat_interval_ms",
+        ),
+        (
+            |config| config.learner_catch_up_timeout_ms = 0,
+            "learner_catch_up_timeout_ms",
         ),
         (
             |config| config.data_directory = Default::default(),
@@ -111,4 +119,32 @@ fn inconsistent_configurations_are_rejected() {
         let error = config.to_openraft_config().unwrap_err().to_string();
         assert!(error.to_lowercase().contains(expected), "{error}");
     }
+}
+
+#[test]
+fn the_openraft_config_follows_the_election_timer_switch() {
+    let mut config = crate::RaftNodeConfig::new(1, "127.0.0.1:7000", "/nonexistent");
+    let resampling = config.to_openraft_config().unwrap();
+    assert!(config.resample_election_timeout, "on by default");
+    assert!(!resampling.enable_elect, "openraft's timer is off");
+    // openraft's leader lease is its upper bound: the lower bound of ours.
+    assert_eq!(
+        resampling.election_timeout_max,
+        config.election_timeout_min_ms
+    );
+    assert!(resampling.election_timeout_min > resampling.heartbeat_interval);
+
+    config.resample_election_timeout = false;
+    let openraft_timer = config.to_openraft_config().unwrap();
+    assert!(openraft_timer.enable_elect);
+    assert_eq!(
+        (
+            openraft_timer.election_timeout_min,
+            openraft_timer.election_timeout_max
+        ),
+        (
+            config.election_timeout_min_ms,
+            config.election_timeout_max_ms
+        )
+    );
 }

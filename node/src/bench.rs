@@ -1,0 +1,1211 @@
+//! Benchmarks against real local clusters (they measure and print; they assert nothing):
+//!
+//! - [`writes`] (`flotilla bench writes`): committed Raft writes per second through the public API
+//!   of a 3-node cluster (`WorkerService.Heartbeat` without leases: one log entry, committed and
+//!   applied before the reply), with 1 and 64 concurrent clients, and in the same run the same
+//!   for a 3-member etcd cluster (`KV.Put` of a small key) as the baseline;
+//! - [`failover`] (`flotilla bench failover`): with a worker leasing runs continuously, `kill -9`
+//!   of the leader, then the time until the survivors report a new leader and until the first
+//!   new lease is granted; the killed node is restarted and caught up before the next trial.
+//!
+//! Each benchmark starts its own child processes (`flotilla server`, `flotilla worker`, `etcd`)
+//! on 127.0.0.1 with free ports and fresh data directories under a temporary directory, with
+//! fsync as always. They are killed and the directory removed at the end, on error and on
+//! Ctrl-C or SIGTERM; `PR_SET_PDEATHSIG` kills them should this process die anyway.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use flotilla_proto::v1::cluster_service_client::ClusterServiceClient;
+use flotilla_proto::v1::fleet_service_client::FleetServiceClient;
+use flotilla_proto::v1::worker_service_client::WorkerServiceClient;
+use flotilla_proto::v1::{self, RunState};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::api::now_ms;
+
+/// Upper bound of `--clients` values.
+const MAX_CLIENTS: u32 = 1024;
+/// How long a cluster may take to elect its first leader.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Per-phase limit of a failover trial (new leader, first lease).
+const TRIAL_PHASE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a restarted node may take to catch up.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Runs per fleet submitted by the failover benchmark; another fleet is submitted when the
+/// newest one has fewer than [`LOW_PENDING_RUNS`] pending runs left.
+const RUNS_PER_FLEET: usize = 2000;
+const LOW_PENDING_RUNS: u32 = 300;
+
+/// The worker and lease timing of `bench failover`, for the servers and the worker alike.
+const FAILOVER_CONFIG: &str = "\
+[worker]
+heartbeat_interval_ms = 300
+lease_wait_ms = 1000
+
+[limits]
+lease_ttl_ms = 3000
+lease_grace_after_election_ms = 3000
+";
+
+// ---------------------------------------------------------------------------------------------
+// Child processes and local clusters
+// ---------------------------------------------------------------------------------------------
+
+/// A child process with its output appended to a log file; killed (SIGKILL) and reaped on drop.
+struct ChildProcess {
+    name: String,
+    log: PathBuf,
+    child: std::process::Child,
+}
+
+impl ChildProcess {
+    fn spawn(name: &str, program: &Path, arguments: &[String], log: &Path) -> anyhow::Result<Self> {
+        let file = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("open {}", log.display()))?;
+        let mut command = Command::new(program);
+        command
+            .args(arguments)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .env("NO_COLOR", "1");
+        // The children take their settings from their arguments only, not from this process's
+        // environment (FLOTILLA_CONFIG, ETCD_DATA_DIR, RUST_LOG=trace, ...).
+        for (key, _) in std::env::vars_os() {
+            let key_text = key.to_string_lossy();
+            if key_text.starts_with("FLOTILLA_")
+                || key_text.starts_with("ETCD_")
+                || key_text == "RUST_LOG"
+            {
+                command.env_remove(&key);
+            }
+        }
+        // SAFETY: the closure only calls prctl, which is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("start {name} ({})", program.display()))?;
+        Ok(ChildProcess {
+            name: name.to_string(),
+            log: log.to_path_buf(),
+            child,
+        })
+    }
+
+    /// `kill -9`, then reaps it.
+    fn kill(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+
+    /// An error with the end of its log when it has exited.
+    fn check_running(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "{} exited unexpectedly ({status}); end of {}:\n{}",
+                self.name,
+                self.log.display(),
+                log_tail(&self.log)
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// `count` distinct free TCP ports on 127.0.0.1 (free when asked; a race with other programs is
+/// possible but unlikely).
+fn free_ports(count: usize) -> anyhow::Result<Vec<u16>> {
+    let listeners = (0..count)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .context("bind a free port")?;
+    listeners
+        .iter()
+        .map(|listener| Ok(listener.local_addr()?.port()))
+        .collect()
+}
+
+/// A lazily connecting channel with short timeouts, for status polls.
+fn poll_channel(url: &str) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(url.to_string())?
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(2))
+        .connect_lazy())
+}
+
+/// A connected channel without a request timeout, for the measured clients.
+async fn connect(url: &str) -> anyhow::Result<Channel> {
+    Endpoint::from_shared(url.to_string())?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("connect to {url}"))
+}
+
+/// A local cluster of 3 `flotilla server` processes (voters, no local worker, no HTTP).
+struct FlotillaCluster {
+    binary: PathBuf,
+    directory: PathBuf,
+    config: Option<PathBuf>,
+    /// `127.0.0.1:port`, index = node id - 1.
+    addresses: Vec<String>,
+    /// Status poll channels, index = node id - 1.
+    channels: Vec<Channel>,
+    /// Index = node id - 1; `None` while killed.
+    nodes: Vec<Option<ChildProcess>>,
+}
+
+impl FlotillaCluster {
+    const SIZE: u64 = 3;
+
+    fn start(directory: &Path, config: Option<&Path>) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(directory)?;
+        let addresses: Vec<String> = free_ports(Self::SIZE as usize)?
+            .into_iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        let channels = addresses
+            .iter()
+            .map(|address| poll_channel(&format!("http://{address}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut cluster = FlotillaCluster {
+            binary: std::env::current_exe().context("the flotilla binary")?,
+            directory: directory.to_path_buf(),
+            config: config.map(Path::to_path_buf),
+            addresses,
+            channels,
+            nodes: (0..Self::SIZE).map(|_| None).collect(),
+        };
+        for id in 1..=Self::SIZE {
+            cluster.start_node(id)?;
+        }
+        Ok(cluster)
+    }
+
+    fn ids() -> impl Iterator<Item = u64> {
+        1..=Self::SIZE
+    }
+
+    fn url(&self, id: u64) -> String {
+        format!("http://{}", self.addresses[(id - 1) as usize])
+    }
+
+    fn urls(&self) -> Vec<String> {
+        Self::ids().map(|id| self.url(id)).collect()
+    }
+
+    fn channel(&self, id: u64) -> Channel {
+        self.channels[(id - 1) as usize].clone()
+    }
+
+    /// Starts node `id` (again) on its address and data directory.
+    fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
+        let members = Self::ids()
+            .map(|n| format!("{n}={}", self.addresses[(n - 1) as usize]))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut arguments: Vec<String> = vec![
+            "server".into(),
+            "--node-id".into(),
+            id.to_string(),
+            "--listen-address".into(),
+            self.addresses[(id - 1) as usize].clone(),
+            "--http-listen-address".into(),
+            String::new(),
+            "--no-worker".into(),
+            "--initial-members".into(),
+            members,
+            "--data-directory".into(),
+            self.directory
+                .join(format!("node-{id}"))
+                .to_string_lossy()
+                .into_owned(),
+        ];
+        if let Some(config) = &self.config {
+            arguments.push("--config".into());
+            arguments.push(config.to_string_lossy().into_owned());
+        }
+        let process = ChildProcess::spawn(
+            &format!("flotilla node {id}"),
+            &self.binary,
+            &arguments,
+            &self.directory.join(format!("node-{id}.log")),
+        )?;
+        self.nodes[(id - 1) as usize] = Some(process);
+        Ok(())
+    }
+
+    /// `kill -9` of node `id`.
+    fn kill_node(&mut self, id: u64) {
+        if let Some(mut process) = self.nodes[(id - 1) as usize].take() {
+            process.kill();
+        }
+    }
+
+    fn check_running(&mut self) -> anyhow::Result<()> {
+        for process in self.nodes.iter_mut().flatten() {
+            process.check_running()?;
+        }
+        Ok(())
+    }
+
+    async fn status(&self, id: u64) -> Result<v1::ClusterStatus, tonic::Status> {
+        let mut client = ClusterServiceClient::new(self.channel(id));
+        Ok(client
+            .status(v1::StatusRequest { from_leader: false })
+            .await?
+            .into_inner())
+    }
+
+    /// The node that reports itself leader, waiting up to `timeout` for one.
+    async fn wait_for_leader(&mut self, timeout: Duration) -> anyhow::Result<v1::ClusterStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_running()?;
+            for id in Self::ids() {
+                if self.nodes[(id - 1) as usize].is_none() {
+                    continue;
+                }
+                if let Ok(status) = self.status(id).await
+                    && status.role == "Leader"
+                    && status.leader_id == id
+                {
+                    return Ok(status);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no leader after {timeout:?}; logs in {}",
+                    self.directory.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Where `etcd` is; installs Debian's `etcd-server` package when it is missing.
+fn etcd_binary() -> anyhow::Result<PathBuf> {
+    let find = || {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|directory| directory.join("etcd"))
+                .find(|candidate| candidate.is_file())
+        })
+    };
+    if let Some(path) = find() {
+        return Ok(path);
+    }
+    eprintln!("etcd is missing: apt-get install -y etcd-server");
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "etcd-server"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(Stdio::null())
+        .status()
+        .context("run apt-get")?;
+    anyhow::ensure!(
+        status.success(),
+        "apt-get install -y etcd-server failed ({status}); install etcd and retry"
+    );
+    find().context("etcd is still missing after installing etcd-server")
+}
+
+/// A local 3-member etcd cluster (default settings: fsync on every commit).
+struct EtcdCluster {
+    directory: PathBuf,
+    client_urls: Vec<String>,
+    channels: Vec<Channel>,
+    members: Vec<ChildProcess>,
+}
+
+impl EtcdCluster {
+    fn start(binary: &Path, directory: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(directory)?;
+        let ports = free_ports(6)?;
+        let client_urls: Vec<String> = ports[..3]
+            .iter()
+            .map(|port| format!("http://127.0.0.1:{port}"))
+            .collect();
+        let peer_urls: Vec<String> = ports[3..]
+            .iter()
+            .map(|port| format!("http://127.0.0.1:{port}"))
+            .collect();
+        let initial_cluster = peer_urls
+            .iter()
+            .enumerate()
+            .map(|(index, url)| format!("e{}={url}", index + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::new();
+        for index in 0..3 {
+            let name = format!("e{}", index + 1);
+            let arguments: Vec<String> = vec![
+                format!("--name={name}"),
+                format!(
+                    "--data-dir={}",
+                    directory.join(&name).to_string_lossy().into_owned()
+                ),
+                format!("--listen-client-urls={}", client_urls[index]),
+                format!("--advertise-client-urls={}", client_urls[index]),
+                format!("--listen-peer-urls={}", peer_urls[index]),
+                format!("--initial-advertise-peer-urls={}", peer_urls[index]),
+                format!("--initial-cluster={initial_cluster}"),
+                "--initial-cluster-state=new".into(),
+                "--initial-cluster-token=flotilla-bench".into(),
+                "--logger=zap".into(),
+                "--log-outputs=stderr".into(),
+            ];
+            members.push(ChildProcess::spawn(
+                &format!("etcd member {name}"),
+                binary,
+                &arguments,
+                &directory.join(format!("{name}.log")),
+            )?);
+        }
+        let channels = client_urls
+            .iter()
+            .map(|url| poll_channel(url))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(EtcdCluster {
+            directory: directory.to_path_buf(),
+            client_urls,
+            channels,
+            members,
+        })
+    }
+
+    /// The index of the member that is the leader, waiting up to `timeout` for one.
+    async fn wait_for_leader(&mut self, timeout: Duration) -> anyhow::Result<(usize, u64)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for member in &mut self.members {
+                member.check_running()?;
+            }
+            for (index, channel) in self.channels.iter().enumerate() {
+                if let Ok(status) = etcd::unary::<_, etcd::StatusResponse>(
+                    &mut tonic::client::Grpc::new(channel.clone()),
+                    etcd::STATUS_PATH,
+                    etcd::StatusRequest {},
+                )
+                .await
+                    && status.leader != 0
+                    && status.header.as_ref().map(|h| h.member_id) == Some(status.leader)
+                {
+                    return Ok((index, status.raft_term));
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "etcd has no leader after {timeout:?}; logs in {}",
+                    self.directory.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The subset of etcd's v3 API (`etcdserverpb`, etcd's public gRPC wire API) the benchmark uses:
+/// `KV.Put` and `Maintenance.Status`. Field numbers as in etcd's `rpc.proto`; fields not listed
+/// are skipped when decoding.
+mod etcd {
+    use super::PathAndQuery;
+
+    pub const PUT_PATH: &str = "/etcdserverpb.KV/Put";
+    pub const STATUS_PATH: &str = "/etcdserverpb.Maintenance/Status";
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ResponseHeader {
+        #[prost(uint64, tag = "1")]
+        pub cluster_id: u64,
+        #[prost(uint64, tag = "2")]
+        pub member_id: u64,
+        #[prost(int64, tag = "3")]
+        pub revision: i64,
+        #[prost(uint64, tag = "4")]
+        pub raft_term: u64,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PutRequest {
+        #[prost(bytes = "vec", tag = "1")]
+        pub key: Vec<u8>,
+        #[prost(bytes = "vec", tag = "2")]
+        pub value: Vec<u8>,
+        #[prost(int64, tag = "3")]
+        pub lease: i64,
+        #[prost(bool, tag = "4")]
+        pub prev_kv: bool,
+        #[prost(bool, tag = "5")]
+        pub ignore_value: bool,
+        #[prost(bool, tag = "6")]
+        pub ignore_lease: bool,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PutResponse {
+        #[prost(message, optional, tag = "1")]
+        pub header: Option<ResponseHeader>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct StatusRequest {}
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct StatusResponse {
+        #[prost(message, optional, tag = "1")]
+        pub header: Option<ResponseHeader>,
+        #[prost(string, tag = "2")]
+        pub version: String,
+        #[prost(int64, tag = "3")]
+        pub db_size: i64,
+        #[prost(uint64, tag = "4")]
+        pub leader: u64,
+        #[prost(uint64, tag = "5")]
+        pub raft_index: u64,
+        #[prost(uint64, tag = "6")]
+        pub raft_term: u64,
+    }
+
+    /// One unary call on `path`.
+    pub async fn unary<Request, Response>(
+        grpc: &mut tonic::client::Grpc<tonic::transport::Channel>,
+        path: &'static str,
+        request: Request,
+    ) -> Result<Response, tonic::Status>
+    where
+        Request: prost::Message + Send + Sync + 'static,
+        Response: prost::Message + Default + Send + Sync + 'static,
+    {
+        grpc.ready()
+            .await
+            .map_err(|error| tonic::Status::unavailable(error.to_string()))?;
+        let codec = tonic_prost::ProstCodec::<Request, Response>::default();
+        Ok(grpc
+            .unary(
+                tonic::Request::new(request),
+                PathAndQuery::from_static(path),
+                codec,
+            )
+            .await?
+            .into_inner())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signals
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `benchmark` until it ends or Ctrl-C / SIGTERM arrives; either way the benchmark's future
+/// is dropped, which kills its child processes and removes its temporary directory.
+async fn interruptible(
+    benchmark: impl std::future::Future<Output = anyhow::Result<i32>>,
+) -> anyhow::Result<i32> {
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = benchmark => result,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted: stopping the benchmark's processes");
+            Ok(130)
+        }
+        _ = terminate.recv() => {
+            eprintln!("terminated: stopping the benchmark's processes");
+            Ok(143)
+        }
+    }
+}
+
+fn temporary_directory(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .context("temporary directory")
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+// ---------------------------------------------------------------------------------------------
+// bench writes
+// ---------------------------------------------------------------------------------------------
+
+/// One measured client's connection and the write it repeats.
+enum Writer {
+    /// `WorkerService.Heartbeat` with `worker_id` = `bench-<n>` and no leases.
+    Flotilla {
+        client: WorkerServiceClient<Channel>,
+        worker_id: String,
+    },
+    /// `KV.Put` of `bench/<n>` = 16 bytes.
+    Etcd {
+        grpc: tonic::client::Grpc<Channel>,
+        key: Vec<u8>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum System {
+    Flotilla,
+    Etcd,
+}
+
+impl System {
+    fn name(self) -> &'static str {
+        match self {
+            System::Flotilla => "flotilla",
+            System::Etcd => "etcd",
+        }
+    }
+}
+
+impl Writer {
+    async fn connect(system: System, url: &str, client: usize) -> anyhow::Result<Writer> {
+        let channel = connect(url).await?;
+        Ok(match system {
+            System::Flotilla => Writer::Flotilla {
+                client: WorkerServiceClient::new(channel),
+                worker_id: format!("bench-{client}"),
+            },
+            System::Etcd => Writer::Etcd {
+                grpc: tonic::client::Grpc::new(channel),
+                key: format!("bench/{client}").into_bytes(),
+            },
+        })
+    }
+
+    async fn write(&mut self) -> Result<(), tonic::Status> {
+        match self {
+            Writer::Flotilla { client, worker_id } => {
+                client
+                    .heartbeat(v1::HeartbeatRequest {
+                        worker_id: worker_id.clone(),
+                        leases: Vec::new(),
+                    })
+                    .await?;
+            }
+            Writer::Etcd { grpc, key } => {
+                let response: etcd::PutResponse = etcd::unary(
+                    grpc,
+                    etcd::PUT_PATH,
+                    etcd::PutRequest {
+                        key: key.clone(),
+                        value: b"0123456789abcdef".to_vec(),
+                        ..etcd::PutRequest::default()
+                    },
+                )
+                .await?;
+                if response.header.is_none() {
+                    return Err(tonic::Status::internal("etcd Put: no response header"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct ClientTally {
+    latencies_ms: Vec<f64>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+struct Measurement {
+    system: System,
+    clients: u32,
+    completed: usize,
+    errors: u64,
+    first_error: Option<String>,
+    per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    leader_changed: bool,
+}
+
+/// `clients` concurrent loops of one write each against `url` (one connection per client):
+/// a warm-up, then `duration` measured. Writes completed inside the measured window count.
+async fn measure(
+    system: System,
+    url: &str,
+    clients: u32,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<Measurement> {
+    let mut writers = Vec::with_capacity(clients as usize);
+    for client in 0..clients as usize {
+        writers.push(Writer::connect(system, url, client).await?);
+    }
+    let start = Instant::now() + Duration::from_millis(50);
+    let window_start = start + warmup;
+    let end = window_start + duration;
+    let mut tasks = JoinSet::new();
+    for mut writer in writers {
+        tasks.spawn(async move {
+            tokio::time::sleep_until(start.into()).await;
+            let mut tally = ClientTally::default();
+            loop {
+                let begun = Instant::now();
+                if begun >= end {
+                    break;
+                }
+                let result = writer.write().await;
+                let done = Instant::now();
+                let counted = done >= window_start && done <= end;
+                match result {
+                    Ok(()) if counted => tally
+                        .latencies_ms
+                        .push((done - begun).as_secs_f64() * 1000.0),
+                    Ok(()) => {}
+                    Err(status) => {
+                        if counted {
+                            tally.errors += 1;
+                        }
+                        tally.first_error.get_or_insert_with(|| status.to_string());
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            tally
+        });
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    let mut first_error = None;
+    while let Some(tally) = tasks.join_next().await {
+        let tally = tally.context("benchmark client task")?;
+        latencies.extend(tally.latencies_ms);
+        errors += tally.errors;
+        first_error = first_error.or(tally.first_error);
+    }
+    latencies.sort_by(f64::total_cmp);
+    Ok(Measurement {
+        system,
+        clients,
+        completed: latencies.len(),
+        errors,
+        first_error,
+        per_second: latencies.len() as f64 / duration.as_secs_f64(),
+        p50_ms: percentile(&latencies, 0.5),
+        p99_ms: percentile(&latencies, 0.99),
+        leader_changed: false,
+    })
+}
+
+/// `flotilla bench writes`: committed writes per second of a local 3-node Flotilla cluster and,
+/// as the baseline in the same run, of a local 3-member etcd cluster, with each number of
+/// concurrent clients in `clients`, each measured for `duration_ms`.
+///
+/// # Errors
+/// Bad arguments; a cluster that does not start or elect a leader; etcd missing and not
+/// installable.
+pub async fn writes(clients: &[u32], duration_ms: u64) -> anyhow::Result<i32> {
+    anyhow::ensure!(
+        !clients.is_empty() && clients.iter().all(|&c| (1..=MAX_CLIENTS).contains(&c)),
+        "--clients must list numbers between 1 and {MAX_CLIENTS}"
+    );
+    anyhow::ensure!(
+        (100..=600_000).contains(&duration_ms),
+        "--duration-ms must be between 100 and 600000"
+    );
+    interruptible(writes_inner(clients, Duration::from_millis(duration_ms))).await
+}
+
+async fn writes_inner(clients: &[u32], duration: Duration) -> anyhow::Result<i32> {
+    let etcd_binary = etcd_binary()?;
+    let directory = temporary_directory("flotilla-bench-writes-")?;
+    let warmup = (duration / 5).min(Duration::from_secs(1));
+    let mut results = Vec::new();
+    {
+        let mut cluster = FlotillaCluster::start(&directory.path().join("flotilla"), None)?;
+        let leader = cluster.wait_for_leader(STARTUP_TIMEOUT).await?;
+        eprintln!(
+            "flotilla: 3 nodes up, leader {} (term {})",
+            leader.node_id, leader.term
+        );
+        for &count in clients {
+            let before = cluster.wait_for_leader(STARTUP_TIMEOUT).await?;
+            eprintln!("flotilla: {count} clients for {duration:?} ...");
+            let mut measurement = measure(
+                System::Flotilla,
+                &cluster.url(before.node_id),
+                count,
+                warmup,
+                duration,
+            )
+            .await?;
+            let after = cluster.wait_for_leader(STARTUP_TIMEOUT).await?;
+            measurement.leader_changed = after.term != before.term;
+            results.push(measurement);
+        }
+    }
+    {
+        let mut cluster = EtcdCluster::start(&etcd_binary, &directory.path().join("etcd"))?;
+        let (leader, term) = cluster.wait_for_leader(STARTUP_TIMEOUT).await?;
+        eprintln!("etcd: 3 members up, leader e{} (term {term})", leader + 1);
+        for &count in clients {
+            let (leader, before) = cluster.wait_for_leader(STARTUP_TIMEOUT).await?;
+            eprintln!("etcd: {count} clients for {duration:?} ...");
+            let mut measurement = measure(
+                System::Etcd,
+                &cluster.client_urls[leader].clone(),
+                count,
+                warmup,
+                duration,
+            )
+            .await?;
+            let (_, after) = cluster.wait_for_leader(STARTUP_TIMEOUT).await?;
+            measurement.leader_changed = after != before;
+            results.push(measurement);
+        }
+    }
+    print_writes(&results, duration);
+    Ok(0)
+}
+
+fn print_writes(results: &[Measurement], duration: Duration) {
+    println!(
+        "committed writes, 3 voters on 127.0.0.1, fsync on, {:.1} s per measurement \
+         (flotilla: WorkerService.Heartbeat; etcd: KV.Put of a 16-byte value)",
+        duration.as_secs_f64()
+    );
+    println!(
+        "{:<10} {:>8} {:>12} {:>10} {:>10} {:>8}",
+        "system", "clients", "commands/s", "p50 ms", "p99 ms", "errors"
+    );
+    for m in results {
+        println!(
+            "{:<10} {:>8} {:>12.1} {:>10.2} {:>10.2} {:>8}{}",
+            m.system.name(),
+            m.clients,
+            m.per_second,
+            m.p50_ms,
+            m.p99_ms,
+            m.errors,
+            if m.leader_changed {
+                "  (leader changed during the measurement)"
+            } else {
+                ""
+            }
+        );
+    }
+    for m in results.iter().filter(|m| m.errors > 0 || m.completed == 0) {
+        println!(
+            "{} with {} clients: {} errors, {} completed; first error: {}",
+            m.system.name(),
+            m.clients,
+            m.errors,
+            m.completed,
+            m.first_error.as_deref().unwrap_or("-")
+        );
+    }
+    for flotilla in results.iter().filter(|m| m.system == System::Flotilla) {
+        if let Some(etcd) = results
+            .iter()
+            .find(|m| m.system == System::Etcd && m.clients == flotilla.clients)
+        {
+            println!(
+                "ratio flotilla/etcd, {} clients: commands/s {:.2}x, p50 latency {:.2}x, p99 latency {:.2}x",
+                flotilla.clients,
+                flotilla.per_second / etcd.per_second,
+                flotilla.p50_ms / etcd.p50_ms,
+                flotilla.p99_ms / etcd.p99_ms
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// bench failover
+// ---------------------------------------------------------------------------------------------
+
+/// `flotilla bench failover`: `trials` times, `kill -9` of the leader of a local 3-node cluster
+/// while a worker-only node leases runs continuously; prints the time until a survivor reports
+/// a new leader and until the first new lease, per trial, and their median and worst.
+///
+/// # Errors
+/// Bad arguments; git missing; a cluster, worker or trial that does not make progress in time.
+pub async fn failover(trials: u32) -> anyhow::Result<i32> {
+    anyhow::ensure!(
+        (1..=1000).contains(&trials),
+        "--trials must be between 1 and 1000"
+    );
+    interruptible(failover_inner(trials)).await
+}
+
+fn git(directory: &Path, arguments: &[&str]) -> anyhow::Result<()> {
+    let output = Command::new("git")
+        .args([
+            "-c",
+            "user.name=flotilla-bench",
+            "-c",
+            "user.email=bench@localhost",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(arguments)
+        .current_dir(directory)
+        .stdin(Stdio::null())
+        .output()
+        .context("run git")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "git {}: {}",
+        arguments.join(" "),
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(())
+}
+
+/// A tiny bare repository and `count` symbolic links to it (a fleet's repositories must be
+/// distinct URLs): returns the links' paths.
+fn tiny_repositories(directory: &Path, count: usize) -> anyhow::Result<Vec<String>> {
+    let seed = directory.join("seed");
+    std::fs::create_dir_all(&seed)?;
+    git(&seed, &["init", "-q"])?;
+    std::fs::write(seed.join("README"), "flotilla failover benchmark\n")?;
+    git(&seed, &["add", "README"])?;
+    git(&seed, &["commit", "-q", "-m", "init"])?;
+    git(directory, &["clone", "-q", "--bare", "seed", "origin.git"])?;
+    let links = directory.join("repositories");
+    std::fs::create_dir_all(&links)?;
+    let origin = directory.join("origin.git");
+    (0..count)
+        .map(|index| {
+            let link = links.join(format!("r{index:05}.git"));
+            std::os::unix::fs::symlink(&origin, &link)?;
+            Ok(link.to_string_lossy().into_owned())
+        })
+        .collect()
+}
+
+fn failover_spec(name: &str, repositories: &[String]) -> v1::FleetSpec {
+    v1::FleetSpec {
+        name: name.to_string(),
+        repositories: repositories.to_vec(),
+        agent: Some(v1::AgentSpec {
+            command: "sleep 0.2".into(),
+            task: "failover benchmark".into(),
+            env: Default::default(),
+        }),
+        verify: Vec::new(),
+        sandbox: Some(v1::SandboxSpec {
+            driver: "none".into(),
+            timeout_ms: 60_000,
+            memory_limit_bytes: 0,
+            pids_limit: 0,
+            network: false,
+        }),
+        branch_template: "flotilla/{fleet}".into(),
+        commit_message: "failover benchmark".into(),
+        max_parallelism: 4,
+        max_attempts: 3,
+        push: false,
+        retry_backoff_initial_ms: 0,
+        retry_backoff_max_ms: 0,
+    }
+}
+
+fn fleet_client(channel: Channel) -> FleetServiceClient<Channel> {
+    FleetServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024)
+}
+
+/// The fleet leasing state: submitted fleets, and a new one when the newest runs low.
+struct Supply {
+    repositories: Vec<String>,
+    fleets: Vec<String>,
+}
+
+impl Supply {
+    async fn submit(&mut self, channel: Channel) -> anyhow::Result<()> {
+        let name = format!("failover-{}", self.fleets.len() + 1);
+        let response = fleet_client(channel)
+            .submit_fleet(v1::SubmitFleetRequest {
+                spec: Some(failover_spec(&name, &self.repositories)),
+                idempotency_key: name.clone(),
+            })
+            .await
+            .context("submit the benchmark fleet")?
+            .into_inner();
+        let fleet = response.fleet.context("SubmitFleet: no fleet")?;
+        eprintln!("submitted fleet {} ({} runs)", fleet.id, self.repositories.len());
+        self.fleets.push(fleet.id);
+        Ok(())
+    }
+
+    /// The unfinished fleets with their last event sequence; submits another fleet first when
+    /// the newest one has few pending runs left.
+    async fn top_up(&mut self, channel: Channel) -> anyhow::Result<Vec<(String, u64)>> {
+        let newest = self.fleets.last().context("no fleet")?.clone();
+        let fleet = fleet_client(channel.clone())
+            .get_fleet(v1::GetFleetRequest { fleet_id: newest })
+            .await?
+            .into_inner();
+        if fleet.counts.as_ref().map_or(0, |c| c.pending) < LOW_PENDING_RUNS {
+            self.submit(channel.clone()).await?;
+        }
+        let mut unfinished = Vec::new();
+        for fleet_id in &self.fleets {
+            let fleet = fleet_client(channel.clone())
+                .get_fleet(v1::GetFleetRequest {
+                    fleet_id: fleet_id.clone(),
+                })
+                .await?
+                .into_inner();
+            if fleet.state == v1::FleetState::Running as i32 {
+                unfinished.push((fleet.id, fleet.last_sequence));
+            }
+        }
+        Ok(unfinished)
+    }
+}
+
+struct Trial {
+    new_leader_ms: f64,
+    first_lease_ms: f64,
+}
+
+async fn failover_inner(trials: u32) -> anyhow::Result<i32> {
+    let directory = temporary_directory("flotilla-bench-failover-")?;
+    let root = directory.path();
+    let config = root.join("flotilla.toml");
+    std::fs::write(&config, FAILOVER_CONFIG)?;
+    let repositories = tiny_repositories(&root.join("git"), RUNS_PER_FLEET)?;
+    let mut cluster = FlotillaCluster::start(&root.join("cluster"), Some(&config))?;
+    let leader = cluster.wait_for_leader(STARTUP_TIMEOUT).await?;
+    eprintln!(
+        "3 nodes up, leader {} (term {})",
+        leader.node_id, leader.term
+    );
+    let worker_arguments: Vec<String> = vec![
+        "worker".into(),
+        "--config".into(),
+        config.to_string_lossy().into_owned(),
+        "--worker-id".into(),
+        "bench-worker".into(),
+        "--endpoints".into(),
+        cluster.urls().join(","),
+        "--slots".into(),
+        "4".into(),
+        "--data-directory".into(),
+        root.join("worker").to_string_lossy().into_owned(),
+    ];
+    let mut worker = ChildProcess::spawn(
+        "flotilla worker",
+        &cluster.binary.clone(),
+        &worker_arguments,
+        &root.join("worker.log"),
+    )?;
+    let mut supply = Supply {
+        repositories,
+        fleets: Vec::new(),
+    };
+    supply.submit(cluster.channel(leader.node_id)).await?;
+    // Steady state: the worker has finished runs and holds leases.
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    loop {
+        worker.check_running()?;
+        let leader = cluster.wait_for_leader(STARTUP_TIMEOUT).await?;
+        let fleet = fleet_client(cluster.channel(leader.node_id))
+            .get_fleet(v1::GetFleetRequest {
+                fleet_id: supply.fleets[0].clone(),
+            })
+            .await?
+            .into_inner();
+        let counts = fleet.counts.unwrap_or_default();
+        if counts.unchanged + counts.changed >= 8 && counts.running > 0 {
+            break;
+        }
+        if counts.failed > 0 {
+            bail!(
+                "benchmark runs fail; see {} and GetRun",
+                root.join("worker.log").display()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("the worker leased no runs in {STARTUP_TIMEOUT:?}; see worker.log");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "leader failover, 3 voters + 1 worker-only node (4 slots) on 127.0.0.1, fsync on; \
+         raft election timeout 400-800 ms, worker heartbeat 300 ms, lease wait 1000 ms"
+    );
+    let mut results = Vec::new();
+    for trial in 1..=trials {
+        worker.check_running()?;
+        cluster.check_running()?;
+        let leader = cluster.wait_for_leader(TRIAL_PHASE_TIMEOUT).await?;
+        let killed = leader.node_id;
+        let survivors: Vec<u64> = FlotillaCluster::ids().filter(|&id| id != killed).collect();
+        let fleets = supply.top_up(cluster.channel(killed)).await?;
+        // Event streams from both survivors, open before the kill.
+        let (sender, mut receiver) = mpsc::unbounded_channel::<(Instant, v1::FleetEvent)>();
+        let mut watchers = JoinSet::new();
+        for (fleet_id, after_sequence) in &fleets {
+            for &survivor in &survivors {
+                let mut stream = fleet_client(cluster.channel(survivor))
+                    .watch_fleet(v1::WatchFleetRequest {
+                        fleet_id: fleet_id.clone(),
+                        after_sequence: *after_sequence,
+                    })
+                    .await?
+                    .into_inner();
+                let sender = sender.clone();
+                watchers.spawn(async move {
+                    while let Ok(Some(event)) = stream.message().await {
+                        if sender.send((Instant::now(), event)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+        drop(sender);
+        let killed_at = Instant::now();
+        cluster.kill_node(killed);
+        let kill_ms = now_ms();
+        let cluster_ref = &cluster;
+        let survivors_ref = &survivors;
+        let new_leader = async move {
+            loop {
+                let statuses = futures::future::join_all(
+                    survivors_ref.iter().map(|&id| cluster_ref.status(id)),
+                )
+                .await;
+                for status in statuses.into_iter().flatten() {
+                    if status.leader_id != 0 && status.leader_id != killed {
+                        return (killed_at.elapsed(), status.leader_id, status.term);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let first_lease = async {
+            while let Some((received, event)) = receiver.recv().await {
+                if event.run_state == RunState::Running as i32 && event.time_ms > kill_ms {
+                    return Some((received - killed_at, event));
+                }
+            }
+            None
+        };
+        let (new_leader, first_lease) = tokio::join!(
+            tokio::time::timeout(TRIAL_PHASE_TIMEOUT, new_leader),
+            tokio::time::timeout(TRIAL_PHASE_TIMEOUT, first_lease)
+        );
+        watchers.abort_all();
+        let (leader_elapsed, new_leader_id, new_term) = new_leader.map_err(|_| {
+            anyhow::anyhow!(
+                "trial {trial}: no new leader {TRIAL_PHASE_TIMEOUT:?} after killing node {killed}"
+            )
+        })?;
+        let (lease_elapsed, event) = match first_lease {
+            Ok(Some(found)) => found,
+            Ok(None) => bail!("trial {trial}: the event streams ended without a new lease"),
+            Err(_) => bail!(
+                "trial {trial}: no new lease {TRIAL_PHASE_TIMEOUT:?} after killing node {killed}"
+            ),
+        };
+        // Restart the killed node from its data directory and wait until it has applied what
+        // the leader had committed when it came back.
+        let restarted_at = Instant::now();
+        cluster.start_node(killed)?;
+        let catch_up_deadline = restarted_at + CATCH_UP_TIMEOUT;
+        let mut target = None;
+        loop {
+            cluster.check_running()?;
+            if let Ok(own) = cluster.status(killed).await
+                && own.leader_id != 0
+                && own.leader_id != killed
+            {
+                if target.is_none()
+                    && let Ok(leader) = cluster.status(own.leader_id).await
+                    && leader.role == "Leader"
+                {
+                    target = Some(leader.committed_index);
+                }
+                if let Some(target) = target
+                    && own.applied_index >= target
+                {
+                    break;
+                }
+            }
+            if Instant::now() > catch_up_deadline {
+                bail!("trial {trial}: node {killed} did not catch up in {CATCH_UP_TIMEOUT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let caught_up = restarted_at.elapsed();
+        println!(
+            "trial {trial:>3}: killed leader {killed} (term {}); new leader {new_leader_id} \
+             (term {new_term}) after {:>6.0} ms; first new lease after {:>6.0} ms ({} attempt {}); \
+             node {killed} restarted and caught up in {:.0} ms",
+            leader.term,
+            leader_elapsed.as_secs_f64() * 1000.0,
+            lease_elapsed.as_secs_f64() * 1000.0,
+            event.run_id,
+            event.attempt,
+            caught_up.as_secs_f64() * 1000.0
+        );
+        results.push(Trial {
+            new_leader_ms: leader_elapsed.as_secs_f64() * 1000.0,
+            first_lease_ms: lease_elapsed.as_secs_f64() * 1000.0,
+        });
+    }
+    let summary = |name: &str, mut samples: Vec<f64>| {
+        samples.sort_by(f64::total_cmp);
+        println!(
+            "{name}: median {:.0} ms, worst {:.0} ms, best {:.0} ms ({} trials)",
+            percentile(&samples, 0.5),
+            percentile(&samples, 1.0),
+            percentile(&samples, 0.0),
+            samples.len()
+        );
+    };
+    summary(
+        "kill -9 of the leader -> new leader reported",
+        results.iter().map(|t| t.new_leader_ms).collect(),
+    );
+    summary(
+        "kill -9 of the leader -> first new lease",
+        results.iter().map(|t| t.first_lease_ms).collect(),
+    );
+    drop(worker);
+    drop(cluster);
+    Ok(0)
+}
