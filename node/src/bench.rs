@@ -532,8 +532,7 @@ mod etcd {
 async fn interruptible(
     benchmark: impl std::future::Future<Output = anyhow::Result<i32>>,
 ) -> anyhow::Result<i32> {
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         result = benchmark => result,
         _ = tokio::signal::ctrl_c() => {
@@ -963,7 +962,11 @@ impl Supply {
             .context("submit the benchmark fleet")?
             .into_inner();
         let fleet = response.fleet.context("SubmitFleet: no fleet")?;
-        eprintln!("submitted fleet {} ({} runs)", fleet.id, self.repositories.len());
+        eprintln!(
+            "submitted fleet {} ({} runs)",
+            fleet.id,
+            self.repositories.len()
+        );
         self.fleets.push(fleet.id);
         Ok(())
     }
