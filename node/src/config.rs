@@ -122,6 +122,9 @@ pub struct RaftSection {
     pub election_timeout_max_ms: u64,
     /// Build a snapshot after this many log entries since the last one.
     pub snapshot_logs_since_last: u64,
+    /// Draw a fresh election timeout for every campaign (Flotilla's timer); false uses
+    /// openraft 0.9's own timer, which draws once per node.
+    pub resample_election_timeout: bool,
 }
 
 impl Default for RaftSection {
@@ -131,6 +134,7 @@ impl Default for RaftSection {
             election_timeout_min_ms: 400,
             election_timeout_max_ms: 800,
             snapshot_logs_since_last: 10_000,
+            resample_election_timeout: true,
         }
     }
 }

@@ -81,6 +81,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             election_timeout_min_ms: config.raft.election_timeout_min_ms,
             election_timeout_max_ms: config.raft.election_timeout_max_ms,
             snapshot_logs_since_last: config.raft.snapshot_logs_since_last,
+            resample_election_timeout: config.raft.resample_election_timeout,
             ..RaftNodeConfig::default()
         })
         .await
