@@ -18,6 +18,15 @@
 //!   unless it heard from a leader since it was opened (the leader removed itself): then it
 //!   waits for its timeout like any voter.
 //!
+//! - a voter that refused its vote to a candidate because the candidate's log is behind its own
+//!   (openraft then keeps its own, lower term) campaigns soon after, in a term above that
+//!   candidate's. Raft has the refusing node adopt the candidate's term (§5.1); openraft 0.9
+//!   does not, so without this rule the up-to-date node's next campaign reuses the outdated
+//!   candidate's term, collides with that candidate's self-vote, and the pair can livelock for
+//!   many rounds (seen in `flotilla bench failover`: 10-12 s to a new leader). The campaign
+//!   waits a random fraction of the minimum timeout first, so two up-to-date nodes rarely jump
+//!   together, and is skipped while a leader is heard.
+//!
 //! With the switch off, openraft's own timer campaigns and [`run`] only counts.
 //!
 //! [`RaftGrpcService`]: crate::RaftGrpcService
@@ -40,6 +49,11 @@ pub(crate) struct LeaderContact {
     last_contact: Mutex<Option<Instant>>,
     /// Campaigns this node started (terms in which it voted for itself).
     elections_started: AtomicU64,
+    /// The highest term of a candidate this node refused because the candidate's log is behind
+    /// its own, not yet outrun by a campaign of this node.
+    outdated_candidate_term: Mutex<Option<u64>>,
+    /// Wakes the timer when `outdated_candidate_term` is set.
+    outdated_candidate: tokio::sync::Notify,
 }
 
 impl LeaderContact {
@@ -51,6 +65,25 @@ impl LeaderContact {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         *last_contact = Some(last_contact.map_or(now, |last| last.max(now)));
+    }
+
+    /// Records that this node refused its vote to a candidate of `term` whose log is behind its
+    /// own, and wakes the timer to outrun it.
+    pub(crate) fn record_outdated_candidate(&self, term: u64) {
+        let mut pending = self
+            .outdated_candidate_term
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *pending = Some(pending.map_or(term, |known| known.max(term)));
+        drop(pending);
+        self.outdated_candidate.notify_one();
+    }
+
+    fn take_outdated_candidate(&self) -> Option<u64> {
+        self.outdated_candidate_term
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     /// The last time this node heard from a leader or granted a vote.
@@ -218,6 +251,44 @@ pub(crate) async fn run(
         };
         tokio::select! {
             _ = stop.changed() => return,
+            () = contact.outdated_candidate.notified(), if matches!(mode, TimerMode::Resample { .. }) => {
+                let TimerMode::Resample { min_ms, max_ms } = mode else { continue };
+                let Some(candidate_term) = contact.take_outdated_candidate() else { continue };
+                if !matches!(Eligibility::of(&metrics.borrow(), node_id), Eligibility::Eligible { .. }) {
+                    continue;
+                }
+                // A random fraction of the minimum timeout, so that two up-to-date nodes rarely
+                // campaign together; then outrun the candidate unless a leader was heard.
+                let pause = draw_timeout(0, (min_ms / 2).max(1));
+                let asked_at = Instant::now();
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    () = tokio::time::sleep(pause) => {}
+                }
+                // A leader (or a vote granted) heard within the minimum timeout: its lease holds.
+                let lease = std::time::Duration::from_millis(min_ms);
+                if contact.last_contact().is_some_and(|last| last > asked_at || last.elapsed() < lease) {
+                    continue;
+                }
+                if !matches!(Eligibility::of(&metrics.borrow(), node_id), Eligibility::Eligible { .. }) {
+                    continue;
+                }
+                tracing::info!(node_id, candidate_term, "outrunning a candidate whose log is behind ours");
+                // Each campaign raises this node's term by one; stop once above the candidate's.
+                for _ in 0..3 {
+                    let term = metrics.borrow().vote.leader_id().term;
+                    if term > candidate_term {
+                        break;
+                    }
+                    if raft.trigger().elect().await.is_err() {
+                        return;
+                    }
+                    let _ = tokio::time::timeout(std::time::Duration::from_millis(min_ms), raft.wait(None).metrics(|m| m.vote.leader_id().term > term, "term raised")).await;
+                }
+                campaigned_since_eligible = true;
+                since = Instant::now();
+                timeout = draw_timeout(min_ms, max_ms);
+            }
             changed = metrics.changed() => {
                 if changed.is_err() {
                     return;

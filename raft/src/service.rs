@@ -105,10 +105,24 @@ impl RaftService for RaftGrpcService {
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let rpc = decode(request.into_inner(), "VoteRequest")?;
+        let rpc: openraft::raft::VoteRequest<crate::types::NodeId> =
+            decode(request.into_inner(), "VoteRequest")?;
+        let candidate_term = rpc.vote.leader_id().term;
+        let candidate_last_log_id = rpc.last_log_id;
         let result = self.raft.vote(rpc).await;
-        if result.as_ref().is_ok_and(|response| response.vote_granted) {
-            self.record_leader_contact();
+        match &result {
+            Ok(response) if response.vote_granted => self.record_leader_contact(),
+            // Refused because the candidate's log is behind ours, while openraft kept our
+            // lower term: our timer must outrun that candidate's term (see `election`).
+            Ok(response)
+                if response.vote.leader_id().term < candidate_term
+                    && candidate_last_log_id < response.last_log_id =>
+            {
+                if let Some(contact) = &self.leader_contact {
+                    contact.record_outdated_candidate(candidate_term);
+                }
+            }
+            _ => {}
         }
         encode(&result)
     }
