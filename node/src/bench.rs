@@ -64,6 +64,9 @@ struct ChildProcess {
     name: String,
     log: PathBuf,
     child: std::process::Child,
+    /// On drop: SIGTERM first and this long to exit before SIGKILL (zero: SIGKILL at once).
+    /// A worker gets time to stop its runs' processes, which a SIGKILL would leave running.
+    grace: Duration,
 }
 
 impl ChildProcess {
@@ -105,7 +108,25 @@ impl ChildProcess {
             name: name.to_string(),
             log: log.to_path_buf(),
             child,
+            grace: Duration::ZERO,
         })
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within `grace`; reaps it.
+    fn terminate(&mut self, grace: Duration) {
+        if matches!(self.child.try_wait(), Ok(None))
+            && let Ok(pid) = i32::try_from(self.child.id())
+        {
+            // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + grace;
+            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.kill();
     }
 
     /// `kill -9`, then reaps it.
@@ -132,7 +153,11 @@ impl ChildProcess {
 
 impl Drop for ChildProcess {
     fn drop(&mut self) {
-        self.kill();
+        if self.grace.is_zero() {
+            self.kill();
+        } else {
+            self.terminate(self.grace);
+        }
     }
 }
 
@@ -546,13 +571,58 @@ async fn interruptible(
     }
 }
 
-fn temporary_directory(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
-    tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir()
-        .context("temporary directory")
+/// A fresh temporary directory, removed on drop unless kept (retried briefly: a process killed
+/// just before may leave a child that still writes into it for a moment).
+struct ScratchDirectory {
+    path: PathBuf,
+    keep: bool,
 }
 
+impl ScratchDirectory {
+    fn new(prefix: &str, keep: bool) -> anyhow::Result<Self> {
+        let directory = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .context("temporary directory")?;
+        Ok(ScratchDirectory {
+            path: directory.keep(),
+            keep,
+        })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ScratchDirectory {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("kept {} (data and process logs)", self.path.display());
+            return;
+        }
+        for _ in 0..50 {
+            match std::fs::remove_dir_all(&self.path) {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                _ => return,
+            }
+        }
+        eprintln!("could not remove {}", self.path.display());
+    }
+}
+
+/// The median of sorted samples (the mean of the middle two for an even count).
+fn median(sorted: &[f64]) -> f64 {
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// The nearest-rank percentile `p` (0-1) of sorted samples.
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -720,7 +790,7 @@ async fn measure(
         errors,
         first_error,
         per_second: latencies.len() as f64 / duration.as_secs_f64(),
-        p50_ms: percentile(&latencies, 0.5),
+        p50_ms: median(&latencies),
         p99_ms: percentile(&latencies, 0.99),
         leader_changed: false,
     })
@@ -733,7 +803,7 @@ async fn measure(
 /// # Errors
 /// Bad arguments; a cluster that does not start or elect a leader; etcd missing and not
 /// installable.
-pub async fn writes(clients: &[u32], duration_ms: u64) -> anyhow::Result<i32> {
+pub async fn writes(clients: &[u32], duration_ms: u64, keep: bool) -> anyhow::Result<i32> {
     anyhow::ensure!(
         !clients.is_empty() && clients.iter().all(|&c| (1..=MAX_CLIENTS).contains(&c)),
         "--clients must list numbers between 1 and {MAX_CLIENTS}"
@@ -742,57 +812,55 @@ pub async fn writes(clients: &[u32], duration_ms: u64) -> anyhow::Result<i32> {
         (100..=600_000).contains(&duration_ms),
         "--duration-ms must be between 100 and 600000"
     );
-    interruptible(writes_inner(clients, Duration::from_millis(duration_ms))).await
+    interruptible(writes_inner(
+        clients,
+        Duration::from_millis(duration_ms),
+        keep,
+    ))
+    .await
 }
 
-async fn writes_inner(clients: &[u32], duration: Duration) -> anyhow::Result<i32> {
+async fn writes_inner(clients: &[u32], duration: Duration, keep: bool) -> anyhow::Result<i32> {
     let etcd_binary = etcd_binary()?;
-    let directory = temporary_directory("flotilla-bench-writes-")?;
+    let directory = ScratchDirectory::new("flotilla-bench-writes-", keep)?;
     let warmup = (duration / 5).min(Duration::from_secs(1));
+    // Both clusters run for the whole benchmark (idle while the other is measured), and the
+    // measurements alternate, so that a change of the machine's background load affects both.
+    let mut flotilla = FlotillaCluster::start(&directory.path().join("flotilla"), None)?;
+    let mut etcd = EtcdCluster::start(&etcd_binary, &directory.path().join("etcd"))?;
+    let leader = flotilla.wait_for_leader(STARTUP_TIMEOUT).await?;
+    eprintln!(
+        "flotilla: 3 nodes up, leader {} (term {})",
+        leader.node_id, leader.term
+    );
+    let (leader, term) = etcd.wait_for_leader(STARTUP_TIMEOUT).await?;
+    eprintln!("etcd: 3 members up, leader e{} (term {term})", leader + 1);
     let mut results = Vec::new();
-    {
-        let mut cluster = FlotillaCluster::start(&directory.path().join("flotilla"), None)?;
-        let leader = cluster.wait_for_leader(STARTUP_TIMEOUT).await?;
-        eprintln!(
-            "flotilla: 3 nodes up, leader {} (term {})",
-            leader.node_id, leader.term
-        );
-        for &count in clients {
-            let before = cluster.wait_for_leader(STARTUP_TIMEOUT).await?;
-            eprintln!("flotilla: {count} clients for {duration:?} ...");
-            let mut measurement = measure(
-                System::Flotilla,
-                &cluster.url(before.node_id),
-                count,
-                warmup,
-                duration,
-            )
-            .await?;
-            let after = cluster.wait_for_leader(STARTUP_TIMEOUT).await?;
-            measurement.leader_changed = after.term != before.term;
-            results.push(measurement);
-        }
+    for &count in clients {
+        let before = flotilla.wait_for_leader(STARTUP_TIMEOUT).await?;
+        eprintln!("flotilla: {count} clients for {duration:?} ...");
+        let mut measurement = measure(
+            System::Flotilla,
+            &flotilla.url(before.node_id),
+            count,
+            warmup,
+            duration,
+        )
+        .await?;
+        let after = flotilla.wait_for_leader(STARTUP_TIMEOUT).await?;
+        measurement.leader_changed = after.term != before.term;
+        results.push(measurement);
+
+        let (leader, before) = etcd.wait_for_leader(STARTUP_TIMEOUT).await?;
+        eprintln!("etcd: {count} clients for {duration:?} ...");
+        let url = etcd.client_urls[leader].clone();
+        let mut measurement = measure(System::Etcd, &url, count, warmup, duration).await?;
+        let (_, after) = etcd.wait_for_leader(STARTUP_TIMEOUT).await?;
+        measurement.leader_changed = after != before;
+        results.push(measurement);
     }
-    {
-        let mut cluster = EtcdCluster::start(&etcd_binary, &directory.path().join("etcd"))?;
-        let (leader, term) = cluster.wait_for_leader(STARTUP_TIMEOUT).await?;
-        eprintln!("etcd: 3 members up, leader e{} (term {term})", leader + 1);
-        for &count in clients {
-            let (leader, before) = cluster.wait_for_leader(STARTUP_TIMEOUT).await?;
-            eprintln!("etcd: {count} clients for {duration:?} ...");
-            let mut measurement = measure(
-                System::Etcd,
-                &cluster.client_urls[leader].clone(),
-                count,
-                warmup,
-                duration,
-            )
-            .await?;
-            let (_, after) = cluster.wait_for_leader(STARTUP_TIMEOUT).await?;
-            measurement.leader_changed = after != before;
-            results.push(measurement);
-        }
-    }
+    drop(etcd);
+    drop(flotilla);
     print_writes(&results, duration);
     Ok(0)
 }
@@ -807,7 +875,9 @@ fn print_writes(results: &[Measurement], duration: Duration) {
         "{:<10} {:>8} {:>12} {:>10} {:>10} {:>8}",
         "system", "clients", "commands/s", "p50 ms", "p99 ms", "errors"
     );
-    for m in results {
+    let mut rows: Vec<&Measurement> = results.iter().collect();
+    rows.sort_by_key(|m| (m.system != System::Flotilla, m.clients));
+    for m in rows {
         println!(
             "{:<10} {:>8} {:>12.1} {:>10.2} {:>10.2} {:>8}{}",
             m.system.name(),
@@ -859,12 +929,12 @@ fn print_writes(results: &[Measurement], duration: Duration) {
 ///
 /// # Errors
 /// Bad arguments; git missing; a cluster, worker or trial that does not make progress in time.
-pub async fn failover(trials: u32) -> anyhow::Result<i32> {
+pub async fn failover(trials: u32, keep: bool) -> anyhow::Result<i32> {
     anyhow::ensure!(
         (1..=1000).contains(&trials),
         "--trials must be between 1 and 1000"
     );
-    interruptible(failover_inner(trials)).await
+    interruptible(failover_inner(trials, keep)).await
 }
 
 fn git(directory: &Path, arguments: &[&str]) -> anyhow::Result<()> {
@@ -1003,8 +1073,8 @@ struct Trial {
     first_lease_ms: f64,
 }
 
-async fn failover_inner(trials: u32) -> anyhow::Result<i32> {
-    let directory = temporary_directory("flotilla-bench-failover-")?;
+async fn failover_inner(trials: u32, keep: bool) -> anyhow::Result<i32> {
+    let directory = ScratchDirectory::new("flotilla-bench-failover-", keep)?;
     let root = directory.path();
     let config = root.join("flotilla.toml");
     std::fs::write(&config, FAILOVER_CONFIG)?;
@@ -1034,6 +1104,7 @@ async fn failover_inner(trials: u32) -> anyhow::Result<i32> {
         &worker_arguments,
         &root.join("worker.log"),
     )?;
+    worker.grace = Duration::from_secs(5);
     let mut supply = Supply {
         repositories,
         fleets: Vec::new(),
@@ -1131,7 +1202,6 @@ async fn failover_inner(trials: u32) -> anyhow::Result<i32> {
             tokio::time::timeout(TRIAL_PHASE_TIMEOUT, new_leader),
             tokio::time::timeout(TRIAL_PHASE_TIMEOUT, first_lease)
         );
-        watchers.abort_all();
         let (leader_elapsed, new_leader_id, new_term) = new_leader.map_err(|_| {
             anyhow::anyhow!(
                 "trial {trial}: no new leader {TRIAL_PHASE_TIMEOUT:?} after killing node {killed}"
@@ -1174,16 +1244,38 @@ async fn failover_inner(trials: u32) -> anyhow::Result<i32> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let caught_up = restarted_at.elapsed();
+        // Leasing has resumed (a lease granted after the catch-up) before the next kill.
+        let resumed = Instant::now();
+        let resumed_ms = now_ms();
+        let leasing = async {
+            while let Some((_, event)) = receiver.recv().await {
+                if event.run_state == RunState::Running as i32 && event.time_ms > resumed_ms {
+                    return true;
+                }
+            }
+            false
+        };
+        if !tokio::time::timeout(TRIAL_PHASE_TIMEOUT, leasing)
+            .await
+            .unwrap_or(false)
+        {
+            bail!(
+                "trial {trial}: no lease granted in the {TRIAL_PHASE_TIMEOUT:?} after node {killed} caught up"
+            );
+        }
+        watchers.abort_all();
+        let resumed_after = resumed.elapsed();
         println!(
             "trial {trial:>3}: killed leader {killed} (term {}); new leader {new_leader_id} \
              (term {new_term}) after {:>6.0} ms; first new lease after {:>6.0} ms ({} attempt {}); \
-             node {killed} restarted and caught up in {:.0} ms",
+             node {killed} restarted and caught up in {:.0} ms, next lease {:.0} ms later",
             leader.term,
             leader_elapsed.as_secs_f64() * 1000.0,
             lease_elapsed.as_secs_f64() * 1000.0,
             event.run_id,
             event.attempt,
-            caught_up.as_secs_f64() * 1000.0
+            caught_up.as_secs_f64() * 1000.0,
+            resumed_after.as_secs_f64() * 1000.0
         );
         results.push(Trial {
             new_leader_ms: leader_elapsed.as_secs_f64() * 1000.0,
@@ -1194,7 +1286,7 @@ async fn failover_inner(trials: u32) -> anyhow::Result<i32> {
         samples.sort_by(f64::total_cmp);
         println!(
             "{name}: median {:.0} ms, worst {:.0} ms, best {:.0} ms ({} trials)",
-            percentile(&samples, 0.5),
+            median(&samples),
             percentile(&samples, 1.0),
             percentile(&samples, 0.0),
             samples.len()

@@ -220,6 +220,9 @@ enum BenchCommands {
         /// Length of each measurement.
         #[arg(long, default_value_t = 10_000)]
         duration_ms: u64,
+        /// Keep the temporary directory (data, process logs) instead of removing it.
+        #[arg(long)]
+        keep: bool,
     },
     /// Leader failover: kill -9 of the leader of a local 3-node cluster while a worker leases
     /// runs; time to a new leader and to the first new lease.
@@ -227,6 +230,9 @@ enum BenchCommands {
         /// Leader kills.
         #[arg(long, default_value_t = 20)]
         trials: u32,
+        /// Keep the temporary directory (data, process logs) instead of removing it.
+        #[arg(long)]
+        keep: bool,
     },
 }
 
@@ -405,9 +411,10 @@ fn main() {
             Commands::Bench(BenchCommands::Writes {
                 clients,
                 duration_ms,
-            }) => flotilla::bench::writes(&clients, duration_ms).await,
-            Commands::Bench(BenchCommands::Failover { trials }) => {
-                flotilla::bench::failover(trials).await
+                keep,
+            }) => flotilla::bench::writes(&clients, duration_ms, keep).await,
+            Commands::Bench(BenchCommands::Failover { trials, keep }) => {
+                flotilla::bench::failover(trials, keep).await
             }
             command => match run_client(&arguments.address, arguments.output, command).await {
                 Ok(code) => Ok(code),
