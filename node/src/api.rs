@@ -126,10 +126,48 @@ impl Api {
         }
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| Status::internal(format!("bad leader address {address}: {e}")))?
-            .connect_timeout(Duration::from_secs(2));
+            .connect_timeout(Duration::from_secs(2))
+            // A leader that is partitioned away or paused is noticed within seconds, and the
+            // calls waiting on it fail instead of hanging until it returns.
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(2))
+            .keep_alive_while_idle(true);
         let channel = endpoint.connect_lazy();
         channels.insert(address.to_string(), channel.clone());
         Ok(channel)
+    }
+
+    /// Awaits a call forwarded to the leader for at most `limits.forward_timeout_ms` plus
+    /// `extra_ms` (a long poll's own wait), and no longer than the leader this node knows stays
+    /// the same: a leader that is partitioned away or paused cannot hold the caller. The caller
+    /// then gets UNAVAILABLE and retries, against the new leader.
+    async fn forward<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<GrpcResponse<T>, Status>>,
+        extra_ms: u64,
+    ) -> Result<GrpcResponse<T>, Status> {
+        let limit = Duration::from_millis(self.limits.forward_timeout_ms.saturating_add(extra_ms));
+        let leader = self.node.current_leader().map(|(id, _)| id);
+        let mut metrics = self.node.raft.metrics();
+        let leader_changed = async move {
+            loop {
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+                if metrics.borrow().current_leader != leader {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            result = tokio::time::timeout(limit, call) => result.unwrap_or_else(|_| {
+                Err(Status::unavailable(format!(
+                    "the leader did not answer within {} ms (limits.forward_timeout_ms); retry",
+                    limit.as_millis()
+                )))
+            }),
+            () = leader_changed => Err(Status::unavailable("the leader changed while the request was forwarded; retry")),
+        }
     }
 
     fn fleet_client(&self, channel: Channel) -> FleetServiceClient<Channel> {
@@ -198,7 +236,10 @@ impl FleetService for Api {
             trace_parent: trace_parent(&span),
         };
         match self.propose(command).instrument(span.clone()).await? {
-            Proposal::Forward(channel) => self.fleet_client(channel).submit_fleet(original).await,
+            Proposal::Forward(channel) => {
+                self.forward(self.fleet_client(channel).submit_fleet(original), 0)
+                    .await
+            }
             Proposal::Applied(Response::FleetSubmitted { fleet_id, created }) => {
                 span.in_scope(|| info!(fleet.id = %fleet_id, created, "fleet submitted"));
                 if created {
@@ -224,7 +265,9 @@ impl FleetService for Api {
         let fleet_id = original.fleet_id.clone();
         validate_fleet_id(&fleet_id)?;
         if let Some(leader) = self.read_barrier().await? {
-            return self.fleet_client(leader).get_fleet(original).await;
+            return self
+                .forward(self.fleet_client(leader).get_fleet(original), 0)
+                .await;
         }
         self.fleet_or_not_found(&fleet_id, true)
             .map(GrpcResponse::new)
@@ -257,7 +300,9 @@ impl FleetService for Api {
             })?
         };
         if let Some(leader) = self.read_barrier().await? {
-            return self.fleet_client(leader).list_fleets(original).await;
+            return self
+                .forward(self.fleet_client(leader).list_fleets(original), 0)
+                .await;
         }
         let fleets: Vec<v1::Fleet> = self.node.state.read(|state| {
             state
@@ -349,7 +394,9 @@ impl FleetService for Api {
             )));
         }
         if let Some(leader) = self.read_barrier().await? {
-            return self.fleet_client(leader).get_run(original).await;
+            return self
+                .forward(self.fleet_client(leader).get_run(original), 0)
+                .await;
         }
         self.node
             .state
@@ -372,7 +419,10 @@ impl FleetService for Api {
             fleet_id: original.fleet_id.clone(),
         };
         match self.propose(command).await? {
-            Proposal::Forward(channel) => self.fleet_client(channel).cancel_fleet(original).await,
+            Proposal::Forward(channel) => {
+                self.forward(self.fleet_client(channel).cancel_fleet(original), 0)
+                    .await
+            }
             Proposal::Applied(Response::FleetCancelled) => {
                 info!(fleet.id = %original.fleet_id, "fleet cancelled");
                 self.fleet_or_not_found(&original.fleet_id, true)
@@ -431,7 +481,8 @@ impl WorkerService for Api {
                 ),
             )));
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(original.wait_ms);
+        let wait_ms = original.wait_ms;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
         let mut changes = self.node.state.subscribe();
         loop {
             // Only propose when something can be leased: idle polls do not grow the log.
@@ -444,7 +495,9 @@ impl WorkerService for Api {
                 };
                 match self.propose(command).await? {
                     Proposal::Forward(channel) => {
-                        return self.worker_client(channel).lease_runs(original).await;
+                        return self
+                            .forward(self.worker_client(channel).lease_runs(original), wait_ms)
+                            .await;
                     }
                     Proposal::Applied(Response::Leased(grants)) if !grants.is_empty() => {
                         metrics::counter!("flotilla_leases_granted_total")
@@ -473,7 +526,9 @@ impl WorkerService for Api {
                 // Followers see the state too, but the leader must stamp the lease.
                 {
                     let channel = self.channel_to(&address)?;
-                    return self.worker_client(channel).lease_runs(original).await;
+                    return self
+                        .forward(self.worker_client(channel).lease_runs(original), wait_ms)
+                        .await;
                 }
             }
             let now = tokio::time::Instant::now();
@@ -510,7 +565,10 @@ impl WorkerService for Api {
             lease_ttl_ms: self.limits.lease_ttl_ms,
         };
         match self.propose(command).await? {
-            Proposal::Forward(channel) => self.worker_client(channel).heartbeat(original).await,
+            Proposal::Forward(channel) => {
+                self.forward(self.worker_client(channel).heartbeat(original), 0)
+                    .await
+            }
             Proposal::Applied(Response::Heartbeat { lost }) => {
                 Ok(GrpcResponse::new(v1::HeartbeatResponse {
                     lost: lost
@@ -551,7 +609,10 @@ impl WorkerService for Api {
             result,
         };
         match self.propose(command).await? {
-            Proposal::Forward(channel) => self.worker_client(channel).report_result(original).await,
+            Proposal::Forward(channel) => {
+                self.forward(self.worker_client(channel).report_result(original), 0)
+                    .await
+            }
             Proposal::Applied(Response::ResultAccepted) => {
                 metrics::counter!("flotilla_results_accepted_total", "outcome" => outcome.as_str())
                     .increment(1);

@@ -166,6 +166,9 @@ pub struct LimitsSection {
     pub lease_grace_after_election_ms: u64,
     /// How often the leader looks for expired leases and compactable fleets.
     pub lease_check_interval_ms: u64,
+    /// Longest wait for the leader's answer to a forwarded request (plus the long-poll time for
+    /// lease requests).
+    pub forward_timeout_ms: u64,
     /// How long an ended fleet (its runs, events, idempotency key) is kept before it is
     /// compacted away.
     pub fleet_retention_ms: u64,
@@ -187,6 +190,7 @@ impl Default for LimitsSection {
             lease_ttl_ms: 30_000,
             lease_grace_after_election_ms: 30_000,
             lease_check_interval_ms: 1_000,
+            forward_timeout_ms: 5_000,
             fleet_retention_ms: 7 * 24 * 3_600_000,
             compaction_batch_fleets: 100,
         }
@@ -217,6 +221,9 @@ pub struct WorkerSection {
     pub log_tail_bytes: usize,
     /// Patch size sent with each result.
     pub patch_max_bytes: usize,
+    /// Timeout of one worker RPC (lease requests add `lease_wait_ms`); the worker then tries
+    /// the next endpoint.
+    pub rpc_timeout_ms: u64,
 }
 
 impl Default for WorkerSection {
@@ -232,6 +239,7 @@ impl Default for WorkerSection {
             log_max_bytes: 8 * 1024 * 1024,
             log_tail_bytes: 16 * 1024,
             patch_max_bytes: 256 * 1024,
+            rpc_timeout_ms: 10_000,
         }
     }
 }
@@ -394,6 +402,12 @@ impl ServerConfig {
         }
         if self.limits.max_runs_per_fleet == 0 || self.limits.max_runs_per_fleet > 100_000 {
             return invalid("limits.max_runs_per_fleet", "must be between 1 and 100000");
+        }
+        if self.limits.forward_timeout_ms == 0 {
+            return invalid("limits.forward_timeout_ms", "must be positive");
+        }
+        if self.worker.rpc_timeout_ms == 0 {
+            return invalid("worker.rpc_timeout_ms", "must be positive");
         }
         if self.limits.lease_check_interval_ms == 0 {
             return invalid("limits.lease_check_interval_ms", "must be positive");

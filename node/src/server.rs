@@ -194,6 +194,7 @@ pub async fn start_worker(
         lease_wait_ms: config.worker.lease_wait_ms,
         heartbeat_interval_ms: config.worker.heartbeat_interval_ms,
         max_message_bytes: config.limits.max_request_bytes,
+        rpc_timeout_ms: config.worker.rpc_timeout_ms,
         ..flotilla_worker::actor::WorkerSettings::default()
     };
     let execution = flotilla_worker::config::WorkerConfig {
