@@ -65,6 +65,10 @@ impl From<tonic::Status> for CliError {
     }
 }
 
+/// Submissions tried before giving up when the cluster is unavailable (no leader yet, leader
+/// changing); every try carries the same idempotency key.
+pub const SUBMIT_ATTEMPTS: u32 = 5;
+
 /// Largest gRPC message the CLI sends or accepts.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
@@ -264,13 +268,44 @@ pub async fn submit_spec(
     watch: bool,
     output: Output,
 ) -> Result<i32, CliError> {
-    let response = client
-        .submit_fleet(v1::SubmitFleetRequest {
-            spec: Some(spec),
-            idempotency_key,
-        })
-        .await?
-        .into_inner();
+    // Without a key from the user, one is made up, so that retrying after an ambiguous failure
+    // (the cluster may have committed the fleet before the answer was lost) never creates a
+    // second fleet.
+    let idempotency_key = if idempotency_key.is_empty() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!("cli-{nanos:x}-{:x}", std::process::id())
+    } else {
+        idempotency_key
+    };
+    let request = v1::SubmitFleetRequest {
+        spec: Some(spec),
+        idempotency_key,
+    };
+    let mut backoff = Duration::from_millis(200);
+    let mut attempt = 1;
+    let response = loop {
+        match client.submit_fleet(request.clone()).await {
+            Ok(response) => break response.into_inner(),
+            Err(status)
+                if attempt < SUBMIT_ATTEMPTS
+                    && matches!(
+                        status.code(),
+                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                    ) =>
+            {
+                eprintln!(
+                    "submit: {}; retrying with the same idempotency key",
+                    status.message()
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(3));
+                attempt += 1;
+            }
+            Err(status) => return Err(status.into()),
+        }
+    };
     let fleet = response.fleet.ok_or_else(|| CliError {
         message: "empty response".into(),
         code: exit_code::ERROR,

@@ -136,3 +136,26 @@ async fn server_reflection_lists_the_services() {
         "{names:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_retries_with_one_idempotency_key_while_there_is_no_leader() {
+    let root = tempfile::tempdir().unwrap();
+    // A node started with --join and never added has no leader: writes are UNAVAILABLE.
+    let node = Node::start_listening(&root.path().join("node"), &["--join", "--no-worker"]).await;
+    let spec = root.path().join("fleet.yaml");
+    std::fs::write(
+        &spec,
+        "name: x\ntargets: {repositories: [file:///a.git]}\nagent: {command: true}\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = flotilla(&node.address, &["fleet", "submit", spec.to_str().unwrap()]);
+    assert_eq!(code, 5, "{stderr}");
+    assert_eq!(
+        stderr
+            .matches("retrying with the same idempotency key")
+            .count(),
+        4,
+        "{stderr}"
+    );
+    assert!(stderr.contains("no leader is known yet"), "{stderr}");
+}
