@@ -29,6 +29,31 @@ impl Node {
     }
 
     pub async fn start_on(data_directory: &Path, port: u16, extra_arguments: &[&str]) -> Node {
+        let node = Self::spawn(data_directory, port, extra_arguments);
+        node.wait_ready().await;
+        node
+    }
+
+    /// Starts a node that is not expected to serve fleets (e.g. `--join`, never added): waits
+    /// only until its gRPC port accepts connections.
+    pub async fn start_listening(data_directory: &Path, extra_arguments: &[&str]) -> Node {
+        let node = Self::spawn(data_directory, free_port(), extra_arguments);
+        let address = node.address.trim_start_matches("http://").to_string();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(&address).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "server did not listen; log:\n{}",
+                node.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        node
+    }
+
+    /// Spawns `flotilla server` (2 worker slots, no HTTP) on 127.0.0.1:`port`, logging to a
+    /// new file in `data_directory`.
+    fn spawn(data_directory: &Path, port: u16, extra_arguments: &[&str]) -> Node {
         std::fs::create_dir_all(data_directory).expect("data directory");
         let log = data_directory.join(format!(
             "server-{}.log",
@@ -56,49 +81,12 @@ impl Node {
             .stderr(log_file)
             .spawn()
             .expect("spawn flotilla server");
-        let node = Node {
+        Node {
             child,
             address: format!("http://{address}"),
             data_directory: data_directory.to_path_buf(),
             log,
-        };
-        node.wait_ready().await;
-        node
-    }
-
-    /// Starts a node that is not expected to serve fleets (e.g. `--join`, never added): waits
-    /// only until its gRPC port accepts connections.
-    pub async fn start_listening(data_directory: &Path, extra_arguments: &[&str]) -> Node {
-        let port = free_port();
-        std::fs::create_dir_all(data_directory).expect("data directory");
-        let log = data_directory.join("server.log");
-        let log_file = std::fs::File::create(&log).expect("log file");
-        let address = format!("127.0.0.1:{port}");
-        let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-            .args(["server", "--data-directory"])
-            .arg(data_directory)
-            .args(["--listen-address", &address, "--http-listen-address", ""])
-            .args(extra_arguments)
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn flotilla server");
-        let node = Node {
-            child,
-            address: format!("http://{address}"),
-            data_directory: data_directory.to_path_buf(),
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(&address).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "server did not listen; log:\n{}",
-                node.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        node
     }
 
     async fn wait_ready(&self) {
