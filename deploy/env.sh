@@ -17,12 +17,38 @@ flotilla_missing_packages() {
   command -v ip >/dev/null 2>&1 || missing+=(iproute2)
   command -v iptables >/dev/null 2>&1 || missing+=(iptables)
   command -v cc >/dev/null 2>&1 || missing+=(build-essential)
-  if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
-    missing+=(libclang1-14 libclang-common-14-dev)
-  elif ! ls /usr/lib/llvm-*/lib/clang/*/include/stdbool.h >/dev/null 2>&1; then
+  if ! flotilla_has_libclang; then
+    missing+=(libclang1-14)
+  fi
+  if ! flotilla_has_clang_headers; then
     missing+=(libclang-common-14-dev)
   fi
   echo "${missing[@]:-}"
+}
+
+# bindgen (RocksDB's bindings) loads the C library libclang: the file libclang.so.1 or
+# libclang-N.so.1 (Debian libclang1-N). libclang-cpp.so.N (libclang-cppN, shipped on a fresh
+# machine of this kind) is the C++ library and does not serve bindgen, so only the exact C
+# library names count. FLOTILLA_SYSTEM_ROOT (default empty: /) lets a test check a fake layout.
+flotilla_has_libclang() {
+  local root="${FLOTILLA_SYSTEM_ROOT:-}" candidate
+  for candidate in "$root"/usr/lib/llvm-*/lib/libclang.so.1 "$root"/usr/lib/llvm-*/lib/libclang-*.so.1 \
+    "$root"/usr/lib/*-linux-gnu/libclang.so.1 "$root"/usr/lib/*-linux-gnu/libclang-*.so.1; do
+    case "$candidate" in
+      *libclang-cpp*) continue ;;
+    esac
+    [ -e "$candidate" ] && return 0
+  done
+  return 1
+}
+
+# libclang also needs clang's own headers (stdbool.h and friends, Debian libclang-common-N-dev).
+flotilla_has_clang_headers() {
+  local root="${FLOTILLA_SYSTEM_ROOT:-}" candidate
+  for candidate in "$root"/usr/lib/llvm-*/lib/clang/*/include/stdbool.h; do
+    [ -e "$candidate" ] && return 0
+  done
+  return 1
 }
 
 flotilla_install_dependencies() {
