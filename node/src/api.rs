@@ -1,8 +1,9 @@
 //! The gRPC services `flotilla.v1.FleetService` and `flotilla.v1.WorkerService`.
 //!
 //! Every handler validates its request (errors are `INVALID_ARGUMENT` naming the field), stamps
-//! writes with this node's clock (writes only succeed on the leader, so the stamp is the
-//! leader's) and proposes them through Raft. A write that reaches a follower is forwarded to
+//! writes with replicated time ([`crate::clock`]; writes only succeed on the leader, so the
+//! stamp is the leader's) and proposes them through Raft, waiting at most
+//! `limits.proposal_timeout_ms`. A write that reaches a follower is forwarded to
 //! the leader over gRPC, so any node serves the whole API.
 
 use std::collections::HashMap;
@@ -23,6 +24,7 @@ use tonic::transport::Channel;
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::clock::LeaderClock;
 use crate::config::LimitsSection;
 use crate::convert::{self, ResultLimits};
 
@@ -35,7 +37,8 @@ pub const MAX_LEASE_SLOTS: u32 = 1024;
 /// Events read from the state per batch when streaming.
 const WATCH_BATCH_EVENTS: usize = 256;
 
-/// Milliseconds since the Unix epoch on this node's clock.
+/// Milliseconds since the Unix epoch on this node's wall clock (for measurements; commands are
+/// stamped with [`crate::clock`]'s replicated time).
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -65,6 +68,8 @@ pub struct Api {
     result_limits: ResultLimits,
     limits: LimitsSection,
     watch_streams: Arc<Semaphore>,
+    lease_polls: Arc<Semaphore>,
+    clock: Arc<LeaderClock>,
     leader_channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
@@ -74,8 +79,8 @@ enum Proposal {
 }
 
 impl Api {
-    /// A new API over `node`.
-    pub fn new(node: Arc<RaftNode>, limits: &LimitsSection) -> Self {
+    /// A new API over `node`, stamping writes with `clock`.
+    pub fn new(node: Arc<RaftNode>, limits: &LimitsSection, clock: Arc<LeaderClock>) -> Self {
         Api {
             node,
             spec_limits: SpecLimits {
@@ -91,18 +96,34 @@ impl Api {
             },
             limits: limits.clone(),
             watch_streams: Arc::new(Semaphore::new(limits.max_watch_streams)),
+            lease_polls: Arc::new(Semaphore::new(limits.max_lease_polls)),
+            clock,
             leader_channels: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
-    /// Proposes `command` stamped with this node's clock. On a follower, returns a channel to
+    /// Replicated time now, as this node would stamp a command.
+    fn replicated_now_ms(&self) -> u64 {
+        crate::clock::replicated_now_ms(&self.clock, &self.node)
+    }
+
+    /// Proposes `command` stamped with replicated time and waits at most
+    /// `limits.proposal_timeout_ms` for it to be applied. On a follower, returns a channel to
     /// the leader so the caller can forward the original RPC.
     async fn propose(&self, command: Command) -> Result<Proposal, Status> {
         let request = Request {
-            now_ms: now_ms(),
+            now_ms: self.replicated_now_ms(),
             command,
         };
-        match self.node.write(request).await {
+        let timeout = Duration::from_millis(self.limits.proposal_timeout_ms);
+        let Ok(written) = tokio::time::timeout(timeout, self.node.write(request)).await else {
+            return Err(Status::unavailable(format!(
+                "the write was not applied within {} ms (limits.proposal_timeout_ms); it may \
+                 still be: retry (submissions with the same idempotency key are safe)",
+                timeout.as_millis()
+            )));
+        };
+        match written {
             Ok((_, response)) => Ok(Proposal::Applied(response)),
             Err(WriteError::ForwardToLeader {
                 leader_address: Some(address),
@@ -234,11 +255,18 @@ impl FleetService for Api {
             spec,
             idempotency_key: message.idempotency_key,
             trace_parent: trace_parent(&span),
+            max_events: self.limits.max_events_per_fleet,
         };
         match self.propose(command).instrument(span.clone()).await? {
             Proposal::Forward(channel) => {
                 self.forward(self.fleet_client(channel).submit_fleet(original), 0)
                     .await
+            }
+            Proposal::Applied(Response::IdempotencyKeyConflict { fleet_id }) => {
+                Err(Status::already_exists(format!(
+                    "idempotency_key: already used by fleet {fleet_id} with a different spec; \
+                     use a new key to submit another fleet"
+                )))
             }
             Proposal::Applied(Response::FleetSubmitted { fleet_id, created }) => {
                 span.in_scope(|| info!(fleet.id = %fleet_id, created, "fleet submitted"));
@@ -348,19 +376,26 @@ impl FleetService for Api {
         tokio::spawn(async move {
             let _permit = permit;
             loop {
-                let (events, done) = state.read(|s| match s.fleet(&fleet_id) {
-                    Some(fleet) => {
-                        let events: Vec<v1::FleetEvent> = fleet
-                            .events_after(after, WATCH_BATCH_EVENTS)
-                            .iter()
-                            .map(|e| convert::event_to_wire(fleet, e))
-                            .collect();
-                        let done = fleet.state != flotilla_scheduler::FleetState::Running
-                            && after + events.len() as u64 >= fleet.last_sequence();
-                        (events, done)
-                    }
-                    None => (Vec::new(), true),
+                let batch = state.read(|s| match s.fleet(&fleet_id) {
+                    Some(fleet) => match fleet.events_after(after, WATCH_BATCH_EVENTS) {
+                        Ok(events) => {
+                            let events: Vec<v1::FleetEvent> =
+                                events.map(|e| convert::event_to_wire(fleet, e)).collect();
+                            let done = fleet.state != flotilla_scheduler::FleetState::Running
+                                && after + events.len() as u64 >= fleet.last_sequence();
+                            Ok((events, done))
+                        }
+                        Err(dropped) => Err(events_dropped_status(fleet, dropped)),
+                    },
+                    None => Ok((Vec::new(), true)),
                 });
+                let (events, done) = match batch {
+                    Ok(batch) => batch,
+                    Err(status) => {
+                        let _ = sender.send(Err(status)).await;
+                        return;
+                    }
+                };
                 for event in events {
                     after = event.sequence;
                     if sender.send(Ok(event)).await.is_err() {
@@ -398,15 +433,32 @@ impl FleetService for Api {
                 .forward(self.fleet_client(leader).get_run(original), 0)
                 .await;
         }
-        self.node
+        let (mut run, artifacts) = self
+            .node
             .state
             .read(|state| {
-                state
-                    .run(&run_id)
-                    .map(|(fleet, run)| convert::run_to_wire(fleet, run))
+                state.run(&run_id).map(|(fleet, run)| {
+                    (
+                        convert::run_to_wire(fleet, run),
+                        convert::run_artifacts(fleet, run),
+                    )
+                })
             })
-            .map(GrpcResponse::new)
-            .ok_or_else(|| Status::not_found(format!("run_id: no run {run_id:?}")))
+            .ok_or_else(|| Status::not_found(format!("run_id: no run {run_id:?}")))?;
+        for (position, wanted) in artifacts {
+            let Some(text) = crate::artifacts::load(&self.node, &wanted).await else {
+                continue;
+            };
+            match position {
+                Some(position) => {
+                    if let Some(attempt) = run.attempts.get_mut(position) {
+                        attempt.log_tail = text;
+                    }
+                }
+                None => run.patch = text,
+            }
+        }
+        Ok(GrpcResponse::new(run))
     }
 
     async fn cancel_fleet(
@@ -436,6 +488,29 @@ impl FleetService for Api {
             }
         }
     }
+}
+
+/// OUT_OF_RANGE for a watcher that asked for events the fleet no longer keeps: names the bound
+/// and where to resume, and carries the fleet's current summary so the client loses nothing it
+/// could still learn.
+fn events_dropped_status(
+    fleet: &flotilla_scheduler::Fleet,
+    dropped: flotilla_scheduler::state::EventsDropped,
+) -> Status {
+    let c = fleet.counts;
+    Status::out_of_range(format!(
+        "after_sequence: {dropped} (limits.max_events_per_fleet); fleet {} is {:?} with {} pending, \
+         {} running, {} changed, {} unchanged, {} failed, {} cancelled, last sequence {}",
+        fleet.id(),
+        fleet.state,
+        c.pending,
+        c.running,
+        c.changed,
+        c.unchanged,
+        c.failed,
+        c.cancelled,
+        fleet.last_sequence()
+    ))
 }
 
 fn validate_fleet_id(fleet_id: &str) -> Result<(), Status> {
@@ -482,11 +557,19 @@ impl WorkerService for Api {
             )));
         }
         let wait_ms = original.wait_ms;
+        let _poll = self.lease_polls.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "more than {} lease requests wait on this node (limits.max_lease_polls); retry \
+                 with backoff",
+                self.limits.max_lease_polls
+            ))
+        })?;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
         let mut changes = self.node.state.subscribe();
         loop {
             // Only propose when something can be leased: idle polls do not grow the log.
-            let eligible = self.node.state.read(|s| s.has_eligible_pending(now_ms()));
+            let now_ms = self.replicated_now_ms();
+            let eligible = self.node.state.read(|s| s.has_eligible_pending(now_ms));
             if eligible {
                 let command = Command::AcquireLeases {
                     worker_id: original.worker_id.clone(),

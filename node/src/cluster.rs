@@ -245,4 +245,38 @@ impl ClusterService for Cluster {
             digest,
         }))
     }
+
+    async fn get_artifact(
+        &self,
+        request: Request<v1::GetArtifactRequest>,
+    ) -> Result<Response<v1::GetArtifactResponse>, Status> {
+        let request = request.into_inner();
+        let (fleet_number, run_index) = flotilla_scheduler::state::parse_run_id(&request.run_id)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "run_id: {:?} is not a run id (fl-<n>-<i>)",
+                    request.run_id
+                ))
+            })?;
+        if request.attempt == 0 {
+            return Err(Status::invalid_argument("attempt: must be at least 1"));
+        }
+        let kind = crate::artifacts::kind_from_wire(request.kind)
+            .ok_or_else(|| Status::invalid_argument("kind: must be LOG_TAIL or PATCH"))?;
+        let key = flotilla_scheduler::ArtifactKey {
+            fleet_number,
+            run_index,
+            attempt: request.attempt,
+            kind,
+        };
+        let stored = self
+            .node
+            .state
+            .artifact(&key)
+            .map_err(|error| Status::unavailable(format!("reading the artifact: {error}")))?;
+        Ok(Response::new(v1::GetArtifactResponse {
+            found: stored.is_some(),
+            data: stored.unwrap_or_default(),
+        }))
+    }
 }

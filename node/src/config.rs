@@ -174,6 +174,16 @@ pub struct LimitsSection {
     pub fleet_retention_ms: u64,
     /// Most fleets compacted by one command.
     pub compaction_batch_fleets: u32,
+    /// Most progress events a fleet keeps; older ones are dropped first, and a watcher that
+    /// asks for a dropped one gets OUT_OF_RANGE with the fleet's summary. Stamped into each
+    /// submission by the leader, so every replica applies the same bound.
+    pub max_events_per_fleet: u32,
+    /// Most lease long polls (`LeaseRuns`) waiting on this node at once; more are answered
+    /// RESOURCE_EXHAUSTED, and the worker retries with backoff.
+    pub max_lease_polls: usize,
+    /// Longest a write proposed on this node waits to be committed and applied; then the
+    /// request fails with UNAVAILABLE (the write may still commit: retries are idempotent).
+    pub proposal_timeout_ms: u64,
 }
 
 impl Default for LimitsSection {
@@ -193,6 +203,9 @@ impl Default for LimitsSection {
             forward_timeout_ms: 5_000,
             fleet_retention_ms: 7 * 24 * 3_600_000,
             compaction_batch_fleets: 100,
+            max_events_per_fleet: 100_000,
+            max_lease_polls: 1024,
+            proposal_timeout_ms: 10_000,
         }
     }
 }
@@ -414,6 +427,21 @@ impl ServerConfig {
         }
         if self.limits.compaction_batch_fleets == 0 {
             return invalid("limits.compaction_batch_fleets", "must be positive");
+        }
+        if !(16..=10_000_000).contains(&self.limits.max_events_per_fleet) {
+            return invalid(
+                "limits.max_events_per_fleet",
+                "must be between 16 and 10000000",
+            );
+        }
+        if self.limits.max_lease_polls == 0 || self.limits.max_lease_polls > 1_000_000 {
+            return invalid("limits.max_lease_polls", "must be between 1 and 1000000");
+        }
+        if self.limits.proposal_timeout_ms < 100 || self.limits.proposal_timeout_ms > 600_000 {
+            return invalid(
+                "limits.proposal_timeout_ms",
+                "must be between 100 and 600000",
+            );
         }
         if self.limits.max_request_bytes < 64 * 1024 {
             return invalid("limits.max_request_bytes", "must be at least 65536");

@@ -189,6 +189,8 @@ pub fn attempt_result_from_wire(
         exit_code: result.exit_code,
         error: result.error,
         log_tail: result.log_tail,
+        log_tail_size_bytes: 0,
+        log_tail_sha256: String::new(),
         commit: result.commit,
         diffstat: result
             .diffstat
@@ -200,6 +202,8 @@ pub fn attempt_result_from_wire(
             })
             .collect(),
         patch: result.patch,
+        patch_size_bytes: 0,
+        patch_sha256: String::new(),
         patch_truncated: result.patch_truncated,
         pushed: result.pushed,
         retryable: result.retryable,
@@ -339,7 +343,48 @@ pub fn run_to_wire(fleet: &Fleet, run: &Run) -> v1::Run {
         patch_truncated: result.is_some_and(|r| r.patch_truncated),
         pushed: result.is_some_and(|r| r.pushed),
         not_before_ms: run.not_before_ms,
+        patch_size_bytes: result.map_or(0, |r| r.patch_size_bytes),
+        patch_sha256: result.map_or_else(String::new, |r| r.patch_sha256.clone()),
     }
+}
+
+/// The artifacts that [`run_to_wire`] leaves empty and `GetRun` fills: each attempt's log tail
+/// (`Some(attempt position)`) and the terminal result's patch (`None`), with their keys.
+pub fn run_artifacts(fleet: &Fleet, run: &Run) -> Vec<(Option<usize>, crate::artifacts::Wanted)> {
+    use flotilla_scheduler::{ArtifactKey, ArtifactKind};
+    let key = |attempt, kind| ArtifactKey {
+        fleet_number: fleet.number,
+        run_index: run.index,
+        attempt,
+        kind,
+    };
+    let mut wanted = Vec::new();
+    for (position, attempt) in run.attempts.iter().enumerate() {
+        if let Some(result) = &attempt.result
+            && result.log_tail_size_bytes > 0
+        {
+            wanted.push((
+                Some(position),
+                crate::artifacts::Wanted {
+                    key: key(attempt.number, ArtifactKind::LogTail),
+                    sha256: result.log_tail_sha256.clone(),
+                },
+            ));
+        }
+    }
+    if run.state.is_terminal()
+        && let Some(result) = run.last_result()
+        && result.patch_size_bytes > 0
+    {
+        wanted.push((
+            None,
+            crate::artifacts::Wanted {
+                key: key(run.attempt(), ArtifactKind::Patch),
+                sha256: result.patch_sha256.clone(),
+            },
+        ));
+    }
+    wanted
 }
 
 /// Wire form of a fleet event.

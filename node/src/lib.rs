@@ -1,8 +1,10 @@
 //! The `flotilla` node: server (API, Raft, worker, HTTP) and command-line client, as a library so
 //! that the binary (`main.rs`) and the integration tests share it.
 //!
-//! - [`server`]: starts a node; [`api`]: the fleet and worker gRPC services; [`cluster`]:
+//! - [`server`]: starts a node; [`api`]: the fleet and worker gRPC services; [`artifacts`]:
+//!   patches and log tails, local or from a peer; [`cluster`]:
 //!   membership, status and state digests; [`http`]: metrics, health, dashboard;
+//! - [`clock`]: replicated time, the one clock of stamps and leader decisions;
 //! - [`config`]: server configuration; [`spec_file`]: fleet spec files; [`convert`]: wire <-> state;
 //! - [`cli`]: client commands; [`quickstart`]: the main job end to end and `bench sandbox`;
 //!   [`bench`]: `bench writes` and `bench failover` against local clusters (etcd as baseline);
@@ -17,8 +19,10 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 pub mod api;
+pub mod artifacts;
 pub mod bench;
 pub mod cli;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod convert;

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::api::{Api, now_ms};
+use crate::api::Api;
 use crate::config::ServerConfig;
 
 /// A started node. Dropping it does not stop it: call [`RunningServer::shutdown`].
@@ -105,7 +105,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let (shutdown, shutdown_receiver) = watch::channel(false);
     let mut tasks = Vec::new();
 
-    let api = Api::new(node.clone(), &config.limits);
+    let clock = Arc::new(
+        crate::clock::LeaderClock::from_environment().map_err(|error| anyhow::anyhow!(error))?,
+    );
+    let api = Api::new(node.clone(), &config.limits, clock.clone());
     let max_bytes = config.limits.max_request_bytes;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
@@ -157,6 +160,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
 
     tasks.push(tokio::spawn(leader_housekeeping_loop(
         node.clone(),
+        clock,
         config.limits.clone(),
         shutdown_receiver.clone(),
     )));
@@ -211,7 +215,8 @@ pub async fn start_worker(
         .context("starting the worker")
 }
 
-/// The leader's periodic duties, every `limits.lease_check_interval_ms`:
+/// The leader's periodic duties, every `limits.lease_check_interval_ms`, decided and stamped with
+/// replicated time ([`crate::clock`]):
 /// - proposes `ExpireLeases` when some lease has passed its expiry, but not during the grace
 ///   period after this node became leader, so workers that were talking to the old leader have
 ///   time to heartbeat to the new one (cf. Nomad's `heartbeat_grace`);
@@ -220,26 +225,28 @@ pub async fn start_worker(
 /// Only checks local state first, so an idle cluster writes nothing.
 async fn leader_housekeeping_loop(
     node: Arc<RaftNode>,
+    clock: Arc<crate::clock::LeaderClock>,
     limits: crate::config::LimitsSection,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut ticker = tokio::time::interval(Duration::from_millis(limits.lease_check_interval_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut leader_since_ms: Option<u64> = None;
+    // Monotonic: the grace period is a duration of this node's leadership.
+    let mut leader_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let now = now_ms();
         if node
             .current_leader()
             .is_none_or(|(leader_id, _)| leader_id != node.node_id)
         {
-            leader_since_ms = None;
+            leader_since = None;
             continue;
         }
-        let since = *leader_since_ms.get_or_insert(now);
+        let since = *leader_since.get_or_insert_with(tokio::time::Instant::now);
+        let now = crate::clock::replicated_now_ms(&clock, &node);
         let (expiry_due, compaction_due) = node.state.read(|s| {
             (
                 s.next_lease_expiry_ms().is_some_and(|expiry| expiry <= now),
@@ -247,7 +254,8 @@ async fn leader_housekeeping_loop(
             )
         });
         let mut commands = Vec::new();
-        if expiry_due && now.saturating_sub(since) >= limits.lease_grace_after_election_ms {
+        let grace = Duration::from_millis(limits.lease_grace_after_election_ms);
+        if expiry_due && since.elapsed() >= grace {
             commands.push(Command::ExpireLeases);
         }
         if compaction_due {
@@ -256,15 +264,19 @@ async fn leader_housekeeping_loop(
                 max_fleets: limits.compaction_batch_fleets,
             });
         }
+        let timeout = Duration::from_millis(limits.proposal_timeout_ms);
         for command in commands {
-            if let Err(error) = node
-                .write(Request {
-                    now_ms: now,
-                    command,
-                })
-                .await
-            {
-                warn!(%error, "proposing a housekeeping command failed");
+            let write = node.write(Request {
+                now_ms: now,
+                command,
+            });
+            match tokio::time::timeout(timeout, write).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => warn!(%error, "proposing a housekeeping command failed"),
+                Err(_) => warn!(
+                    timeout_ms = limits.proposal_timeout_ms,
+                    "a housekeeping command was not applied in time (limits.proposal_timeout_ms)"
+                ),
             }
         }
     }

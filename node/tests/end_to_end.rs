@@ -131,8 +131,69 @@ async fn a_fleet_runs_every_repository_to_a_correct_result_and_survives_restart(
         .into_inner();
     assert_eq!(after.runs, fleet.runs);
     assert_eq!(after.counts, fleet.counts);
-    let again = client.submit_fleet(request).await.unwrap().into_inner();
+    let again = client
+        .submit_fleet(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!again.created, "idempotency survives restart");
+    // Patches and log tails live outside the replicated state; GetRun still returns them after
+    // a restart, and the state's digest describes the bytes.
+    let restarted = client
+        .get_run(v1::GetRunRequest {
+            run_id: run.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(restarted.patch, run.patch);
+    assert_eq!(restarted.attempts[0].log_tail, run.attempts[0].log_tail);
+    assert_eq!(restarted.patch_size_bytes, run.patch.len() as u64);
+    assert_eq!(
+        restarted.patch_sha256,
+        flotilla_scheduler::artifact::sha256_hex(run.patch.as_bytes())
+    );
+    let mut cluster = flotilla_proto::v1::cluster_service_client::ClusterServiceClient::connect(
+        node.address.clone(),
+    )
+    .await
+    .unwrap();
+    let artifact = |attempt, kind: v1::ArtifactKind| v1::GetArtifactRequest {
+        run_id: run.id.clone(),
+        attempt,
+        kind: kind as i32,
+    };
+    let stored = cluster
+        .get_artifact(artifact(1, v1::ArtifactKind::Patch))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stored.found);
+    assert_eq!(stored.data, run.patch.as_bytes());
+    let absent = cluster
+        .get_artifact(artifact(2, v1::ArtifactKind::Patch))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!absent.found && absent.data.is_empty());
+    let invalid = cluster
+        .get_artifact(artifact(1, v1::ArtifactKind::Unspecified))
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
+    assert!(invalid.message().starts_with("kind:"), "{invalid}");
+    // The same key with another spec is refused, naming the key and the first fleet.
+    let mut other = request;
+    if let Some(spec) = other.spec.as_mut() {
+        spec.commit_message = "another change".into();
+    }
+    let conflict = client.submit_fleet(other).await.unwrap_err();
+    assert_eq!(conflict.code(), tonic::Code::AlreadyExists);
+    assert!(
+        conflict.message().starts_with("idempotency_key:")
+            && conflict.message().contains(&fleet_id),
+        "{conflict}"
+    );
     let listed = client
         .list_fleets(v1::ListFleetsRequest::default())
         .await

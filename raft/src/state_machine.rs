@@ -16,16 +16,18 @@
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 
-use flotilla_scheduler::{Response, State};
+use flotilla_scheduler::{ArtifactKey, Effect, Response, State};
 use openraft::storage::RaftStateMachine;
 use openraft::{AnyError, EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
 use rocksdb::{DB, WriteBatch};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::storage::{Database, SNAPSHOTS_COLUMN_FAMILY, column_family, read_json, to_json};
+use crate::storage::{
+    ARTIFACTS_COLUMN_FAMILY, Database, SNAPSHOTS_COLUMN_FAMILY, column_family, read_json, to_json,
+};
 use crate::types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
@@ -103,6 +105,8 @@ impl SharedState {
 #[derive(Clone)]
 pub struct StateHandle {
     shared: Arc<SharedState>,
+    /// Weak, so a handle kept by the node does not keep RocksDB open after shutdown.
+    database: Weak<Database>,
 }
 
 impl Debug for StateHandle {
@@ -148,6 +152,61 @@ impl StateHandle {
     pub fn last_applied_index(&self) -> u64 {
         *self.shared.last_applied_index.borrow()
     }
+
+    /// The artifact stored under `key` on this node, if any. An artifact is written in the
+    /// same apply step that records its digest in the state, so once the state shows a
+    /// result, this node has its artifacts, unless it installed a snapshot taken after that
+    /// result (snapshots carry digests, not artifacts) or the fleet was compacted.
+    ///
+    /// # Errors
+    /// The database is closed or RocksDB failed to read.
+    pub fn artifact(&self, key: &ArtifactKey) -> Result<Option<Vec<u8>>, AnyError> {
+        let database = self
+            .database
+            .upgrade()
+            .ok_or_else(|| AnyError::error("the Raft database is closed"))?;
+        let artifacts = column_family(&database, ARTIFACTS_COLUMN_FAMILY)?;
+        database
+            .get_cf(artifacts, key.to_bytes())
+            .map_err(|error| AnyError::new(&error))
+    }
+
+    /// Stores an artifact fetched from a peer (after the caller checked its digest against the
+    /// state), so the next read is local. Buffered write: losing it only means fetching again.
+    ///
+    /// # Errors
+    /// The database is closed or RocksDB failed to write.
+    pub fn store_artifact(&self, key: &ArtifactKey, bytes: &[u8]) -> Result<(), AnyError> {
+        let database = self
+            .database
+            .upgrade()
+            .ok_or_else(|| AnyError::error("the Raft database is closed"))?;
+        let artifacts = column_family(&database, ARTIFACTS_COLUMN_FAMILY)?;
+        database
+            .put_cf(artifacts, key.to_bytes(), bytes)
+            .map_err(|error| AnyError::new(&error))
+    }
+}
+
+/// Carries out the storage effects of applied entries in one buffered write batch. Buffered is
+/// enough: after a crash, the entries after the persisted snapshot are applied again and write
+/// the same artifacts, and the snapshot's synced write made every earlier write durable.
+fn write_effects(database: &DB, effects: &[Effect]) -> Result<(), AnyError> {
+    if effects.is_empty() {
+        return Ok(());
+    }
+    let artifacts = column_family(database, ARTIFACTS_COLUMN_FAMILY)?;
+    let mut batch = WriteBatch::default();
+    for effect in effects {
+        match effect {
+            Effect::PutArtifact { key, bytes } => batch.put_cf(artifacts, key.to_bytes(), bytes),
+            Effect::DeleteFleetArtifacts { fleet_number } => {
+                let (start, end) = ArtifactKey::fleet_range(*fleet_number);
+                batch.delete_range_cf(artifacts, start, end);
+            }
+        }
+    }
+    database.write(batch).map_err(|error| AnyError::new(&error))
 }
 
 /// The state machine store: openraft's [`RaftStateMachine`] over [`State`], with the latest
@@ -270,6 +329,7 @@ impl StateMachineStore {
     pub fn state_handle(&self) -> StateHandle {
         StateHandle {
             shared: Arc::clone(&self.shared),
+            database: Arc::downgrade(&self.database),
         }
     }
 
@@ -338,14 +398,15 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     }
 }
 
-/// Applies one entry to `applied` and returns its response.
-fn apply_entry(applied: &mut AppliedState, entry: Entry) -> Response {
+/// Applies one entry to `applied`, appends its storage effects to `effects`, and returns its
+/// response.
+fn apply_entry(applied: &mut AppliedState, entry: Entry, effects: &mut Vec<Effect>) -> Response {
     applied.last_applied_log_id = Some(entry.log_id);
     match entry.payload {
         EntryPayload::Blank => Response::Rejected {
             reason: BLANK_ENTRY_REASON.into(),
         },
-        EntryPayload::Normal(request) => applied.state.apply(&request),
+        EntryPayload::Normal(request) => applied.state.apply_with_effects(&request, effects),
         EntryPayload::Membership(membership) => {
             applied.last_membership = StoredMembership::new(Some(entry.log_id), membership);
             Response::Rejected {
@@ -369,12 +430,19 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        Ok(self.shared.write_applied(|applied| {
-            entries
-                .into_iter()
-                .map(|entry| apply_entry(applied, entry))
-                .collect()
-        }))
+        let database = &self.database;
+        self.shared
+            .write_applied(|applied| {
+                let mut effects = Vec::new();
+                let responses = entries
+                    .into_iter()
+                    .map(|entry| apply_entry(applied, entry, &mut effects))
+                    .collect();
+                // Under the state's write lock: readers never see a result whose artifacts are
+                // not stored yet.
+                write_effects(database, &effects).map(|()| responses)
+            })
+            .map_err(|error| StorageIOError::write(error).into())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {

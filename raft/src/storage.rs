@@ -7,7 +7,11 @@
 //! - [`META_COLUMN_FAMILY`]: the vote, the last committed log id and the last purged log id, each
 //!   JSON under its own key;
 //! - [`SNAPSHOTS_COLUMN_FAMILY`]: the latest snapshot, as JSON of its
-//!   [`SnapshotMeta`](crate::types::SnapshotMeta) and its data bytes.
+//!   [`SnapshotMeta`](crate::types::SnapshotMeta) and its data bytes;
+//! - [`ARTIFACTS_COLUMN_FAMILY`]: result artifacts (patches, log tails) outside the state; key
+//!   = [`ArtifactKey::to_bytes`](flotilla_scheduler::ArtifactKey::to_bytes), value = the bytes.
+//!   Written and deleted by the [`Effect`](flotilla_scheduler::Effect)s of applied entries; not
+//!   part of snapshots (a node that installed a snapshot fetches older artifacts from peers).
 
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
@@ -27,6 +31,8 @@ pub const LOGS_COLUMN_FAMILY: &str = "logs";
 pub const META_COLUMN_FAMILY: &str = "meta";
 /// Column family of the latest snapshot.
 pub const SNAPSHOTS_COLUMN_FAMILY: &str = "snapshots";
+/// Column family of result artifacts (patches, log tails).
+pub const ARTIFACTS_COLUMN_FAMILY: &str = "artifacts";
 
 /// Why [`open_storage`] failed.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +80,7 @@ pub fn open_storage(path: &Path) -> Result<(LogStore, StateMachineStore), OpenSt
         LOGS_COLUMN_FAMILY,
         META_COLUMN_FAMILY,
         SNAPSHOTS_COLUMN_FAMILY,
+        ARTIFACTS_COLUMN_FAMILY,
     ]
     .into_iter()
     .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));

@@ -32,6 +32,10 @@ pub enum Command {
         /// workers with each lease so that a run's trace continues the submission's.
         #[serde(default)]
         trace_parent: String,
+        /// Most progress events the fleet keeps (the leader's `limits.max_events_per_fleet`);
+        /// older ones are dropped first. 0: no bound (entries written before the bound existed).
+        #[serde(default)]
+        max_events: u32,
     },
     /// Leases up to `free_slots` pending runs to `worker_id`, each until `now_ms + lease_ttl_ms`.
     AcquireLeases {
@@ -154,14 +158,28 @@ pub struct AttemptResult {
     pub exit_code: i32,
     /// One-line error, empty on success.
     pub error: String,
-    /// Last bytes of the attempt's log.
+    /// Last bytes of the attempt's log. In a command: the bytes. In the state: empty, the bytes
+    /// live in the artifact store ([`crate::artifact`]) and `log_tail_size_bytes` and
+    /// `log_tail_sha256` describe them.
     pub log_tail: String,
+    /// Size of the log tail in bytes (in the state; 0 in a command).
+    #[serde(default)]
+    pub log_tail_size_bytes: u64,
+    /// Lower-case hex SHA-256 of the log tail (in the state; empty when there is none).
+    #[serde(default)]
+    pub log_tail_sha256: String,
     /// Commit id of the change (for `Changed`).
     pub commit: String,
     /// Diffstat of the change.
     pub diffstat: Vec<FileStat>,
-    /// The patch, possibly truncated.
+    /// The patch, possibly truncated. Like `log_tail`: bytes in a command, artifact in the state.
     pub patch: String,
+    /// Size of the patch in bytes (in the state; 0 in a command).
+    #[serde(default)]
+    pub patch_size_bytes: u64,
+    /// Lower-case hex SHA-256 of the patch (in the state; empty when there is none).
+    #[serde(default)]
+    pub patch_sha256: String,
     /// Whether `patch` was truncated.
     pub patch_truncated: bool,
     /// Whether the branch was pushed to the origin.
@@ -178,9 +196,13 @@ impl AttemptResult {
             exit_code: -1,
             error: error.into(),
             log_tail: String::new(),
+            log_tail_size_bytes: 0,
+            log_tail_sha256: String::new(),
             commit: String::new(),
             diffstat: Vec::new(),
             patch: String::new(),
+            patch_size_bytes: 0,
+            patch_sha256: String::new(),
             patch_truncated: false,
             pushed: false,
             retryable,
@@ -218,6 +240,12 @@ pub enum Response {
         fleet_id: String,
         /// False when the idempotency key matched an earlier fleet.
         created: bool,
+    },
+    /// `SubmitFleet`: the idempotency key names an earlier fleet whose spec differs; nothing was
+    /// created. (The same spec answers [`Response::FleetSubmitted`] with `created: false`.)
+    IdempotencyKeyConflict {
+        /// The fleet the key created.
+        fleet_id: String,
     },
     /// `AcquireLeases`: the leases granted (maybe none).
     Leased(Vec<LeaseGrant>),

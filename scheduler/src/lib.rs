@@ -1,5 +1,7 @@
 //! Flotilla's replicated state machine and scheduling policy, as deterministic code.
 //!
+//! - [`artifact`]: patches and log tails kept outside the state, and the [`Effect`]s that store
+//!   and delete them;
 //! - [`spec`]: the fleet specification, its limits and validation;
 //! - [`command`]: the commands in the Raft log ([`Request`] = leader time + [`Command`]) and
 //!   what applying one returns ([`Response`]);
@@ -10,11 +12,13 @@
 //! gRPC. Time arrives as [`Request::now_ms`], stamped by the leader. Everything here can be
 //! tested without I/O, and every replica applying the same log reaches the same [`State`].
 
+pub mod artifact;
 pub mod command;
 pub mod placement;
 pub mod spec;
 pub mod state;
 
+pub use artifact::{ArtifactKey, ArtifactKind, Effect};
 pub use command::{AttemptResult, Command, FileStat, LeaseGrant, Outcome, Request, Response};
 pub use spec::{AgentSpec, FieldError, FleetSpec, RetryPolicy, SandboxSpec, SpecLimits};
 pub use state::{Attempt, Fleet, FleetEvent, FleetState, Run, RunCounts, RunState, State};

@@ -3,8 +3,11 @@
 //! Policy, in order:
 //! 1. a run in retry backoff (`not_before_ms > now_ms`) is not eligible;
 //! 2. a fleet never holds more than `max_parallelism` leases at once;
-//! 3. fleets share the worker's slots round-robin, oldest fleet first, so a large fleet cannot
-//!    starve a newer one (the fair share that Nomad and Hatchet users ask for);
+//! 3. fleets share slots round-robin, and the rotation continues across requests: a request
+//!    starts with the first fleet after the one that received the previous request's last slot
+//!    (`start_after`, kept in the replicated state). So workers asking for one slot at a time
+//!    are served fleet 1, 2, 3, 1, 2, 3..., and a large old fleet cannot starve a newer one (the
+//!    fair share that Nomad and Hatchet users ask for);
 //! 4. within a fleet, runs go in submission order.
 
 /// A fleet as placement sees it.
@@ -29,17 +32,26 @@ pub struct Placement {
 
 /// Chooses at most `free_slots` runs for one worker at time `now_ms`.
 ///
-/// `fleets` must be ordered by `fleet_number` (oldest first). The result lists the chosen runs
-/// in the order they were chosen: round-robin over fleets, run order within a fleet.
-pub fn place(now_ms: u64, free_slots: u32, fleets: &[FleetSlots<'_>]) -> Vec<Placement> {
+/// `fleets` must be ordered by `fleet_number` (oldest first). The rotation starts at the first
+/// fleet whose number is greater than `start_after` (wrapping around to the oldest), so the
+/// caller passes the fleet that received the last placement of its previous call (0 at first).
+/// The result lists the chosen runs in the order they were chosen: round-robin over fleets, run
+/// order within a fleet; its last entry's fleet is the next call's `start_after`.
+pub fn place(
+    now_ms: u64,
+    free_slots: u32,
+    fleets: &[FleetSlots<'_>],
+    start_after: u64,
+) -> Vec<Placement> {
     debug_assert!(
         fleets
             .windows(2)
             .all(|w| w[0].fleet_number < w[1].fleet_number)
     );
+    let first = fleets.partition_point(|fleet| fleet.fleet_number <= start_after);
+    let rotated = fleets[first..].iter().chain(fleets[..first].iter());
     // Per fleet: the eligible runs it can take, capped by its available parallelism.
-    let mut queues: Vec<(u64, Vec<u32>)> = fleets
-        .iter()
+    let mut queues: Vec<(u64, Vec<u32>)> = rotated
         .map(|fleet| {
             let eligible: Vec<u32> = fleet
                 .pending
@@ -86,6 +98,11 @@ mod tests {
     /// Data-driven check. `fleets` is a list of lines `"<fleet_number> available=<n> pending=<i>[@<not_before>],..."`;
     /// `expected` is the placements as `"<fleet>.<run> ..."`.
     fn check(now_ms: u64, free_slots: u32, fleets: &[&str], expected: &str) {
+        check_from(now_ms, free_slots, fleets, 0, expected);
+    }
+
+    /// [`check`] with the rotation starting after fleet `start_after`.
+    fn check_from(now_ms: u64, free_slots: u32, fleets: &[&str], start_after: u64, expected: &str) {
         let parsed: Vec<ParsedFleet> = fleets
             .iter()
             .map(|line| {
@@ -123,7 +140,7 @@ mod tests {
                 pending,
             })
             .collect();
-        let actual: Vec<String> = place(now_ms, free_slots, &slots)
+        let actual: Vec<String> = place(now_ms, free_slots, &slots, start_after)
             .iter()
             .map(|p| format!("{}.{}", p.fleet_number, p.run_index))
             .collect();
@@ -182,6 +199,47 @@ mod tests {
                 "4 available=3 pending=2,3",
             ],
             "1.0 4.2 4.3",
+        );
+    }
+
+    #[test]
+    fn the_rotation_continues_after_the_last_served_fleet() {
+        let fleets = [
+            "1 available=9 pending=0,1,2",
+            "2 available=9 pending=0,1",
+            "3 available=9 pending=5",
+        ];
+        check_from(0, 1, &fleets, 0, "1.0");
+        check_from(0, 1, &fleets, 1, "2.0");
+        check_from(0, 1, &fleets, 2, "3.5");
+        check_from(0, 1, &fleets, 3, "1.0");
+        check_from(0, 4, &fleets, 2, "3.5 1.0 2.0 1.1");
+        // A fleet number that no longer exists (finished, compacted) still orders the rotation.
+        check_from(
+            0,
+            2,
+            &["1 available=9 pending=0", "4 available=9 pending=0"],
+            2,
+            "4.0 1.0",
+        );
+        check_from(
+            0,
+            1,
+            &["1 available=9 pending=0", "4 available=9 pending=0"],
+            9,
+            "1.0",
+        );
+        // Fleets with nothing eligible are passed over.
+        check_from(
+            0,
+            2,
+            &[
+                "1 available=9 pending=0",
+                "2 available=0 pending=0",
+                "3 available=9 pending=0@50",
+            ],
+            1,
+            "1.0",
         );
     }
 }

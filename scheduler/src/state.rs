@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use crate::artifact::{ArtifactKey, ArtifactKind, Effect, sha256_hex};
 use crate::command::{AttemptResult, Command, LeaseGrant, Outcome, Request, Response};
 use crate::placement::{self, FleetSlots};
 use crate::spec::{self, FleetSpec};
@@ -27,6 +28,25 @@ type FleetCandidates = (u64, u32, Vec<(u32, u64)>);
 
 /// Most recent rejected (stale) results kept for inspection; older ones are only counted.
 pub const MAX_REJECTED_RESULTS_KEPT: usize = 1_000;
+
+/// Longest event message kept, in bytes; longer ones (an error text can be 64 KiB) are cut at
+/// a character boundary and end with `...`. The attempt keeps the whole error.
+pub const MAX_EVENT_MESSAGE_BYTES: usize = 1_024;
+
+/// A fleet's events before `first_available` were dropped (its `max_events` bound), so a
+/// watcher cannot resume from an earlier sequence number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "events up to sequence {} were dropped (the fleet keeps at most {max_events}); resume after sequence {} or later",
+    first_available - 1,
+    first_available - 1
+)]
+pub struct EventsDropped {
+    /// The oldest sequence number still kept.
+    pub first_available: u64,
+    /// The fleet's bound on kept events.
+    pub max_events: u32,
+}
 
 /// State of one run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -198,8 +218,15 @@ pub struct Fleet {
     pub runs: Vec<Run>,
     /// Tally of run states.
     pub counts: RunCounts,
-    /// Progress events, oldest first.
-    pub events: Vec<FleetEvent>,
+    /// Progress events, oldest first: the newest `max_events` of them (all when 0).
+    pub events: VecDeque<FleetEvent>,
+    /// Most events kept; 0: no bound.
+    #[serde(default)]
+    pub max_events: u32,
+    /// Sequence number of the newest event (0 if none); events are numbered from 1 without
+    /// gaps, and dropping old ones keeps the numbering.
+    #[serde(default)]
+    last_sequence: u64,
     /// Indices of pending runs, in order.
     pending: BTreeSet<u32>,
 }
@@ -210,11 +237,29 @@ impl Fleet {
         fleet_id(self.number)
     }
 
-    /// Events with a sequence number greater than `after_sequence`, at most `limit`.
-    pub fn events_after(&self, after_sequence: u64, limit: usize) -> &[FleetEvent] {
-        let start = (after_sequence as usize).min(self.events.len());
-        let end = start.saturating_add(limit).min(self.events.len());
-        &self.events[start..end]
+    /// Events with a sequence number greater than `after_sequence`, oldest first, at most
+    /// `limit`.
+    ///
+    /// # Errors
+    /// [`EventsDropped`] when events after `after_sequence` were already dropped.
+    pub fn events_after(
+        &self,
+        after_sequence: u64,
+        limit: usize,
+    ) -> Result<impl Iterator<Item = &FleetEvent>, EventsDropped> {
+        let first_available = self
+            .events
+            .front()
+            .map_or(self.last_sequence + 1, |e| e.sequence);
+        let next = after_sequence.saturating_add(1);
+        if next < first_available {
+            return Err(EventsDropped {
+                first_available,
+                max_events: self.max_events,
+            });
+        }
+        let start = usize::try_from(next - first_available).unwrap_or(usize::MAX);
+        Ok(self.events.iter().skip(start).take(limit))
     }
 
     /// Whether the fleet ended at least `retention_ms` before `now_ms`.
@@ -225,15 +270,8 @@ impl Fleet {
 
     /// Sequence number of the newest event (0 if none).
     pub fn last_sequence(&self) -> u64 {
-        self.events.len() as u64
+        self.last_sequence
     }
-}
-
-/// A worker the cluster has heard from.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Worker {
-    /// Leader time of its last lease request or heartbeat.
-    pub last_seen_ms: u64,
 }
 
 /// A result that was not applied because its fencing token was stale.
@@ -259,7 +297,10 @@ pub struct State {
     /// Fleets that are still running, for placement.
     active_fleets: BTreeSet<u64>,
     idempotency_keys: BTreeMap<String, u64>,
-    workers: BTreeMap<String, Worker>,
+    /// The fleet that received the last lease placed, where the next placement's round-robin
+    /// resumes (see [`placement::place`]).
+    #[serde(default)]
+    placement_cursor: u64,
     rejected_results: VecDeque<RejectedResult>,
     rejected_results_total: u64,
     /// Largest leader timestamp applied so far; stamps never move the clock backwards.
@@ -304,8 +345,17 @@ impl State {
         }
     }
 
-    /// Applies one log entry. Deterministic: the result depends only on `self` and `request`.
+    /// Applies one log entry, dropping its [`Effect`]s (for callers without an artifact
+    /// store, such as tests of the state alone). See [`State::apply_with_effects`].
     pub fn apply(&mut self, request: &Request) -> Response {
+        let mut effects = Vec::new();
+        self.apply_with_effects(request, &mut effects)
+    }
+
+    /// Applies one log entry and appends to `effects` what the replica's storage must do
+    /// alongside (store or delete artifacts). Deterministic: the response, the new state and
+    /// the effects depend only on `self` and `request`.
+    pub fn apply_with_effects(&mut self, request: &Request, effects: &mut Vec<Effect>) -> Response {
         // Leader clocks may step back across a leader change; the state's clock does not.
         self.now_ms = self.now_ms.max(request.now_ms);
         let now_ms = self.now_ms;
@@ -317,7 +367,8 @@ impl State {
                 spec,
                 idempotency_key,
                 trace_parent,
-            } => self.submit_fleet(now_ms, spec, idempotency_key, trace_parent),
+                max_events,
+            } => self.submit_fleet(now_ms, spec, idempotency_key, trace_parent, *max_events),
             Command::AcquireLeases {
                 worker_id,
                 free_slots,
@@ -333,13 +384,13 @@ impl State {
                 run_id,
                 attempt,
                 result,
-            } => self.report_result(now_ms, worker_id, run_id, *attempt, result),
+            } => self.report_result(now_ms, worker_id, run_id, *attempt, result, effects),
             Command::CancelFleet { fleet_id } => self.cancel_fleet(now_ms, fleet_id),
             Command::ExpireLeases => self.expire_leases(now_ms),
             Command::CompactFleets {
                 retention_ms,
                 max_fleets,
-            } => self.compact_fleets(now_ms, *retention_ms, *max_fleets),
+            } => self.compact_fleets(now_ms, *retention_ms, *max_fleets, effects),
         }
     }
 
@@ -349,13 +400,24 @@ impl State {
         fleet_spec: &FleetSpec,
         idempotency_key: &str,
         trace_parent: &str,
+        max_events: u32,
     ) -> Response {
         if !idempotency_key.is_empty()
             && let Some(number) = self.idempotency_keys.get(idempotency_key)
         {
-            return Response::FleetSubmitted {
-                fleet_id: fleet_id(*number),
-                created: false,
+            let same_spec = self
+                .fleets
+                .get(number)
+                .is_some_and(|fleet| fleet.spec == *fleet_spec);
+            return if same_spec {
+                Response::FleetSubmitted {
+                    fleet_id: fleet_id(*number),
+                    created: false,
+                }
+            } else {
+                Response::IdempotencyKeyConflict {
+                    fleet_id: fleet_id(*number),
+                }
             };
         }
         let number = self.next_fleet_number;
@@ -395,7 +457,9 @@ impl State {
             pending: (0..runs.len() as u32).collect(),
             runs,
             counts,
-            events: Vec::new(),
+            events: VecDeque::new(),
+            max_events,
+            last_sequence: 0,
         };
         push_event(
             &mut fleet,
@@ -426,12 +490,6 @@ impl State {
         free_slots: u32,
         lease_ttl_ms: u64,
     ) -> Response {
-        self.workers.insert(
-            worker_id.to_string(),
-            Worker {
-                last_seen_ms: now_ms,
-            },
-        );
         // Per active fleet: enough pending candidates to fill what it may take.
         let candidates: Vec<FleetCandidates> = self
             .active_fleets
@@ -466,7 +524,10 @@ impl State {
                 pending,
             })
             .collect();
-        let placements = placement::place(now_ms, free_slots, &slots);
+        let placements = placement::place(now_ms, free_slots, &slots, self.placement_cursor);
+        if let Some(last) = placements.last() {
+            self.placement_cursor = last.fleet_number;
+        }
         let expires_at_ms = now_ms.saturating_add(lease_ttl_ms);
         let mut grants = Vec::with_capacity(placements.len());
         for placed in placements {
@@ -517,12 +578,6 @@ impl State {
         leases: &[(String, u32)],
         lease_ttl_ms: u64,
     ) -> Response {
-        self.workers.insert(
-            worker_id.to_string(),
-            Worker {
-                last_seen_ms: now_ms,
-            },
-        );
         let expires_at_ms = now_ms.saturating_add(lease_ttl_ms);
         let mut lost = Vec::new();
         for (id, attempt) in leases {
@@ -549,6 +604,7 @@ impl State {
         id: &str,
         attempt: u32,
         result: &AttemptResult,
+        effects: &mut Vec<Effect>,
     ) -> Response {
         let Some((number, index)) = parse_run_id(id) else {
             return Response::Rejected {
@@ -587,7 +643,24 @@ impl State {
             self.record_rejection(now_ms, worker_id, id, attempt, &reason);
             return Response::Rejected { reason };
         }
-        finish_attempt(fleet, index, now_ms, result.clone());
+        let mut result = result.clone();
+        let key = |kind| ArtifactKey {
+            fleet_number: number,
+            run_index: index,
+            attempt,
+            kind,
+        };
+        if let Some(effect) = detach(&mut result.log_tail, key(ArtifactKind::LogTail)) {
+            result.log_tail_size_bytes = effect.0;
+            result.log_tail_sha256 = effect.1;
+            effects.push(effect.2);
+        }
+        if let Some(effect) = detach(&mut result.patch, key(ArtifactKind::Patch)) {
+            result.patch_size_bytes = effect.0;
+            result.patch_sha256 = effect.1;
+            effects.push(effect.2);
+        }
+        finish_attempt(fleet, index, now_ms, result);
         if fleet.state != FleetState::Running {
             self.active_fleets.remove(&number);
         }
@@ -610,8 +683,8 @@ impl State {
         }
         for index in 0..fleet.runs.len() as u32 {
             let run = &mut fleet.runs[index as usize];
-            match run.state {
-                RunState::Pending => set_run_state(fleet, index, RunState::Cancelled),
+            let message = match run.state {
+                RunState::Pending => "cancelled before it was leased".to_string(),
                 RunState::Running => {
                     if let Some(current) = run.attempts.last_mut() {
                         current.finished_at_ms = now_ms;
@@ -622,10 +695,12 @@ impl State {
                         ));
                     }
                     run.lease = None;
-                    set_run_state(fleet, index, RunState::Cancelled);
+                    format!("attempt {} cancelled", run.attempt())
                 }
-                _ => {}
-            }
+                _ => continue,
+            };
+            set_run_state(fleet, index, RunState::Cancelled);
+            push_event(fleet, now_ms, Some(index), message);
         }
         fleet.state = FleetState::Cancelled;
         fleet.finished_at_ms = now_ms;
@@ -667,7 +742,13 @@ impl State {
         Response::LeasesExpired { count }
     }
 
-    fn compact_fleets(&mut self, now_ms: u64, retention_ms: u64, max_fleets: u32) -> Response {
+    fn compact_fleets(
+        &mut self,
+        now_ms: u64,
+        retention_ms: u64,
+        max_fleets: u32,
+        effects: &mut Vec<Effect>,
+    ) -> Response {
         let due: Vec<u64> = self
             .fleets
             .values()
@@ -676,11 +757,15 @@ impl State {
             .take(max_fleets as usize)
             .collect();
         for number in &due {
-            if let Some(fleet) = self.fleets.remove(number)
-                && !fleet.idempotency_key.is_empty()
-            {
+            let Some(fleet) = self.fleets.remove(number) else {
+                continue;
+            };
+            if !fleet.idempotency_key.is_empty() {
                 self.idempotency_keys.remove(&fleet.idempotency_key);
             }
+            effects.push(Effect::DeleteFleetArtifacts {
+                fleet_number: *number,
+            });
         }
         Response::FleetsCompacted {
             count: due.len() as u32,
@@ -776,11 +861,6 @@ impl State {
         (&self.rejected_results, self.rejected_results_total)
     }
 
-    /// Workers heard from, by id.
-    pub fn workers(&self) -> &BTreeMap<String, Worker> {
-        &self.workers
-    }
-
     /// Largest leader timestamp applied so far.
     pub fn now_ms(&self) -> u64 {
         self.now_ms
@@ -834,14 +914,32 @@ impl State {
             if (fleet.state == FleetState::Running) != self.active_fleets.contains(&fleet.number) {
                 return Err(format!("fleet {} active set out of sync", fleet.number));
             }
+            let first = fleet.last_sequence + 1 - fleet.events.len() as u64;
             for (position, event) in fleet.events.iter().enumerate() {
-                if event.sequence != position as u64 + 1 {
+                if event.sequence != first + position as u64 {
                     return Err(format!("fleet {} event sequence has a gap", fleet.number));
                 }
+            }
+            if fleet.max_events != 0 && fleet.events.len() > fleet.max_events as usize {
+                return Err(format!("fleet {} keeps more than max_events", fleet.number));
             }
         }
         Ok(())
     }
+}
+
+/// Moves the bytes of a non-empty `text` out into a [`Effect::PutArtifact`] under `key`:
+/// returns `(size_bytes, sha256, effect)` and leaves `text` empty.
+fn detach(text: &mut String, key: ArtifactKey) -> Option<(u64, String, Effect)> {
+    if text.is_empty() {
+        return None;
+    }
+    let bytes = std::mem::take(text).into_bytes();
+    Some((
+        bytes.len() as u64,
+        sha256_hex(&bytes),
+        Effect::PutArtifact { key, bytes },
+    ))
 }
 
 /// Ends the current attempt of run `index` with `result` and moves the run on: terminal,
@@ -925,15 +1023,31 @@ fn push_event(fleet: &mut Fleet, now_ms: u64, run_index: Option<u32>, message: S
         }
         None => (None, 0),
     };
-    let sequence = fleet.events.len() as u64 + 1;
-    fleet.events.push(FleetEvent {
-        sequence,
+    fleet.last_sequence += 1;
+    if fleet.max_events != 0 && fleet.events.len() >= fleet.max_events as usize {
+        fleet.events.pop_front();
+    }
+    fleet.events.push_back(FleetEvent {
+        sequence: fleet.last_sequence,
         time_ms: now_ms,
         run_index,
         run_state,
         attempt,
         fleet_state: fleet.state,
         counts: fleet.counts,
-        message,
+        message: truncate_message(message),
     });
+}
+
+/// Cuts `message` to [`MAX_EVENT_MESSAGE_BYTES`] at a character boundary.
+fn truncate_message(mut message: String) -> String {
+    if message.len() > MAX_EVENT_MESSAGE_BYTES {
+        let mut end = MAX_EVENT_MESSAGE_BYTES - 3;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("...");
+    }
+    message
 }

@@ -36,6 +36,7 @@ impl Harness {
             spec: s,
             idempotency_key: key.into(),
             trace_parent: String::new(),
+            max_events: 0,
         }) {
             Response::FleetSubmitted { fleet_id, .. } => fleet_id,
             other => panic!("unexpected {other:?}"),
@@ -124,7 +125,7 @@ fn a_fleet_expands_into_runs_and_finishes_with_its_results() {
     );
     assert_eq!(f.runs[0].branch, "flotilla/rustfmt");
     assert_eq!(
-        f.events.last().unwrap().message,
+        f.events.back().unwrap().message,
         "fleet finished: 1 changed, 1 unchanged, 1 failed, 0 cancelled"
     );
     assert_eq!(h.lease("w1", 8), Vec::<String>::new());
@@ -144,10 +145,13 @@ fn max_parallelism_bounds_leases_per_fleet() {
 fn idempotency_key_returns_the_same_fleet() {
     let mut h = Harness::new();
     let first = h.submit(&["file:///a"], 1, "key-1");
+    let mut same = spec(&["file:///a"]);
+    same.max_parallelism = 1;
     let again = h.apply(Command::SubmitFleet {
-        spec: spec(&["file:///other"]),
+        spec: same,
         idempotency_key: "key-1".into(),
-        trace_parent: String::new(),
+        trace_parent: "00-other-trace".into(),
+        max_events: 0,
     });
     assert_eq!(
         again,
@@ -156,6 +160,20 @@ fn idempotency_key_returns_the_same_fleet() {
             created: false
         }
     );
+    // The same key with another spec is a mistake the submitter must learn about.
+    let conflict = h.apply(Command::SubmitFleet {
+        spec: spec(&["file:///other"]),
+        idempotency_key: "key-1".into(),
+        trace_parent: String::new(),
+        max_events: 0,
+    });
+    assert_eq!(
+        conflict,
+        Response::IdempotencyKeyConflict {
+            fleet_id: first.clone()
+        }
+    );
+    assert_eq!(h.state.fleets_before(u64::MAX, 10).count(), 1);
     let other = h.submit(&["file:///a"], 1, "key-2");
     assert_ne!(first, other);
     assert_eq!(
@@ -309,6 +327,15 @@ fn cancel_ends_pending_and_running_runs() {
     let fleet = h.state.fleet("fl-1").unwrap();
     assert_eq!(fleet.state, FleetState::Cancelled);
     assert_eq!(fleet.counts.cancelled, 3);
+    // One event per cancelled run, so watchers see each run end, then the fleet's.
+    let cancelled: Vec<(Option<u32>, u32)> = fleet
+        .events
+        .iter()
+        .filter(|e| e.run_state == Some(RunState::Cancelled))
+        .map(|e| (e.run_index, e.attempt))
+        .collect();
+    assert_eq!(cancelled, vec![(Some(0), 1), (Some(1), 0), (Some(2), 0)]);
+    assert_eq!(fleet.events.back().unwrap().message, "fleet cancelled");
     // The worker's late result is rejected; cancelling again is a no-op.
     assert!(matches!(
         h.report("w1", "fl-1-0", 1, changed()),
@@ -343,20 +370,99 @@ fn events_are_numbered_and_resumable() {
     h.lease("w1", 2);
     h.report("w1", "fl-1-0", 1, changed());
     let fleet = h.state.fleet("fl-1").unwrap();
-    let all: Vec<u64> = fleet
-        .events_after(0, 100)
-        .iter()
+    assert_eq!(sequences(fleet, 0, 100), vec![1, 2, 3, 4]);
+    assert_eq!(sequences(fleet, 2, 100), vec![3, 4]);
+    assert!(sequences(fleet, 9, 100).is_empty());
+    assert_eq!(sequences(fleet, 0, 1), vec![1]);
+}
+
+fn sequences(fleet: &crate::state::Fleet, after: u64, limit: usize) -> Vec<u64> {
+    fleet
+        .events_after(after, limit)
+        .expect("events kept")
         .map(|e| e.sequence)
-        .collect();
-    assert_eq!(all, vec![1, 2, 3, 4]);
-    let rest: Vec<u64> = fleet
-        .events_after(2, 100)
+        .collect()
+}
+
+#[test]
+fn a_fleet_keeps_its_newest_events_up_to_its_bound() {
+    let mut h = Harness::new();
+    let response = h.apply(Command::SubmitFleet {
+        spec: spec(&["file:///a", "file:///b", "file:///c"]),
+        idempotency_key: String::new(),
+        trace_parent: String::new(),
+        max_events: 4,
+    });
+    assert!(matches!(response, Response::FleetSubmitted { .. }));
+    h.lease("w1", 3);
+    for run in ["fl-1-0", "fl-1-1", "fl-1-2"] {
+        h.report("w1", run, 1, changed());
+    }
+    // 1 submitted + 3 leased + 3 results + 1 finished = 8 events, the newest 4 kept.
+    let fleet = h.state.fleet("fl-1").unwrap();
+    assert_eq!(fleet.last_sequence(), 8);
+    assert_eq!(sequences(fleet, 4, 100), vec![5, 6, 7, 8]);
+    assert_eq!(sequences(fleet, 6, 100), vec![7, 8]);
+    assert!(sequences(fleet, 8, 100).is_empty());
+    assert!(sequences(fleet, u64::MAX, 100).is_empty());
+    let dropped = fleet
+        .events_after(3, 100)
+        .err()
+        .expect("events 1-4 were dropped");
+    assert_eq!(dropped.first_available, 5);
+    assert!(
+        dropped.to_string().contains("resume after sequence 4"),
+        "{dropped}"
+    );
+}
+
+#[test]
+fn long_errors_are_cut_in_events_but_kept_in_the_attempt() {
+    let mut h = Harness::new();
+    h.submit(&["file:///a"], 1, "");
+    h.lease("w1", 1);
+    let error = "é".repeat(40_000);
+    h.report(
+        "w1",
+        "fl-1-0",
+        1,
+        AttemptResult::failure(Outcome::AgentFailed, error.clone(), false),
+    );
+    let (fleet, run) = h.state.run("fl-1-0").unwrap();
+    let event = fleet
+        .events
         .iter()
-        .map(|e| e.sequence)
-        .collect();
-    assert_eq!(rest, vec![3, 4]);
-    assert!(fleet.events_after(9, 100).is_empty());
-    assert_eq!(fleet.events_after(0, 1).len(), 1);
+        .find(|e| e.run_index == Some(0) && e.run_state == Some(RunState::Failed))
+        .unwrap();
+    assert!(event.message.len() <= crate::state::MAX_EVENT_MESSAGE_BYTES);
+    assert!(event.message.ends_with("..."));
+    assert_eq!(run.last_result().unwrap().error, error);
+}
+
+#[test]
+fn fleets_take_turns_when_workers_ask_for_one_slot_at_a_time() {
+    let mut h = Harness::new();
+    h.submit(&["file:///a", "file:///b", "file:///c", "file:///d"], 8, "");
+    h.submit(&["file:///x", "file:///y"], 8, "");
+    h.submit(&["file:///p"], 8, "");
+    let mut order = Vec::new();
+    for _ in 0..7 {
+        order.extend(h.lease("w1", 1));
+    }
+    assert_eq!(
+        order,
+        vec![
+            "fl-1-0@1", "fl-2-0@1", "fl-3-0@1", "fl-1-1@1", "fl-2-1@1", "fl-1-2@1", "fl-1-3@1"
+        ]
+    );
+    // A fleet submitted later joins the rotation at once.
+    h.submit(&["file:///n1", "file:///n2"], 8, "");
+    h.submit(&["file:///m1"], 8, "");
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        order.extend(h.lease("w2", 1));
+    }
+    assert_eq!(order, vec!["fl-4-0@1", "fl-5-0@1", "fl-4-1@1"]);
 }
 
 #[test]
@@ -440,4 +546,93 @@ fn ended_fleets_are_compacted_after_their_retention() {
     // Its idempotency key is forgotten with it; fleet numbers are never reused.
     assert_eq!(h.submit(&["file:///a"], 1, "old"), "fl-3");
     assert!(!h.state.has_compactable_fleets(h.now_ms, 5_000));
+}
+
+#[test]
+fn patches_and_log_tails_leave_the_state_as_artifact_effects() {
+    use crate::artifact::{ArtifactKey, ArtifactKind, Effect, sha256_hex};
+    let mut h = Harness::new();
+    h.submit(&["file:///a"], 1, "");
+    h.lease("w1", 1);
+    let result = AttemptResult {
+        log_tail: "building...\ndone\n".into(),
+        patch: "--- a/x\n+++ b/x\n".into(),
+        ..changed()
+    };
+    let mut effects = Vec::new();
+    let response = h.state.apply_with_effects(
+        &Request {
+            now_ms: h.now_ms,
+            command: Command::ReportResult {
+                worker_id: "w1".into(),
+                run_id: "fl-1-0".into(),
+                attempt: 1,
+                result,
+            },
+        },
+        &mut effects,
+    );
+    assert_eq!(response, Response::ResultAccepted);
+    let key = |kind| ArtifactKey {
+        fleet_number: 1,
+        run_index: 0,
+        attempt: 1,
+        kind,
+    };
+    assert_eq!(
+        effects,
+        vec![
+            Effect::PutArtifact {
+                key: key(ArtifactKind::LogTail),
+                bytes: b"building...\ndone\n".to_vec()
+            },
+            Effect::PutArtifact {
+                key: key(ArtifactKind::Patch),
+                bytes: b"--- a/x\n+++ b/x\n".to_vec()
+            },
+        ]
+    );
+    let (_, run) = h.state.run("fl-1-0").unwrap();
+    let stored = run.last_result().unwrap();
+    assert!(stored.log_tail.is_empty() && stored.patch.is_empty());
+    assert_eq!(stored.log_tail_size_bytes, 17);
+    assert_eq!(stored.log_tail_sha256, sha256_hex(b"building...\ndone\n"));
+    assert_eq!(stored.patch_size_bytes, 16);
+    assert_eq!(stored.patch_sha256, sha256_hex(b"--- a/x\n+++ b/x\n"));
+    // A rejected (stale) result stores nothing.
+    let mut effects = Vec::new();
+    let stale = h.state.apply_with_effects(
+        &Request {
+            now_ms: h.now_ms,
+            command: Command::ReportResult {
+                worker_id: "w1".into(),
+                run_id: "fl-1-0".into(),
+                attempt: 1,
+                result: AttemptResult {
+                    patch: "other".into(),
+                    ..changed()
+                },
+            },
+        },
+        &mut effects,
+    );
+    assert!(matches!(stale, Response::Rejected { .. }));
+    assert!(effects.is_empty());
+    // Compaction deletes the fleet's artifacts with it.
+    h.now_ms += 10_000;
+    let mut effects = Vec::new();
+    h.state.apply_with_effects(
+        &Request {
+            now_ms: h.now_ms,
+            command: Command::CompactFleets {
+                retention_ms: 1_000,
+                max_fleets: 10,
+            },
+        },
+        &mut effects,
+    );
+    assert_eq!(
+        effects,
+        vec![Effect::DeleteFleetArtifacts { fleet_number: 1 }]
+    );
 }

@@ -29,9 +29,28 @@ impl Node {
     }
 
     pub async fn start_on(data_directory: &Path, port: u16, extra_arguments: &[&str]) -> Node {
-        let node = Self::spawn(data_directory, port, extra_arguments);
+        Self::start_with_environment(data_directory, port, extra_arguments, &[]).await
+    }
+
+    /// [`Node::start_on`] with extra environment variables for the server process.
+    pub async fn start_with_environment(
+        data_directory: &Path,
+        port: u16,
+        extra_arguments: &[&str],
+        environment: &[(&str, &str)],
+    ) -> Node {
+        let node = Self::spawn_with_environment(data_directory, port, extra_arguments, environment);
         node.wait_ready().await;
         node
+    }
+
+    /// The TCP port of the node's gRPC address.
+    pub fn port(&self) -> u16 {
+        self.address
+            .rsplit(':')
+            .next()
+            .and_then(|port| port.parse().ok())
+            .expect("address has a port")
     }
 
     /// Starts a node that is not expected to serve fleets (e.g. `--join`, never added): waits
@@ -54,6 +73,15 @@ impl Node {
     /// Spawns `flotilla server` (2 worker slots, no HTTP) on 127.0.0.1:`port`, logging to a
     /// new file in `data_directory`.
     fn spawn(data_directory: &Path, port: u16, extra_arguments: &[&str]) -> Node {
+        Self::spawn_with_environment(data_directory, port, extra_arguments, &[])
+    }
+
+    fn spawn_with_environment(
+        data_directory: &Path,
+        port: u16,
+        extra_arguments: &[&str],
+        environment: &[(&str, &str)],
+    ) -> Node {
         std::fs::create_dir_all(data_directory).expect("data directory");
         let log = data_directory.join(format!(
             "server-{}.log",
@@ -76,6 +104,7 @@ impl Node {
                 "2",
             ])
             .args(extra_arguments)
+            .envs(environment.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log_file)

@@ -62,6 +62,7 @@ fn submit_fleet(name: &str, now_ms: u64) -> Request {
             spec: fleet_spec(name),
             idempotency_key: String::new(),
             trace_parent: String::new(),
+            max_events: 0,
         },
     }
 }

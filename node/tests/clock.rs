@@ -1,0 +1,142 @@
+//! The time model against real server processes: a leader whose wall clock is an hour ahead
+//! stamps leases and backoffs; it is replaced (kill -9, restart in a new term) by a leader whose
+//! clock is right. No run may stay stuck waiting for the wall clock to catch up: the dead
+//! worker's lease expires and the backed-off run is leased again after their real durations.
+//! The skew is injected with the node's fault-injection variable
+//! `FLOTILLA_FAULT_WALL_CLOCK_OFFSET_MS` (`flotilla::clock::WALL_CLOCK_OFFSET_VARIABLE`).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Node, spec};
+use flotilla_proto::v1;
+use flotilla_proto::v1::worker_service_client::WorkerServiceClient;
+
+const CONFIG: &str = r#"
+[limits]
+lease_ttl_ms = 3000
+lease_grace_after_election_ms = 500
+lease_check_interval_ms = 100
+
+[worker]
+enabled = false
+heartbeat_interval_ms = 500
+"#;
+
+/// Leases as `worker_id` until `count` leases arrive or the deadline passes.
+async fn lease(node: &Node, worker_id: &str, count: usize, deadline: Instant) -> Vec<v1::Lease> {
+    let mut workers = WorkerServiceClient::connect(node.address.clone())
+        .await
+        .unwrap();
+    let mut leases = Vec::new();
+    while leases.len() < count {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {count} leases for {worker_id}; log:\n{}",
+            leases.len(),
+            node.log_text()
+        );
+        let response = workers
+            .lease_runs(v1::LeaseRunsRequest {
+                worker_id: worker_id.into(),
+                free_slots: (count - leases.len()) as u32,
+                wait_ms: 1_000,
+            })
+            .await;
+        if let Ok(response) = response {
+            leases.extend(response.into_inner().leases);
+        }
+    }
+    leases
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_with_a_clock_ahead_replaced_by_a_right_one_leaves_no_run_stuck() {
+    let root = tempfile::tempdir().unwrap();
+    let config = root.path().join("node.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let config = config.to_str().unwrap().to_string();
+    let data = root.path().join("node");
+    let hour_ahead = [("FLOTILLA_FAULT_WALL_CLOCK_OFFSET_MS", "3600000")];
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let mut skewed =
+        Node::start_with_environment(&data, port, &["--config", &config], &hour_ahead).await;
+    let mut client = skewed.client().await;
+    let mut s = spec(
+        "skew",
+        vec!["file:///srv/a.git".into(), "file:///srv/b.git".into()],
+        "true",
+        &[],
+    );
+    s.max_attempts = 2;
+    s.retry_backoff_initial_ms = 500;
+    s.retry_backoff_max_ms = 500;
+    let fleet = client
+        .submit_fleet(v1::SubmitFleetRequest {
+            spec: Some(s),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .fleet
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let leases = lease(&skewed, "w1", 2, deadline).await;
+    // Run b fails retryably: it backs off 500 ms, stamped by the skewed leader.
+    let failing = leases
+        .iter()
+        .find(|l| l.repository.ends_with("b.git"))
+        .unwrap();
+    let mut workers = WorkerServiceClient::connect(skewed.address.clone())
+        .await
+        .unwrap();
+    let report = workers
+        .report_result(v1::ReportResultRequest {
+            worker_id: "w1".into(),
+            run_id: failing.run_id.clone(),
+            attempt: 1,
+            result: Some(v1::RunResult {
+                outcome: "infrastructure".into(),
+                error: "injected".into(),
+                retryable: true,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(report.accepted, "{report:?}");
+    // Worker w1 dies holding run a's lease; the skewed leader is replaced by a right one.
+    skewed.kill();
+    let right = Node::start_on(&data, port, &["--config", &config]).await;
+    // Both runs are leased again, as attempt 2, within seconds, not an hour: run a after its
+    // lease expired (lease_ttl_ms after its last stamp, plus the grace), run b after its
+    // backoff.
+    let again = lease(&right, "w2", 2, Instant::now() + Duration::from_secs(60)).await;
+    let mut attempts: Vec<(String, u32)> = again
+        .iter()
+        .map(|l| (l.repository.clone(), l.attempt))
+        .collect();
+    attempts.sort();
+    assert_eq!(
+        attempts,
+        vec![
+            ("file:///srv/a.git".to_string(), 2),
+            ("file:///srv/b.git".to_string(), 2)
+        ]
+    );
+    let mut client = right.client().await;
+    let run_a = client
+        .get_run(v1::GetRunRequest {
+            run_id: format!("{}-0", fleet.id),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(run_a.attempts[0].outcome, "lease_expired", "{run_a:?}");
+}
