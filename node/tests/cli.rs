@@ -1,11 +1,12 @@
 //! The `flotilla` command line against a real server process: spec files, exit codes, JSON
-//! output, gRPC reflection.
+//! output, gRPC reflection (also from a Python client that has no .proto file).
 
 mod common;
 
 use std::process::Command;
 
-use common::{Node, origin_repository};
+use common::{Node, origin_repository, wait_finished};
+use flotilla_proto::v1;
 
 fn flotilla(address: &str, arguments: &[&str]) -> (i32, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_flotilla"))
@@ -158,4 +159,92 @@ async fn submit_retries_with_one_idempotency_key_while_there_is_no_leader() {
         "{stderr}"
     );
     assert!(stderr.contains("no leader is known yet"), "{stderr}");
+}
+
+/// The virtual environment with the reflection test's Python packages, made by deploy/test.sh
+/// (deploy/env.sh, `flotilla_install_python_test_packages`).
+fn test_python() -> std::path::PathBuf {
+    let venv = std::env::var_os("FLOTILLA_TEST_PYTHON_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+                .join(".cache/flotilla/python-venv")
+        });
+    let python = venv.join("bin/python3");
+    assert!(
+        python.exists(),
+        "{} is missing: the Python reflection test needs grpcio, grpcio-reflection and protobuf \
+         (node/tests/python/requirements.txt); run deploy/test.sh, or \
+         `. deploy/env.sh && flotilla_install_python_test_packages`",
+        python.display()
+    );
+    python
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_client_submits_a_fleet_through_reflection_alone() {
+    let python = test_python();
+    let root = tempfile::tempdir().unwrap();
+    let repository = origin_repository(root.path(), "repo", &[("a.txt", "one\n")]);
+    let node = Node::start(&root.path().join("node"), &[]).await;
+    // Protobuf's JSON mapping of a SubmitFleetRequest; the client turns it into the message
+    // type it found through reflection.
+    let request = serde_json::json!({
+        "spec": {
+            "name": "from-python",
+            "repositories": [repository],
+            "agent": {"command": "echo two >> a.txt", "task": "append"},
+            "verify": ["grep -q two a.txt"],
+            "sandbox": {"driver": "bwrap", "timeoutMs": "20000"},
+            "branchTemplate": "flotilla/{fleet}",
+            "commitMessage": "append",
+            "maxParallelism": 1,
+            "maxAttempts": 2,
+            "push": true,
+        },
+        "idempotencyKey": "python-client",
+    });
+    let output = Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/reflection_client.py"
+        ))
+        .arg(node.address.trim_start_matches("http://"))
+        .arg(request.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let result: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let services: Vec<&str> = result["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    for service in [
+        "flotilla.v1.FleetService",
+        "flotilla.v1.WorkerService",
+        "flotilla.v1.ClusterService",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(services.contains(&service), "{service} not in {services:?}");
+    }
+    assert_eq!(result["request_type"], "flotilla.v1.SubmitFleetRequest");
+    assert_eq!(result["response"]["created"], true, "{result}");
+    let fleet_id = result["response"]["fleet"]["id"].as_str().unwrap();
+
+    // The fleet exists for the Rust client, with the spec the Python client built, and runs.
+    let mut client = node.client().await;
+    let fleet = wait_finished(&mut client, fleet_id, &node).await;
+    assert_eq!(fleet.name, "from-python");
+    assert_eq!(fleet.idempotency_key, "python-client");
+    assert_eq!(fleet.runs.len(), 1);
+    assert_eq!(fleet.runs[0].repository, repository);
+    assert_eq!(
+        fleet.runs[0].state,
+        v1::RunState::Changed as i32,
+        "{fleet:?}"
+    );
 }
