@@ -4,6 +4,10 @@
 # - Debian packages: bubblewrap (sandboxes), libclang (bindgen for RocksDB), sccache (compiler
 #   cache), git, iproute2 and iptables (network namespaces and partitions of the chaos tests).
 #   Installed with apt-get only when missing.
+# - Python packages of the reflection test (node/tests/python/requirements.txt, pinned): into a
+#   virtual environment at FLOTILLA_TEST_PYTHON_VENV (default ~/.cache/flotilla/python-venv),
+#   made with the python3 on PATH (Debian's python3 needs python3-venv for that). The test runs
+#   $FLOTILLA_TEST_PYTHON_VENV/bin/python3 and fails when it is missing.
 # - CARGO_TARGET_DIR defaults to ~/.cache/flotilla/target, outside the clone, so fresh clones on
 #   the same machine reuse the build; RUSTC_WRAPPER=sccache caches C++ and Rust objects too.
 #   Both can be overridden from the environment.
@@ -22,6 +26,12 @@ flotilla_missing_packages() {
   fi
   if ! flotilla_has_clang_headers; then
     missing+=(libclang-common-14-dev)
+  fi
+  if ! command -v python3 >/dev/null 2>&1; then
+    missing+=(python3 python3-venv)
+  elif ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    # Debian's python3 ships venv without ensurepip (in python3-venv), so `python3 -m venv` fails.
+    missing+=(python3-venv)
   fi
   echo "${missing[@]:-}"
 }
@@ -82,4 +92,22 @@ flotilla_build_environment() {
     export RUSTC_WRAPPER=sccache
   fi
   export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+}
+
+# Makes (or reuses) the virtual environment of the Python reflection test and installs the
+# pinned packages of node/tests/python/requirements.txt into it. Reinstalls only when that file
+# changed since the last install (a copy is kept in the environment).
+flotilla_install_python_test_packages() {
+  local venv="${FLOTILLA_TEST_PYTHON_VENV:-$HOME/.cache/flotilla/python-venv}"
+  local requirements
+  requirements="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/node/tests/python/requirements.txt"
+  export FLOTILLA_TEST_PYTHON_VENV="$venv"
+  if [ -x "$venv/bin/python3" ] && cmp -s "$requirements" "$venv/flotilla-requirements.txt"; then
+    return 0
+  fi
+  echo "flotilla: installing the Python test packages into $venv" >&2
+  python3 -m venv --clear "$venv" >&2
+  "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check --no-input \
+    --requirement "$requirements" >&2
+  cp "$requirements" "$venv/flotilla-requirements.txt"
 }

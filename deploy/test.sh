@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The test command (README.md; .ci/run calls exactly this): installs what is missing, then
 # checks formatting, lints with clippy (warnings are errors) and runs every test of the
-# workspace with real RocksDB, real git and real bubblewrap sandboxes.
+# workspace with real RocksDB, real git and real bubblewrap sandboxes (and one Python gRPC
+# client, from the virtual environment that env.sh makes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/env.sh
 flotilla_install_dependencies
+flotilla_install_python_test_packages
 flotilla_build_environment
 start=$(date +%s)
 cargo fmt --all -- --check

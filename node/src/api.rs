@@ -180,7 +180,7 @@ impl Api {
                 }
             }
         };
-        tokio::select! {
+        let result = tokio::select! {
             result = tokio::time::timeout(limit, call) => result.unwrap_or_else(|_| {
                 Err(Status::unavailable(format!(
                     "the leader did not answer within {} ms (limits.forward_timeout_ms); retry",
@@ -188,7 +188,16 @@ impl Api {
                 )))
             }),
             () = leader_changed => Err(Status::unavailable("the leader changed while the request was forwarded; retry")),
-        }
+        };
+        // The client may reach the leader this node could not: hint where it is now.
+        result.map_err(|status| match self.node.current_leader() {
+            Some((leader_id, address))
+                if status.code() == tonic::Code::Unavailable && leader_id != self.node.node_id =>
+            {
+                crate::leader_hint::with_leader_address(status, &address)
+            }
+            _ => status,
+        })
     }
 
     fn fleet_client(&self, channel: Channel) -> FleetServiceClient<Channel> {

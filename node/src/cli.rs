@@ -1,6 +1,12 @@
 //! Client commands: `fleet submit|status|list|watch|cancel`, `run show`. Human output by default,
 //! `--output json` for machines (one JSON document per command; `watch` prints one event per line).
+//!
+//! Fleet and run commands go through [`Client`], which tries every `--address` in turn on
+//! UNAVAILABLE and follows the leader hint of [`crate::leader_hint`]. Output goes through
+//! [`write_stdout`]: a closed stdout (`flotilla ... | head`) ends the process quietly with
+//! [`exit_code::BROKEN_PIPE`].
 
+use std::collections::{HashMap, VecDeque};
 use std::io::{IsTerminal as _, Write as _};
 use std::path::Path;
 use std::time::Duration;
@@ -12,6 +18,20 @@ use flotilla_proto::v1::{self, FleetState, RunState};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tonic::transport::Channel;
+
+/// `println!` that ends the process quietly on a closed stdout (see [`write_stdout`]).
+macro_rules! outln {
+    ($($argument:tt)*) => {
+        $crate::cli::write_stdout(&format!($($argument)*))
+    };
+}
+
+/// `eprintln!` that ignores a closed stderr (nobody is left to tell).
+macro_rules! errln {
+    ($($argument:tt)*) => {{
+        let _ = writeln!(std::io::stderr().lock(), $($argument)*);
+    }};
+}
 
 /// Output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -38,6 +58,9 @@ pub mod exit_code {
     pub const UNAVAILABLE: i32 = 5;
     /// A watched fleet finished with failed or cancelled runs.
     pub const FLEET_FAILED: i32 = 6;
+    /// Stdout was closed before all output was written (`flotilla ... | head`): 128 + SIGPIPE,
+    /// the status a shell shows for a Unix tool that SIGPIPE ended. Nothing is printed.
+    pub const BROKEN_PIPE: i32 = 141;
 }
 
 /// An error with the exit code it maps to.
@@ -65,25 +88,222 @@ impl From<tonic::Status> for CliError {
     }
 }
 
-/// Submissions tried before giving up when the cluster is unavailable (no leader yet, leader
-/// changing); every try carries the same idempotency key.
-pub const SUBMIT_ATTEMPTS: u32 = 5;
+/// Writes `line` and a newline to stdout. When stdout is closed (the reader of a pipe exited,
+/// as `head` does), ends the process at once with [`exit_code::BROKEN_PIPE`] and no message;
+/// on any other write error, with [`exit_code::ERROR`] and a message on stderr.
+///
+/// The CLI keeps SIGPIPE ignored (Rust's default) rather than restoring the default action,
+/// because its gRPC connections write with `writev`, which raises SIGPIPE too: a node closing
+/// a connection would kill the CLI instead of letting it try the next address.
+pub fn write_stdout(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let result = out
+        .write_all(line.as_bytes())
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush());
+    if let Err(error) = result {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(exit_code::BROKEN_PIPE);
+        }
+        errln!("error: writing to stdout: {error}");
+        std::process::exit(exit_code::ERROR);
+    }
+}
+
+/// Rounds over every address (leader hint first) before giving up while the cluster is
+/// unavailable (no node reachable, no leader yet, leader changing). Between rounds the CLI
+/// waits [`RETRY_BACKOFF_INITIAL_MS`], doubling up to [`RETRY_BACKOFF_MAX_MS`]. Every try of a
+/// submission carries the same idempotency key.
+pub const CALL_ROUNDS: u32 = 5;
+/// Wait after the first round that found no node able to serve, in milliseconds.
+pub const RETRY_BACKOFF_INITIAL_MS: u64 = 200;
+/// Longest wait between rounds, in milliseconds.
+pub const RETRY_BACKOFF_MAX_MS: u64 = 3_000;
+/// Longest wait for a TCP connection to one address, in milliseconds.
+pub const CONNECT_TIMEOUT_MS: u64 = 3_000;
 
 /// Largest gRPC message the CLI sends or accepts.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
-/// Connects to the first reachable of `addresses` (comma-separated `http://host:port`).
+/// `FleetService` through any of several cluster nodes.
 ///
-/// # Errors
-/// [`CliError`] with [`exit_code::UNAVAILABLE`] when none answers.
-pub async fn connect(addresses: &str) -> Result<FleetServiceClient<Channel>, CliError> {
-    let channel = connect_channel(addresses).await?;
-    Ok(FleetServiceClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+/// [`Client::call`] tries the node that answered last (or the leader a node pointed to) first,
+/// then every address in the order given. A node that answers UNAVAILABLE or DEADLINE_EXCEEDED,
+/// or cannot be reached, is passed over for the next; an UNAVAILABLE answer that names the
+/// leader ([`crate::leader_hint`]) makes the leader the next one tried. Any other answer
+/// (success, NOT_FOUND, INVALID_ARGUMENT...) ends the call.
+pub struct Client {
+    /// `http://host:port` URLs as given to `--address`, duplicates removed.
+    addresses: Vec<String>,
+    /// Connected channels by URL; dropped when their node fails a call.
+    channels: HashMap<String, Channel>,
+    /// Tried first: the node that answered last, or the leader a node pointed to.
+    preferred: Option<String>,
 }
 
-/// Like [`connect`], for `ClusterService`.
+/// A client over `addresses` (comma-separated `http://host:port`). Connects lazily, on the
+/// first call.
+///
+/// # Errors
+/// [`CliError`] with [`exit_code::USAGE`] when `addresses` names none or one is not a URL.
+pub async fn connect(addresses: &str) -> Result<Client, CliError> {
+    Client::new(addresses)
+}
+
+impl Client {
+    /// See [`connect`].
+    ///
+    /// # Errors
+    /// [`CliError`] with [`exit_code::USAGE`] when `addresses` names none or one is not a URL.
+    pub fn new(addresses: &str) -> Result<Self, CliError> {
+        let mut urls: Vec<String> = Vec::new();
+        for address in addresses
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+        {
+            tonic::transport::Endpoint::from_shared(address.to_string()).map_err(|error| {
+                CliError {
+                    message: format!(
+                        "--address: {address:?} is not a URL (http://host:port): {error}"
+                    ),
+                    code: exit_code::USAGE,
+                }
+            })?;
+            if !urls.iter().any(|u| u == address) {
+                urls.push(address.to_string());
+            }
+        }
+        if urls.is_empty() {
+            return Err(CliError {
+                message: "--address: no address given".into(),
+                code: exit_code::USAGE,
+            });
+        }
+        Ok(Client {
+            addresses: urls,
+            channels: HashMap::new(),
+            preferred: None,
+        })
+    }
+
+    async fn channel(&mut self, url: &str) -> Result<Channel, String> {
+        if let Some(channel) = self.channels.get(url) {
+            return Ok(channel.clone());
+        }
+        let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+            .map_err(|error| error_chain(&error))?
+            .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS));
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|error| format!("cannot connect: {}", error_chain(&error)))?;
+        self.channels.insert(url.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Runs `call` against the nodes until one serves it (see [`Client`]), for at most
+    /// [`CALL_ROUNDS`] rounds over every address. Each failed try is reported on stderr,
+    /// with `retry_note` (such as "with the same idempotency key") on the retry lines.
+    ///
+    /// # Errors
+    /// The first answer that is neither success nor UNAVAILABLE/DEADLINE_EXCEEDED, as its
+    /// [`CliError`]; [`exit_code::UNAVAILABLE`] when every round failed.
+    pub async fn call<T, F, Fut>(&mut self, retry_note: &str, mut call: F) -> Result<T, CliError>
+    where
+        F: FnMut(FleetServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut backoff = Duration::from_millis(RETRY_BACKOFF_INITIAL_MS);
+        let mut last_failure = String::new();
+        for round in 1..=CALL_ROUNDS {
+            let mut queue: VecDeque<String> = VecDeque::new();
+            for url in self.preferred.iter().chain(&self.addresses) {
+                if !queue.contains(url) {
+                    queue.push_back(url.clone());
+                }
+            }
+            let mut tried: Vec<String> = Vec::new();
+            while let Some(url) = queue.pop_front() {
+                tried.push(url.clone());
+                let failure = match self.channel(&url).await {
+                    Err(message) => message,
+                    Ok(channel) => {
+                        let client = FleetServiceClient::new(channel)
+                            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+                        match call(client).await {
+                            Ok(response) => {
+                                self.preferred = Some(url);
+                                return Ok(response.into_inner());
+                            }
+                            Err(status)
+                                if matches!(
+                                    status.code(),
+                                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                                ) =>
+                            {
+                                self.channels.remove(&url);
+                                if let Some(leader) = crate::leader_hint::leader_url(&status)
+                                    && !tried.contains(&leader)
+                                {
+                                    queue.retain(|u| *u != leader);
+                                    queue.push_front(leader.clone());
+                                    self.preferred = Some(leader);
+                                } else if self.preferred.as_ref() == Some(&url) {
+                                    self.preferred = None;
+                                }
+                                status.message().to_string()
+                            }
+                            Err(status) => return Err(status.into()),
+                        }
+                    }
+                };
+                last_failure = format!("{url}: {failure}");
+                match queue.front() {
+                    Some(next) => errln!("{last_failure}; trying {next}"),
+                    None if round < CALL_ROUNDS => {
+                        let note = if retry_note.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" {retry_note}")
+                        };
+                        errln!(
+                            "{last_failure}; retrying{note} in {} ms",
+                            backoff.as_millis()
+                        );
+                    }
+                    None => {}
+                }
+            }
+            if round < CALL_ROUNDS {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(RETRY_BACKOFF_MAX_MS));
+            }
+        }
+        Err(CliError {
+            message: format!(
+                "no node could serve the request ({CALL_ROUNDS} rounds over {}); last: {last_failure}",
+                self.addresses.join(",")
+            ),
+            code: exit_code::UNAVAILABLE,
+        })
+    }
+}
+
+/// `error` and its sources, joined by ": " (tonic's transport errors say little on their own).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
+/// Like [`connect`], for `ClusterService`: connects to the first reachable of `addresses`,
+/// since its commands are about the addressed node (status, digest, init).
 ///
 /// # Errors
 /// [`CliError`] with [`exit_code::UNAVAILABLE`] when none answers.
@@ -99,7 +319,7 @@ async fn connect_channel(addresses: &str) -> Result<Channel, CliError> {
         .filter(|a| !a.is_empty())
     {
         let endpoint = match tonic::transport::Endpoint::from_shared(address.to_string()) {
-            Ok(endpoint) => endpoint.connect_timeout(Duration::from_secs(3)),
+            Ok(endpoint) => endpoint.connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS)),
             Err(error) => {
                 last_error = format!("{address}: {error}");
                 continue;
@@ -107,7 +327,7 @@ async fn connect_channel(addresses: &str) -> Result<Channel, CliError> {
         };
         match endpoint.connect().await {
             Ok(channel) => return Ok(channel),
-            Err(error) => last_error = format!("{address}: {error}"),
+            Err(error) => last_error = format!("{address}: {}", error_chain(&error)),
         }
     }
     Err(CliError {
@@ -187,23 +407,24 @@ fn format_duration_ms(ms: u64) -> String {
 /// Prints a fleet: summary line, then (human) the roll-up table.
 pub fn print_fleet(fleet: &v1::Fleet, output: Output) {
     if output == Output::Json {
-        println!("{}", fleet_json(fleet));
+        outln!("{}", fleet_json(fleet));
         return;
     }
     let c = fleet.counts.unwrap_or_default();
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(
-        out,
+    outln!(
         "fleet {} ({}) {}",
         fleet.id,
         fleet.name,
         fleet_state_name(fleet.state)
     );
     if !fleet.runs.is_empty() {
-        let _ = writeln!(
-            out,
+        outln!(
             "{:<10} {:<32} {:>6} {:>8} {:>8}  BRANCH / ERROR",
-            "STATE", "REPOSITORY", "FILES", "+", "-"
+            "STATE",
+            "REPOSITORY",
+            "FILES",
+            "+",
+            "-"
         );
         for run in &fleet.runs {
             let detail = if run.branch.is_empty() {
@@ -212,8 +433,7 @@ pub fn print_fleet(fleet: &v1::Fleet, output: Output) {
                 run.branch.clone()
             };
             let detail: String = detail.chars().take(100).collect();
-            let _ = writeln!(
-                out,
+            outln!(
                 "{:<10} {:<32} {:>6} {:>8} {:>8}  {}",
                 run_state_name(run.state),
                 short_repository(&run.repository),
@@ -232,10 +452,15 @@ pub fn print_fleet(fleet: &v1::Fleet, output: Output) {
     } else {
         String::new()
     };
-    let _ = writeln!(
-        out,
+    outln!(
         "{} runs: {} changed, {} unchanged, {} failed, {} cancelled, {} pending, {} running{wall}",
-        c.total, c.changed, c.unchanged, c.failed, c.cancelled, c.pending, c.running
+        c.total,
+        c.changed,
+        c.unchanged,
+        c.failed,
+        c.cancelled,
+        c.pending,
+        c.running
     );
 }
 
@@ -244,7 +469,7 @@ pub fn print_fleet(fleet: &v1::Fleet, output: Output) {
 /// # Errors
 /// A bad spec file (exit 4) or an RPC failure.
 pub async fn submit(
-    client: &mut FleetServiceClient<Channel>,
+    client: &mut Client,
     spec_path: &Path,
     idempotency_key: String,
     watch: bool,
@@ -262,7 +487,7 @@ pub async fn submit(
 /// # Errors
 /// An RPC failure.
 pub async fn submit_spec(
-    client: &mut FleetServiceClient<Channel>,
+    client: &mut Client,
     spec: v1::FleetSpec,
     idempotency_key: String,
     watch: bool,
@@ -283,29 +508,12 @@ pub async fn submit_spec(
         spec: Some(spec),
         idempotency_key,
     };
-    let mut backoff = Duration::from_millis(200);
-    let mut attempt = 1;
-    let response = loop {
-        match client.submit_fleet(request.clone()).await {
-            Ok(response) => break response.into_inner(),
-            Err(status)
-                if attempt < SUBMIT_ATTEMPTS
-                    && matches!(
-                        status.code(),
-                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
-                    ) =>
-            {
-                eprintln!(
-                    "submit: {}; retrying with the same idempotency key",
-                    status.message()
-                );
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(3));
-                attempt += 1;
-            }
-            Err(status) => return Err(status.into()),
-        }
-    };
+    let response = client
+        .call("with the same idempotency key", |mut fleets| {
+            let request = request.clone();
+            async move { fleets.submit_fleet(request).await }
+        })
+        .await?;
     let fleet = response.fleet.ok_or_else(|| CliError {
         message: "empty response".into(),
         code: exit_code::ERROR,
@@ -316,7 +524,7 @@ pub async fn submit_spec(
         } else {
             "already submitted (idempotency key matched)"
         };
-        eprintln!(
+        errln!(
             "fleet {} {verb}: {} runs",
             fleet.id,
             fleet.counts.as_ref().map_or(0, |c| c.total)
@@ -324,12 +532,12 @@ pub async fn submit_spec(
     }
     if !watch {
         if output == Output::Json {
-            println!(
+            outln!(
                 "{}",
                 json!({"created": response.created, "fleet": fleet_json(&fleet)})
             );
         } else {
-            println!("{}", fleet.id);
+            outln!("{}", fleet.id);
         }
         return Ok(exit_code::OK);
     }
@@ -340,20 +548,24 @@ pub async fn submit_spec(
 /// the roll-up. Returns [`exit_code::FLEET_FAILED`] when runs failed or were cancelled.
 ///
 /// # Errors
-/// An RPC failure.
+/// An RPC failure; when the stream breaks, the message says how to resume it
+/// (`fleet watch --after`).
 pub async fn watch_fleet(
-    client: &mut FleetServiceClient<Channel>,
+    client: &mut Client,
     fleet_id: &str,
     after_sequence: u64,
     output: Output,
 ) -> Result<i32, CliError> {
+    let request = v1::WatchFleetRequest {
+        fleet_id: fleet_id.to_string(),
+        after_sequence,
+    };
     let mut stream = client
-        .watch_fleet(v1::WatchFleetRequest {
-            fleet_id: fleet_id.to_string(),
-            after_sequence,
+        .call("", |mut fleets| {
+            let request = request.clone();
+            async move { fleets.watch_fleet(request).await }
         })
-        .await?
-        .into_inner();
+        .await?;
     let interactive = output == Output::Human && std::io::stderr().is_terminal();
     let bar = if interactive {
         ProgressBar::new(0)
@@ -367,10 +579,25 @@ pub async fn watch_fleet(
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
-    while let Some(event) = stream.message().await? {
+    let mut last_sequence = after_sequence;
+    loop {
+        let event = match stream.message().await {
+            Ok(Some(event)) => event,
+            Ok(None) => break,
+            Err(status) => {
+                bar.finish_and_clear();
+                let mut error = CliError::from(status);
+                error.message = format!(
+                    "{}; resume with: flotilla fleet watch {fleet_id} --after {last_sequence}",
+                    error.message
+                );
+                return Err(error);
+            }
+        };
+        last_sequence = event.sequence;
         let c = event.counts.unwrap_or_default();
         match output {
-            Output::Json => println!("{}", event_json(&event)),
+            Output::Json => outln!("{}", event_json(&event)),
             Output::Human => {
                 let done = c.changed + c.unchanged + c.failed + c.cancelled;
                 bar.set_length(u64::from(c.total));
@@ -384,7 +611,7 @@ pub async fn watch_fleet(
                     Ok(RunState::Changed | RunState::Unchanged | RunState::Failed)
                 );
                 if !interactive && (terminal || event.run_id.is_empty()) {
-                    eprintln!(
+                    errln!(
                         "[{done}/{}] {} {}",
                         c.total,
                         short_repository(&event.repository),
@@ -402,12 +629,7 @@ pub async fn watch_fleet(
         }
     }
     bar.finish_and_clear();
-    let fleet = client
-        .get_fleet(v1::GetFleetRequest {
-            fleet_id: fleet_id.to_string(),
-        })
-        .await?
-        .into_inner();
+    let fleet = get_fleet(client, fleet_id).await?;
     if output == Output::Human {
         print_fleet(&fleet, output);
     }
@@ -419,37 +641,54 @@ pub async fn watch_fleet(
     })
 }
 
+async fn get_fleet(client: &mut Client, fleet_id: &str) -> Result<v1::Fleet, CliError> {
+    let request = v1::GetFleetRequest {
+        fleet_id: fleet_id.to_string(),
+    };
+    client
+        .call("", |mut fleets| {
+            let request = request.clone();
+            async move { fleets.get_fleet(request).await }
+        })
+        .await
+}
+
 /// `fleet list`.
 ///
 /// # Errors
 /// An RPC failure.
-pub async fn list(
-    client: &mut FleetServiceClient<Channel>,
-    limit: u32,
-    output: Output,
-) -> Result<i32, CliError> {
+pub async fn list(client: &mut Client, limit: u32, output: Output) -> Result<i32, CliError> {
+    let request = v1::ListFleetsRequest {
+        page_size: limit,
+        page_token: String::new(),
+    };
     let response = client
-        .list_fleets(v1::ListFleetsRequest {
-            page_size: limit,
-            page_token: String::new(),
+        .call("", |mut fleets| {
+            let request = request.clone();
+            async move { fleets.list_fleets(request).await }
         })
-        .await?
-        .into_inner();
+        .await?;
     if output == Output::Json {
         let fleets: Vec<_> = response.fleets.iter().map(fleet_json).collect();
-        println!(
+        outln!(
             "{}",
             json!({"fleets": fleets, "next_page_token": response.next_page_token})
         );
         return Ok(exit_code::OK);
     }
-    println!(
+    outln!(
         "{:<10} {:<24} {:<10} {:>6} {:>8} {:>10} {:>7}",
-        "FLEET", "NAME", "STATE", "RUNS", "CHANGED", "UNCHANGED", "FAILED"
+        "FLEET",
+        "NAME",
+        "STATE",
+        "RUNS",
+        "CHANGED",
+        "UNCHANGED",
+        "FAILED"
     );
     for fleet in &response.fleets {
         let c = fleet.counts.unwrap_or_default();
-        println!(
+        outln!(
             "{:<10} {:<24} {:<10} {:>6} {:>8} {:>10} {:>7}",
             fleet.id,
             fleet.name,
@@ -468,17 +707,20 @@ pub async fn list(
 /// # Errors
 /// An RPC failure.
 pub async fn show_run(
-    client: &mut FleetServiceClient<Channel>,
+    client: &mut Client,
     run_id: &str,
     with_patch: bool,
     output: Output,
 ) -> Result<i32, CliError> {
+    let request = v1::GetRunRequest {
+        run_id: run_id.to_string(),
+    };
     let run = client
-        .get_run(v1::GetRunRequest {
-            run_id: run_id.to_string(),
+        .call("", |mut fleets| {
+            let request = request.clone();
+            async move { fleets.get_run(request).await }
         })
-        .await?
-        .into_inner();
+        .await?;
     if output == Output::Json {
         let attempts: Vec<_> = run
             .attempts
@@ -494,7 +736,7 @@ pub async fn show_run(
             .iter()
             .map(|f| json!({"path": f.path, "insertions": f.insertions, "deletions": f.deletions}))
             .collect();
-        println!(
+        outln!(
             "{}",
             json!({"id": run.id, "fleet_id": run.fleet_id, "repository": run.repository,
                    "state": run_state_name(run.state), "branch": run.branch, "commit": run.commit,
@@ -503,21 +745,23 @@ pub async fn show_run(
         );
         return Ok(exit_code::OK);
     }
-    println!(
+    outln!(
         "run {} of fleet {}: {}",
         run.id,
         run.fleet_id,
         run_state_name(run.state)
     );
-    println!("repository: {}", run.repository);
+    outln!("repository: {}", run.repository);
     if !run.commit.is_empty() {
-        println!(
+        outln!(
             "branch: {} (commit {}, pushed: {})",
-            run.branch, run.commit, run.pushed
+            run.branch,
+            run.commit,
+            run.pushed
         );
     }
     for file in &run.diffstat {
-        println!(
+        outln!(
             "  {:>6} {:>6}  {}",
             format!("+{}", file.insertions),
             format!("-{}", file.deletions),
@@ -530,21 +774,25 @@ pub async fn show_run(
         } else {
             attempt.outcome.as_str()
         };
-        println!(
+        outln!(
             "attempt {} on {}: {} (exit code {}) {}",
-            attempt.number, attempt.worker_id, outcome, attempt.exit_code, attempt.error
+            attempt.number,
+            attempt.worker_id,
+            outcome,
+            attempt.exit_code,
+            attempt.error
         );
         if !attempt.log_tail.is_empty() {
-            println!(
+            outln!(
                 "--- log tail ---\n{}\n----------------",
                 attempt.log_tail.trim_end()
             );
         }
     }
     if with_patch && !run.patch.is_empty() {
-        println!("{}", run.patch);
+        outln!("{}", run.patch);
         if run.patch_truncated {
-            println!(
+            outln!(
                 "[patch truncated; the full change is on branch {}]",
                 run.branch
             );
@@ -557,36 +805,26 @@ pub async fn show_run(
 ///
 /// # Errors
 /// An RPC failure.
-pub async fn status(
-    client: &mut FleetServiceClient<Channel>,
-    fleet_id: &str,
-    output: Output,
-) -> Result<i32, CliError> {
-    let fleet = client
-        .get_fleet(v1::GetFleetRequest {
-            fleet_id: fleet_id.to_string(),
-        })
-        .await?
-        .into_inner();
+pub async fn status(client: &mut Client, fleet_id: &str, output: Output) -> Result<i32, CliError> {
+    let fleet = get_fleet(client, fleet_id).await?;
     print_fleet(&fleet, output);
     Ok(exit_code::OK)
 }
 
-/// `fleet cancel`.
+/// `fleet cancel` (repeating it is harmless, so it is retried like the reads).
 ///
 /// # Errors
 /// An RPC failure.
-pub async fn cancel(
-    client: &mut FleetServiceClient<Channel>,
-    fleet_id: &str,
-    output: Output,
-) -> Result<i32, CliError> {
+pub async fn cancel(client: &mut Client, fleet_id: &str, output: Output) -> Result<i32, CliError> {
+    let request = v1::CancelFleetRequest {
+        fleet_id: fleet_id.to_string(),
+    };
     let fleet = client
-        .cancel_fleet(v1::CancelFleetRequest {
-            fleet_id: fleet_id.to_string(),
+        .call("", |mut fleets| {
+            let request = request.clone();
+            async move { fleets.cancel_fleet(request).await }
         })
-        .await?
-        .into_inner();
+        .await?;
     print_fleet(&fleet, output);
     Ok(exit_code::OK)
 }
@@ -622,7 +860,7 @@ fn print_cluster_status(status: &v1::ClusterStatus, output: Output) {
                        "matched_index": m.matched_index, "lag": m.lag})
             })
             .collect();
-        println!(
+        outln!(
             "{}",
             json!({"node_id": status.node_id, "role": status.role, "term": status.term,
                    "leader_id": status.leader_id, "leader_address": status.leader_address,
@@ -637,23 +875,36 @@ fn print_cluster_status(status: &v1::ClusterStatus, output: Output) {
     } else {
         format!("{} ({})", status.leader_id, status.leader_address)
     };
-    println!(
+    outln!(
         "node {}: {}, term {}, leader {leader}",
-        status.node_id, status.role, status.term
+        status.node_id,
+        status.role,
+        status.term
     );
-    println!(
+    outln!(
         "last log index {}, committed {}, applied {}, snapshot {}",
-        status.last_log_index, status.committed_index, status.applied_index, status.snapshot_index
+        status.last_log_index,
+        status.committed_index,
+        status.applied_index,
+        status.snapshot_index
     );
-    println!(
+    outln!(
         "{:<8} {:<24} {:<8} {:>10} {:>8}",
-        "NODE", "ADDRESS", "ROLE", "MATCHED", "LAG"
+        "NODE",
+        "ADDRESS",
+        "ROLE",
+        "MATCHED",
+        "LAG"
     );
     for member in &status.members {
         let role = if member.voter { "voter" } else { "learner" };
-        println!(
+        outln!(
             "{:<8} {:<24} {:<8} {:>10} {:>8}",
-            member.node_id, member.address, role, member.matched_index, member.lag
+            member.node_id,
+            member.address,
+            role,
+            member.matched_index,
+            member.lag
         );
     }
 }
@@ -688,14 +939,16 @@ pub async fn cluster_digest(
         .await?
         .into_inner();
     if output == Output::Json {
-        println!(
+        outln!(
             "{}",
             json!({"node_id": digest.node_id, "applied_index": digest.applied_index, "digest": digest.digest})
         );
     } else {
-        println!(
+        outln!(
             "node {} applied index {} digest {}",
-            digest.node_id, digest.applied_index, digest.digest
+            digest.node_id,
+            digest.applied_index,
+            digest.digest
         );
     }
     Ok(exit_code::OK)

@@ -6,7 +6,8 @@
 //!   membership, status and state digests; [`http`]: metrics, health, dashboard;
 //! - [`clock`]: replicated time, the one clock of stamps and leader decisions;
 //! - [`config`]: server configuration; [`spec_file`]: fleet spec files; [`convert`]: wire <-> state;
-//! - [`cli`]: client commands; [`quickstart`]: the main job end to end and `bench sandbox`;
+//! - [`cli`]: client commands; [`leader_hint`]: the leader's address in UNAVAILABLE answers;
+//!   [`quickstart`]: the main job end to end and `bench sandbox`;
 //!   [`bench`]: `bench writes` and `bench failover` against local clusters (etcd as baseline);
 //! - [`telemetry`]: logs and OpenTelemetry traces.
 //!
@@ -27,6 +28,7 @@ pub mod cluster;
 pub mod config;
 pub mod convert;
 pub mod http;
+pub mod leader_hint;
 pub mod quickstart;
 pub mod server;
 pub mod spec_file;

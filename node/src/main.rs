@@ -1,8 +1,9 @@
 //! `flotilla`: a cluster node (`flotilla server`) and its command-line client.
 //!
 //! Exit codes: see [`cli::exit_code`] (0 ok, 1 error, 2 usage, 3 not found, 4 invalid argument,
-//! 5 unavailable, 6 a watched fleet had failed runs).
+//! 5 unavailable, 6 a watched fleet had failed runs, 141 stdout closed early).
 
+use std::io::Write as _;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -13,7 +14,9 @@ use flotilla::{config, quickstart, server, telemetry};
 #[derive(Parser, Debug)]
 #[command(name = "flotilla", version, about)]
 struct Arguments {
-    /// Cluster node addresses for client commands, comma-separated.
+    /// Cluster node addresses for client commands, comma-separated `http://host:port`. Fleet and
+    /// run commands try each in turn while a node answers UNAVAILABLE (no leader, unreachable)
+    /// and follow a node's hint to the leader; cluster commands use the first reachable.
     #[arg(
         long,
         global = true,
@@ -278,7 +281,8 @@ fn server_config(arguments: &ServerArguments) -> anyhow::Result<config::ServerCo
 async fn run_server(arguments: ServerArguments) -> anyhow::Result<i32> {
     let config = server_config(&arguments)?;
     if arguments.print_config {
-        print!("{}", toml::to_string_pretty(&config)?);
+        let text = toml::to_string_pretty(&config)?;
+        cli::write_stdout(text.trim_end_matches('\n'));
         return Ok(exit_code::OK);
     }
     let _telemetry = telemetry::init(&config.telemetry)?;
@@ -419,7 +423,7 @@ fn main() {
             command => match run_client(&arguments.address, arguments.output, command).await {
                 Ok(code) => Ok(code),
                 Err(error) => {
-                    eprintln!("error: {error}");
+                    let _ = writeln!(std::io::stderr().lock(), "error: {error}");
                     return error.code;
                 }
             },
@@ -427,7 +431,7 @@ fn main() {
         match result {
             Ok(code) => code,
             Err(error) => {
-                eprintln!("error: {error:#}");
+                let _ = writeln!(std::io::stderr().lock(), "error: {error:#}");
                 exit_code::ERROR
             }
         }

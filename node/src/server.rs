@@ -110,10 +110,16 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     );
     let api = Api::new(node.clone(), &config.limits, clock.clone());
     let max_bytes = config.limits.max_request_bytes;
-    let reflection = tonic_reflection::server::Builder::configure()
+    // Both reflection protocols: grpc.reflection.v1 (grpcurl 1.9+, current tonic clients) and
+    // grpc.reflection.v1alpha (Python's grpcio-reflection, older grpcurl, Postman).
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .context("gRPC reflection")?;
+        .context("gRPC reflection v1")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("gRPC reflection v1alpha")?;
     let router = tonic::transport::Server::builder()
         .add_service(
             FleetServiceServer::new(api.clone())
@@ -129,7 +135,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             node.clone(),
         )))
         .add_service(node.grpc_service())
-        .add_service(reflection);
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
     let mut grpc_shutdown = shutdown_receiver.clone();
     tasks.push(tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);

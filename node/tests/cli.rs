@@ -1,11 +1,13 @@
 //! The `flotilla` command line against a real server process: spec files, exit codes, JSON
-//! output, gRPC reflection.
+//! output, address failover and the leader hint, a closed stdout, gRPC reflection (also from a
+//! Python client that has no .proto file).
 
 mod common;
 
 use std::process::Command;
 
-use common::{Node, origin_repository};
+use common::{Node, origin_repository, wait_finished};
+use flotilla_proto::v1;
 
 fn flotilla(address: &str, arguments: &[&str]) -> (i32, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_flotilla"))
@@ -158,4 +160,330 @@ async fn submit_retries_with_one_idempotency_key_while_there_is_no_leader() {
         "{stderr}"
     );
     assert!(stderr.contains("no leader is known yet"), "{stderr}");
+}
+
+/// A spec file with a dummy repository (the fleet is created; no worker needs to run it).
+fn dummy_spec(root: &std::path::Path) -> String {
+    let spec = root.join("fleet.yaml");
+    std::fs::write(
+        &spec,
+        "name: x\ntargets: {repositories: [file:///a.git]}\nagent: {command: true}\n",
+    )
+    .unwrap();
+    spec.to_str().unwrap().to_string()
+}
+
+async fn fleet_names(node: &Node) -> Vec<String> {
+    node.client()
+        .await
+        .list_fleets(v1::ListFleetsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .fleets
+        .into_iter()
+        .map(|f| f.name)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_address_is_tried_when_a_node_has_no_leader_or_is_unreachable() {
+    let root = tempfile::tempdir().unwrap();
+    // A node started with --join and never added has no leader: it answers UNAVAILABLE.
+    let leaderless =
+        Node::start_listening(&root.path().join("leaderless"), &["--join", "--no-worker"]).await;
+    let healthy = Node::start(&root.path().join("healthy"), &["--no-worker"]).await;
+    let spec = dummy_spec(root.path());
+    let addresses = format!("{},{}", leaderless.address, healthy.address);
+
+    let (code, stdout, stderr) = flotilla(&addresses, &["fleet", "submit", &spec]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(stdout.trim(), "fl-1", "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}: no leader is known yet; retry shortly; trying {}",
+            leaderless.address, healthy.address
+        )),
+        "{stderr}"
+    );
+    assert_eq!(fleet_names(&healthy).await, ["x"]);
+
+    // Reads too: the leaderless node fails its linearizable read, the healthy one answers.
+    let (code, stdout, stderr) =
+        flotilla(&addresses, &["--output", "json", "fleet", "status", "fl-1"]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let fleet: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(fleet["name"], "x");
+
+    // A node that cannot be reached at all is passed over the same way.
+    let (code, stdout, stderr) = flotilla(
+        &format!("http://127.0.0.1:1,{}", healthy.address),
+        &["fleet", "submit", &spec, "--idempotency-key", "second"],
+    );
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(stdout.trim(), "fl-2", "{stderr}");
+    assert!(
+        stderr.contains("http://127.0.0.1:1: cannot connect")
+            && stderr.contains(&format!("trying {}", healthy.address)),
+        "{stderr}"
+    );
+    assert_eq!(fleet_names(&healthy).await.len(), 2);
+
+    // Every node unavailable: exit 5 after the rounds, the last failure named.
+    let (code, _, stderr) = flotilla(
+        &format!("{},http://127.0.0.1:1", leaderless.address),
+        &["fleet", "list"],
+    );
+    assert_eq!(code, 5, "{stderr}");
+    assert!(
+        stderr.contains("no node could serve the request (5 rounds"),
+        "{stderr}"
+    );
+}
+
+/// A `FleetService` that answers every call UNAVAILABLE, with the leader hint pointing at
+/// `leader` (`host:port`), and counts the calls.
+struct PointsToTheLeader {
+    leader: String,
+    calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl PointsToTheLeader {
+    fn answer<T>(&self) -> Result<tonic::Response<T>, tonic::Status> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Err(flotilla::leader_hint::with_leader_address(
+            tonic::Status::unavailable("not the leader (test stub)"),
+            &self.leader,
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::fleet_service_server::FleetService for PointsToTheLeader {
+    async fn submit_fleet(
+        &self,
+        _: tonic::Request<v1::SubmitFleetRequest>,
+    ) -> Result<tonic::Response<v1::SubmitFleetResponse>, tonic::Status> {
+        self.answer()
+    }
+    async fn get_fleet(
+        &self,
+        _: tonic::Request<v1::GetFleetRequest>,
+    ) -> Result<tonic::Response<v1::Fleet>, tonic::Status> {
+        self.answer()
+    }
+    async fn list_fleets(
+        &self,
+        _: tonic::Request<v1::ListFleetsRequest>,
+    ) -> Result<tonic::Response<v1::ListFleetsResponse>, tonic::Status> {
+        self.answer()
+    }
+    type WatchFleetStream = tokio_stream::Empty<Result<v1::FleetEvent, tonic::Status>>;
+    async fn watch_fleet(
+        &self,
+        _: tonic::Request<v1::WatchFleetRequest>,
+    ) -> Result<tonic::Response<Self::WatchFleetStream>, tonic::Status> {
+        self.answer()
+    }
+    async fn get_run(
+        &self,
+        _: tonic::Request<v1::GetRunRequest>,
+    ) -> Result<tonic::Response<v1::Run>, tonic::Status> {
+        self.answer()
+    }
+    async fn cancel_fleet(
+        &self,
+        _: tonic::Request<v1::CancelFleetRequest>,
+    ) -> Result<tonic::Response<v1::Fleet>, tonic::Status> {
+        self.answer()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_follows_the_leader_hint_of_an_unavailable_answer() {
+    let root = tempfile::tempdir().unwrap();
+    let leader = Node::start(&root.path().join("leader"), &["--no-worker"]).await;
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stub = PointsToTheLeader {
+        leader: leader.address.trim_start_matches("http://").to_string(),
+        calls: calls.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stub_address = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(v1::fleet_service_server::FleetServiceServer::new(stub))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let spec = dummy_spec(root.path());
+    // Only the stub is given: the leader is reached through the hint alone.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(["--address", &stub_address, "fleet", "submit", &spec])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "fl-1");
+    assert!(
+        stderr.contains(&format!(
+            "{stub_address}: not the leader (test stub); trying {}",
+            leader.address
+        )),
+        "{stderr}"
+    );
+    // Straight to the leader after the first answer, no second try of the stub.
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(fleet_names(&leader).await, ["x"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_ends_the_cli_quietly_with_status_141() {
+    let root = tempfile::tempdir().unwrap();
+    let node = Node::start(&root.path().join("node"), &["--no-worker"]).await;
+    let spec = dummy_spec(root.path());
+    for arguments in [
+        vec!["fleet", "list"],
+        vec!["fleet", "submit", spec.as_str()],
+        vec!["--output", "json", "fleet", "status", "fl-1"],
+    ] {
+        // The reading end is closed before the CLI starts, as when `head` has already exited:
+        // the CLI's first write to stdout fails with EPIPE.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let output = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["--address", &node.address])
+            .args(&arguments)
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(141), "{arguments:?}: {stderr}");
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+            "{arguments:?}: {stderr}"
+        );
+    }
+    // The submission itself went through before its output was lost.
+    assert_eq!(fleet_names(&node).await, ["x"]);
+
+    // The same through a shell pipeline: `head -c1` exits after one byte while the CLI
+    // still writes: the status of a 3000-run fleet is about 200 KiB, more than a pipe holds.
+    let repositories: Vec<String> = (0..3000)
+        .map(|i| format!("file:///srv/repository-number-{i}.git"))
+        .collect();
+    let big = root.path().join("big.yaml");
+    std::fs::write(
+        &big,
+        format!(
+            "name: big\ntargets: {{repositories: [{}]}}\nagent: {{command: true}}\n",
+            repositories.join(", ")
+        ),
+    )
+    .unwrap();
+    let (code, stdout, stderr) =
+        flotilla(&node.address, &["fleet", "submit", big.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    let fleet_id = stdout.trim().to_string();
+    let output = Command::new("bash")
+        .args([
+            "-c",
+            "set -o pipefail; \"$0\" --address \"$1\" fleet status \"$2\" | head -c1 >/dev/null",
+            env!("CARGO_BIN_EXE_flotilla"),
+            &node.address,
+            &fleet_id,
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(141), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+}
+
+/// The virtual environment with the reflection test's Python packages, made by deploy/test.sh
+/// (deploy/env.sh, `flotilla_install_python_test_packages`).
+fn test_python() -> std::path::PathBuf {
+    let venv = std::env::var_os("FLOTILLA_TEST_PYTHON_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+                .join(".cache/flotilla/python-venv")
+        });
+    let python = venv.join("bin/python3");
+    assert!(
+        python.exists(),
+        "{} is missing: the Python reflection test needs grpcio, grpcio-reflection and protobuf \
+         (node/tests/python/requirements.txt); run deploy/test.sh, or \
+         `. deploy/env.sh && flotilla_install_python_test_packages`",
+        python.display()
+    );
+    python
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_client_submits_a_fleet_through_reflection_alone() {
+    let python = test_python();
+    let root = tempfile::tempdir().unwrap();
+    let repository = origin_repository(root.path(), "repo", &[("a.txt", "one\n")]);
+    let node = Node::start(&root.path().join("node"), &[]).await;
+    // Protobuf's JSON mapping of a SubmitFleetRequest; the client turns it into the message
+    // type it found through reflection.
+    let request = serde_json::json!({
+        "spec": {
+            "name": "from-python",
+            "repositories": [repository],
+            "agent": {"command": "echo two >> a.txt", "task": "append"},
+            "verify": ["grep -q two a.txt"],
+            "sandbox": {"driver": "bwrap", "timeoutMs": "20000"},
+            "branchTemplate": "flotilla/{fleet}",
+            "commitMessage": "append",
+            "maxParallelism": 1,
+            "maxAttempts": 2,
+            "push": true,
+        },
+        "idempotencyKey": "python-client",
+    });
+    let output = Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/reflection_client.py"
+        ))
+        .arg(node.address.trim_start_matches("http://"))
+        .arg(request.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let result: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let services: Vec<&str> = result["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    for service in [
+        "flotilla.v1.FleetService",
+        "flotilla.v1.WorkerService",
+        "flotilla.v1.ClusterService",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(services.contains(&service), "{service} not in {services:?}");
+    }
+    assert_eq!(result["request_type"], "flotilla.v1.SubmitFleetRequest");
+    assert_eq!(result["response"]["created"], true, "{result}");
+    let fleet_id = result["response"]["fleet"]["id"].as_str().unwrap();
+
+    // The fleet exists for the Rust client, with the spec the Python client built, and runs.
+    let mut client = node.client().await;
+    let fleet = wait_finished(&mut client, fleet_id, &node).await;
+    assert_eq!(fleet.name, "from-python");
+    assert_eq!(fleet.idempotency_key, "python-client");
+    assert_eq!(fleet.runs.len(), 1);
+    assert_eq!(fleet.runs[0].repository, repository);
+    assert_eq!(
+        fleet.runs[0].state,
+        v1::RunState::Changed as i32,
+        "{fleet:?}"
+    );
 }
