@@ -52,7 +52,8 @@ pub mod exit_code {
     pub const USAGE: i32 = 2;
     /// The fleet or run does not exist.
     pub const NOT_FOUND: i32 = 3;
-    /// The server rejected the request as invalid (the message names the field).
+    /// The server rejected the request: invalid, an idempotency key reused with another spec,
+    /// or a watch before the kept events (the message names the field).
     pub const INVALID_ARGUMENT: i32 = 4;
     /// No node could be reached, or the cluster has no leader.
     pub const UNAVAILABLE: i32 = 5;
@@ -77,7 +78,11 @@ impl From<tonic::Status> for CliError {
     fn from(status: tonic::Status) -> Self {
         let code = match status.code() {
             tonic::Code::NotFound => exit_code::NOT_FOUND,
-            tonic::Code::InvalidArgument => exit_code::INVALID_ARGUMENT,
+            // Refusals that name the field: an invalid value, an idempotency key reused with
+            // another spec, a watch resumed before the events the fleet keeps.
+            tonic::Code::InvalidArgument | tonic::Code::AlreadyExists | tonic::Code::OutOfRange => {
+                exit_code::INVALID_ARGUMENT
+            }
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => exit_code::UNAVAILABLE,
             _ => exit_code::ERROR,
         };
@@ -544,8 +549,30 @@ pub async fn submit_spec(
     watch_fleet(client, &fleet.id, 0, output).await
 }
 
+async fn open_watch(
+    client: &mut Client,
+    fleet_id: &str,
+    after_sequence: u64,
+) -> Result<tonic::Streaming<v1::FleetEvent>, CliError> {
+    let request = v1::WatchFleetRequest {
+        fleet_id: fleet_id.to_string(),
+        after_sequence,
+    };
+    client
+        .call("", |mut fleets| {
+            let request = request.clone();
+            async move { fleets.watch_fleet(request).await }
+        })
+        .await
+}
+
 /// `fleet watch`: follows a fleet's events with a progress bar (human) or NDJSON, then prints
 /// the roll-up. Returns [`exit_code::FLEET_FAILED`] when runs failed or were cancelled.
+///
+/// Events older than the fleet's bound (`limits.max_events_per_fleet`) are dropped by the
+/// cluster: in human output, a watch that falls behind them says so on stderr and continues
+/// from the newest event (each event carries the fleet's counts, so the progress bar loses
+/// nothing); NDJSON output, which promises every event, ends with the error instead.
 ///
 /// # Errors
 /// An RPC failure; when the stream breaks, the message says how to resume it
@@ -556,16 +583,7 @@ pub async fn watch_fleet(
     after_sequence: u64,
     output: Output,
 ) -> Result<i32, CliError> {
-    let request = v1::WatchFleetRequest {
-        fleet_id: fleet_id.to_string(),
-        after_sequence,
-    };
-    let mut stream = client
-        .call("", |mut fleets| {
-            let request = request.clone();
-            async move { fleets.watch_fleet(request).await }
-        })
-        .await?;
+    let mut stream = open_watch(client, fleet_id, after_sequence).await?;
     let interactive = output == Output::Human && std::io::stderr().is_terminal();
     let bar = if interactive {
         ProgressBar::new(0)
@@ -584,6 +602,22 @@ pub async fn watch_fleet(
         let event = match stream.message().await {
             Ok(Some(event)) => event,
             Ok(None) => break,
+            Err(status) if status.code() == tonic::Code::OutOfRange && output == Output::Human => {
+                let fleet = get_fleet(client, fleet_id).await?;
+                let note = format!(
+                    "note: {}; continuing from sequence {}",
+                    status.message(),
+                    fleet.last_sequence
+                );
+                if interactive {
+                    bar.println(note);
+                } else {
+                    errln!("{note}");
+                }
+                last_sequence = fleet.last_sequence;
+                stream = open_watch(client, fleet_id, last_sequence).await?;
+                continue;
+            }
             Err(status) => {
                 bar.finish_and_clear();
                 let mut error = CliError::from(status);

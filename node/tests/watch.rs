@@ -94,4 +94,24 @@ async fn a_watcher_behind_the_event_bound_is_told_where_to_resume() {
     assert!(message.contains("resume after sequence 6"), "{message}");
     assert!(message.contains("max_events_per_fleet"), "{message}");
     assert!(message.contains("10 unchanged"), "{message}");
+    // The CLI's human watch notes the gap and finishes with the roll-up; NDJSON, which
+    // promises every event, ends with the error.
+    let cli = |arguments: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["--address", &node.address])
+            .args(arguments)
+            .output()
+            .unwrap()
+    };
+    let human = cli(&["fleet", "watch", &fleet.id]);
+    let stderr = String::from_utf8_lossy(&human.stderr);
+    assert_eq!(human.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("note: after_sequence:") && stderr.contains("continuing from sequence 22"),
+        "{stderr}"
+    );
+    let json = cli(&["--output", "json", "fleet", "watch", &fleet.id]);
+    let stderr = String::from_utf8_lossy(&json.stderr);
+    assert_eq!(json.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("resume after sequence 6"), "{stderr}");
 }
