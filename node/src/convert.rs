@@ -398,6 +398,64 @@ mod tests {
         assert_eq!(again, spec);
     }
 
+    /// The spec's branch check and git itself agree on every name here (the spec may be
+    /// stricter than git, never laxer).
+    #[test]
+    fn branch_validation_agrees_with_git() {
+        let names = [
+            "flotilla/fmt",
+            "a@b",
+            "a/-b",
+            "x/HEAD",
+            "é",
+            "a.b",
+            "a/@",
+            "HEAD",
+            "-a",
+            "a/.b",
+            ".a",
+            "a.lock/b",
+            "a/b.lock",
+            "a b",
+            "a..b",
+            "a/",
+            "/a",
+            "a//b",
+            "a.",
+            "a/.",
+            "a@{x",
+            "a\\b",
+            "a~",
+            "a^",
+            "a:",
+            "a?",
+            "a*",
+            "a[",
+            "a\x7f",
+            "a\tb",
+            "a/..b",
+            "-",
+            "refs/heads/x",
+            "flotilla/{fleet}",
+        ];
+        for name in names {
+            let git_accepts = std::process::Command::new("git")
+                .args(["check-ref-format", "--branch", name])
+                .current_dir(std::env::temp_dir())
+                .output()
+                .expect("git runs")
+                .status
+                .success();
+            assert_eq!(
+                scheduler_spec::is_valid_branch(name),
+                git_accepts,
+                "{name:?}: git accepts it: {git_accepts}"
+            );
+        }
+        // Stricter than git on purpose: "@" means the current branch to git.
+        assert!(!scheduler_spec::is_valid_branch("@"));
+    }
+
     #[test]
     fn missing_and_invalid_fields_are_named() {
         let limits = SpecLimits::default();
