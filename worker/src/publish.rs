@@ -35,7 +35,10 @@
 //! accepted attempt pushed nothing. One case is left to the lease margin alone: a stale attempt
 //! that passed its lease check and then stalled for longer than the margin (a paused process)
 //! can still create the branch after the accepted attempt withdrew it, because an absent branch
-//! carries no attempt number.
+//! carries no attempt number. And a run that ends `failed` without a worker's final word (its
+//! last attempt's lease expired, or its last attempt failed retryably, e.g. at the push) keeps
+//! whatever an earlier attempt pushed: nobody is left to withdraw it; such a branch is not a
+//! result (the run says `failed`).
 
 use std::ffi::OsStr;
 use std::path::Path;
