@@ -84,7 +84,7 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// A fleet over `repositories` whose agent appends a line to `f.txt` (so every run ends
-/// `changed`), without sandbox isolation, pushing to `chaos/{fleet_id}`.
+/// `changed`), without sandbox isolation, pushing to `flotilla/chaos/{fleet_id}`.
 pub fn fleet_spec(name: &str, repositories: Vec<String>) -> v1::FleetSpec {
     v1::FleetSpec {
         name: name.to_string(),
@@ -100,7 +100,7 @@ pub fn fleet_spec(name: &str, repositories: Vec<String>) -> v1::FleetSpec {
             timeout_ms: 20_000,
             ..Default::default()
         }),
-        branch_template: "chaos/{fleet_id}".into(),
+        branch_template: "flotilla/chaos/{fleet_id}".into(),
         commit_message: "chaos".into(),
         max_parallelism: 64,
         max_attempts: MAX_ATTEMPTS,

@@ -86,6 +86,7 @@ impl Api {
             spec_limits: SpecLimits {
                 max_runs_per_fleet: limits.max_runs_per_fleet,
                 max_task_bytes: limits.max_task_bytes,
+                branch_prefix: limits.branch_prefix.clone(),
                 ..SpecLimits::default()
             },
             result_limits: ResultLimits {
@@ -565,6 +566,17 @@ impl WorkerService for Api {
                 ),
             )));
         }
+        if original.held.len() > MAX_HEARTBEAT_LEASES {
+            return Err(invalid(FieldError::new(
+                "held",
+                format!("more than {MAX_HEARTBEAT_LEASES} entries"),
+            )));
+        }
+        let held: Vec<(String, u32)> = original
+            .held
+            .iter()
+            .map(|lease| (lease.run_id.clone(), lease.attempt))
+            .collect();
         let wait_ms = original.wait_ms;
         let _poll = self.lease_polls.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
@@ -576,14 +588,19 @@ impl WorkerService for Api {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
         let mut changes = self.node.state.subscribe();
         loop {
-            // Only propose when something can be leased: idle polls do not grow the log.
+            // Only propose when something can be leased, or when this worker holds leases it
+            // did not list (their replies were lost: they are sent again at once, not after a
+            // long poll). Idle polls do not grow the log.
             let now_ms = self.replicated_now_ms();
-            let eligible = self.node.state.read(|s| s.has_eligible_pending(now_ms));
+            let eligible = self.node.state.read(|s| {
+                s.has_eligible_pending(now_ms) || s.has_unlisted_leases(&original.worker_id, &held)
+            });
             if eligible {
                 let command = Command::AcquireLeases {
                     worker_id: original.worker_id.clone(),
                     free_slots: original.free_slots,
                     lease_ttl_ms: self.limits.lease_ttl_ms,
+                    held: held.clone(),
                 };
                 match self.propose(command).await? {
                     Proposal::Forward(channel) => {
@@ -592,8 +609,14 @@ impl WorkerService for Api {
                             .await;
                     }
                     Proposal::Applied(Response::Leased(grants)) if !grants.is_empty() => {
+                        let redelivered = grants.iter().filter(|g| g.redelivered).count() as u64;
                         metrics::counter!("flotilla_leases_granted_total")
-                            .increment(grants.len() as u64);
+                            .increment(grants.len() as u64 - redelivered);
+                        if redelivered > 0 {
+                            warn!(worker.id = %original.worker_id, count = redelivered, "sending leases again whose replies the worker did not receive");
+                            metrics::counter!("flotilla_leases_redelivered_total")
+                                .increment(redelivered);
+                        }
                         let leases = grants
                             .into_iter()
                             .map(|g| v1::Lease {
@@ -606,6 +629,7 @@ impl WorkerService for Api {
                                 spec: Some(convert::fleet_spec_to_wire(&g.spec)),
                                 lease_ttl_ms: self.limits.lease_ttl_ms,
                                 trace_parent: g.trace_parent,
+                                fleet_created_at_ms: g.fleet_created_at_ms,
                             })
                             .collect();
                         return Ok(GrpcResponse::new(v1::LeaseRunsResponse { leases }));
@@ -667,6 +691,7 @@ impl WorkerService for Api {
                         .into_iter()
                         .map(|(run_id, attempt)| v1::HeldLease { run_id, attempt })
                         .collect(),
+                    lease_ttl_ms: self.limits.lease_ttl_ms,
                 }))
             }
             Proposal::Applied(other) => {

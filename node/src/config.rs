@@ -184,6 +184,10 @@ pub struct LimitsSection {
     /// Longest a write proposed on this node waits to be committed and applied; then the
     /// request fails with UNAVAILABLE (the write may still commit: retries are idempotent).
     pub proposal_timeout_ms: u64,
+    /// Every fleet's branches must start with this prefix (checked for each repository at
+    /// submission, naming `spec.branch_template`); workers refuse to push anywhere else.
+    /// Non-empty, ends with `/`.
+    pub branch_prefix: String,
 }
 
 impl Default for LimitsSection {
@@ -206,6 +210,7 @@ impl Default for LimitsSection {
             max_events_per_fleet: 100_000,
             max_lease_polls: 1024,
             proposal_timeout_ms: 10_000,
+            branch_prefix: flotilla_scheduler::spec::DEFAULT_BRANCH_PREFIX.into(),
         }
     }
 }
@@ -237,6 +242,15 @@ pub struct WorkerSection {
     /// Timeout of one worker RPC (lease requests add `lease_wait_ms`); the worker then tries
     /// the next endpoint.
     pub rpc_timeout_ms: u64,
+    /// A push (or a branch deletion) starts only while the worker's own view of the lease has
+    /// at least this long to run; 0 (the default): a third of the lease's TTL. When set, below
+    /// `limits.lease_ttl_ms - heartbeat_interval_ms`.
+    pub push_lease_margin_ms: u64,
+    /// Most repository mirrors kept on disk; the least recently used mirror not in use is
+    /// removed beyond it.
+    pub mirror_cache_max_mirrors: usize,
+    /// Most bytes of repository mirrors kept on disk (same eviction).
+    pub mirror_cache_max_bytes: u64,
 }
 
 impl Default for WorkerSection {
@@ -253,6 +267,9 @@ impl Default for WorkerSection {
             log_tail_bytes: 16 * 1024,
             patch_max_bytes: 256 * 1024,
             rpc_timeout_ms: 10_000,
+            push_lease_margin_ms: 0,
+            mirror_cache_max_mirrors: 1_000,
+            mirror_cache_max_bytes: 20 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -443,6 +460,28 @@ impl ServerConfig {
                 "must be between 100 and 600000",
             );
         }
+        if self.worker.push_lease_margin_ms
+            >= self
+                .limits
+                .lease_ttl_ms
+                .saturating_sub(self.worker.heartbeat_interval_ms)
+        {
+            return invalid(
+                "worker.push_lease_margin_ms",
+                "must be 0 (a third of the lease TTL) or below limits.lease_ttl_ms - worker.heartbeat_interval_ms",
+            );
+        }
+        if self.worker.mirror_cache_max_mirrors == 0 {
+            return invalid("worker.mirror_cache_max_mirrors", "must be positive");
+        }
+        if self.worker.mirror_cache_max_bytes == 0 {
+            return invalid("worker.mirror_cache_max_bytes", "must be positive");
+        }
+        if let Err(message) =
+            flotilla_scheduler::spec::validate_branch_prefix(&self.limits.branch_prefix)
+        {
+            return invalid("limits.branch_prefix", &message);
+        }
         if self.limits.max_request_bytes < 64 * 1024 {
             return invalid("limits.max_request_bytes", "must be at least 65536");
         }
@@ -543,6 +582,21 @@ mod tests {
         assert_eq!(
             parse("[raft]\nelection_timeout_min_ms = 900\n").unwrap_err(),
             "config raft.election_timeout_max_ms: must be greater than election_timeout_min_ms"
+        );
+        assert_eq!(
+            parse("[limits]\nbranch_prefix = \"\"\n").unwrap_err(),
+            "config limits.branch_prefix: \"\" must be non-empty, end with '/' and not start with refs/ (e.g. \"flotilla/\")"
+        );
+        assert_eq!(
+            parse("[limits]\nbranch_prefix = \"bots/flotilla/\"\n")
+                .unwrap()
+                .limits
+                .branch_prefix,
+            "bots/flotilla/"
+        );
+        assert_eq!(
+            parse("[worker]\npush_lease_margin_ms = 25000\n").unwrap_err(),
+            "config worker.push_lease_margin_ms: must be 0 (a third of the lease TTL) or below limits.lease_ttl_ms - worker.heartbeat_interval_ms"
         );
     }
 }

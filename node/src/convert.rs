@@ -2,7 +2,7 @@
 //! validation of every field that arrives over the wire. Errors name the field's path.
 
 use flotilla_proto::v1;
-use flotilla_scheduler::spec::{self as scheduler_spec, DEFAULT_BRANCH_TEMPLATE};
+use flotilla_scheduler::spec as scheduler_spec;
 use flotilla_scheduler::{
     AgentSpec, AttemptResult, FieldError, FileStat, Fleet, FleetEvent, FleetSpec, FleetState,
     Outcome, RetryPolicy, Run, RunCounts, RunState, SandboxSpec, SpecLimits,
@@ -59,8 +59,9 @@ pub fn fleet_spec_from_wire(
             pids_limit: sandbox.pids_limit,
             network: sandbox.network,
         },
+        // The default template lies under the configured prefix (flotilla/{fleet} by default).
         branch_template: if spec.branch_template.is_empty() {
-            DEFAULT_BRANCH_TEMPLATE.into()
+            format!("{}{{fleet}}", limits.branch_prefix)
         } else {
             spec.branch_template
         },
@@ -434,13 +435,81 @@ mod tests {
             spec.sandbox.timeout_ms,
             scheduler_spec::DEFAULT_SANDBOX_TIMEOUT_MS
         );
-        assert_eq!(spec.branch_template, DEFAULT_BRANCH_TEMPLATE);
+        assert_eq!(
+            spec.branch_template,
+            scheduler_spec::DEFAULT_BRANCH_TEMPLATE
+        );
+        // Under another prefix, the default template follows it.
+        let bots = SpecLimits {
+            branch_prefix: "bots/".into(),
+            ..SpecLimits::default()
+        };
+        let spec_under_bots = fleet_spec_from_wire(Some(wire_spec()), &bots).unwrap();
+        assert_eq!(spec_under_bots.branch_template, "bots/{fleet}");
         assert_eq!(spec.max_parallelism, 16);
         assert_eq!(spec.retry, RetryPolicy::default());
         // The round trip keeps every field.
         let again =
             fleet_spec_from_wire(Some(fleet_spec_to_wire(&spec)), &SpecLimits::default()).unwrap();
         assert_eq!(again, spec);
+    }
+
+    /// The spec's branch check and git itself agree on every name here (the spec may be
+    /// stricter than git, never laxer).
+    #[test]
+    fn branch_validation_agrees_with_git() {
+        let names = [
+            "flotilla/fmt",
+            "a@b",
+            "a/-b",
+            "x/HEAD",
+            "é",
+            "a.b",
+            "a/@",
+            "HEAD",
+            "-a",
+            "a/.b",
+            ".a",
+            "a.lock/b",
+            "a/b.lock",
+            "a b",
+            "a..b",
+            "a/",
+            "/a",
+            "a//b",
+            "a.",
+            "a/.",
+            "a@{x",
+            "a\\b",
+            "a~",
+            "a^",
+            "a:",
+            "a?",
+            "a*",
+            "a[",
+            "a\x7f",
+            "a\tb",
+            "a/..b",
+            "-",
+            "refs/heads/x",
+            "flotilla/{fleet}",
+        ];
+        for name in names {
+            let git_accepts = std::process::Command::new("git")
+                .args(["check-ref-format", "--branch", name])
+                .current_dir(std::env::temp_dir())
+                .output()
+                .expect("git runs")
+                .status
+                .success();
+            assert_eq!(
+                scheduler_spec::is_valid_branch(name),
+                git_accepts,
+                "{name:?}: git accepts it: {git_accepts}"
+            );
+        }
+        // Stricter than git on purpose: "@" means the current branch to git.
+        assert!(!scheduler_spec::is_valid_branch("@"));
     }
 
     #[test]

@@ -215,6 +215,10 @@ pub async fn start_worker(
         patch_max_bytes: config.worker.patch_max_bytes,
         default_memory_limit_bytes: config.worker.default_memory_limit_bytes,
         default_pids_limit: config.worker.default_pids_limit,
+        push_lease_margin_ms: config.worker.push_lease_margin_ms,
+        branch_prefix: config.limits.branch_prefix.clone(),
+        mirror_cache_max_mirrors: config.worker.mirror_cache_max_mirrors,
+        mirror_cache_max_bytes: config.worker.mirror_cache_max_bytes,
         ..flotilla_worker::config::WorkerConfig::default()
     };
     flotilla_worker::actor::start(settings, execution)

@@ -42,6 +42,14 @@ async fn lease(node: &Node, worker_id: &str, count: usize, deadline: Instant) ->
                 worker_id: worker_id.into(),
                 free_slots: (count - leases.len()) as u32,
                 wait_ms: 1_000,
+                // What this test-as-worker already holds, so it is not sent again.
+                held: leases
+                    .iter()
+                    .map(|l: &v1::Lease| v1::HeldLease {
+                        run_id: l.run_id.clone(),
+                        attempt: l.attempt,
+                    })
+                    .collect(),
             })
             .await;
         if let Ok(response) = response {

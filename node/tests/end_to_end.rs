@@ -421,6 +421,7 @@ async fn invalid_requests_are_rejected_with_the_field_named() {
             worker_id: "w".into(),
             free_slots: 0,
             wait_ms: 0,
+            held: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -470,6 +471,7 @@ async fn a_stale_attempt_result_is_rejected_and_the_lease_is_fenced() {
             worker_id: "w1".into(),
             free_slots: 4,
             wait_ms: 5_000,
+            held: Vec::new(),
         })
         .await
         .unwrap()
@@ -527,5 +529,116 @@ async fn a_stale_attempt_result_is_rejected_and_the_lease_is_fenced() {
         heartbeat.lost.len(),
         1,
         "a finished run's lease is no longer held"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lease_reply_costs_neither_an_attempt_nor_a_lease_ttl() {
+    let root = tempfile::tempdir().unwrap();
+    let repository = origin_repository(root.path(), "lost", &[("greeting.txt", "hello\n")]);
+    // Leases live 10 minutes: a run that waited for its lease to expire would not finish
+    // within wait_finished's deadline.
+    let config = root.path().join("node.toml");
+    std::fs::write(&config, "[limits]\nlease_ttl_ms = 600000\n").unwrap();
+    let node = Node::start(
+        &root.path().join("node"),
+        &["--no-worker", "--config", config.to_str().unwrap()],
+    )
+    .await;
+    // A real worker (sandbox, git) whose first lease reply is discarded after it arrived: the
+    // cluster committed the grant, the worker never saw it.
+    let worker = flotilla_worker::actor::start(
+        flotilla_worker::actor::WorkerSettings {
+            worker_id: "lossy".into(),
+            endpoints: vec![node.address.clone()],
+            slots: 2,
+            lease_wait_ms: 1_000,
+            heartbeat_interval_ms: 200,
+            fault_drop_lease_replies: 1,
+            ..Default::default()
+        },
+        flotilla_worker::config::WorkerConfig {
+            work_directory: root.path().join("worker"),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut client = node.client().await;
+    let mut s = spec(
+        "lost",
+        vec![repository.clone()],
+        "sed -i 's/hello/HELLO/' greeting.txt",
+        &[],
+    );
+    s.max_attempts = 1;
+    let fleet = client
+        .submit_fleet(v1::SubmitFleetRequest {
+            spec: Some(s),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let fleet = wait_finished(&mut client, &fleet.into_inner().fleet.unwrap().id, &node).await;
+    let run = client
+        .get_run(v1::GetRunRequest {
+            run_id: fleet.runs[0].id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state_name(run.state), "changed", "{run:?}");
+    assert_eq!(run.attempts.len(), 1, "{run:?}");
+    assert_eq!(run.attempts[0].number, 1);
+    assert!(run.pushed);
+    let bare = std::path::PathBuf::from(repository.trim_start_matches("file://"));
+    assert_eq!(
+        git(&bare, &["rev-parse", "flotilla/lost"]).trim(),
+        run.commit
+    );
+    // The reply really was lost, and the lease was sent again rather than left to expire.
+    let mut events = client
+        .watch_fleet(v1::WatchFleetRequest {
+            fleet_id: fleet.id.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut messages = Vec::new();
+    while let Some(event) = events.message().await.unwrap() {
+        messages.push(event.message);
+    }
+    assert!(
+        messages
+            .iter()
+            .any(|m| m == "attempt 1 lease sent again to lossy, which had not received it"),
+        "{messages:?}"
+    );
+    assert!(
+        !messages.iter().any(|m| m.contains("lease_expired")),
+        "{messages:?}"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn branches_outside_the_prefix_are_rejected_at_submission() {
+    let root = tempfile::tempdir().unwrap();
+    let node = Node::start(&root.path().join("node"), &["--no-worker"]).await;
+    let mut client = node.client().await;
+    let mut bad = spec("main", vec!["file:///srv/a.git".into()], "true", &[]);
+    bad.branch_template = "main".into();
+    let status = client
+        .submit_fleet(v1::SubmitFleetRequest {
+            spec: Some(bad),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        status.message(),
+        "spec.branch_template: \"main\" for repositories[0]: \"main\" is not under the branch prefix \"flotilla/\" (limits.branch_prefix)"
     );
 }

@@ -45,6 +45,14 @@ async fn a_watcher_behind_the_event_bound_is_told_where_to_resume() {
                 worker_id: "w1".into(),
                 free_slots: 10,
                 wait_ms: 1_000,
+                // What this test-as-worker already holds, so it is not sent again.
+                held: leases
+                    .iter()
+                    .map(|l: &v1::Lease| v1::HeldLease {
+                        run_id: l.run_id.clone(),
+                        attempt: l.attempt,
+                    })
+                    .collect(),
             })
             .await
             .unwrap()

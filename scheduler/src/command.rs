@@ -37,7 +37,14 @@ pub enum Command {
         #[serde(default)]
         max_events: u32,
     },
-    /// Leases up to `free_slots` pending runs to `worker_id`, each until `now_ms + lease_ttl_ms`.
+    /// Leases up to `free_slots` runs to `worker_id`, each until `now_ms + lease_ttl_ms`.
+    ///
+    /// Reconciliation first: every lease the state says `worker_id` holds whose
+    /// `(run_id, attempt)` is not in `held` was granted by an earlier request whose reply never
+    /// reached the worker. Up to `free_slots` of those are granted again (same attempt, lease
+    /// renewed, `LeaseGrant::redelivered`); any beyond `free_slots` are released (their attempt
+    /// ends as `lease_expired`, retried as usual), so none waits for its lease to expire. The
+    /// remaining free slots then get pending runs.
     AcquireLeases {
         /// The worker asking.
         worker_id: String,
@@ -45,6 +52,10 @@ pub enum Command {
         free_slots: u32,
         /// Lease duration in milliseconds.
         lease_ttl_ms: u64,
+        /// Every `(run_id, attempt)` lease the worker is running or still reporting. Empty in
+        /// log entries written before this field existed.
+        #[serde(default)]
+        held: Vec<(String, u32)>,
     },
     /// Renews the leases that `worker_id` still holds until `now_ms + lease_ttl_ms`.
     Heartbeat {
@@ -229,6 +240,13 @@ pub struct LeaseGrant {
     pub expires_at_ms: u64,
     /// W3C `traceparent` of the fleet's submission, or empty.
     pub trace_parent: String,
+    /// Leader time of the fleet's submission, in milliseconds since the Unix epoch. With
+    /// `run_id` it names the run beyond this cluster's lifetime (a fresh cluster reuses
+    /// `fl-1-0`); workers record both in their commits.
+    pub fleet_created_at_ms: u64,
+    /// Whether this grant repeats one the worker did not list as held (its first reply was
+    /// lost), rather than a new attempt.
+    pub redelivered: bool,
 }
 
 /// What applying a command returned.

@@ -19,6 +19,13 @@ pub const DEFAULT_RETRY_BACKOFF_INITIAL_MS: u64 = 1_000;
 pub const DEFAULT_RETRY_BACKOFF_MAX_MS: u64 = 60_000;
 /// Default branch template.
 pub const DEFAULT_BRANCH_TEMPLATE: &str = "flotilla/{fleet}";
+/// Default prefix every branch must start with ([`SpecLimits::branch_prefix`]).
+pub const DEFAULT_BRANCH_PREFIX: &str = "flotilla/";
+/// Longest branch name accepted, in bytes.
+pub const MAX_BRANCH_BYTES: usize = 255;
+/// The `{fleet_id}` used when a template is validated before the fleet has an id: the longest
+/// id there can be, so that length checks hold for every real one.
+const LONGEST_FLEET_ID: &str = "fl-18446744073709551615";
 
 /// A fleet: one agent command run against many repositories.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +135,11 @@ pub struct SpecLimits {
     pub max_parallelism: u32,
     /// Maximum `retry.max_attempts`.
     pub max_attempts: u32,
+    /// Every branch (the template rendered for each repository) must start with this prefix,
+    /// so a fleet can never push over `main` or another branch people work on. Default
+    /// [`DEFAULT_BRANCH_PREFIX`] (`flotilla/`); a valid prefix is checked with
+    /// [`validate_branch_prefix`].
+    pub branch_prefix: String,
 }
 
 impl Default for SpecLimits {
@@ -142,6 +154,7 @@ impl Default for SpecLimits {
             max_timeout_ms: 86_400_000,
             max_parallelism: 1024,
             max_attempts: 10,
+            branch_prefix: DEFAULT_BRANCH_PREFIX.to_string(),
         }
     }
 }
@@ -175,20 +188,68 @@ pub fn is_valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
-/// Whether `branch` is a branch name git accepts (the subset of `git check-ref-format --branch`
-/// rules that matter for generated names).
+/// Whether `branch` is a branch name `git check-ref-format --branch` accepts, at most
+/// [`MAX_BRANCH_BYTES`] long. Slightly stricter than git: `@` alone (git's shorthand for the
+/// current branch) is refused too. The rules: not empty, not `HEAD`, not starting with `-`; no
+/// component (between `/`) empty, starting with `.` or ending with `.lock`; not ending with
+/// `.`; no `..`, no `@{`; no control characters, space, `~ ^ : ? * [ \`.
 pub fn is_valid_branch(branch: &str) -> bool {
     !branch.is_empty()
-        && branch.len() <= 255
-        && !branch.starts_with(['/', '-', '.'])
-        && !branch.ends_with(['/', '.'])
-        && !branch.ends_with(".lock")
+        && branch.len() <= MAX_BRANCH_BYTES
+        && branch != "HEAD"
+        && branch != "@"
+        && !branch.starts_with('-')
+        && !branch.ends_with('.')
         && !branch.contains("..")
-        && !branch.contains("//")
         && !branch.contains("@{")
         && branch
             .bytes()
             .all(|b| b > 0x20 && b != 0x7f && !b"~^:?*[\\".contains(&b))
+        && branch.split('/').all(|component| {
+            !component.is_empty() && !component.starts_with('.') && !component.ends_with(".lock")
+        })
+}
+
+/// Checks a rendered branch name: a valid git branch ([`is_valid_branch`]), given as a name
+/// rather than a ref (`refs/...` is refused), and under `prefix`
+/// ([`SpecLimits::branch_prefix`]).
+///
+/// # Errors
+/// What is wrong, as a sentence for a [`FieldError`].
+pub fn validate_branch(branch: &str, prefix: &str) -> Result<(), String> {
+    if !is_valid_branch(branch) {
+        return Err(format!(
+            "{branch:?} is not a valid git branch name (git check-ref-format --branch)"
+        ));
+    }
+    if branch.starts_with("refs/") {
+        return Err(format!(
+            "{branch:?} is a ref; give the branch name without refs/heads/"
+        ));
+    }
+    if !branch.starts_with(prefix) {
+        return Err(format!(
+            "{branch:?} is not under the branch prefix {prefix:?} (limits.branch_prefix)"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a branch prefix ([`SpecLimits::branch_prefix`]): non-empty, ending with `/`, not
+/// `refs/...`, and such that `<prefix>x` is a valid branch.
+///
+/// # Errors
+/// What is wrong, as a sentence.
+pub fn validate_branch_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.is_empty() || !prefix.ends_with('/') || prefix.starts_with("refs/") {
+        return Err(format!(
+            "{prefix:?} must be non-empty, end with '/' and not start with refs/ (e.g. \"flotilla/\")"
+        ));
+    }
+    if !is_valid_branch(&format!("{prefix}x")) {
+        return Err(format!("{prefix:?} cannot start a valid git branch name"));
+    }
+    Ok(())
 }
 
 impl FleetSpec {
@@ -323,15 +384,22 @@ impl FleetSpec {
                 "must be 0 (the worker's default) or at least 8",
             ));
         }
-        let probe = render_branch(&self.branch_template, &self.name, "fl-1", "repository");
-        if !is_valid_branch(&probe) {
-            return Err(FieldError::new(
-                field("branch_template"),
-                format!(
-                    "{:?} does not give a valid git branch name",
-                    self.branch_template
-                ),
-            ));
+        for (index, url) in self.repositories.iter().enumerate() {
+            let branch = render_branch(
+                &self.branch_template,
+                &self.name,
+                LONGEST_FLEET_ID,
+                &repository_name(url),
+            );
+            validate_branch(&branch, &limits.branch_prefix).map_err(|message| {
+                FieldError::new(
+                    field("branch_template"),
+                    format!(
+                        "{:?} for repositories[{index}]: {message}",
+                        self.branch_template
+                    ),
+                )
+            })?;
         }
         if self.commit_message.trim().is_empty()
             || self.commit_message.len() > limits.max_task_bytes
@@ -507,8 +575,32 @@ pub(crate) mod tests {
             "spec.max_attempts: must be between 1 and 10",
         );
         check(
-            |s| s.branch_template = "a..b/{fleet}".into(),
-            "spec.branch_template: \"a..b/{fleet}\" does not give a valid git branch name",
+            |s| s.branch_template = "flotilla/a..b/{fleet}".into(),
+            "spec.branch_template: \"flotilla/a..b/{fleet}\" for repositories[0]: \"flotilla/a..b/rustfmt\" is not a valid git branch name (git check-ref-format --branch)",
+        );
+        check(
+            |s| s.branch_template = "main".into(),
+            "spec.branch_template: \"main\" for repositories[0]: \"main\" is not under the branch prefix \"flotilla/\" (limits.branch_prefix)",
+        );
+        check(
+            |s| s.branch_template = "refs/heads/flotilla/{fleet}".into(),
+            "spec.branch_template: \"refs/heads/flotilla/{fleet}\" for repositories[0]: \"refs/heads/flotilla/rustfmt\" is a ref; give the branch name without refs/heads/",
+        );
+        // Checked for every repository: only the second renders to an invalid name.
+        check(
+            |s| {
+                s.branch_template = "flotilla/{repository}".into();
+                s.repositories[1] = "file:///srv/b.lock".into();
+            },
+            "spec.branch_template: \"flotilla/{repository}\" for repositories[1]: \"flotilla/b.lock\" is not a valid git branch name (git check-ref-format --branch)",
+        );
+        // Length is checked with the longest fleet id there can be.
+        check(
+            |s| s.branch_template = format!("flotilla/{}-{{fleet_id}}", "x".repeat(230)),
+            &format!(
+                "spec.branch_template: \"flotilla/{0}-{{fleet_id}}\" for repositories[0]: \"flotilla/{0}-fl-18446744073709551615\" is not a valid git branch name (git check-ref-format --branch)",
+                "x".repeat(230)
+            ),
         );
         check(
             |s| {
@@ -523,6 +615,19 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_branch_prefix_is_a_limit() {
+        let mut s = spec(&["file:///srv/a"]);
+        s.branch_template = "bots/{fleet}".into();
+        let limits = SpecLimits {
+            branch_prefix: "bots/".into(),
+            ..SpecLimits::default()
+        };
+        assert_eq!(s.validate("spec", &limits), Ok(()));
+        let error = s.validate("spec", &SpecLimits::default()).unwrap_err();
+        assert_eq!(error.field, "spec.branch_template");
+    }
+
+    #[test]
     fn repository_names_and_branches() {
         assert_eq!(repository_name("file:///srv/repos/serde.git"), "serde");
         assert_eq!(
@@ -534,9 +639,25 @@ pub(crate) mod tests {
             render_branch("flotilla/{fleet}-{repository}", "fmt", "fl-1", "serde"),
             "flotilla/fmt-serde"
         );
-        assert!(is_valid_branch("flotilla/fmt"));
-        assert!(!is_valid_branch("flotilla/fmt.lock"));
-        assert!(!is_valid_branch("has space"));
+        // The same verdicts as `git check-ref-format --branch` (compared with git itself in
+        // the node crate: `branch_validation_agrees_with_git`).
+        for good in ["flotilla/fmt", "a@b", "a/-b", "x/HEAD", "é", "a.b", "a/@"] {
+            assert!(is_valid_branch(good), "{good}");
+        }
+        for bad in [
+            "", "HEAD", "@", "-a", "a/.b", ".a", "a.lock/b", "a/b.lock", "a b", "a..b", "a/", "/a",
+            "a//b", "a.", "a/.", "a@{x", "a\\b", "a~", "a^", "a:", "a?", "a*", "a[", "a\x7f",
+            "a\tb",
+        ] {
+            assert!(!is_valid_branch(bad), "{bad:?}");
+        }
+        assert!(!is_valid_branch(&format!("flotilla/{}", "x".repeat(250))));
+        assert_eq!(validate_branch("flotilla/x", "flotilla/"), Ok(()));
+        assert!(validate_branch("flotillax", "flotilla/").is_err());
+        assert_eq!(validate_branch_prefix("bots/flotilla/"), Ok(()));
+        for bad in ["", "flotilla", "refs/heads/", "/", ".x/", "a..b/"] {
+            assert!(validate_branch_prefix(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -373,7 +373,8 @@ impl State {
                 worker_id,
                 free_slots,
                 lease_ttl_ms,
-            } => self.acquire_leases(now_ms, worker_id, *free_slots, *lease_ttl_ms),
+                held,
+            } => self.acquire_leases(now_ms, worker_id, *free_slots, *lease_ttl_ms, held),
             Command::Heartbeat {
                 worker_id,
                 leases,
@@ -483,13 +484,106 @@ impl State {
         }
     }
 
+    /// `(fleet number, run index)` of every run leased to `worker_id` whose
+    /// `(run_id, attempt)` is not in `held`, in fleet and run order. Scans the runs of active
+    /// fleets that have running runs.
+    fn unlisted_leases(&self, worker_id: &str, held: &[(String, u32)]) -> Vec<(u64, u32)> {
+        let listed: BTreeSet<(&str, u32)> = held
+            .iter()
+            .map(|(run_id, attempt)| (run_id.as_str(), *attempt))
+            .collect();
+        let mut unlisted = Vec::new();
+        for number in &self.active_fleets {
+            let Some(fleet) = self.fleets.get(number) else {
+                continue;
+            };
+            if fleet.counts.running == 0 {
+                continue;
+            }
+            for run in &fleet.runs {
+                if run
+                    .lease
+                    .as_ref()
+                    .is_some_and(|lease| lease.worker_id == worker_id)
+                    && !listed.contains(&(run_id(fleet.number, run.index).as_str(), run.attempt()))
+                {
+                    unlisted.push((fleet.number, run.index));
+                }
+            }
+        }
+        unlisted
+    }
+
+    /// Whether the state holds a lease of `worker_id` that is not in `held` (the `(run_id,
+    /// attempt)` pairs the worker says it runs): its grant was lost on the way, and a lease
+    /// request should be proposed at once to deliver it again ([`Command::AcquireLeases`]).
+    pub fn has_unlisted_leases(&self, worker_id: &str, held: &[(String, u32)]) -> bool {
+        !self.unlisted_leases(worker_id, held).is_empty()
+    }
+
+    /// The `(run_id, attempt)` of every lease `worker_id` holds, in fleet and run order.
+    pub fn leases_of(&self, worker_id: &str) -> Vec<(String, u32)> {
+        self.unlisted_leases(worker_id, &[])
+            .into_iter()
+            .filter_map(|(number, index)| {
+                let run = self.fleets.get(&number)?.runs.get(index as usize)?;
+                Some((run_id(number, index), run.attempt()))
+            })
+            .collect()
+    }
+
     fn acquire_leases(
         &mut self,
         now_ms: u64,
         worker_id: &str,
         free_slots: u32,
         lease_ttl_ms: u64,
+        held: &[(String, u32)],
     ) -> Response {
+        let expires_at_ms = now_ms.saturating_add(lease_ttl_ms);
+        // Reconciliation: leases granted to this worker whose replies it never received.
+        let mut grants = Vec::new();
+        for (number, index) in self.unlisted_leases(worker_id, held) {
+            let Some(fleet) = self.fleets.get_mut(&number) else {
+                continue;
+            };
+            let attempt = fleet.runs[index as usize].attempt();
+            if (grants.len() as u32) < free_slots {
+                let run = &mut fleet.runs[index as usize];
+                if let Some(lease) = run.lease.as_mut() {
+                    lease.expires_at_ms = lease.expires_at_ms.max(expires_at_ms);
+                }
+                let expires = run
+                    .lease
+                    .as_ref()
+                    .map_or(expires_at_ms, |l| l.expires_at_ms);
+                grants.push(lease_grant(fleet, index, expires, true));
+                push_event(
+                    fleet,
+                    now_ms,
+                    Some(index),
+                    format!(
+                        "attempt {attempt} lease sent again to {worker_id}, which had not received it"
+                    ),
+                );
+            } else {
+                let result = AttemptResult::failure(
+                    Outcome::LeaseExpired,
+                    format!(
+                        "lease released: {worker_id} never received it and had no free slot for it"
+                    ),
+                    true,
+                );
+                finish_attempt(fleet, index, now_ms, result);
+                if fleet.state != FleetState::Running {
+                    self.active_fleets.remove(&number);
+                }
+            }
+        }
+        let free_slots = free_slots.saturating_sub(grants.len() as u32);
+        if free_slots == 0 {
+            return Response::Leased(grants);
+        }
         // Per active fleet: enough pending candidates to fill what it may take.
         let candidates: Vec<FleetCandidates> = self
             .active_fleets
@@ -528,14 +622,12 @@ impl State {
         if let Some(last) = placements.last() {
             self.placement_cursor = last.fleet_number;
         }
-        let expires_at_ms = now_ms.saturating_add(lease_ttl_ms);
-        let mut grants = Vec::with_capacity(placements.len());
+        grants.reserve(placements.len());
         for placed in placements {
             let Some(fleet) = self.fleets.get_mut(&placed.fleet_number) else {
                 continue;
             };
             let index = placed.run_index;
-            let id = fleet.id();
             let run = &mut fleet.runs[index as usize];
             debug_assert_eq!(run.state, RunState::Pending);
             let attempt = run.attempt() + 1;
@@ -550,16 +642,7 @@ impl State {
                 worker_id: worker_id.to_string(),
                 expires_at_ms,
             });
-            grants.push(LeaseGrant {
-                run_id: run_id(fleet.number, index),
-                fleet_id: id,
-                repository: run.repository.clone(),
-                attempt,
-                branch: run.branch.clone(),
-                spec: fleet.spec.clone(),
-                expires_at_ms,
-                trace_parent: fleet.trace_parent.clone(),
-            });
+            grants.push(lease_grant(fleet, index, expires_at_ms, false));
             set_run_state(fleet, index, RunState::Running);
             push_event(
                 fleet,
@@ -940,6 +1023,23 @@ fn detach(text: &mut String, key: ArtifactKey) -> Option<(u64, String, Effect)> 
         sha256_hex(&bytes),
         Effect::PutArtifact { key, bytes },
     ))
+}
+
+/// The grant of run `index`'s current attempt, expiring at `expires_at_ms`.
+fn lease_grant(fleet: &Fleet, index: u32, expires_at_ms: u64, redelivered: bool) -> LeaseGrant {
+    let run = &fleet.runs[index as usize];
+    LeaseGrant {
+        run_id: run_id(fleet.number, index),
+        fleet_id: fleet.id(),
+        repository: run.repository.clone(),
+        attempt: run.attempt(),
+        branch: run.branch.clone(),
+        spec: fleet.spec.clone(),
+        expires_at_ms,
+        trace_parent: fleet.trace_parent.clone(),
+        fleet_created_at_ms: fleet.created_at_ms,
+        redelivered,
+    }
 }
 
 /// Ends the current attempt of run `index` with `result` and moves the run on: terminal,

@@ -43,19 +43,48 @@ impl Harness {
         }
     }
 
-    /// Leases and returns `run_id@attempt` strings.
+    /// Leases as a worker that received every earlier reply (it lists every lease it holds)
+    /// and returns `run_id@attempt` strings.
     fn lease(&mut self, worker: &str, slots: u32) -> Vec<String> {
+        let held = self.state.leases_of(worker);
+        self.lease_listing(worker, slots, &held)
+            .into_iter()
+            .map(|(grant, redelivered)| {
+                assert!(
+                    !redelivered,
+                    "{grant} sent again to a worker that listed it"
+                );
+                grant
+            })
+            .collect()
+    }
+
+    /// Leases as a worker that lists `held` and returns `(run_id@attempt, redelivered)`.
+    fn lease_listing(
+        &mut self,
+        worker: &str,
+        slots: u32,
+        held: &[(String, u32)],
+    ) -> Vec<(String, bool)> {
         match self.apply(Command::AcquireLeases {
             worker_id: worker.into(),
             free_slots: slots,
             lease_ttl_ms: 10_000,
+            held: held.to_vec(),
         }) {
             Response::Leased(grants) => grants
                 .iter()
-                .map(|g| format!("{}@{}", g.run_id, g.attempt))
+                .map(|g| (format!("{}@{}", g.run_id, g.attempt), g.redelivered))
                 .collect(),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    fn lease_expiry_ms(&self, run_id: &str) -> u64 {
+        self.state
+            .run(run_id)
+            .and_then(|(_, run)| run.lease.as_ref().map(|l| l.expires_at_ms))
+            .expect("run is leased")
     }
 
     fn report(
@@ -476,6 +505,7 @@ fn the_clock_never_steps_back_and_replay_is_deterministic() {
                 worker_id: "w".into(),
                 free_slots: 1,
                 lease_ttl_ms: 100,
+                held: Vec::new(),
             },
         },
         // A new leader whose clock is behind.
@@ -634,5 +664,135 @@ fn patches_and_log_tails_leave_the_state_as_artifact_effects() {
     assert_eq!(
         effects,
         vec![Effect::DeleteFleetArtifacts { fleet_number: 1 }]
+    );
+}
+
+fn held(leases: &[(&str, u32)]) -> Vec<(String, u32)> {
+    leases
+        .iter()
+        .map(|(run_id, attempt)| (run_id.to_string(), *attempt))
+        .collect()
+}
+
+#[test]
+fn a_lost_lease_reply_is_sent_again_under_the_same_attempt() {
+    let mut h = Harness::new();
+    let mut s = spec(&["file:///a"]);
+    s.retry.max_attempts = 1;
+    h.apply(Command::SubmitFleet {
+        spec: s,
+        idempotency_key: String::new(),
+        trace_parent: String::new(),
+        max_events: 0,
+    });
+    // The grant is committed but its reply never reaches the worker.
+    assert_eq!(
+        h.lease_listing("w1", 2, &[]),
+        vec![("fl-1-0@1".to_string(), false)]
+    );
+    assert!(h.state.has_unlisted_leases("w1", &[]));
+    assert!(!h.state.has_unlisted_leases("w1", &held(&[("fl-1-0", 1)])));
+    assert!(!h.state.has_unlisted_leases("w2", &[]));
+    // The worker's next request does not list it: the same attempt comes back, renewed.
+    h.now_ms += 4_000;
+    assert_eq!(
+        h.lease_listing("w1", 2, &[]),
+        vec![("fl-1-0@1".to_string(), true)]
+    );
+    assert_eq!(h.lease_expiry_ms("fl-1-0"), h.now_ms + 10_000);
+    // Once listed, it is not sent again; nothing else is pending.
+    assert!(h.lease_listing("w1", 2, &held(&[("fl-1-0", 1)])).is_empty());
+    assert_eq!(
+        h.report("w1", "fl-1-0", 1, outcome(Outcome::Unchanged, false)),
+        Response::ResultAccepted
+    );
+    let (fleet, run) = h.state.run("fl-1-0").unwrap();
+    assert_eq!(run.state, RunState::Unchanged);
+    assert_eq!(
+        run.attempts.len(),
+        1,
+        "no attempt was lost: {:?}",
+        run.attempts
+    );
+    assert!(
+        fleet
+            .events
+            .iter()
+            .any(|e| e.message == "attempt 1 lease sent again to w1, which had not received it"),
+        "{:?}",
+        fleet.events
+    );
+}
+
+#[test]
+fn leases_sent_again_take_free_slots_first() {
+    let mut h = Harness::new();
+    h.submit(&["file:///a", "file:///b", "file:///c"], 8, "");
+    assert_eq!(h.lease_listing("w1", 2, &[]).len(), 2);
+    // Both replies were lost; the worker asks with its 2 free slots: only those come back.
+    assert_eq!(
+        h.lease_listing("w1", 2, &[]),
+        vec![
+            ("fl-1-0@1".to_string(), true),
+            ("fl-1-1@1".to_string(), true)
+        ]
+    );
+    // A worker listing one of them and asking for 2 slots gets the other back and one new run.
+    assert_eq!(
+        h.lease_listing("w1", 2, &held(&[("fl-1-0", 1)])),
+        vec![
+            ("fl-1-1@1".to_string(), true),
+            ("fl-1-2@1".to_string(), false)
+        ]
+    );
+    // Another worker's request never touches w1's leases.
+    assert!(h.lease_listing("w2", 4, &[]).is_empty());
+    assert_eq!(h.state.leases_of("w1").len(), 3);
+}
+
+#[test]
+fn unlisted_leases_beyond_the_free_slots_are_released_not_left_to_expire() {
+    let mut h = Harness::new();
+    h.submit(&["file:///a", "file:///b"], 8, "");
+    assert_eq!(h.lease_listing("w1", 2, &[]).len(), 2);
+    // The worker restarted with one slot: it gets one lease back, the other is released now
+    // (its attempt ends as lease_expired and is retried), not after the lease's TTL.
+    assert_eq!(
+        h.lease_listing("w1", 1, &[]),
+        vec![("fl-1-0@1".to_string(), true)]
+    );
+    assert_eq!(h.run_state("fl-1-1"), RunState::Pending);
+    let (_, run) = h.state.run("fl-1-1").unwrap();
+    let result = run.last_result().unwrap();
+    assert_eq!(result.outcome, Outcome::LeaseExpired);
+    assert!(
+        result
+            .error
+            .starts_with("lease released: w1 never received it"),
+        "{}",
+        result.error
+    );
+    // After its backoff the run is leased again as attempt 2.
+    h.now_ms += 1_000;
+    assert_eq!(h.lease("w1", 1), vec!["fl-1-1@2"]);
+}
+
+#[test]
+fn a_worker_holding_another_attempt_of_a_run_gets_the_current_one_again() {
+    let mut h = Harness::new();
+    h.submit(&["file:///a"], 1, "");
+    assert_eq!(h.lease("w1", 1), vec!["fl-1-0@1"]);
+    h.now_ms += 10_000;
+    h.apply(Command::ExpireLeases);
+    h.now_ms += 1_000;
+    // Attempt 2 goes to the same worker, but the reply is lost; the worker still lists
+    // attempt 1 (it has not heard that it lost it).
+    assert_eq!(
+        h.lease_listing("w1", 1, &held(&[("fl-1-0", 1)])),
+        vec![("fl-1-0@2".to_string(), false)]
+    );
+    assert_eq!(
+        h.lease_listing("w1", 1, &held(&[("fl-1-0", 1)])),
+        vec![("fl-1-0@2".to_string(), true)]
     );
 }

@@ -18,6 +18,26 @@
 //! Results carry the attempt number (the fencing token); a result the cluster rejects as stale
 //! is logged and dropped. Reports are retried with backoff for up to `report_retry_max_ms`,
 //! while the heartbeat keeps the lease alive.
+//!
+//! Held leases: a map of `(run_id, attempt)` → the lease's [`LeaseDeadline`] sender. The lease
+//! poller inserts a lease *before* handing it to the actor, and each lease request lists the
+//! whole map (`LeaseRunsRequest.held`); the cluster sends again any lease it granted that the
+//! worker does not list, so a lost reply costs neither an attempt nor a lease TTL. The poller is
+//! one sequential loop, so a grant lost with reply N comes back with reply N+1 and the worker
+//! never runs more than `slots` attempts; the actor ignores a `(run_id, attempt)` it already
+//! runs. An entry leaves the map when the run's result was reported (or given up on) or when a
+//! heartbeat says the lease is lost. A worker restarted under the same id gets its leases back
+//! under the same attempt numbers.
+//!
+//! Lease validity: each lease's deadline is the send instant of the request that granted it or
+//! of the last heartbeat that renewed it, plus `lease_ttl_ms` (see [`crate::lease`]). When it
+//! passes, the run actor stops the attempt and reports it as a retryable `infrastructure`
+//! failure, "lease could not be renewed": a worker that cannot prove it still holds a lease does
+//! not keep working (or pushing) on it.
+//!
+//! Fault injection: [`WorkerSettings::fault_drop_lease_replies`] makes the poller discard that
+//! many lease replies after they arrived, as if they were lost on the way (for tests of the
+//! reconciliation above); it is 0 in production.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -32,6 +52,7 @@ use tonic::transport::Channel;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::WorkerConfig;
+use crate::lease::{self, LeaseDeadline};
 
 /// How the worker talks to the cluster.
 #[derive(Clone, Debug)]
@@ -53,6 +74,11 @@ pub struct WorkerSettings {
     pub rpc_timeout_ms: u64,
     /// Largest gRPC message sent or received, in bytes.
     pub max_message_bytes: usize,
+    /// Fault-injection point, for tests only (0 in production): the lease poller discards this
+    /// many lease replies that carried leases, after they arrived, as if they had been lost on
+    /// the way. The cluster has committed those grants; lease reconciliation must deliver them
+    /// again under the same attempts.
+    pub fault_drop_lease_replies: u32,
 }
 
 impl Default for WorkerSettings {
@@ -66,6 +92,7 @@ impl Default for WorkerSettings {
             report_retry_max_ms: 300_000,
             rpc_timeout_ms: 10_000,
             max_message_bytes: 16 * 1024 * 1024,
+            fault_drop_lease_replies: 0,
         }
     }
 }
@@ -143,8 +170,34 @@ impl Cluster {
     }
 }
 
-/// Leases currently held, for heartbeats: run id → attempt.
-type HeldLeases = Arc<Mutex<BTreeMap<String, u32>>>;
+/// One held lease: the sender of its deadline and its time-to-live.
+struct HeldEntry {
+    deadline: watch::Sender<tokio::time::Instant>,
+    ttl: Duration,
+}
+
+/// Leases currently held (listed in lease requests and heartbeats): `(run_id, attempt)` →
+/// deadline.
+type HeldLeases = Arc<Mutex<BTreeMap<(String, u32), HeldEntry>>>;
+
+fn held_list(held: &HeldLeases) -> Vec<HeldLease> {
+    match held.lock() {
+        Ok(held) => held
+            .keys()
+            .map(|(run_id, attempt)| HeldLease {
+                run_id: run_id.clone(),
+                attempt: *attempt,
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn release_held(held: &HeldLeases, run_id: &str, attempt: u32) {
+    if let Ok(mut held) = held.lock() {
+        held.remove(&(run_id.to_owned(), attempt));
+    }
+}
 
 /// A running worker. Call [`WorkerHandle::stop`] to end it.
 pub struct WorkerHandle {
@@ -169,22 +222,31 @@ impl WorkerHandle {
 }
 
 /// Executes one leased attempt and returns its result; the cancellation receiver turns `true`
-/// (or its sender is dropped) when the run must stop. Production uses
-/// [`crate::execute::execute_attempt`]; tests substitute their own to exercise supervision.
+/// (or its sender is dropped) when the run must stop; the [`LeaseDeadline`] says how long the
+/// worker can prove it holds the lease (writes to the origin must check it; the runtime itself
+/// cancels the attempt when it passes). Production uses [`crate::execute::execute_attempt`];
+/// tests substitute their own to exercise supervision.
 pub type Executor = Arc<
-    dyn Fn(v1::Lease, watch::Receiver<bool>) -> futures::future::BoxFuture<'static, v1::RunResult>
+    dyn Fn(
+            v1::Lease,
+            watch::Receiver<bool>,
+            LeaseDeadline,
+        ) -> futures::future::BoxFuture<'static, v1::RunResult>
         + Send
         + Sync,
 >;
 
 /// The production executor: [`crate::execute::execute_attempt`] with `execution`'s settings.
 pub fn sandbox_executor(execution: WorkerConfig) -> Executor {
+    // Holds the mirror cache for the worker's lifetime, so that its index is built once.
+    let mirrors = crate::git::mirror_cache(&execution);
     let execution = Arc::new(execution);
-    Arc::new(move |lease, cancelled| {
+    Arc::new(move |lease, cancelled, deadline| {
         let execution = execution.clone();
-        Box::pin(
-            async move { crate::execute::execute_attempt(&execution, &lease, cancelled).await },
-        )
+        let _mirrors = mirrors.clone();
+        Box::pin(async move {
+            crate::execute::execute_attempt(&execution, &lease, cancelled, deadline).await
+        })
     })
 }
 
@@ -237,6 +299,7 @@ pub async fn start_with_executor(
             settings.clone(),
             cluster.clone(),
             slots,
+            held.clone(),
             actor.clone(),
             stop_receiver.clone(),
         )),
@@ -259,8 +322,8 @@ pub async fn start_with_executor(
 
 /// Messages of the supervising worker actor.
 pub enum WorkerMessage {
-    /// A new lease and the slot it occupies.
-    Leased(Box<v1::Lease>, OwnedSemaphorePermit),
+    /// A new lease, the slot it occupies and its deadline.
+    Leased(Box<v1::Lease>, OwnedSemaphorePermit, LeaseDeadline),
     /// A run actor finished its attempt.
     Finished {
         /// The run actor.
@@ -307,11 +370,7 @@ impl WorkerState {
         let held = self.arguments.held.clone();
         tokio::spawn(async move {
             report(&settings, &cluster, &entry.lease, result).await;
-            if let Ok(mut held) = held.lock()
-                && held.get(&entry.lease.run_id) == Some(&entry.lease.attempt)
-            {
-                held.remove(&entry.lease.run_id);
-            }
+            release_held(&held, &entry.lease.run_id, entry.lease.attempt);
         });
     }
 }
@@ -339,15 +398,19 @@ impl Actor for WorkerActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            WorkerMessage::Leased(lease, slot) => {
-                let (cancel, cancelled) = watch::channel(false);
-                if let Ok(mut held) = state.arguments.held.lock() {
-                    held.insert(lease.run_id.clone(), lease.attempt);
+            WorkerMessage::Leased(lease, slot, deadline) => {
+                if state.runs.values().any(|entry| {
+                    entry.lease.run_id == lease.run_id && entry.lease.attempt == lease.attempt
+                }) {
+                    warn!(run.id = %lease.run_id, attempt = lease.attempt, "lease already running; duplicate ignored");
+                    return Ok(());
                 }
+                let (cancel, cancelled) = watch::channel(false);
                 let arguments = RunArguments {
                     lease: (*lease).clone(),
                     executor: state.arguments.executor.clone(),
                     cancelled,
+                    deadline,
                     parent: myself.clone(),
                 };
                 match Actor::spawn_linked(None, RunActor, arguments, myself.get_cell()).await {
@@ -366,9 +429,11 @@ impl Actor for WorkerActor {
                             infrastructure(format!("could not start the run actor: {error}"));
                         let settings = state.arguments.settings.clone();
                         let cluster = state.arguments.cluster.clone();
-                        tokio::spawn(
-                            async move { report(&settings, &cluster, &lease, result).await },
-                        );
+                        let held = state.arguments.held.clone();
+                        tokio::spawn(async move {
+                            report(&settings, &cluster, &lease, result).await;
+                            release_held(&held, &lease.run_id, lease.attempt);
+                        });
                     }
                 }
             }
@@ -451,7 +516,25 @@ struct RunArguments {
     lease: v1::Lease,
     executor: Executor,
     cancelled: watch::Receiver<bool>,
+    deadline: LeaseDeadline,
     parent: ActorRef<WorkerMessage>,
+}
+
+/// The result of an attempt stopped because its lease deadline passed: a retryable
+/// infrastructure failure, keeping what the attempt produced.
+fn lease_not_renewed(mut result: v1::RunResult) -> v1::RunResult {
+    let detail = if result.error.is_empty() {
+        String::new()
+    } else {
+        format!(" (the attempt then ended with: {})", result.error)
+    };
+    result.error = format!(
+        "lease could not be renewed: no heartbeat renewed it within lease_ttl_ms, so the worker stopped the attempt{detail}"
+    );
+    result.outcome = "infrastructure".into();
+    result.exit_code = -1;
+    result.retryable = true;
+    result
 }
 
 /// Messages of a run actor.
@@ -473,19 +556,46 @@ impl Actor for RunActor {
         let RunArguments {
             lease,
             executor,
-            cancelled,
+            mut cancelled,
+            deadline,
             parent,
         } = arguments;
         let span = info_span!("run", fleet.id = %lease.fleet_id, run.id = %lease.run_id, attempt = lease.attempt, repository = %lease.repository);
         continue_trace(&span, &lease.trace_parent);
+        let (run_id, attempt) = (lease.run_id.clone(), lease.attempt);
         // Execution runs in its own task so the mailbox never blocks on it; a panic in it
-        // becomes an infrastructure failure.
+        // becomes an infrastructure failure. The watchdog stops it when the lease deadline
+        // passes.
         tokio::spawn(async move {
-            let execution_task = tokio::spawn(executor(lease, cancelled).instrument(span));
-            let result = match execution_task.await {
+            let (stop, stopped) = watch::channel(false);
+            let mut watchdog = deadline.clone();
+            let mut execution_task =
+                tokio::spawn(executor(lease, stopped, deadline).instrument(span));
+            let mut lease_lost = false;
+            let joined = tokio::select! {
+                joined = &mut execution_task => joined,
+                () = async {
+                    // Cancelled, or the owner of the sender is gone (wait_for errs).
+                    let _ = cancelled.wait_for(|cancelled| *cancelled).await;
+                } => {
+                    let _ = stop.send(true);
+                    execution_task.await
+                }
+                () = watchdog.passed() => {
+                    warn!(run.id = %run_id, attempt, "lease could not be renewed in time; stopping the attempt");
+                    lease_lost = true;
+                    let _ = stop.send(true);
+                    execution_task.await
+                }
+            };
+            let mut result = match joined {
                 Ok(result) => result,
                 Err(error) => infrastructure(format!("the attempt's execution panicked: {error}")),
             };
+            if lease_lost {
+                result = lease_not_renewed(result);
+            }
+            drop(stop);
             let _ = myself.send_message(RunMessage::Done(Box::new(result)));
         });
         Ok(parent)
@@ -521,15 +631,20 @@ fn continue_trace(span: &tracing::Span, trace_parent: &str) {
     let _ = span.set_parent(parent);
 }
 
+/// Start of the error reported in place of a result the cluster refused as invalid.
+const REFUSED_RESULT: &str = "the cluster refused the attempt's result as invalid";
+
 /// Sends one result, retrying transient failures with backoff for up to `report_retry_max_ms`.
+/// A result refused as invalid (`INVALID_ARGUMENT`, e.g. a log tail above the cluster's limit)
+/// is replaced by a final `infrastructure` failure naming the refusal, so the run moves on.
 async fn report(
     settings: &WorkerSettings,
     cluster: &Cluster,
     lease: &v1::Lease,
     result: v1::RunResult,
 ) {
-    let outcome = result.outcome.clone();
-    let request = v1::ReportResultRequest {
+    let mut outcome = result.outcome.clone();
+    let mut request = v1::ReportResultRequest {
         worker_id: settings.worker_id.clone(),
         run_id: lease.run_id.clone(),
         attempt: lease.attempt,
@@ -552,8 +667,28 @@ async fn report(
                 return;
             }
             Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
-                warn!(run.id = %lease.run_id, %status, "result refused as invalid; not retried");
-                return;
+                if outcome == "infrastructure"
+                    && request
+                        .result
+                        .as_ref()
+                        .is_some_and(|r| r.error.starts_with(REFUSED_RESULT))
+                {
+                    warn!(run.id = %lease.run_id, %status, "result refused as invalid; not retried");
+                    return;
+                }
+                // The same result would be refused again (and the lease, still held by the
+                // cluster, sent again): report a minimal final failure instead.
+                warn!(run.id = %lease.run_id, %status, "result refused as invalid; reporting that instead");
+                let error = format!("{REFUSED_RESULT}: {}", status.message());
+                outcome = "infrastructure".into();
+                request.result = Some(v1::RunResult {
+                    outcome: outcome.clone(),
+                    exit_code: -1,
+                    error,
+                    retryable: false,
+                    ..Default::default()
+                });
+                continue;
             }
             Ok(Err(status)) => {
                 warn!(run.id = %lease.run_id, %status, "reporting the result failed; retrying")
@@ -570,15 +705,18 @@ async fn report(
     }
 }
 
-/// Asks for as many runs as there are free slots, one long poll at a time.
+/// Asks for as many runs as there are free slots, one long poll at a time, listing the leases
+/// held; records each granted lease in `held` before handing it to the actor.
 async fn lease_poller(
     settings: WorkerSettings,
     cluster: Cluster,
     slots: Arc<Semaphore>,
+    held: HeldLeases,
     actor: ActorRef<WorkerMessage>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(100);
+    let mut faults_left = settings.fault_drop_lease_replies;
     loop {
         let first = tokio::select! {
             permit = slots.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
@@ -592,9 +730,13 @@ async fn lease_poller(
             worker_id: settings.worker_id.clone(),
             free_slots: permits.len() as u32,
             wait_ms: settings.lease_wait_ms,
+            held: held_list(&held),
         };
         let mut client = cluster.client();
         let timeout = Duration::from_millis(settings.lease_wait_ms + settings.rpc_timeout_ms);
+        // The cluster stamps the grant after this instant: the lease is valid until at least
+        // sent_at + lease_ttl_ms.
+        let sent_at = tokio::time::Instant::now();
         let response = tokio::select! {
             response = tokio::time::timeout(timeout, client.lease_runs(request)) => response,
             _ = stop.changed() => return,
@@ -602,14 +744,53 @@ async fn lease_poller(
         match response {
             Ok(Ok(response)) => {
                 backoff = Duration::from_millis(100);
-                for lease in response.into_inner().leases {
+                let leases = response.into_inner().leases;
+                if !leases.is_empty() && faults_left > 0 {
+                    faults_left -= 1;
+                    warn!(
+                        count = leases.len(),
+                        "fault injection: discarding a lease reply (fault_drop_lease_replies)"
+                    );
+                    continue;
+                }
+                for lease in leases {
+                    let ttl = Duration::from_millis(lease.lease_ttl_ms);
+                    let key = (lease.run_id.clone(), lease.attempt);
+                    let deadline = match held.lock() {
+                        Ok(mut held) => match held.get(&key) {
+                            Some(entry) => {
+                                // Already running here: only renew it.
+                                lease::extend(&entry.deadline, sent_at + ttl);
+                                warn!(run.id = %lease.run_id, attempt = lease.attempt, "lease sent again for a run already held; renewed");
+                                None
+                            }
+                            None => {
+                                if permits.is_empty() {
+                                    warn!(run.id = %lease.run_id, "the cluster leased more runs than slots asked for");
+                                    break;
+                                }
+                                let (sender, deadline) = LeaseDeadline::channel(sent_at + ttl);
+                                held.insert(
+                                    key,
+                                    HeldEntry {
+                                        deadline: sender,
+                                        ttl,
+                                    },
+                                );
+                                Some(deadline)
+                            }
+                        },
+                        Err(_) => return,
+                    };
+                    let Some(deadline) = deadline else {
+                        continue;
+                    };
                     let Some(permit) = permits.pop() else {
-                        warn!(run.id = %lease.run_id, "the cluster leased more runs than slots asked for");
                         break;
                     };
                     info!(run.id = %lease.run_id, attempt = lease.attempt, repository = %lease.repository, "leased");
                     if actor
-                        .send_message(WorkerMessage::Leased(Box::new(lease), permit))
+                        .send_message(WorkerMessage::Leased(Box::new(lease), permit, deadline))
                         .is_err()
                     {
                         return;
@@ -631,7 +812,8 @@ async fn lease_poller(
     }
 }
 
-/// Renews held leases every `heartbeat_interval_ms`; tells the actor which ones were lost.
+/// Renews held leases every `heartbeat_interval_ms` (moving their deadlines to the heartbeat's
+/// send instant + TTL); tells the actor which ones were lost.
 async fn heartbeat_ticker(
     settings: WorkerSettings,
     cluster: Cluster,
@@ -646,24 +828,16 @@ async fn heartbeat_ticker(
             _ = ticker.tick() => {}
             _ = stop.changed() => return,
         }
-        let leases: Vec<HeldLease> = match held.lock() {
-            Ok(held) => held
-                .iter()
-                .map(|(run_id, attempt)| HeldLease {
-                    run_id: run_id.clone(),
-                    attempt: *attempt,
-                })
-                .collect(),
-            Err(_) => return,
-        };
+        let leases = held_list(&held);
         if leases.is_empty() {
             continue;
         }
         let mut client = cluster.client();
         let request = v1::HeartbeatRequest {
             worker_id: settings.worker_id.clone(),
-            leases,
+            leases: leases.clone(),
         };
+        let sent_at = tokio::time::Instant::now();
         match tokio::time::timeout(
             Duration::from_millis(settings.rpc_timeout_ms),
             client.heartbeat(request),
@@ -671,15 +845,24 @@ async fn heartbeat_ticker(
         .await
         {
             Ok(Ok(response)) => {
-                let lost = response.into_inner().lost;
-                if !lost.is_empty() {
-                    if let Ok(mut held) = held.lock() {
-                        for lease in &lost {
-                            if held.get(&lease.run_id) == Some(&lease.attempt) {
-                                held.remove(&lease.run_id);
-                            }
+                let response = response.into_inner();
+                let lost = response.lost;
+                if let Ok(mut held) = held.lock() {
+                    for lease in &lost {
+                        held.remove(&(lease.run_id.clone(), lease.attempt));
+                    }
+                    for lease in &leases {
+                        if let Some(entry) = held.get(&(lease.run_id.clone(), lease.attempt)) {
+                            let ttl = if response.lease_ttl_ms > 0 {
+                                Duration::from_millis(response.lease_ttl_ms)
+                            } else {
+                                entry.ttl
+                            };
+                            lease::extend(&entry.deadline, sent_at + ttl);
                         }
                     }
+                }
+                if !lost.is_empty() {
                     let _ = actor.send_message(WorkerMessage::Lost(lost));
                 }
             }

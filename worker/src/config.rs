@@ -142,6 +142,21 @@ pub struct WorkerConfig {
     pub output_drain_timeout_ms: u64,
     /// Keep each attempt's clone after the attempt (for debugging). Default false: deleted.
     pub keep_attempt_directories: bool,
+    /// A push or branch deletion starts only while the attempt's lease, as the worker sees it
+    /// (see [`crate::lease::LeaseDeadline`]), is valid for at least this long; otherwise the
+    /// attempt ends as a retryable `infrastructure` failure without pushing. Should be below the
+    /// cluster's lease TTL minus the heartbeat interval. Default 0: a third of the lease's TTL
+    /// (`Lease.lease_ttl_ms`, so 10 seconds for the default 30 s).
+    pub push_lease_margin_ms: u64,
+    /// The worker pushes only branches that start with this prefix (the cluster checks it at
+    /// submission too; this is defence in depth). Default `flotilla/`.
+    pub branch_prefix: String,
+    /// Most mirrors kept under `mirrors/`; beyond it the least recently used mirror that no
+    /// attempt is using is deleted. Default 1000.
+    pub mirror_cache_max_mirrors: usize,
+    /// Most bytes kept under `mirrors/` (same eviction; a mirror in use is never deleted, so the
+    /// cache can exceed this while one larger mirror is being used). Default 20 GiB.
+    pub mirror_cache_max_bytes: u64,
 }
 
 impl Default for WorkerConfig {
@@ -168,6 +183,10 @@ impl Default for WorkerConfig {
             process_exit_wait_ms: 5_000,
             output_drain_timeout_ms: 2_000,
             keep_attempt_directories: false,
+            push_lease_margin_ms: 0,
+            branch_prefix: "flotilla/".to_owned(),
+            mirror_cache_max_mirrors: 1_000,
+            mirror_cache_max_bytes: 20 * 1024 * MEBIBYTE,
         }
     }
 }

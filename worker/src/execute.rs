@@ -21,6 +21,15 @@
 //! `retryable` is set for transient infrastructure failures (git and sandbox start problems), not
 //! for invalid leases. `exit_code` is the failing command's exit code, 0 for success, -1 when
 //! there is none.
+//!
+//! Publishing is fenced ([`crate::publish`]): the commit carries the run and attempt as
+//! trailers, a push is a compare-and-swap that only moves the branch to the same or a higher
+//! attempt of the run, and it starts only while the lease ([`LeaseDeadline`]) is valid for at
+//! least [`WorkerConfig::push_lease_margin_ms`]. An attempt that pushes nothing (`unchanged`,
+//! `agent_failed`, `verify_failed`, `timed_out`) with `push` set deletes a commit an earlier
+//! execution of the run left on the branch, so the branch and the recorded result agree; when
+//! that cannot be checked the attempt is a retryable `infrastructure` failure instead. A branch
+//! outside [`WorkerConfig::branch_prefix`] is refused before anything runs.
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -34,6 +43,8 @@ use tracing::Instrument;
 use crate::attempt_log::AttemptLog;
 use crate::config::WorkerConfig;
 use crate::git::{self, CommitSummary, Git, GitError};
+use crate::lease::LeaseDeadline;
+use crate::publish::{self, AttemptIdentity, PublishError, PublishTarget, Withdrawal};
 use crate::sandbox::{SandboxCommand, SandboxDriver, SandboxError, SandboxOutcome, run_sandboxed};
 
 /// Outcome: files changed, verification passed, committed (and pushed when the fleet asks).
@@ -186,13 +197,18 @@ fn sandbox_failure(log: &mut AttemptLog, label: &str, error: &SandboxError) -> R
 /// Cancellation: when `cancel` becomes `true` — or its sender is dropped (whoever owned the run
 /// is gone) — the running git command or sandbox is killed and the result is `cancelled`. A
 /// receiver that is already `true` cancels at once.
+///
+/// `lease_deadline` is how long the worker can prove it holds the lease: writes to the origin
+/// start only while it is at least [`WorkerConfig::push_lease_margin_ms`] away. (Stopping the
+/// attempt when it passes is the caller's job: the worker runtime cancels it.)
 pub async fn execute_attempt(
     config: &WorkerConfig,
     lease: &Lease,
     mut cancel: watch::Receiver<bool>,
+    lease_deadline: LeaseDeadline,
 ) -> RunResult {
     let token = CancellationToken::new();
-    let pipeline = execute_attempt_with_token(config, lease, token.clone());
+    let pipeline = execute_attempt_with_token(config, lease, token.clone(), lease_deadline);
     tokio::pin!(pipeline);
     tokio::select! {
         result = &mut pipeline => result,
@@ -212,6 +228,7 @@ pub async fn execute_attempt_with_token(
     config: &WorkerConfig,
     lease: &Lease,
     cancel: CancellationToken,
+    lease_deadline: LeaseDeadline,
 ) -> RunResult {
     let log_path = attempt_log_path(config, &lease.run_id, lease.attempt);
     let mut log = match AttemptLog::create(&log_path, config.log_max_bytes, config.log_tail_bytes) {
@@ -222,8 +239,15 @@ pub async fn execute_attempt_with_token(
         }
     };
     let directory = attempt_directory(config, &lease.run_id, lease.attempt);
-    let pipeline =
-        AssertUnwindSafe(run_pipeline(config, lease, &cancel, &directory, &mut log)).catch_unwind();
+    let pipeline = AssertUnwindSafe(run_pipeline(
+        config,
+        lease,
+        &cancel,
+        &lease_deadline,
+        &directory,
+        &mut log,
+    ))
+    .catch_unwind();
     let mut result = match pipeline.await {
         Ok(result) => result,
         Err(panic) => {
@@ -312,10 +336,37 @@ fn command_environment(lease: &Lease, spec: &FleetSpec, task: &str) -> Vec<(Stri
     environment
 }
 
+fn publish_failure(log: &mut AttemptLog, phase: &str, error: &PublishError) -> RunResult {
+    if error.is_cancelled() {
+        return cancelled(log);
+    }
+    infrastructure(log, format!("{phase}: {error}"), error.is_retryable())
+}
+
+/// The push margin for `lease`: [`WorkerConfig::push_lease_margin_ms`], or a third of the
+/// lease's TTL when that is 0.
+pub fn push_lease_margin_ms(config: &WorkerConfig, lease: &Lease) -> u64 {
+    if config.push_lease_margin_ms == 0 {
+        lease.lease_ttl_ms / 3
+    } else {
+        config.push_lease_margin_ms
+    }
+}
+
+/// Whether an outcome is final and leaves nothing on the branch, so that a commit an earlier
+/// execution of the run pushed must be withdrawn.
+fn withdraws_branch(outcome: &str) -> bool {
+    matches!(
+        outcome,
+        OUTCOME_UNCHANGED | OUTCOME_AGENT_FAILED | OUTCOME_VERIFY_FAILED | OUTCOME_TIMED_OUT
+    )
+}
+
 async fn run_pipeline(
     config: &WorkerConfig,
     lease: &Lease,
     cancel: &CancellationToken,
+    lease_deadline: &LeaseDeadline,
     directory: &Path,
     log: &mut AttemptLog,
 ) -> RunResult {
@@ -335,6 +386,16 @@ async fn run_pipeline(
     }
     if lease.branch.trim().is_empty() {
         return infrastructure(log, "the lease has no branch".to_owned(), false);
+    }
+    if !lease.branch.starts_with(&config.branch_prefix) || config.branch_prefix.is_empty() {
+        return infrastructure(
+            log,
+            format!(
+                "branch {:?} is outside the worker's branch prefix {:?} (branch_prefix); refused",
+                lease.branch, config.branch_prefix
+            ),
+            false,
+        );
     }
     let settings = match SandboxSettings::new(config, &spec.sandbox.clone().unwrap_or_default()) {
         Ok(settings) => settings,
@@ -372,7 +433,7 @@ async fn run_pipeline(
     let repository_directory = directory.join("repo");
     let prepared = git::prepare_repository(
         &git,
-        &config.mirrors_directory(),
+        &git::mirror_cache(config),
         &lease.repository,
         &repository_directory,
         &lease.branch,
@@ -393,6 +454,85 @@ async fn run_pipeline(
             .unwrap_or("(empty repository)")
     ));
 
+    let identity = AttemptIdentity {
+        run_id: lease.run_id.clone(),
+        fleet_created_at_ms: lease.fleet_created_at_ms,
+        attempt: lease.attempt,
+    };
+    let target = PublishTarget {
+        directory: &prepared.directory,
+        url: &lease.repository,
+        branch: &prepared.branch,
+        prefix: &config.branch_prefix,
+        identity: &identity,
+        lease: lease_deadline,
+        margin: std::time::Duration::from_millis(push_lease_margin_ms(config, lease)),
+    };
+    let result = run_prepared(
+        config, lease, spec, agent, &settings, &git, &prepared, &target, cancel, directory, log,
+    )
+    .await;
+    if !(spec.push && withdraws_branch(&result.outcome)) {
+        return result;
+    }
+    // Nothing pushed: withdraw what an earlier execution of this run left on the branch.
+    let withdrawn = publish::withdraw_fenced(&git, &target, cancel)
+        .instrument(phase_span!("publish"))
+        .await;
+    match withdrawn {
+        Ok(Withdrawal::Nothing) => result,
+        Ok(Withdrawal::Deleted { commit, attempt }) => {
+            log.note(&format!(
+                "publish: deleted branch {} at {commit}, pushed by attempt {attempt} of this run, so that it matches this outcome",
+                prepared.branch
+            ));
+            result
+        }
+        Ok(Withdrawal::Superseded { attempt }) => {
+            log.note(&format!(
+                "publish: branch {} holds attempt {attempt} of this run; this attempt is stale",
+                prepared.branch
+            ));
+            result
+        }
+        Err(error) => {
+            let mut failure = publish_failure(
+                log,
+                &format!(
+                    "withdrawing an earlier attempt's branch after {}",
+                    result.outcome
+                ),
+                &error,
+            );
+            failure.commit = result.commit;
+            failure.diffstat = result.diffstat;
+            failure.patch = result.patch;
+            failure.patch_truncated = result.patch_truncated;
+            failure
+        }
+    }
+}
+
+/// Agent, commit, verification and push of a prepared attempt.
+#[allow(clippy::too_many_arguments)]
+async fn run_prepared(
+    config: &WorkerConfig,
+    lease: &Lease,
+    spec: &FleetSpec,
+    agent: &flotilla_proto::v1::AgentSpec,
+    settings: &SandboxSettings,
+    git: &Git,
+    prepared: &git::PreparedRepository,
+    target: &PublishTarget<'_>,
+    cancel: &CancellationToken,
+    directory: &Path,
+    log: &mut AttemptLog,
+) -> RunResult {
+    macro_rules! phase_span {
+        ($name:literal) => {
+            tracing::info_span!($name, run.id = %lease.run_id, fleet.id = %lease.fleet_id, attempt = lease.attempt)
+        };
+    }
     // Agent.
     if cancel.is_cancelled() {
         return cancelled(log);
@@ -437,9 +577,16 @@ async fn run_pipeline(
     } else {
         spec.commit_message.clone()
     };
-    let summary = git::commit_changes(&git, config, &prepared.directory, &message, cancel)
-        .instrument(phase_span!("commit"))
-        .await;
+    let summary = git::commit_changes(
+        git,
+        config,
+        &prepared.directory,
+        &message,
+        &target.identity.trailers(),
+        cancel,
+    )
+    .instrument(phase_span!("commit"))
+    .await;
     let summary = match summary {
         Ok(summary) => summary,
         Err(error) => return git_failure(log, "commit", &error),
@@ -491,17 +638,11 @@ async fn run_pipeline(
         if cancel.is_cancelled() {
             return with_summary(cancelled(log), Some(&summary));
         }
-        let pushed = git::push_branch(
-            &git,
-            &prepared.directory,
-            &lease.repository,
-            &prepared.branch,
-            cancel,
-        )
-        .instrument(phase_span!("publish"))
-        .await;
+        let pushed = publish::push_fenced(git, target, cancel)
+            .instrument(phase_span!("publish"))
+            .await;
         if let Err(error) = pushed {
-            return with_summary(git_failure(log, "push", &error), Some(&summary));
+            return with_summary(publish_failure(log, "push", &error), Some(&summary));
         }
         log.note(&format!(
             "publish: pushed {} to {}",
@@ -542,7 +683,10 @@ mod tests {
             ..Lease::default()
         };
         let (_keep, cancel) = watch::channel(false);
-        let result = execute_attempt(&config, &lease, cancel).await;
+        let deadline = LeaseDeadline::fixed(
+            tokio::time::Instant::now() + std::time::Duration::from_secs(3600),
+        );
+        let result = execute_attempt(&config, &lease, cancel, deadline).await;
         assert_eq!(result.outcome, OUTCOME_INFRASTRUCTURE);
         assert!(!result.retryable);
         assert!(result.error.contains("no fleet spec"), "{}", result.error);

@@ -9,22 +9,26 @@
 //!
 //! Layout: `<work_directory>/mirrors/<name>-<hash>.git` (see [`mirror_path`]), created with
 //! `git clone --mirror` and refreshed with `git fetch --prune`, under a per-mirror async mutex
-//! so concurrent runs of one repository never race on it. Each attempt clones the mirror
-//! locally (hard-linked objects, no alternates, so the clone is self-contained and git works
-//! inside the sandbox) and points `origin` at the real URL.
+//! so concurrent runs of one repository never race on it. The mirrors form a bounded cache
+//! ([`crate::mirror_cache`]: least recently used mirrors not in use are deleted past
+//! [`WorkerConfig::mirror_cache_max_mirrors`] or [`WorkerConfig::mirror_cache_max_bytes`]).
+//! Each attempt clones the mirror locally (hard-linked objects, no alternates, so the clone is
+//! self-contained and git works inside the sandbox) and points `origin` at the real URL.
 
-use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_proto::v1::FileStat;
+use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::WorkerConfig;
+use crate::mirror_cache::{MirrorCache, MirrorUse};
 
 /// Configuration options passed with `-c` to every host git command.
 pub const HARDENED_GIT_OPTIONS: &[&str] = &[
@@ -328,7 +332,10 @@ impl Git {
         Ok(output)
     }
 
-    async fn run_text<I, S>(
+    /// [`Git::run`], returning standard output as trimmed text.
+    ///
+    /// Errors: as [`Git::run`].
+    pub async fn run_text<I, S>(
         &self,
         directory: &Path,
         arguments: I,
@@ -343,14 +350,14 @@ impl Git {
     }
 }
 
-/// 64-bit FNV-1a: a stable hash for mirror names (not for security).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in bytes {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+/// SHA-256 of `bytes` as 64 lowercase hex digits.
+fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    let mut hex = String::with_capacity(64);
+    for byte in digest {
+        let _ = write!(hex, "{byte:02x}");
     }
-    hash
+    hex
 }
 
 /// The last path segment of a repository URL without `.git`, e.g. `widgets` for
@@ -362,8 +369,9 @@ pub fn repository_name(url: &str) -> String {
 }
 
 /// The mirror directory for `url` under `mirrors_directory`:
-/// `<repository name, sanitized to [A-Za-z0-9._-], at most 64 characters>-<16 hex digits of the
-/// URL's FNV-1a hash>.git`. Distinct URLs get distinct directories.
+/// `<repository name, sanitized to [A-Za-z0-9._-], at most 64 characters>-<SHA-256 of the URL,
+/// 64 hex digits>.git`. Distinct URLs get distinct directories: the hash is
+/// collision-resistant, so no URL can be crafted to share another repository's mirror.
 pub fn mirror_path(mirrors_directory: &Path, url: &str) -> PathBuf {
     let name: String = repository_name(url)
         .chars()
@@ -378,18 +386,17 @@ pub fn mirror_path(mirrors_directory: &Path, url: &str) -> PathBuf {
         .collect();
     let name = name.trim_start_matches('.');
     let name = if name.is_empty() { "repository" } else { name };
-    mirrors_directory.join(format!("{name}-{:016x}.git", fnv1a(url.as_bytes())))
+    mirrors_directory.join(format!("{name}-{}.git", sha256_hex(url.as_bytes())))
 }
 
-/// The async mutex guarding the mirror at `path` in this process.
-fn mirror_lock(path: &Path) -> Arc<tokio::sync::Mutex<()>> {
-    static LOCKS: OnceLock<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>> = OnceLock::new();
-    let locks = LOCKS.get_or_init(|| Mutex::new(HashMap::new()));
-    let mut locks = match locks.lock() {
-        Ok(locks) => locks,
-        Err(poisoned) => poisoned.into_inner(),
-    };
-    Arc::clone(locks.entry(path.to_path_buf()).or_default())
+/// The shared mirror cache of `config`'s mirrors directory, with its limits
+/// ([`MirrorCache::shared`]).
+pub fn mirror_cache(config: &WorkerConfig) -> Arc<MirrorCache> {
+    MirrorCache::shared(
+        &config.mirrors_directory(),
+        config.mirror_cache_max_mirrors,
+        config.mirror_cache_max_bytes,
+    )
 }
 
 /// How the mirror was brought up to date.
@@ -435,31 +442,38 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> GitError + '_ {
     }
 }
 
-/// Brings the mirror of `url` up to date (clone on first use, fetch afterwards) and returns its
-/// path. Holds the mirror's lock while doing so. A fresh clone goes to a temporary directory and
-/// is renamed into place, so an interrupted clone never leaves a broken mirror.
+/// Brings the mirror of `url` in `cache` up to date (clone on first use, fetch afterwards) and
+/// returns its path. Holds the mirror's lock while doing so, then evicts other mirrors past the
+/// cache's limits. A fresh clone goes to a temporary directory and is renamed into place, so an
+/// interrupted clone never leaves a broken mirror.
 ///
 /// Errors: [`GitError`] from git or the file system.
 pub async fn update_mirror(
     git: &Git,
-    mirrors_directory: &Path,
+    cache: &Arc<MirrorCache>,
     url: &str,
     cancel: &CancellationToken,
 ) -> Result<(PathBuf, MirrorStatus), GitError> {
-    let path = mirror_path(mirrors_directory, url);
-    let lock = mirror_lock(&path);
-    let _guard = lock.lock().await;
-    let status = update_mirror_locked(git, mirrors_directory, &path, url, cancel).await?;
-    Ok((path, status))
+    let path = mirror_path(cache.directory(), url);
+    let mirror = cache.acquire(&path).await;
+    let guard = mirror.lock().await;
+    let status = update_mirror_locked(git, cache, &mirror, url, cancel).await;
+    drop(guard);
+    // Still using it: never evicts the mirror just updated.
+    cache.evict().await;
+    drop(mirror);
+    Ok((path, status?))
 }
 
 async fn update_mirror_locked(
     git: &Git,
-    mirrors_directory: &Path,
-    path: &Path,
+    cache: &MirrorCache,
+    mirror: &MirrorUse,
     url: &str,
     cancel: &CancellationToken,
 ) -> Result<MirrorStatus, GitError> {
+    let mirrors_directory = cache.directory();
+    let path = mirror.path();
     tokio::fs::create_dir_all(mirrors_directory)
         .await
         .map_err(io_error(mirrors_directory))?;
@@ -493,10 +507,12 @@ async fn update_mirror_locked(
         )
         .await?;
         update_mirror_head(git, mirrors_directory, path, cancel).await;
+        cache.record_present(mirror).await;
         return Ok(MirrorStatus::Fetched);
     }
     if path.exists() {
         tracing::warn!(mirror = %path.display(), "mirror is broken; cloning it again");
+        cache.record_absent(mirror);
         tokio::fs::remove_dir_all(path)
             .await
             .map_err(io_error(path))?;
@@ -528,6 +544,7 @@ async fn update_mirror_locked(
     tokio::fs::rename(&temporary, path)
         .await
         .map_err(io_error(path))?;
+    cache.record_present(mirror).await;
     Ok(MirrorStatus::Cloned)
 }
 
@@ -667,7 +684,7 @@ pub async fn validate_branch(
 /// ([`validate_repository_url`]) or branch.
 pub async fn prepare_repository(
     git: &Git,
-    mirrors_directory: &Path,
+    cache: &Arc<MirrorCache>,
     url: &str,
     destination: &Path,
     branch: &str,
@@ -680,24 +697,32 @@ pub async fn prepare_repository(
         .map_err(io_error(parent))?;
     validate_branch(git, parent, branch, cancel).await?;
 
-    let path = mirror_path(mirrors_directory, url);
-    let lock = mirror_lock(&path);
-    let guard = lock.lock().await;
-    let mirror_status = update_mirror_locked(git, mirrors_directory, &path, url, cancel).await?;
-    git.run(
-        parent,
-        [
-            OsStr::new("clone"),
-            OsStr::new("--quiet"),
-            OsStr::new("--template="),
-            OsStr::new("--"),
-            path.as_os_str(),
-            destination.as_os_str(),
-        ],
-        cancel,
-    )
-    .await?;
+    let path = mirror_path(cache.directory(), url);
+    let mirror = cache.acquire(&path).await;
+    let guard = mirror.lock().await;
+    let cloned = async {
+        let mirror_status = update_mirror_locked(git, cache, &mirror, url, cancel).await?;
+        git.run(
+            parent,
+            [
+                OsStr::new("clone"),
+                OsStr::new("--quiet"),
+                OsStr::new("--template="),
+                OsStr::new("--"),
+                path.as_os_str(),
+                destination.as_os_str(),
+            ],
+            cancel,
+        )
+        .await?;
+        Ok::<_, GitError>(mirror_status)
+    }
+    .await;
     drop(guard);
+    // Still using it: never evicts the mirror just cloned from.
+    cache.evict().await;
+    drop(mirror);
+    let mirror_status = cloned?;
 
     // The clone's configuration is readable in the sandbox: no credentials in it.
     let public_url = redact_url_credentials(url);
@@ -830,8 +855,9 @@ pub async fn has_changes(
 }
 
 /// Stages everything (`git add -A`, `.gitignore` respected) and, if anything changed, commits it
-/// on the checked-out branch with `message` and the configured author/committer, returning the
-/// commit, its diffstat and its patch (capped). Returns `None` when nothing changed.
+/// on the checked-out branch with `message` (then `trailers`, when not empty, as the message's
+/// last paragraph) and the configured author/committer, returning the commit, its diffstat and
+/// its patch (capped). Returns `None` when nothing changed.
 ///
 /// Errors: [`GitError`].
 pub async fn commit_changes(
@@ -839,6 +865,7 @@ pub async fn commit_changes(
     config: &WorkerConfig,
     directory: &Path,
     message: &str,
+    trailers: &str,
     cancel: &CancellationToken,
 ) -> Result<Option<CommitSummary>, GitError> {
     if !has_changes(git, directory, cancel).await? {
@@ -912,20 +939,19 @@ pub async fn commit_changes(
     } else {
         message
     };
-    git.run(
-        directory,
-        [
-            "commit",
-            "--quiet",
-            "--no-verify",
-            "--no-gpg-sign",
-            "--allow-empty-message",
-            "-m",
-            message,
-        ],
-        cancel,
-    )
-    .await?;
+    let mut arguments = vec![
+        "commit",
+        "--quiet",
+        "--no-verify",
+        "--no-gpg-sign",
+        "--allow-empty-message",
+        "-m",
+        message,
+    ];
+    if !trailers.is_empty() {
+        arguments.extend(["-m", trailers]);
+    }
+    git.run(directory, arguments, cancel).await?;
     let commit = git
         .run_text(directory, ["rev-parse", "HEAD"], cancel)
         .await?;
@@ -935,36 +961,6 @@ pub async fn commit_changes(
         patch,
         patch_truncated,
     }))
-}
-
-/// Pushes the checked-out HEAD to `url` (the origin, credentials included) as
-/// `refs/heads/<branch>`, with `--force` (bot branches are re-created by each attempt).
-///
-/// Errors: [`GitError`] (e.g. the remote refused or is unreachable).
-pub async fn push_branch(
-    git: &Git,
-    directory: &Path,
-    url: &str,
-    branch: &str,
-    cancel: &CancellationToken,
-) -> Result<(), GitError> {
-    validate_repository_url(url)?;
-    let refspec = format!("HEAD:refs/heads/{branch}");
-    git.run(
-        directory,
-        [
-            "push",
-            "--force",
-            "--quiet",
-            "--no-verify",
-            "--",
-            url,
-            refspec.as_str(),
-        ],
-        cancel,
-    )
-    .await?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -1029,6 +1025,11 @@ mod tests {
         let name = odd.file_name().unwrap().to_string_lossy().into_owned();
         assert!(!name.starts_with('.'), "{name}");
         assert_eq!(mirror_path(root, "x"), mirror_path(root, "x"));
+        // The name ends with the URL's full SHA-256 (known answer for "abc").
+        assert_eq!(
+            mirror_path(root, "abc"),
+            root.join("abc-ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad.git")
+        );
     }
 
     #[test]

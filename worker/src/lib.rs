@@ -19,15 +19,20 @@
 //!   also [`sandbox::measure_sandbox_start`] for benchmarks.
 //! - [`cgroup`]: cgroup v2/v1 detection and one cgroup per sandboxed command (memory and pids
 //!   limits, OOM detection, kill-all).
-//! - [`git`]: host-side git, hardened: per-URL mirror cache, per-attempt clone, commit,
-//!   diffstat, patch, push.
+//! - [`git`]: host-side git, hardened: per-URL mirror, per-attempt clone, commit, diffstat,
+//!   patch.
+//! - [`mirror_cache`]: the bounded cache of mirrors (least recently used evicted) and their
+//!   locks.
+//! - [`publish`]: fenced pushes: attempt trailers in commits, compare-and-swap pushes that only
+//!   move a branch to the same or a higher attempt, withdrawal of stale attempts' commits.
+//! - [`lease`]: [`lease::LeaseDeadline`], the worker's own view of how long it holds a lease.
 //! - [`attempt_log`]: the size-capped attempt log and its in-memory tail.
 //!
 //! # Files
 //!
-//! Under [`config::WorkerConfig::work_directory`]: `mirrors/<name>-<hash>.git` (bare mirrors,
-//! kept), `attempts/<run_id>-<attempt>/repo` (the attempt's clone, deleted afterwards by
-//! default), `logs/<run_id>-<attempt>.log` (kept).
+//! Under [`config::WorkerConfig::work_directory`]: `mirrors/<name>-<sha256>.git` (bare
+//! mirrors, kept up to the mirror cache's limits), `attempts/<run_id>-<attempt>/repo` (the
+//! attempt's clone, deleted afterwards by default), `logs/<run_id>-<attempt>.log` (kept).
 //!
 //! # Rust toolchains in the sandbox (`cargo fmt` and friends)
 //!
@@ -55,4 +60,7 @@ pub mod cgroup;
 pub mod config;
 pub mod execute;
 pub mod git;
+pub mod lease;
+pub mod mirror_cache;
+pub mod publish;
 pub mod sandbox;

@@ -296,10 +296,11 @@ async fn cancellation_kills_the_command() {
 #[tokio::test]
 async fn memory_hog_is_oom_killed_and_reported() {
     let support = cgroup_support(Path::new("/sys/fs/cgroup"), "flotilla");
-    if !support.limits_memory() {
-        eprintln!("no usable memory cgroup here ({support:?}); skipping");
-        return;
-    }
+    assert!(
+        support.limits_memory(),
+        "this test needs a usable memory cgroup (root, cgroup v2 or v1 memory controller), \
+         as deploy/env.sh sets up; found {support:?}"
+    );
     let (directory, workspace) = workspace();
     let config = test_config(directory.path());
     // `tail` keeps a whole newline-free input in memory.
@@ -319,10 +320,11 @@ async fn memory_hog_is_oom_killed_and_reported() {
 #[tokio::test]
 async fn pids_limit_is_enforced() {
     let support = cgroup_support(Path::new("/sys/fs/cgroup"), "flotilla");
-    if !support.limits_pids() {
-        eprintln!("no usable pids cgroup here ({support:?}); skipping");
-        return;
-    }
+    assert!(
+        support.limits_pids(),
+        "this test needs a usable pids cgroup (root, cgroup v2 or v1 pids controller), \
+         as deploy/env.sh sets up; found {support:?}"
+    );
     let (directory, workspace) = workspace();
     let config = test_config(directory.path());
     let mut command = sandbox_command(
@@ -438,10 +440,13 @@ async fn sandbox_start_failures_are_errors_not_command_failures() {
 #[tokio::test]
 async fn cargo_fmt_works_offline_with_the_toolchain_mounts() {
     let config_probe = test_config(Path::new("/tmp"));
-    if config_probe.toolchain_mounts.len() < 2 {
-        eprintln!("no rustup toolchain on this host; skipping");
-        return;
-    }
+    assert_eq!(
+        config_probe.toolchain_mounts.len(),
+        2,
+        "this test needs a rustup toolchain ($RUSTUP_HOME or ~/.rustup, and $CARGO_HOME/bin or \
+         ~/.cargo/bin) to mount into the sandbox; found {:?}",
+        config_probe.toolchain_mounts
+    );
     let (directory, workspace) = workspace();
     let config = test_config(directory.path());
     std::fs::create_dir_all(workspace.join("src")).unwrap();
