@@ -15,15 +15,16 @@
 //!
 //! Failures are classified so that openraft reacts well:
 //! - the peer cannot be reached or the connection was lost (gRPC `UNAVAILABLE`: refused, connect
-//!   timeout, keep-alive timeout; `CANCELLED` or an HTTP/2 protocol error: the connection closed
-//!   under the call; `RESOURCE_EXHAUSTED` that is not about message size: the peer reset the
-//!   connection, as HTTP/2 `ENHANCE_YOUR_CALM` after too many streams reset by timeouts; a bad
-//!   address) → [`Unreachable`]: openraft stops sending to the node for the
+//!   timeout, keep-alive timeout; other `CANCELLED` or an HTTP/2 protocol error: the connection
+//!   closed under the call; `RESOURCE_EXHAUSTED` that is not about message size: the peer reset
+//!   the connection, as HTTP/2 `ENHANCE_YOUR_CALM` after too many streams reset by timeouts; a
+//!   bad address) → [`Unreachable`]: openraft stops sending to the node for the
 //!   [`RaftNetwork::backoff`] interval;
-//! - the deadline passed → [`Timeout`];
+//! - the deadline passed (here, or tonic's server answered `CANCELLED` "Timeout expired") →
+//!   [`Timeout`];
 //! - a message over the size limit (checked before sending, or tonic's `message length too
-//!   large` from the peer, `OUT_OF_RANGE`) while appending more than one entry → [`PayloadTooLarge`] with a hint of half the entries:
-//!   openraft retries at once with fewer;
+//!   large` from the peer, `OUT_OF_RANGE`) while appending more than one entry →
+//!   [`PayloadTooLarge`] with a hint of half the entries: openraft retries at once with fewer;
 //! - anything else, including undecodable replies → [`NetworkError`].
 //!
 //! The factory logs each lost connection once (`connection to a peer lost`, with the error) and
@@ -116,8 +117,8 @@ impl Default for NetworkConfig {
 /// Whether RPCs to one peer are failing, for logging transitions once.
 #[derive(Debug, Default)]
 struct PeerLink {
-    /// Since when RPCs to the peer fail as unreachable, and how many failed (unreachable or timed
-    /// out) since; `None` while the connection works.
+    /// Since when RPCs to the peer fail as unreachable (the first such failure after an answer),
+    /// and how many failed (unreachable or timed out) since; `None` while the connection works.
     lost: Mutex<Option<(Instant, u64)>>,
 }
 
@@ -134,7 +135,7 @@ impl PeerLink {
                 node_id = source,
                 peer_node_id = target,
                 failed_rpcs,
-                lost_for_ms = since.elapsed().as_millis() as u64,
+                failing_for_ms = since.elapsed().as_millis() as u64,
                 "connection to a peer re-established"
             );
         }
@@ -320,6 +321,9 @@ enum Failure {
     Network(AnyError),
 }
 
+/// tonic's text for a call that outlived its deadline (`CANCELLED`, from the server's timeout).
+const DEADLINE_EXPIRED_TEXT: &str = "Timeout expired";
+
 /// Bytes a [`RaftMessage`] adds around its `data`: the field's tag and length (a varint).
 const PROTOBUF_ENVELOPE_BYTES: usize = 11;
 
@@ -352,6 +356,9 @@ impl From<tonic::Status> for Failure {
             Code::ResourceExhausted => {
                 Failure::Unreachable(describe("the peer reset the connection"))
             }
+            // tonic's server answers CANCELLED "Timeout expired" once the deadline the caller
+            // sent (`grpc-timeout`) passed: a timeout, not a lost connection.
+            Code::Cancelled if message.contains(DEADLINE_EXPIRED_TEXT) => Failure::Timeout,
             Code::Cancelled => {
                 Failure::Unreachable(describe("the connection closed under the call"))
             }
@@ -556,10 +563,17 @@ mod tests {
                 other => panic!("{description} classified as {other:?}"),
             }
         }
-        assert!(matches!(
-            Failure::from(tonic::Status::deadline_exceeded("late")),
-            Failure::Timeout
-        ));
+        for status in [
+            tonic::Status::deadline_exceeded("late"),
+            // What tonic's server answers once the caller's `grpc-timeout` passed.
+            tonic::Status::cancelled("Timeout expired"),
+        ] {
+            let description = format!("{status:?}");
+            assert!(
+                matches!(Failure::from(status), Failure::Timeout),
+                "{description}"
+            );
+        }
         assert!(matches!(
             Failure::from(tonic::Status::invalid_argument("data: not JSON")),
             Failure::Network(_)
