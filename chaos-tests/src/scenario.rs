@@ -9,8 +9,8 @@ use anyhow::{Context, Result, bail};
 use flotilla_proto::v1;
 
 use crate::checker::{self, History};
-use crate::cluster::{Cluster, ELECTION_TIMEOUT_MAX_MS, LEASE_TTL_MS, VOTERS, VoterStart};
-use crate::workload::{self, Ledger};
+use crate::cluster::{Cluster, VOTERS, VoterStart};
+use crate::workload::{self, Ledger, Probe};
 
 /// Repositories per scenario; the initial fleets each cover all of them.
 pub const REPOSITORIES: usize = 40;
@@ -36,6 +36,10 @@ pub enum Fault {
     PauseLeader,
     /// The leader's namespace drops all traffic (iptables), then is healed.
     PartitionLeader,
+    /// A follower's namespace drops all traffic for several of its election timeouts, then is
+    /// healed: the leader and its term must not change, and clients see no error after the
+    /// heal.
+    PartitionFollower,
     /// `kill -9` of all voters, then all start again from their data directories.
     RestartAll,
     /// A follower is killed, removed, wiped, started with `--join` and added back.
@@ -50,6 +54,7 @@ impl Fault {
             Fault::KillWorker => "kill-worker",
             Fault::PauseLeader => "pause-leader",
             Fault::PartitionLeader => "partition-leader",
+            Fault::PartitionFollower => "partition-follower",
             Fault::RestartAll => "restart-all",
             Fault::WipeAndRejoin => "wipe-rejoin",
         }
@@ -205,7 +210,7 @@ async fn drive(cluster: &mut Cluster, fault: Fault, started: Instant) -> Result<
         Duration::from_millis(400),
         Instant::now() + Duration::from_secs(60),
     );
-    let injected = inject(cluster, fault).await?;
+    let injected = inject(cluster, fault, &ledger, &repositories).await?;
     phase("fault healed");
 
     tokio::time::timeout(Duration::from_secs(90), submitter)
@@ -262,10 +267,17 @@ async fn drive(cluster: &mut Cluster, fault: Fault, started: Instant) -> Result<
 }
 
 /// Injects and heals `fault`; returns when the cluster is whole again (not when the work is
-/// done).
-async fn inject(cluster: &mut Cluster, fault: Fault) -> Result<Injected> {
+/// done). `ledger` and `repositories` are the workload's, for faults that probe the clients'
+/// view.
+async fn inject(
+    cluster: &mut Cluster,
+    fault: Fault,
+    ledger: &Ledger,
+    repositories: &[String],
+) -> Result<Injected> {
     let (leader, status) = cluster.wait_agreement(LEADER_TIMEOUT).await?;
     let term = status.term;
+    let last_log_index = status.last_log_index;
     let survivors: Vec<usize> = (0..VOTERS).filter(|&i| i != leader).collect();
     let mut notes = Vec::new();
     let fault_ms;
@@ -287,7 +299,7 @@ async fn inject(cluster: &mut Cluster, fault: Fault) -> Result<Injected> {
             fault_ms = now_ms();
             cluster.kill_worker(0);
             // Its leases expire after the TTL; then it comes back under the same id.
-            tokio::time::sleep(Duration::from_millis(LEASE_TTL_MS + 1_000)).await;
+            wait_worker_holds_no_lease(cluster, &Cluster::worker_id(0)).await?;
             cluster.start_worker(0)?;
         }
         Fault::PauseLeader => {
@@ -298,9 +310,14 @@ async fn inject(cluster: &mut Cluster, fault: Fault) -> Result<Injected> {
                 .wait_leader(&survivors, term + 1, LEADER_TIMEOUT)
                 .await;
             new_leader = Some(start.elapsed());
-            // Frozen for longer than the election timeout in any case.
-            let minimum = Duration::from_millis(3 * ELECTION_TIMEOUT_MAX_MS);
-            tokio::time::sleep(minimum.saturating_sub(start.elapsed())).await;
+            // Frozen until the new leader committed past the paused leader's log, so it comes
+            // back behind and must catch up.
+            let result = match result {
+                Ok((index, _)) => wait_committed(cluster, index, last_log_index + 20)
+                    .await
+                    .map(|()| index),
+                Err(error) => Err(error),
+            };
             cluster.resume_voter(leader);
             result?;
             notes.push(settled(cluster, term).await?);
@@ -314,8 +331,14 @@ async fn inject(cluster: &mut Cluster, fault: Fault) -> Result<Injected> {
                 .wait_leader(&survivors, term + 1, LEADER_TIMEOUT)
                 .await;
             new_leader = Some(start.elapsed());
-            // The old leader stays cut off a while longer: it keeps believing it leads.
-            tokio::time::sleep(Duration::from_secs(3)).await;
+            // The old leader stays cut off (believing it leads) until the new leader committed
+            // past its log, so it comes back behind and must catch up.
+            let result = match result {
+                Ok((index, _)) => wait_committed(cluster, index, last_log_index + 20)
+                    .await
+                    .map(|()| index),
+                Err(error) => Err(error),
+            };
             let isolated_view = cluster.status(leader).await;
             host.heal()?;
             if let Ok(status) = isolated_view {
@@ -323,6 +346,12 @@ async fn inject(cluster: &mut Cluster, fault: Fault) -> Result<Injected> {
             }
             result?;
             notes.push(settled(cluster, term).await?);
+        }
+        Fault::PartitionFollower => {
+            let (fault_at, note) =
+                partition_follower(cluster, leader, term, ledger, repositories).await?;
+            fault_ms = fault_at;
+            notes.push(note);
         }
         Fault::RestartAll => {
             fault_ms = now_ms();
@@ -404,6 +433,247 @@ async fn inject(cluster: &mut Cluster, fault: Fault) -> Result<Injected> {
         new_leader,
         notes,
     })
+}
+
+/// Waits until voter `index` reports a committed index of at least `at_least` (the cluster made
+/// progress), within [`LEADER_TIMEOUT`].
+///
+/// # Errors
+/// When it does not.
+async fn wait_committed(cluster: &Cluster, index: usize, at_least: u64) -> Result<()> {
+    let deadline = Instant::now() + LEADER_TIMEOUT;
+    loop {
+        let last = cluster.status(index).await;
+        match &last {
+            Ok(status) if status.committed_index >= at_least => return Ok(()),
+            _ if Instant::now() >= deadline => bail!(
+                "voter{} did not commit index {at_least} within {LEADER_TIMEOUT:?}: {last:?}",
+                index + 1
+            ),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// What the follower's election timer logs for a pre-vote round no quorum granted.
+const PRE_VOTE_LOST_TEXT: &str = "pre-vote lost";
+/// Pre-vote rounds the partitioned follower must lose before the heal: the partition lasts that
+/// many of its election timeouts, however slow the machine.
+const PARTITION_PRE_VOTE_ROUNDS: usize = 4;
+/// How long after the heal the leader and term must stay unchanged (at least; also until the
+/// follower caught up, and 2 s after that). The deposition this guards against came about 3.5 s
+/// after the heal.
+const SETTLE_AFTER_HEAL: Duration = Duration::from_secs(6);
+
+/// Lines of `path` containing `needle` (0 if it cannot be read).
+fn count_lines(path: &std::path::Path, needle: &str) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains(needle))
+        .count()
+}
+
+/// Checks one status answer against the expected leader and term.
+fn check_unchanged(
+    cluster: &Cluster,
+    index: usize,
+    status: &v1::ClusterStatus,
+    leader: usize,
+    term: u64,
+) -> Result<()> {
+    let leader_id = leader as u64 + 1;
+    let role_ok = (index == leader) == (status.role == "Leader");
+    if status.term != term || status.leader_id != leader_id || !role_ok {
+        bail!(
+            "leadership changed: {} reports {} in term {} with leader {} (expected voter{} \
+             leading term {term})",
+            cluster.voters[index].name,
+            status.role,
+            status.term,
+            status.leader_id,
+            leader + 1
+        );
+    }
+    Ok(())
+}
+
+/// Partitions a follower of `leader` (leading `term`) until it lost
+/// [`PARTITION_PRE_VOTE_ROUNDS`] pre-vote rounds, heals it, and checks: the leader and term
+/// never change, before or after the heal (for [`SETTLE_AFTER_HEAL`] and until the follower
+/// caught up); a probe client that submits across the heal sees no error from the leader and
+/// the connected follower at any time, nor from any node after the heal. Returns the fault's
+/// time (ms since the epoch) and a note for the report.
+async fn partition_follower(
+    cluster: &Cluster,
+    leader: usize,
+    term: u64,
+    ledger: &Ledger,
+    repositories: &[String],
+) -> Result<(u64, String)> {
+    let follower = (0..VOTERS).find(|&i| i != leader).context("a follower")?;
+    let connected = (0..VOTERS)
+        .find(|&i| i != leader && i != follower)
+        .context("a second follower")?;
+    let host = cluster.voters[follower].host.clone();
+    let log = cluster.voters[follower].log.clone();
+    let majority = vec![cluster.voter_url(leader), cluster.voter_url(connected)];
+    let probe = Probe::spawn(
+        majority.clone(),
+        cluster.voter_urls(),
+        repositories.to_vec(),
+        ledger.clone(),
+        Duration::from_millis(100),
+    );
+    let outcome = partition_follower_probed(
+        cluster, leader, connected, follower, term, &host, &log, &probe,
+    )
+    .await;
+    // Heal in any case (the namespace is removed on drop anyway, but the report needs a whole
+    // cluster), then judge the probe.
+    if outcome.is_err() {
+        let _ = host.heal();
+    }
+    let requests = probe.finish().await?;
+    let (fault_ms, healed, note) = outcome?;
+    let mut violations = Vec::new();
+    for request in &requests {
+        let Some(error) = &request.error else {
+            continue;
+        };
+        let after_heal = request.started >= healed;
+        if after_heal || majority.contains(&request.url) {
+            violations.push(format!(
+                "{} ms {} the heal: {error}",
+                if after_heal {
+                    request.started.duration_since(healed).as_millis()
+                } else {
+                    healed.duration_since(request.started).as_millis()
+                },
+                if after_heal { "after" } else { "before" },
+            ));
+        }
+    }
+    if !violations.is_empty() {
+        bail!(
+            "{} of {} probe requests failed where clients must see no error: {}",
+            violations.len(),
+            requests.len(),
+            violations.join("; ")
+        );
+    }
+    let after_heal = requests.iter().filter(|r| r.started >= healed).count();
+    let to_follower_after_heal = requests
+        .iter()
+        .filter(|r| r.started >= healed && r.url == cluster.voter_url(follower))
+        .count();
+    if to_follower_after_heal == 0 {
+        bail!("no probe request reached the healed follower after the heal");
+    }
+    Ok((
+        fault_ms,
+        format!(
+            "{note}; probe: {} requests, {after_heal} after the heal \
+             ({to_follower_after_heal} to the healed follower), none failed",
+            requests.len()
+        ),
+    ))
+}
+
+/// The partition, heal and leadership checks of [`partition_follower`], with `probe` running.
+/// Returns the fault's time, the heal's instant, and a note.
+#[allow(clippy::too_many_arguments)]
+async fn partition_follower_probed(
+    cluster: &Cluster,
+    leader: usize,
+    connected: usize,
+    follower: usize,
+    term: u64,
+    host: &crate::net::Host,
+    log: &std::path::Path,
+    probe: &Probe,
+) -> Result<(u64, Instant, String)> {
+    // Some probe requests succeed before the fault.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while probe.completed() < 3 {
+        if Instant::now() >= deadline {
+            bail!("the probe made {} requests within 30 s", probe.completed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lost_before = count_lines(log, PRE_VOTE_LOST_TEXT);
+    let fault_ms = now_ms();
+    host.isolate()?;
+    let isolated = Instant::now();
+    let deadline = isolated + LEADER_TIMEOUT;
+    loop {
+        for index in [leader, connected] {
+            if let Ok(status) = cluster.status(index).await {
+                check_unchanged(cluster, index, &status, leader, term)?;
+            }
+        }
+        let lost = count_lines(log, PRE_VOTE_LOST_TEXT) - lost_before;
+        if lost >= PARTITION_PRE_VOTE_ROUNDS {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the partitioned {} lost {lost} pre-vote rounds within {LEADER_TIMEOUT:?}, \
+                 not {PARTITION_PRE_VOTE_ROUNDS}",
+                cluster.voters[follower].name
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let partitioned_for = isolated.elapsed();
+    if cluster.status(follower).await.is_ok() {
+        bail!("the partitioned follower still answers");
+    }
+    let leader_committed = cluster.status(leader).await?.committed_index;
+    host.heal()?;
+    let healed = Instant::now();
+    probe.set_targets(cluster.voter_urls());
+
+    let deadline = healed + LEADER_TIMEOUT;
+    let mut caught_up: Option<Instant> = None;
+    loop {
+        for index in 0..VOTERS {
+            let Ok(status) = cluster.status(index).await else {
+                continue;
+            };
+            check_unchanged(cluster, index, &status, leader, term)?;
+            if index == follower && caught_up.is_none() && status.applied_index >= leader_committed
+            {
+                caught_up = Some(Instant::now());
+            }
+        }
+        if let Some(at) = caught_up
+            && healed.elapsed() >= SETTLE_AFTER_HEAL
+            && at.elapsed() >= Duration::from_secs(2)
+        {
+            let rounds = count_lines(log, PRE_VOTE_LOST_TEXT) - lost_before;
+            return Ok((
+                fault_ms,
+                healed,
+                format!(
+                    "{} partitioned {} ms ({rounds} pre-vote rounds lost), caught up {} ms \
+                     after the heal; voter{} kept leading term {term}",
+                    cluster.voters[follower].name,
+                    partitioned_for.as_millis(),
+                    at.duration_since(healed).as_millis(),
+                    leader + 1
+                ),
+            ));
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the healed {} did not catch up (applied index {leader_committed}) within \
+                 {LEADER_TIMEOUT:?}",
+                cluster.voters[follower].name
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// How long leadership must stay unchanged to count as settled after a heal.
@@ -529,6 +799,22 @@ async fn wait_finished(cluster: &mut Cluster, fleets: &[String]) -> Result<()> {
                 return Err(error.context("cannot read fleets from the leader"));
             }
             _ => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// Waits (bounded) until no running run's current attempt is held by `worker_id` (its leases
+/// expired after the TTL).
+async fn wait_worker_holds_no_lease(cluster: &Cluster, worker_id: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match worker_holds_leases(cluster, worker_id).await {
+            Ok(false) => return Ok(()),
+            Err(error) if Instant::now() >= deadline => return Err(error),
+            _ if Instant::now() >= deadline => {
+                bail!("{worker_id} still held leases 30 s after it was killed")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
 }

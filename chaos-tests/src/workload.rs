@@ -242,3 +242,150 @@ pub fn spawn_submitter(
         Ok(())
     })
 }
+
+/// One request of a [`Probe`]: where it went, when, and how it ended.
+#[derive(Clone, Debug)]
+pub struct ProbeRequest {
+    /// The node asked.
+    pub url: String,
+    /// When it was sent.
+    pub started: Instant,
+    /// How long it took until its answer (or failure).
+    pub latency: Duration,
+    /// The failure; `None` when the fleet was acknowledged.
+    pub error: Option<String>,
+}
+
+/// A client that submits one-run fleets (idempotency keys `probe-N`) one after the other, each
+/// to the next node of its current targets, and records how every single attempt ended: it
+/// shows whether clients saw errors while a fault struck and healed. A failed attempt's key is
+/// then submitted again until acknowledged (by [`submit`], to any node), so the ledger stays
+/// exact for the checker.
+pub struct Probe {
+    targets: Arc<Mutex<Vec<String>>>,
+    completed: Arc<std::sync::atomic::AtomicUsize>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<Vec<ProbeRequest>>>,
+}
+
+/// How long one probe attempt may take before it counts as failed: more than the nodes'
+/// forward timeout (`limits.forward_timeout_ms`, 5 s), so a node's own UNAVAILABLE comes first.
+pub const PROBE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(8);
+
+impl Probe {
+    /// Starts probing `targets` (URLs), pausing `interval` between requests; `all_urls` are
+    /// used to settle a key whose attempt failed; fleets cover one of `repositories` each.
+    pub fn spawn(
+        targets: Vec<String>,
+        all_urls: Vec<String>,
+        repositories: Vec<String>,
+        ledger: Ledger,
+        interval: Duration,
+    ) -> Probe {
+        let targets = Arc::new(Mutex::new(targets));
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let shared = Arc::clone(&targets);
+        let completed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&completed);
+        let task = tokio::spawn(async move {
+            let mut requests = Vec::new();
+            for number in 0usize.. {
+                if *stopped.borrow_and_update() {
+                    break;
+                }
+                let url = {
+                    let targets = shared.lock().unwrap_or_else(|e| e.into_inner());
+                    targets[number % targets.len()].clone()
+                };
+                let key = format!("probe-{number}");
+                let spec = fleet_spec(
+                    &key,
+                    vec![repositories[number % repositories.len()].clone()],
+                );
+                ledger.update(&key, |s| s.runs = 1);
+                let request = v1::SubmitFleetRequest {
+                    spec: Some(spec.clone()),
+                    idempotency_key: key.clone(),
+                };
+                let started = Instant::now();
+                let outcome = tokio::time::timeout(PROBE_ATTEMPT_TIMEOUT, async {
+                    let channel = channel(&url, PROBE_ATTEMPT_TIMEOUT).await?;
+                    let response = FleetServiceClient::new(channel)
+                        .submit_fleet(request)
+                        .await?
+                        .into_inner();
+                    anyhow::Ok(response)
+                })
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")));
+                let latency = started.elapsed();
+                let error = match outcome {
+                    Ok(response) => {
+                        let fleet = response
+                            .fleet
+                            .context("SubmitFleet answered without fleet")?;
+                        ledger.update(&key, |s| s.acks.push((fleet.id, response.created)));
+                        None
+                    }
+                    Err(error) => {
+                        let message = format!("{url}: {error:#}");
+                        ledger.update(&key, |s| s.errors.push(message.clone()));
+                        // Settle the key: the failed attempt may have created the fleet.
+                        submit(
+                            &all_urls,
+                            number,
+                            spec,
+                            &key,
+                            &ledger,
+                            Instant::now() + Duration::from_secs(60),
+                        )
+                        .await?;
+                        Some(message)
+                    }
+                };
+                requests.push(ProbeRequest {
+                    url,
+                    started,
+                    latency,
+                    error,
+                });
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::select! {
+                    _ = stopped.changed() => break,
+                    () = tokio::time::sleep(interval) => {}
+                }
+            }
+            Ok(requests)
+        });
+        Probe {
+            targets,
+            completed,
+            stop,
+            task,
+        }
+    }
+
+    /// Requests answered (or failed) so far.
+    pub fn completed(&self) -> usize {
+        self.completed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Replaces the nodes the next requests go to (at least one URL).
+    pub fn set_targets(&self, targets: Vec<String>) {
+        if !targets.is_empty() {
+            *self.targets.lock().unwrap_or_else(|e| e.into_inner()) = targets;
+        }
+    }
+
+    /// Stops after the request under way and returns every request made.
+    ///
+    /// # Errors
+    /// When a key could not be settled, or the task failed.
+    pub async fn finish(self) -> Result<Vec<ProbeRequest>> {
+        let _ = self.stop.send(true);
+        tokio::time::timeout(Duration::from_secs(90), self.task)
+            .await
+            .context("the probe did not stop within 90 s")?
+            .context("probe task")?
+    }
+}

@@ -53,6 +53,11 @@ fn partition_leader() {
 }
 
 #[test]
+fn partition_follower() {
+    run(Fault::PartitionFollower);
+}
+
+#[test]
 fn restart_all_voters() {
     run(Fault::RestartAll);
 }

@@ -10,6 +10,7 @@
 //! - [`storage`]: the shared RocksDB database ([`open_storage`]);
 //! - [`network`]: openraft's network over gRPC ([`GrpcNetworkFactory`]);
 //! - [`service`]: the gRPC service that receives it ([`RaftGrpcService`]);
+//! - [`pre_vote`]: the pre-vote the election timer asks for before it campaigns;
 //! - [`node`]: everything assembled: [`open`] a [`RaftNode`], initialize, [`RaftNode::write`],
 //!   [`RaftNode::ensure_linearizable`], membership changes ([`RaftNode::add_learner`],
 //!   [`RaftNode::promote_voter`], [`RaftNode::remove_member`]) and [`RaftNode::cluster_view`];
@@ -37,10 +38,17 @@
 //!   [`RaftNode::grpc_service`]) records the last time the node heard from a leader: every
 //!   AppendEntries it accepted (openraft answered `Success`, `PartialSuccess` or `Conflict`, not
 //!   `HigherVote`), every InstallSnapshot chunk it accepted, and every vote it granted;
-//! - a node that is a voter, not the leader, campaigns ([`openraft::raft::trigger::Trigger::elect`])
-//!   once nothing was heard for its current timeout (counted from the last contact, its last
-//!   campaign, or when it last became eligible, whichever is latest), and draws a new timeout,
-//!   uniformly in `[election_timeout_min_ms, election_timeout_max_ms)`, for every campaign;
+//! - a node that is a voter, not the leader, asks the other voters for a pre-vote once nothing
+//!   was heard for its current timeout (counted from the last contact, its last round, or when
+//!   it last became eligible, whichever is latest), and draws a new timeout, uniformly in
+//!   `[election_timeout_min_ms, election_timeout_max_ms)`, for every round;
+//! - it campaigns ([`openraft::raft::trigger::Trigger::elect`]) only if a quorum granted the
+//!   pre-vote (module [`pre_vote`], Raft thesis §9.6: a voter grants it only if it is not the
+//!   leader, heard from no leader within its lease, and the candidate's log is at least its own).
+//!   A pre-vote changes no term or vote, so a node cut off by a partition keeps its term while
+//!   away and, once back, cannot depose the healthy leader with a higher term (openraft 0.9 has
+//!   no pre-vote: the leader adopted the returning node's higher term from its AppendEntries
+//!   answer and stepped down);
 //! - a learner (or a node outside the membership) never campaigns; the only voter of a cluster
 //!   campaigns at once, as openraft does (a restarted single-node cluster elects itself at start),
 //!   unless it has heard from a leader since it was opened (that leader removed itself): then it
@@ -67,6 +75,7 @@ mod election;
 pub mod log_store;
 pub mod network;
 pub mod node;
+pub mod pre_vote;
 pub mod service;
 pub mod state_machine;
 pub mod storage;
@@ -78,6 +87,7 @@ pub use node::{
     ClusterView, MemberView, MembershipError, RaftError, RaftNode, RaftNodeConfig, ReadError,
     WriteError, open,
 };
+pub use pre_vote::{PreVoteRefusal, PreVoteRequest, PreVoteResponse};
 pub use service::RaftGrpcService;
 pub use state_machine::{SnapshotPayload, StateHandle, StateMachineStore};
 pub use storage::{OpenStorageError, open_storage};

@@ -213,6 +213,12 @@ impl RaftNodeConfig {
         if self.network.unreachable_backoff_initial_ms == 0 {
             return invalid("network.unreachable_backoff_initial_ms: must be at least 1".into());
         }
+        if self.network.keep_alive_interval_ms == 0 {
+            return invalid("network.keep_alive_interval_ms: must be at least 1".into());
+        }
+        if self.network.keep_alive_timeout_ms == 0 {
+            return invalid("network.keep_alive_timeout_ms: must be at least 1".into());
+        }
         let (election_timeout_min, election_timeout_max) = if self.resample_election_timeout {
             (
                 self.election_timeout_min_ms - 1,
@@ -484,7 +490,8 @@ pub async fn open(config: RaftNodeConfig) -> Result<RaftNode, RaftError> {
     let raft = Raft::new(
         config.node_id,
         raft_config,
-        network,
+        // The election timer's pre-votes share the factory's channels.
+        network.clone(),
         log_store,
         state_machine,
     )
@@ -504,6 +511,7 @@ pub async fn open(config: RaftNodeConfig) -> Result<RaftNode, RaftError> {
         config.node_id,
         Arc::clone(&leader_contact),
         timer_mode,
+        network,
         stop_receiver,
     ));
     tracing::info!(
@@ -544,12 +552,20 @@ impl RaftNode {
     /// The service also tells this node's election timer when a leader was heard; serve this one
     /// rather than one made with [`RaftGrpcService::new`].
     pub fn grpc_service(&self) -> RaftServiceServer<RaftGrpcService> {
-        RaftServiceServer::new(RaftGrpcService::with_leader_contact(
-            self.raft.clone(),
-            Arc::clone(&self.leader_contact),
-        ))
-        .max_decoding_message_size(self.max_message_bytes)
-        .max_encoding_message_size(self.max_message_bytes)
+        RaftServiceServer::new(self.raft_grpc_service())
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes)
+    }
+
+    /// The service inside [`grpc_service`](Self::grpc_service), for wrapping in tests.
+    pub(crate) fn raft_grpc_service(&self) -> RaftGrpcService {
+        RaftGrpcService::with_leader_contact(self.raft.clone(), Arc::clone(&self.leader_contact))
+    }
+
+    /// The largest gRPC message the node's service accepts or sends, in bytes.
+    #[cfg(test)]
+    pub(crate) fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
     }
 
     /// This node's advertised `host:port`.
@@ -673,6 +689,27 @@ impl RaftNode {
     /// [`initialize_cluster`](Self::initialize_cluster); excludes terms from before `open`.
     pub fn elections_started(&self) -> u64 {
         self.leader_contact.elections_started()
+    }
+
+    /// The number of pre-vote rounds (see the crate documentation) this node's election timer
+    /// started since [`open`]: each time it heard from no leader within its election timeout.
+    /// 0 with [`RaftNodeConfig::resample_election_timeout`] off (openraft's timer has no
+    /// pre-vote).
+    pub fn pre_vote_rounds(&self) -> u64 {
+        self.leader_contact.pre_vote_rounds()
+    }
+
+    /// The number of those pre-vote rounds that no quorum granted, so the node did not campaign
+    /// and kept its term.
+    pub fn pre_vote_rounds_lost(&self) -> u64 {
+        self.leader_contact.pre_vote_rounds_lost()
+    }
+
+    /// The number of messages (AppendEntries, InstallSnapshot chunks) accepted from a leader
+    /// since [`open`].
+    #[cfg(test)]
+    pub(crate) fn leader_messages_accepted(&self) -> u64 {
+        self.leader_contact.leader_messages()
     }
 
     /// This node's view of the cluster, from openraft's metrics (no I/O, no waiting; on a

@@ -1,17 +1,19 @@
 //! The receiving side of the node-to-node transport: `flotilla.raft.v1.RaftService` handing
-//! each RPC to the local openraft node.
+//! each RPC to the local openraft node, and answering pre-votes (see [`crate::pre_vote`]).
 //!
-//! Each request's `data` is the JSON of the openraft request; each reply's `data` is the JSON of
-//! `Result<response, openraft RaftError>`, so openraft-level errors (a higher vote, a snapshot
-//! mismatch, a stopped node) reach the sender as values, and gRPC errors mean transport
-//! problems only: undecodable bytes are `INVALID_ARGUMENT` naming the field.
+//! Each request's `data` is the JSON of the openraft request (for `PreVote`, of a
+//! [`PreVoteRequest`]); each reply's `data` is the JSON of `Result<response, openraft
+//! RaftError>`, so openraft-level errors (a higher vote, a snapshot mismatch, a stopped node)
+//! reach the sender as values, and gRPC errors mean transport problems only: undecodable bytes
+//! are `INVALID_ARGUMENT` naming the field.
 //!
-//! The service built by [`RaftNode::grpc_service`](crate::RaftNode::grpc_service) also tells the
-//! node's election timer (see the crate documentation) when this node heard from a leader:
-//! an AppendEntries it accepted (openraft answered `Success`, `PartialSuccess` or `Conflict`: the
-//! sender's vote was accepted, even if the logs did not match yet; `HigherVote`, the answer to a
-//! deposed leader, does not count), an InstallSnapshot chunk it accepted (its vote is the
-//! sender's), or a vote it granted.
+//! The service records when this node heard from a leader: an AppendEntries it accepted
+//! (openraft answered `Success`, `PartialSuccess` or `Conflict`: the sender's vote was accepted,
+//! even if the logs did not match yet; `HigherVote`, the answer to a deposed leader, does not
+//! count) or an InstallSnapshot chunk it accepted (its vote is the sender's). Pre-votes are
+//! refused within the leader lease after such a message. The service built by
+//! [`RaftNode::grpc_service`](crate::RaftNode::grpc_service) shares the record with the node's
+//! election timer (see the crate documentation), which also counts the votes this node granted.
 
 use std::sync::Arc;
 
@@ -21,18 +23,20 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
 
+use openraft::ServerState;
 use openraft::raft::AppendEntriesResponse;
 
 use crate::election::LeaderContact;
-use crate::types::Raft;
+use crate::pre_vote::{self, PreVoteRequest, VoterView};
+use crate::types::{NodeId, Raft};
 
 /// Serves openraft's RPCs for one local node.
 #[derive(Clone)]
 pub struct RaftGrpcService {
     raft: Raft,
-    /// Where accepted leader messages and granted votes are recorded; `None` for a service made
-    /// with [`RaftGrpcService::new`].
-    leader_contact: Option<Arc<LeaderContact>>,
+    /// Where accepted leader messages and granted votes are recorded: the election timer's, or
+    /// for a service made with [`RaftGrpcService::new`], one of its own (read by pre-votes only).
+    leader_contact: Arc<LeaderContact>,
 }
 
 impl std::fmt::Debug for RaftGrpcService {
@@ -44,14 +48,15 @@ impl std::fmt::Debug for RaftGrpcService {
 }
 
 impl RaftGrpcService {
-    /// A service handing RPCs to `raft`, without reporting leader contact to an election timer.
-    /// A node whose election timer is this crate's (the default) must be served by
+    /// A service handing RPCs to `raft`, without reporting leader contact to an election timer
+    /// (it keeps its own record, for answering pre-votes). A node whose election timer is this
+    /// crate's (the default) must be served by
     /// [`RaftNode::grpc_service`](crate::RaftNode::grpc_service) instead, or it would campaign
     /// while it hears a healthy leader.
     pub fn new(raft: Raft) -> Self {
         RaftGrpcService {
             raft,
-            leader_contact: None,
+            leader_contact: Arc::new(LeaderContact::default()),
         }
     }
 
@@ -59,22 +64,56 @@ impl RaftGrpcService {
     pub(crate) fn with_leader_contact(raft: Raft, leader_contact: Arc<LeaderContact>) -> Self {
         RaftGrpcService {
             raft,
-            leader_contact: Some(leader_contact),
+            leader_contact,
         }
     }
 
-    /// Tells the election timer that a leader was heard (or a vote granted) now.
-    fn record_leader_contact(&self) {
-        if let Some(leader_contact) = &self.leader_contact {
-            leader_contact.record();
-        }
+    /// This node's answer to a pre-vote (rules in [`crate::pre_vote`]).
+    ///
+    /// # Errors
+    /// openraft's `Fatal` when the node has stopped (boxed; it encodes as the unboxed error).
+    fn answer_pre_vote(
+        &self,
+        request: &PreVoteRequest,
+    ) -> Result<pre_vote::PreVoteResponse, Box<openraft::error::RaftError<NodeId>>> {
+        let (is_leader, term) = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            if let Err(fatal) = &metrics.running_state {
+                return Err(Box::new(openraft::error::RaftError::Fatal(fatal.clone())));
+            }
+            (
+                metrics.state == ServerState::Leader,
+                metrics.vote.leader_id().term,
+            )
+        };
+        let last_log_id = self.raft.data_metrics().borrow().last_log;
+        // openraft's leader lease: its upper election timeout bound, which this crate sets to
+        // `election_timeout_min_ms` when its own timer runs.
+        let lease = std::time::Duration::from_millis(self.raft.config().election_timeout_max);
+        let voter = VoterView {
+            is_leader,
+            since_leader_heard: self.leader_contact.since_leader_heard(),
+            lease,
+            term,
+            last_log_id,
+        };
+        let response = pre_vote::answer(request, &voter);
+        tracing::debug!(
+            candidate_id = request.candidate_id,
+            candidate_term = request.term,
+            granted = response.granted,
+            refusal = response.refusal.map(|refusal| refusal.to_string()),
+            "answered a pre-vote"
+        );
+        Ok(response)
     }
 }
 
 /// Decodes the JSON in `message.data` as a `kind`.
 fn decode<T: DeserializeOwned>(message: RaftMessage, kind: &str) -> Result<T, Status> {
     serde_json::from_slice(&message.data).map_err(|error| {
-        Status::invalid_argument(format!("data: not the JSON of an openraft {kind}: {error}"))
+        Status::invalid_argument(format!("data: not the JSON of a {kind}: {error}"))
     })
 }
 
@@ -99,7 +138,7 @@ impl RaftService for RaftGrpcService {
             | AppendEntriesResponse::Conflict,
         ) = &result
         {
-            self.record_leader_contact();
+            self.leader_contact.record_leader();
         }
         encode(&result)
     }
@@ -111,16 +150,15 @@ impl RaftService for RaftGrpcService {
         let candidate_last_log_id = rpc.last_log_id;
         let result = self.raft.vote(rpc).await;
         match &result {
-            Ok(response) if response.vote_granted => self.record_leader_contact(),
+            Ok(response) if response.vote_granted => self.leader_contact.record_vote_granted(),
             // Refused because the candidate's log is behind ours, while openraft kept our
             // lower term: our timer must outrun that candidate's term (see `election`).
             Ok(response)
                 if response.vote.leader_id().term < candidate_term
                     && candidate_last_log_id < response.last_log_id =>
             {
-                if let Some(contact) = &self.leader_contact {
-                    contact.record_outdated_candidate(candidate_term);
-                }
+                self.leader_contact
+                    .record_outdated_candidate(candidate_term);
             }
             _ => {}
         }
@@ -139,8 +177,16 @@ impl RaftService for RaftGrpcService {
             .as_ref()
             .is_ok_and(|response| response.vote == sender_vote)
         {
-            self.record_leader_contact();
+            self.leader_contact.record_leader();
         }
         encode(&result)
+    }
+
+    async fn pre_vote(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let rpc: PreVoteRequest = decode(request.into_inner(), "PreVoteRequest")?;
+        encode(&self.answer_pre_vote(&rpc))
     }
 }

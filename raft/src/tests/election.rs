@@ -1,17 +1,18 @@
-//! Elections under this crate's timer (a fresh random timeout per campaign) and, for
-//! comparison, under openraft's: failover after the leader shuts down, no campaign while the
-//! leader is healthy, no campaign by a learner.
+//! Elections under this crate's timer (a fresh random timeout and a pre-vote per campaign) and,
+//! for comparison, under openraft's: failover after the leader shuts down, no campaign while the
+//! leader is healthy, no campaign by a learner. The tests wait on conditions with deadlines and
+//! assert outcomes, not timings (times are printed, for information).
 
 use std::time::{Duration, Instant};
 
 use openraft::{BasicNode, ServerState};
 
 use super::{
-    TestNode, WAIT_TIMEOUT, start_cluster, submit_fleet, wait_for_agreed_leader, wait_for_applied,
-    wait_for_leader,
+    TestNode, WAIT_TIMEOUT, assert_holds_for, start_cluster, submit_fleet, wait_for_agreed_leader,
+    wait_for_applied, wait_for_leader, wait_until,
 };
 use crate::RaftNodeConfig;
-use crate::node::{DEFAULT_ELECTION_TIMEOUT_MAX_MS, DEFAULT_ELECTION_TIMEOUT_MIN_MS};
+use crate::node::DEFAULT_ELECTION_TIMEOUT_MAX_MS;
 
 /// One failover: how long until the survivors agreed on a new leader, and how many campaigns
 /// they started meanwhile.
@@ -21,14 +22,10 @@ struct Failover {
 }
 
 /// Runs `rounds` failovers on a 3-node cluster configured by `configure`: shuts the leader
-/// down, waits until the two others agree on a new leader (asserting it takes less than
-/// `bound`), writes through it, restarts the stopped node from its data directory at its address
-/// and waits until it follows the new leader and has the write.
-async fn failover_rounds(
-    rounds: usize,
-    bound: Duration,
-    configure: fn(&mut RaftNodeConfig),
-) -> Vec<Failover> {
+/// down, waits until the two others agree on a new leader (within [`WAIT_TIMEOUT`]), writes
+/// through it, restarts the stopped node from its data directory at its address and waits until
+/// it follows the new leader and has the write.
+async fn failover_rounds(rounds: usize, configure: fn(&mut RaftNodeConfig)) -> Vec<Failover> {
     let directories: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut nodes: Vec<Option<TestNode>> = start_cluster(&directories, configure)
         .await
@@ -71,10 +68,6 @@ async fn failover_rounds(
              {new_term} after {elapsed:?}, {campaigns} campaign(s)"
         );
         assert_ne!(new_leader_id, leader_id);
-        assert!(
-            elapsed < bound,
-            "round {round}: a new leader took {elapsed:?}, more than {bound:?}"
-        );
         assert!(campaigns >= 1, "round {round}: the new leader campaigned");
         failovers.push(Failover { elapsed, campaigns });
 
@@ -126,30 +119,19 @@ fn report(label: &str, failovers: &[Failover]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_two_survivors_elect_a_new_leader_after_every_leader_shutdown() {
-    // A few election timeouts: the first campaign starts within one maximum timeout of the last
-    // heartbeat; room for one split vote and a loaded test machine.
-    let bound = Duration::from_millis(4 * DEFAULT_ELECTION_TIMEOUT_MAX_MS);
-    let failovers = failover_rounds(5, bound, |_| {}).await;
+    let failovers = failover_rounds(5, |_| {}).await;
     report("resampled election timeout", &failovers);
     assert_eq!(failovers.len(), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openraft_timer_mode_still_elects_and_counts_campaigns() {
-    // openraft campaigns after its lease (the maximum timeout) plus its own timeout.
-    let bound = Duration::from_millis(6 * DEFAULT_ELECTION_TIMEOUT_MAX_MS);
-    let failovers = failover_rounds(2, bound, |config| {
+    let failovers = failover_rounds(2, |config| {
         config.resample_election_timeout = false;
     })
     .await;
     report("openraft's election timer", &failovers);
-    for failover in &failovers {
-        assert!(
-            failover.elapsed >= Duration::from_millis(DEFAULT_ELECTION_TIMEOUT_MAX_MS),
-            "openraft waits out its leader lease first: {:?}",
-            failover.elapsed
-        );
-    }
+    assert_eq!(failovers.len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,14 +148,31 @@ async fn a_healthy_cluster_starts_no_campaign_while_idle() {
         campaigns_before.iter().sum::<u64>() >= 1,
         "the first election was counted: {campaigns_before:?}"
     );
+    let pre_votes_before: Vec<u64> = members.iter().map(|node| node.pre_vote_rounds()).collect();
 
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Idle for twenty heartbeats on every follower (about three maximum election timeouts).
+    let followers: Vec<_> = members
+        .iter()
+        .filter(|node| node.node_id != leader_id)
+        .map(|node| (node, node.leader_messages_accepted()))
+        .collect();
+    wait_until("every follower accepts twenty heartbeats", || {
+        followers
+            .iter()
+            .all(|(node, before)| node.leader_messages_accepted() >= before + 20)
+    })
+    .await;
 
     let campaigns_after: Vec<u64> = members
         .iter()
         .map(|node| node.elections_started())
         .collect();
     assert_eq!(campaigns_after, campaigns_before, "no campaign while idle");
+    let pre_votes_after: Vec<u64> = members.iter().map(|node| node.pre_vote_rounds()).collect();
+    assert_eq!(
+        pre_votes_after, pre_votes_before,
+        "no follower that hears heartbeats even asks for a pre-vote"
+    );
     for node in &members {
         let metrics = node.raft.metrics().borrow().clone();
         assert_eq!(metrics.current_term, term, "node {}", node.node_id);
@@ -214,25 +213,29 @@ async fn a_learner_never_campaigns_and_a_single_voter_elects_itself_at_start() {
     let voter_address = voter.node.advertise_address().to_string();
 
     voter.stop().await;
-    // Three maximum timeouts without a leader.
-    tokio::time::sleep(Duration::from_millis(3 * DEFAULT_ELECTION_TIMEOUT_MAX_MS)).await;
-    let metrics = learner.node.raft.metrics().borrow().clone();
-    assert_eq!(metrics.state, ServerState::Learner);
-    assert_eq!(
-        metrics.current_term, learner_term,
-        "the learner kept its term"
-    );
-    assert_eq!(learner.node.elections_started(), 0);
+    // Throughout three maximum timeouts without a leader, the learner stays a learner in its
+    // term and never campaigns or asks for pre-votes.
+    assert_holds_for(
+        Duration::from_millis(3 * DEFAULT_ELECTION_TIMEOUT_MAX_MS),
+        "the learner stays a learner in its term and never campaigns",
+        || {
+            let metrics = learner.node.raft.metrics().borrow().clone();
+            metrics.state == ServerState::Learner
+                && metrics.current_term == learner_term
+                && learner.node.elections_started() == 0
+                && learner.node.pre_vote_rounds() == 0
+        },
+    )
+    .await;
 
-    // The only voter, restarted, leads again well within one election timeout (openraft restores
-    // a node whose committed vote is its own as leader at startup; the timer stays out of it).
-    let started = Instant::now();
+    // The only voter, restarted, leads again without a campaign: openraft restores a node whose
+    // committed vote is its own as leader at startup, and the timer stays out of it.
     let voter = TestNode::start_at(1, voter_directory.path(), &voter_address, |_| {}).await;
     assert_eq!(wait_for_leader(&voter.node).await, 1);
-    let elapsed = started.elapsed();
-    assert!(
-        elapsed < Duration::from_millis(DEFAULT_ELECTION_TIMEOUT_MIN_MS),
-        "the single voter led after {elapsed:?}"
+    assert_eq!(
+        voter.node.elections_started(),
+        0,
+        "the restarted voter resumed leadership without campaigning"
     );
     voter.stop().await;
     learner.stop().await;
@@ -240,11 +243,12 @@ async fn a_learner_never_campaigns_and_a_single_voter_elects_itself_at_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sole_voter_campaigns_at_once_after_a_restart_but_waits_after_following_a_leader() {
-    // Node 2's timeout is long, so anything faster than 5 s is not its timeout.
+    // Node 2's election timeout is far longer than any wait of this test (WAIT_TIMEOUT), so a
+    // campaign seen within a wait did not come from its timeout.
     let configure = |config: &mut RaftNodeConfig| {
         if config.node_id == 2 {
-            config.election_timeout_min_ms = 5_000;
-            config.election_timeout_max_ms = 6_000;
+            config.election_timeout_min_ms = 3 * WAIT_TIMEOUT.as_millis() as u64;
+            config.election_timeout_max_ms = 3 * WAIT_TIMEOUT.as_millis() as u64 + 1_000;
         }
     };
     let directories: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -274,22 +278,20 @@ async fn a_sole_voter_campaigns_at_once_after_a_restart_but_waits_after_followin
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(second.node.elections_started(), 0);
-    assert_eq!(second.node.cluster_view().role, "Follower");
+    assert_holds_for(
+        Duration::from_millis(DEFAULT_ELECTION_TIMEOUT_MAX_MS),
+        "node 2 stays a follower and does not campaign at once",
+        || second.node.elections_started() == 0 && second.node.cluster_view().role == "Follower",
+    )
+    .await;
 
-    // Restarted, the only voter has heard no leader: it campaigns at once.
+    // Restarted, the only voter has heard no leader: it campaigns at once (within
+    // WAIT_TIMEOUT, well before its election timeout).
     second.stop().await;
-    let started = Instant::now();
     let second = TestNode::start(2, directories[1].path(), configure).await;
     let (new_leader_id, _) = wait_for_agreed_leader(&[&second.node], term).await;
-    let elapsed = started.elapsed();
     assert_eq!(new_leader_id, 2);
     assert_eq!(second.node.elections_started(), 1);
-    assert!(
-        elapsed < Duration::from_millis(1_000),
-        "the only voter led after {elapsed:?}"
-    );
     second.stop().await;
     first.stop().await;
 }
@@ -304,7 +306,6 @@ async fn compare_election_timers() {
         .ok()
         .and_then(|rounds| rounds.parse().ok())
         .unwrap_or(10);
-    let bound = Duration::from_millis(10 * DEFAULT_ELECTION_TIMEOUT_MAX_MS);
     for (label, configure) in [
         (
             "resampled election timeout",
@@ -314,7 +315,7 @@ async fn compare_election_timers() {
             config.resample_election_timeout = false;
         }),
     ] {
-        let failovers = failover_rounds(rounds, bound, configure).await;
+        let failovers = failover_rounds(rounds, configure).await;
         report(label, &failovers);
         let mut elapsed: Vec<u128> = failovers
             .iter()

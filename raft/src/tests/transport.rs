@@ -1,18 +1,21 @@
 //! The gRPC service rejects undecodable messages; the network reports unreachable peers so
-//! that openraft backs off.
+//! that openraft backs off, messages over the size limit as too large, and replaces a
+//! connection that stalled.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flotilla_proto::raft::RaftMessage;
 use flotilla_proto::raft::raft_service_server::RaftService;
 use openraft::error::RPCError;
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-use openraft::raft::VoteRequest;
-use openraft::{BasicNode, Vote};
-use tokio::net::TcpListener;
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
+use openraft::{BasicNode, CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
-use super::TestNode;
-use crate::{GrpcNetworkFactory, NetworkConfig, RaftGrpcService};
+use super::{TestNode, WAIT_TIMEOUT, submit_fleet};
+use crate::{GrpcNetworkFactory, NetworkConfig, RaftGrpcService, TypeConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_requests_are_invalid_arguments_naming_the_field() {
@@ -29,6 +32,7 @@ async fn undecodable_requests_are_invalid_arguments_naming_the_field() {
         service.append_entries(garbage()).await.unwrap_err(),
         service.vote(garbage()).await.unwrap_err(),
         service.install_snapshot(garbage()).await.unwrap_err(),
+        service.pre_vote(garbage()).await.unwrap_err(),
     ] {
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert!(
@@ -77,12 +81,174 @@ async fn unreachable_peers_are_reported_as_unreachable() {
     }
 }
 
+/// An AppendEntries of 20 entries, each with a task of `task_bytes` bytes.
+fn large_append(task_bytes: usize) -> AppendEntriesRequest<TypeConfig> {
+    let entries: Vec<Entry<TypeConfig>> = (1..=20)
+        .map(|index| {
+            let mut request = submit_fleet(&format!("fleet-{index}"), index);
+            if let flotilla_scheduler::Command::SubmitFleet { spec, .. } = &mut request.command {
+                spec.agent.task = "t".repeat(task_bytes);
+            }
+            Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, 2), index),
+                payload: EntryPayload::Normal(request),
+            }
+        })
+        .collect();
+    AppendEntriesRequest {
+        vote: Vote::new_committed(1, 2),
+        prev_log_id: None,
+        entries,
+        leader_commit: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_over_the_message_limit_of_either_side_is_payload_too_large() {
+    // The receiver accepts at most 128 KiB (with chunks small enough to fit).
+    let directory = tempfile::tempdir().unwrap();
+    let test_node = TestNode::start(1, directory.path(), |config| {
+        config.network.max_message_bytes = 128 * 1024;
+        config.snapshot_chunk_bytes = 16 * 1024;
+    })
+    .await;
+    let target = BasicNode::new(test_node.node.advertise_address());
+    let option = RPCOption::new(Duration::from_secs(5));
+    for (sender_limit, task_bytes, side) in [
+        (4096, 100, "over the sender's limit"),
+        (
+            NetworkConfig::default().max_message_bytes,
+            10_000,
+            "over the receiver's limit",
+        ),
+    ] {
+        let config = NetworkConfig {
+            max_message_bytes: sender_limit,
+            ..NetworkConfig::default()
+        };
+        let mut factory = GrpcNetworkFactory::new(2, config);
+        let mut client = factory.new_client(1, &target).await;
+        let result = client
+            .append_entries(large_append(task_bytes), option.clone())
+            .await;
+        match result {
+            Err(RPCError::PayloadTooLarge(too_large)) => {
+                assert_eq!(too_large.entries_hint(), 10, "{side}: half the entries");
+            }
+            other => panic!("{side}: expected PayloadTooLarge, got {other:?}"),
+        }
+    }
+    test_node.stop().await;
+}
+
+/// A TCP proxy to `upstream` whose connections can be frozen: [`FreezingProxy::freeze`] stops
+/// forwarding on every connection open at that moment, keeping it open (as a partition that
+/// drops packets leaves a connection), while new connections are forwarded normally.
+struct FreezingProxy {
+    address: String,
+    freeze: watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FreezingProxy {
+    async fn start(upstream: String) -> FreezingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let (freeze, _) = watch::channel(0u64);
+        let generations = freeze.clone();
+        let frozen: Arc<Mutex<Vec<(TcpStream, TcpStream)>>> = Arc::default();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let mut generation = generations.subscribe();
+                let frozen = Arc::clone(&frozen);
+                tokio::spawn(async move {
+                    generation.borrow_and_update();
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
+                        _ = generation.changed() => {}
+                    }
+                    // Frozen: keep both ends open, forward nothing.
+                    frozen.lock().unwrap().push((inbound, outbound));
+                });
+            }
+        });
+        FreezingProxy {
+            address,
+            freeze,
+            task,
+        }
+    }
+
+    fn freeze(&self) {
+        self.freeze.send_modify(|generation| *generation += 1);
+    }
+}
+
+impl Drop for FreezingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_connection_is_replaced_after_its_keep_alive_ping_goes_unanswered() {
+    let directory = tempfile::tempdir().unwrap();
+    let test_node = TestNode::start(1, directory.path(), |_| {}).await;
+    let proxy = FreezingProxy::start(test_node.node.advertise_address().to_string()).await;
+    let config = NetworkConfig {
+        keep_alive_interval_ms: 200,
+        keep_alive_timeout_ms: 400,
+        ..NetworkConfig::default()
+    };
+    let mut factory = GrpcNetworkFactory::new(2, config);
+    let target = BasicNode::new(&proxy.address);
+    let option = RPCOption::new(Duration::from_millis(300));
+    let vote = || VoteRequest::new(Vote::new(1, 2), None);
+
+    let mut client = factory.new_client(1, &target).await;
+    client.vote(vote(), option.clone()).await.unwrap();
+
+    // The connection stalls for good; calls on it fail until it is replaced by a new one.
+    proxy.freeze();
+    let mut failures = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT_TIMEOUT;
+    loop {
+        let mut client = factory.new_client(1, &target).await;
+        match client.vote(vote(), option.clone()).await {
+            Ok(_) => break,
+            Err(error) => {
+                assert!(
+                    matches!(error, RPCError::Timeout(_) | RPCError::Unreachable(_)),
+                    "{error:?}"
+                );
+                failures.push(error);
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no call succeeded within {WAIT_TIMEOUT:?} of the stall: {failures:?}"
+        );
+    }
+    assert!(
+        !failures.is_empty(),
+        "the stall took effect: calls on the frozen connection failed"
+    );
+    drop(proxy);
+    test_node.stop().await;
+}
+
 #[test]
 fn inconsistent_configurations_are_rejected() {
     let valid = crate::RaftNodeConfig::new(1, "127.0.0.1:7000", "/nonexistent");
     assert!(valid.to_openraft_config().is_ok());
     type Edit = fn(&mut crate::RaftNodeConfig);
-    let cases: [(Edit, &str); 8] = [
+    let cases: [(Edit, &str); 10] = [
         (
             |config| config.advertise_address.clear(),
             "advertise_address",
@@ -112,6 +278,14 @@ fn inconsistent_configurations_are_rejected() {
             "snapshot_chunk_bytes",
         ),
         (|config| config.max_payload_entries = 0, "payload"),
+        (
+            |config| config.network.keep_alive_interval_ms = 0,
+            "keep_alive_interval_ms",
+        ),
+        (
+            |config| config.network.keep_alive_timeout_ms = 0,
+            "keep_alive_timeout_ms",
+        ),
     ];
     for (edit, expected) in cases {
         let mut config = valid.clone();
