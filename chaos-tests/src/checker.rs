@@ -10,8 +10,9 @@
 //!   earlier ones ended `lease_expired`, `infrastructure` or `cancelled`; the summary's
 //!   attempt (the accepted result's fencing token) is the last attempt;
 //! - events: numbered 1, 2, 3... without gaps up to the fleet's last sequence; per run exactly
-//!   `leased n, ended n` for each attempt n in order, so no result was applied twice or to a
-//!   stale attempt; the last event finishes the fleet;
+//!   `leased n, ended n` for each attempt n in order (a `leased n` marked `redelivered` right
+//!   after itself is the same lease sent again to a worker that lost its reply), so no result was applied twice
+//!   or to a stale attempt; the last event finishes the fleet;
 //! - replicas: see [`converge`]: all voters reach the same applied index and state digest.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -546,10 +547,18 @@ fn check_events(
         if event.run_id.is_empty() {
             continue;
         }
-        per_run
-            .entry(event.run_id.as_str())
-            .or_default()
-            .push((event.run_state, event.attempt));
+        let seen = per_run.entry(event.run_id.as_str()).or_default();
+        let entry = (event.run_state, event.attempt);
+        // A lease sent again to a worker that never received it (lease reconciliation) repeats
+        // `leased n` with nothing between, marked `redelivered`: the same attempt, not a second
+        // one. An unmarked repeat stays a violation (a double lease).
+        if event.redelivered
+            && event.run_state == RunState::Running as i32
+            && seen.last() == Some(&entry)
+        {
+            continue;
+        }
+        seen.push(entry);
         if event.run_state == RunState::Running as i32 {
             history
                 .lease_events
@@ -788,6 +797,37 @@ mod tests {
         let runs = valid_runs();
         let (fleet, events) = fleet(&runs);
         assert_eq!(violations_of(&fleet, &runs, &events), Vec::<String>::new());
+    }
+
+    /// `events` with the event at `position` repeated right after itself, renumbered.
+    fn with_repeated(events: &[v1::FleetEvent], position: usize) -> Vec<v1::FleetEvent> {
+        let mut repeated = events.to_vec();
+        let mut again = events[position].clone();
+        again.redelivered = true;
+        repeated.insert(position + 1, again);
+        for (index, event) in repeated.iter_mut().enumerate() {
+            event.sequence = index as u64 + 1;
+        }
+        repeated
+    }
+
+    #[test]
+    fn a_lease_sent_again_is_the_same_attempt_but_a_second_result_is_caught() {
+        let runs = valid_runs();
+        let (mut fleet, events) = fleet(&runs);
+        fleet.last_sequence += 1;
+        // Event 2 is fl-1-0's `leased 1`: sent again to a worker that lost the reply.
+        let resent = with_repeated(&events, 1);
+        assert_eq!(violations_of(&fleet, &runs, &resent), Vec::<String>::new());
+        // Event 3 is fl-1-0's result: a result applied twice is a violation.
+        let twice = with_repeated(&events, 2);
+        let found = violations_of(&fleet, &runs, &twice);
+        assert!(
+            found
+                .iter()
+                .any(|v| v.contains("run fl-1-0 with 1 attempt(s)")),
+            "{found:?}"
+        );
     }
 
     #[test]

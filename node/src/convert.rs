@@ -408,6 +408,7 @@ pub fn event_to_wire(fleet: &Fleet, event: &FleetEvent) -> v1::FleetEvent {
         fleet_state: fleet_state_to_wire(event.fleet_state) as i32,
         counts: Some(counts_to_wire(&event.counts)),
         message: event.message.clone(),
+        redelivered: event.redelivered,
     }
 }
 

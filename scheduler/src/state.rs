@@ -194,6 +194,9 @@ pub struct FleetEvent {
     pub counts: RunCounts,
     /// Human-readable detail.
     pub message: String,
+    /// A lease of the same attempt sent again to a worker that had not received it.
+    #[serde(default)]
+    pub redelivered: bool,
 }
 
 /// A fleet and its runs.
@@ -566,6 +569,9 @@ impl State {
                         "attempt {attempt} lease sent again to {worker_id}, which had not received it"
                     ),
                 );
+                if let Some(event) = fleet.events.back_mut() {
+                    event.redelivered = true;
+                }
             } else {
                 let result = AttemptResult::failure(
                     Outcome::LeaseExpired,
@@ -1136,6 +1142,7 @@ fn push_event(fleet: &mut Fleet, now_ms: u64, run_index: Option<u32>, message: S
         fleet_state: fleet.state,
         counts: fleet.counts,
         message: truncate_message(message),
+        redelivered: false,
     });
 }
 

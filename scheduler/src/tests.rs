@@ -714,6 +714,14 @@ fn a_lost_lease_reply_is_sent_again_under_the_same_attempt() {
         "no attempt was lost: {:?}",
         run.attempts
     );
+    // The re-sent lease is an event marked as a redelivery of attempt 1, the first is not.
+    let leased: Vec<(u32, bool)> = fleet
+        .events
+        .iter()
+        .filter(|e| e.run_state == Some(RunState::Running))
+        .map(|e| (e.attempt, e.redelivered))
+        .collect();
+    assert_eq!(leased, vec![(1, false), (1, true)]);
     assert!(
         fleet
             .events
