@@ -289,9 +289,11 @@ async fn a_sole_voter_campaigns_at_once_after_a_restart_but_waits_after_followin
     // WAIT_TIMEOUT, well before its election timeout).
     second.stop().await;
     let second = TestNode::start(2, directories[1].path(), configure).await;
+    // It leads in a term above `term` within WAIT_TIMEOUT, a third of its election timeout:
+    // only an immediate campaign gets there. (Not `elections_started() == 1`: a campaign made
+    // before the timer's first look at the metrics is not counted, as a loaded CI run showed.)
     let (new_leader_id, _) = wait_for_agreed_leader(&[&second.node], term).await;
     assert_eq!(new_leader_id, 2);
-    assert_eq!(second.node.elections_started(), 1);
     second.stop().await;
     first.stop().await;
 }
