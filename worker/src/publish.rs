@@ -303,6 +303,37 @@ impl PublishTarget<'_> {
             observed.expected()
         )
     }
+
+    /// The one write to the origin: checks the lease margin, then pushes `refspec` only if the
+    /// branch still is `observed` (compare-and-swap with `--force-with-lease`).
+    ///
+    /// Errors: [`PublishError::LeaseTooShort`]; the outer `Ok` carries git's own result, so the
+    /// caller can tell a lost race (the branch moved) from other failures.
+    async fn compare_and_swap(
+        &self,
+        git: &Git,
+        observed: &RemoteBranch,
+        refspec: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Result<crate::git::GitOutput, GitError>, PublishError> {
+        self.check_lease()?;
+        let lease = self.lease_option(observed);
+        Ok(git
+            .run(
+                self.directory,
+                [
+                    "push",
+                    "--quiet",
+                    "--no-verify",
+                    lease.as_str(),
+                    "--",
+                    self.url,
+                    refspec,
+                ],
+                cancel,
+            )
+            .await)
+    }
 }
 
 /// Reads the branch on the origin: its commit (fetched into the clone to read the trailers)
@@ -410,23 +441,9 @@ pub async fn push_fenced(
             }
             PushDecision::Push => {}
         }
-        target.check_lease()?;
-        let lease = target.lease_option(&observed);
-        let pushed = git
-            .run(
-                target.directory,
-                [
-                    "push",
-                    "--quiet",
-                    "--no-verify",
-                    lease.as_str(),
-                    "--",
-                    target.url,
-                    refspec.as_str(),
-                ],
-                cancel,
-            )
-            .await;
+        let pushed = target
+            .compare_and_swap(git, &observed, &refspec, cancel)
+            .await?;
         match pushed {
             Ok(_) => return Ok(head),
             Err(error) if error.is_cancelled() => return Err(error.into()),
@@ -491,23 +508,9 @@ pub async fn withdraw_fenced(
             ) => identity.attempt,
             (_, WithdrawalDecision::Delete) => 0,
         };
-        target.check_lease()?;
-        let lease = target.lease_option(&observed);
-        let deleted = git
-            .run(
-                target.directory,
-                [
-                    "push",
-                    "--quiet",
-                    "--no-verify",
-                    lease.as_str(),
-                    "--",
-                    target.url,
-                    refspec.as_str(),
-                ],
-                cancel,
-            )
-            .await;
+        let deleted = target
+            .compare_and_swap(git, &observed, &refspec, cancel)
+            .await?;
         match deleted {
             Ok(_) => {
                 return Ok(Withdrawal::Deleted {
