@@ -9,7 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Node, spec};
+use common::{Node, lease, spec};
 use flotilla_proto::v1;
 use flotilla_proto::v1::worker_service_client::WorkerServiceClient;
 
@@ -23,41 +23,6 @@ lease_check_interval_ms = 100
 enabled = false
 heartbeat_interval_ms = 500
 "#;
-
-/// Leases as `worker_id` until `count` leases arrive or the deadline passes.
-async fn lease(node: &Node, worker_id: &str, count: usize, deadline: Instant) -> Vec<v1::Lease> {
-    let mut workers = WorkerServiceClient::connect(node.address.clone())
-        .await
-        .unwrap();
-    let mut leases = Vec::new();
-    while leases.len() < count {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {count} leases for {worker_id}; log:\n{}",
-            leases.len(),
-            node.log_text()
-        );
-        let response = workers
-            .lease_runs(v1::LeaseRunsRequest {
-                worker_id: worker_id.into(),
-                free_slots: (count - leases.len()) as u32,
-                wait_ms: 1_000,
-                // What this test-as-worker already holds, so it is not sent again.
-                held: leases
-                    .iter()
-                    .map(|l: &v1::Lease| v1::HeldLease {
-                        run_id: l.run_id.clone(),
-                        attempt: l.attempt,
-                    })
-                    .collect(),
-            })
-            .await;
-        if let Ok(response) = response {
-            leases.extend(response.into_inner().leases);
-        }
-    }
-    leases
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_with_a_clock_ahead_replaced_by_a_right_one_leaves_no_run_stuck() {

@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{Node, spec};
+use std::time::{Duration, Instant};
+
+use common::{Node, lease, spec};
 use flotilla_proto::v1;
 use flotilla_proto::v1::worker_service_client::WorkerServiceClient;
 
@@ -35,30 +37,10 @@ async fn a_watcher_behind_the_event_bound_is_told_where_to_resume() {
         .into_inner()
         .fleet
         .unwrap();
+    let leases = lease(&node, "w1", 10, Instant::now() + Duration::from_secs(60)).await;
     let mut workers = WorkerServiceClient::connect(node.address.clone())
         .await
         .unwrap();
-    let mut leases = Vec::new();
-    while leases.len() < 10 {
-        let response = workers
-            .lease_runs(v1::LeaseRunsRequest {
-                worker_id: "w1".into(),
-                free_slots: 10,
-                wait_ms: 1_000,
-                // What this test-as-worker already holds, so it is not sent again.
-                held: leases
-                    .iter()
-                    .map(|l: &v1::Lease| v1::HeldLease {
-                        run_id: l.run_id.clone(),
-                        attempt: l.attempt,
-                    })
-                    .collect(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        leases.extend(response.leases);
-    }
     for lease in &leases {
         let report = workers
             .report_result(v1::ReportResultRequest {

@@ -255,3 +255,46 @@ pub async fn wait_finished(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Leases as `worker_id` (this test acting as a worker, listing what it already holds) until
+/// `count` leases arrived; panics with the node's log when `deadline` passes first.
+pub async fn lease(
+    node: &Node,
+    worker_id: &str,
+    count: usize,
+    deadline: Instant,
+) -> Vec<v1::Lease> {
+    let mut workers = flotilla_proto::v1::worker_service_client::WorkerServiceClient::connect(
+        node.address.clone(),
+    )
+    .await
+    .unwrap();
+    let mut leases = Vec::new();
+    while leases.len() < count {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {count} leases for {worker_id}; log:\n{}",
+            leases.len(),
+            node.log_text()
+        );
+        let response = workers
+            .lease_runs(v1::LeaseRunsRequest {
+                worker_id: worker_id.into(),
+                free_slots: (count - leases.len()) as u32,
+                wait_ms: 1_000,
+                // What this test-as-worker already holds, so it is not sent again.
+                held: leases
+                    .iter()
+                    .map(|l: &v1::Lease| v1::HeldLease {
+                        run_id: l.run_id.clone(),
+                        attempt: l.attempt,
+                    })
+                    .collect(),
+            })
+            .await;
+        if let Ok(response) = response {
+            leases.extend(response.into_inner().leases);
+        }
+    }
+    leases
+}
