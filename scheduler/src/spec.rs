@@ -21,6 +21,9 @@ pub const DEFAULT_RETRY_BACKOFF_MAX_MS: u64 = 60_000;
 pub const DEFAULT_BRANCH_TEMPLATE: &str = "flotilla/{fleet}";
 /// Default prefix every branch must start with ([`SpecLimits::branch_prefix`]).
 pub const DEFAULT_BRANCH_PREFIX: &str = "flotilla/";
+/// The project (namespace) a fleet, token or secret belongs to when none is named. Project
+/// names follow [`is_valid_name`].
+pub const DEFAULT_PROJECT: &str = "default";
 /// Longest branch name accepted, in bytes.
 pub const MAX_BRANCH_BYTES: usize = 255;
 /// The `{fleet_id}` used when a template is validated before the fleet has an id: the longest
