@@ -108,7 +108,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let clock = Arc::new(
         crate::clock::LeaderClock::from_environment().map_err(|error| anyhow::anyhow!(error))?,
     );
-    let api = Api::new(node.clone(), &config.limits, clock.clone());
+    let api =
+        Api::new(node.clone(), &config.limits, clock.clone()).with_policy(config.policy.clone());
     let max_bytes = config.limits.max_request_bytes;
     // Both reflection protocols: grpc.reflection.v1 (grpcurl 1.9+, current tonic clients) and
     // grpc.reflection.v1alpha (Python's grpcio-reflection, older grpcurl, Postman).

@@ -59,6 +59,9 @@ pub mod exit_code {
     pub const UNAVAILABLE: i32 = 5;
     /// A watched fleet finished with failed or cancelled runs.
     pub const FLEET_FAILED: i32 = 6;
+    /// The request was refused: no or an invalid credential, a role or project that does not
+    /// allow it, or a spec outside the operator's policy (the message names the field).
+    pub const PERMISSION_DENIED: i32 = 7;
     /// Stdout was closed before all output was written (`flotilla ... | head`): 128 + SIGPIPE,
     /// the status a shell shows for a Unix tool that SIGPIPE ended. Nothing is printed.
     pub const BROKEN_PIPE: i32 = 141;
@@ -84,6 +87,9 @@ impl From<tonic::Status> for CliError {
                 exit_code::INVALID_ARGUMENT
             }
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => exit_code::UNAVAILABLE,
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+                exit_code::PERMISSION_DENIED
+            }
             _ => exit_code::ERROR,
         };
         CliError {
