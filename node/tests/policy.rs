@@ -152,3 +152,77 @@ fn a_node_with_an_invalid_policy_refuses_to_start_naming_the_key() {
     assert!(stderr.contains("policy.allowed_drivers"), "{stderr}");
     assert!(stderr.contains("docker"), "{stderr}");
 }
+
+/// Sends raw bytes as a request message, and decodes nothing.
+#[derive(Clone, Default)]
+struct RawBytesCodec;
+
+struct RawEncoder;
+struct NothingDecoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buffer: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut as _;
+        buffer.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for NothingDecoder {
+    type Item = ();
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        _buffer: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<()>, tonic::Status> {
+        Ok(Some(()))
+    }
+}
+
+impl tonic::codec::Codec for RawBytesCodec {
+    type Encode = Vec<u8>;
+    type Decode = ();
+    type Encoder = RawEncoder;
+    type Decoder = NothingDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> NothingDecoder {
+        NothingDecoder
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_request_is_an_invalid_argument_naming_the_message() {
+    let root = tempfile::tempdir().unwrap();
+    let node = Node::start(&root.path().join("node"), &["--no-worker"]).await;
+    let channel = tonic::transport::Endpoint::from_shared(node.address.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    // Field 1 (spec) as a length-delimited value claiming 100 bytes, followed by 2.
+    let garbage = vec![0x0a, 100, 1, 2];
+    let status = grpc
+        .unary(
+            tonic::Request::new(garbage),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/flotilla.v1.FleetService/SubmitFleet"),
+            RawBytesCodec,
+        )
+        .await
+        .expect_err("garbage is refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("not a valid SubmitFleetRequest"),
+        "{}",
+        status.message()
+    );
+}
