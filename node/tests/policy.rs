@@ -214,7 +214,9 @@ async fn an_undecodable_request_is_an_invalid_argument_naming_the_message() {
     let status = grpc
         .unary(
             tonic::Request::new(garbage),
-            tonic::codegen::http::uri::PathAndQuery::from_static("/flotilla.v1.FleetService/SubmitFleet"),
+            tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/flotilla.v1.FleetService/SubmitFleet",
+            ),
             RawBytesCodec,
         )
         .await
@@ -225,4 +227,43 @@ async fn an_undecodable_request_is_an_invalid_argument_naming_the_message() {
         "{}",
         status.message()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_about_oversized_inputs_do_not_echo_them() {
+    let root = tempfile::tempdir().unwrap();
+    let node = Node::start(&root.path().join("node"), &["--no-worker"]).await;
+    let mut client = node.client().await;
+    let huge = "x".repeat(1 << 20);
+    let status = client
+        .get_fleet(v1::GetFleetRequest {
+            fleet_id: huge.clone(),
+        })
+        .await
+        .expect_err("no such fleet");
+    // The client sees the real answer (not "Stream removed" from a message over the 16 KiB
+    // header limit), with the input cut.
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().starts_with("fleet_id: "),
+        "{}",
+        &status.message()[..64]
+    );
+    assert!(status.message().len() < 2048, "{}", status.message().len());
+    let mut oversized = spec("oversized", vec!["file:///srv/a.git".into()], "true", &[]);
+    oversized.sandbox.as_mut().unwrap().driver = huge;
+    let status = client
+        .submit_fleet(v1::SubmitFleetRequest {
+            spec: Some(oversized),
+            idempotency_key: String::new(),
+        })
+        .await
+        .expect_err("unknown driver");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().starts_with("spec.sandbox.driver: "),
+        "{}",
+        &status.message()[..64]
+    );
+    assert!(status.message().len() < 2048, "{}", status.message().len());
 }

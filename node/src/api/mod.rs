@@ -17,6 +17,7 @@ use flotilla_proto::v1::worker_service_client::WorkerServiceClient;
 use flotilla_proto::v1::worker_service_server::WorkerService;
 use flotilla_proto::v1::{self};
 use flotilla_raft::{RaftNode, ReadError, WriteError};
+use flotilla_scheduler::spec::shorten;
 use flotilla_scheduler::{Command, ExecutionPolicy, FieldError, Request, Response, SpecLimits};
 use futures::Stream;
 use tokio::sync::{Semaphore, mpsc};
@@ -246,7 +247,9 @@ impl Api {
                     .fleet(fleet_id)
                     .map(|f| convert::fleet_to_wire(f, with_runs))
             })
-            .ok_or_else(|| Status::not_found(format!("fleet_id: no fleet {fleet_id:?}")))
+            .ok_or_else(|| {
+                Status::not_found(format!("fleet_id: no fleet {:?}", shorten(fleet_id, 128)))
+            })
     }
 }
 
@@ -466,7 +469,9 @@ impl FleetService for Api {
                     )
                 })
             })
-            .ok_or_else(|| Status::not_found(format!("run_id: no run {run_id:?}")))?;
+            .ok_or_else(|| {
+                Status::not_found(format!("run_id: no run {:?}", shorten(&run_id, 128)))
+            })?;
         for (position, wanted) in artifacts {
             let Some(text) = crate::artifacts::load(&self.node, &wanted).await else {
                 continue;
