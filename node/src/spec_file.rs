@@ -168,12 +168,35 @@ pub fn parse(path: &Path, text: &str) -> Result<SpecFile, SpecFileError> {
     }
 }
 
+/// Largest spec file or repositories file read, in bytes (16 MiB, the default gRPC message
+/// limit: a larger spec could not be submitted anyway).
+pub const MAX_SPEC_FILE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Reads a UTF-8 text file of at most [`MAX_SPEC_FILE_BYTES`].
+///
+/// # Errors
+/// The file cannot be read, is larger than the limit, or is not UTF-8.
+pub fn read_bounded(path: &Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_SPEC_FILE_BYTES + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_SPEC_FILE_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {MAX_SPEC_FILE_BYTES} bytes"),
+        ));
+    }
+    Ok(text)
+}
+
 /// Reads, parses and expands a spec file into the wire spec.
 ///
 /// # Errors
 /// Any [`SpecFileError`].
 pub fn load(path: &Path) -> Result<v1::FleetSpec, SpecFileError> {
-    let text = std::fs::read_to_string(path).map_err(|source| SpecFileError::Read {
+    let text = read_bounded(path).map_err(|source| SpecFileError::Read {
         path: path.into(),
         source,
     })?;
@@ -229,7 +252,7 @@ impl SpecFile {
         }
         if let Some(file) = &self.targets.repositories_file {
             let file = base.join(file);
-            let text = std::fs::read_to_string(&file).map_err(|e| {
+            let text = read_bounded(&file).map_err(|e| {
                 error(
                     "targets.repositories_file",
                     format!("{}: {e}", file.display()),

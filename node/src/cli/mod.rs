@@ -879,8 +879,8 @@ pub async fn cancel(client: &mut Client, fleet_id: &str, output: Output) -> Resu
 /// # Errors
 /// The file cannot be read or names no repository.
 pub fn read_repositories_file(path: &Path) -> anyhow::Result<Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = crate::spec_file::read_bounded(path)
+        .with_context(|| format!("reading {}", path.display()))?;
     let repositories: Vec<String> = text
         .lines()
         .map(str::trim)
