@@ -251,6 +251,9 @@ pub struct WorkerSection {
     pub mirror_cache_max_mirrors: usize,
     /// Most bytes of repository mirrors kept on disk (same eviction).
     pub mirror_cache_max_bytes: u64,
+    /// Egress of runs with `network: true` (`[worker.egress]`): host allowlist, address
+    /// exceptions, static hosts, proxy limits. Default: nothing allowed.
+    pub egress: flotilla_worker::egress::EgressConfig,
 }
 
 impl Default for WorkerSection {
@@ -270,6 +273,7 @@ impl Default for WorkerSection {
             push_lease_margin_ms: 0,
             mirror_cache_max_mirrors: 1_000,
             mirror_cache_max_bytes: 20 * 1024 * 1024 * 1024,
+            egress: flotilla_worker::egress::EgressConfig::default(),
         }
     }
 }
@@ -435,6 +439,9 @@ impl ServerConfig {
         }
         if self.limits.forward_timeout_ms == 0 {
             return invalid("limits.forward_timeout_ms", "must be positive");
+        }
+        if let Err(error) = self.worker.egress.policy() {
+            return invalid("worker.egress", &error.to_string());
         }
         if self.worker.rpc_timeout_ms == 0 {
             return invalid("worker.rpc_timeout_ms", "must be positive");

@@ -391,3 +391,98 @@ async fn sandbox_with_network_but_no_namespace_is_refused() {
         "{result:?}"
     );
 }
+
+/// A lease of one run of `agent` against `repository` with network on and no push.
+fn network_lease(repository: &str, agent: &str) -> flotilla_proto::v1::Lease {
+    use flotilla_proto::v1::{AgentSpec, FleetSpec, Lease, SandboxSpec};
+    Lease {
+        run_id: "run-egress".to_owned(),
+        fleet_id: "fleet-1".to_owned(),
+        fleet_name: "egress".to_owned(),
+        repository: repository.to_owned(),
+        attempt: 3,
+        branch: "flotilla/egress".to_owned(),
+        trace_parent: String::new(),
+        spec: Some(FleetSpec {
+            name: "egress".to_owned(),
+            repositories: vec![repository.to_owned()],
+            agent: Some(AgentSpec {
+                command: agent.to_owned(),
+                task: "fetch".to_owned(),
+                env: Default::default(),
+            }),
+            verify: Vec::new(),
+            sandbox: Some(SandboxSpec {
+                driver: String::new(),
+                timeout_ms: 20_000,
+                memory_limit_bytes: 0,
+                pids_limit: 0,
+                network: true,
+            }),
+            branch_template: "flotilla/{fleet}".to_owned(),
+            commit_message: "Fetch".to_owned(),
+            max_parallelism: 1,
+            max_attempts: 1,
+            push: false,
+            retry_backoff_initial_ms: 0,
+            retry_backoff_max_ms: 0,
+        }),
+        lease_ttl_ms: 30_000,
+        fleet_created_at_ms: 1_700_000_000_000,
+    }
+}
+
+#[tokio::test]
+async fn an_attempt_with_network_reports_its_egress_connections() {
+    let outside = OutsideHost::create();
+    let server = outside.serve();
+    let root = tempfile::tempdir().unwrap();
+    let origin = common::make_origin(root.path());
+    let config = flotilla_worker::config::WorkerConfig {
+        egress: egress_config(&outside),
+        ..test_config(&root.path().join("work"))
+    };
+    let agent = format!(
+        "curl -sS --max-time 5 --proxytunnel http://outside.test:{port}/ > fetched.txt; \
+         curl -sS --max-time 5 --proxytunnel http://denied.test:{port}/ || true",
+        port = server.port
+    );
+    let lease = network_lease(origin.to_str().unwrap(), &agent);
+    let deadline = flotilla_worker::lease::LeaseDeadline::fixed(
+        tokio::time::Instant::now() + std::time::Duration::from_secs(3600),
+    );
+    let result = flotilla_worker::execute::execute_attempt_with_token(
+        &config,
+        &lease,
+        tokio_util::sync::CancellationToken::new(),
+        deadline,
+    )
+    .await;
+    assert_eq!(result.outcome, "changed", "{result:?}");
+    assert!(result.patch.contains(OUTSIDE_BODY), "{}", result.patch);
+    let connections = &result.egress_connections;
+    assert_eq!(connections.len(), 2, "{connections:?}");
+    assert_eq!(result.egress_connections_dropped, 0);
+    let record = |host: &str| {
+        connections
+            .iter()
+            .find(|connection| connection.host == host)
+            .unwrap_or_else(|| panic!("no record of {host}: {connections:?}"))
+    };
+    let allowed = record("outside.test");
+    assert!(allowed.allowed);
+    assert_eq!(allowed.reason, "closed");
+    assert_eq!(allowed.address, outside.address.to_string());
+    assert_eq!(allowed.port, u32::from(server.port));
+    assert!(allowed.bytes_down > 0 && allowed.bytes_up > 0);
+    let denied = record("denied.test");
+    assert!(!denied.allowed);
+    assert_eq!(denied.reason, "not_allowed");
+    assert!(
+        result
+            .log_tail
+            .contains("egress: 1 connections allowed, 1 denied"),
+        "{}",
+        result.log_tail
+    );
+}

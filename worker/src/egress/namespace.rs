@@ -100,7 +100,7 @@ fn bring_loopback_up() -> std::io::Result<()> {
         *slot = *byte as libc::c_char;
     }
     // SAFETY: SIOCGIFFLAGS reads the flags into `request`, a valid ifreq.
-    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) } < 0 {
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &raw mut request) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: the union field was just written by the kernel as flags.
@@ -108,7 +108,7 @@ fn bring_loopback_up() -> std::io::Result<()> {
         request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
     }
     // SAFETY: SIOCSIFFLAGS reads `request`, a valid ifreq.
-    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) } < 0 {
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &raw const request) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
