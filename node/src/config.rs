@@ -552,6 +552,28 @@ mod tests {
     }
 
     #[test]
+    fn worker_egress_is_read_and_checked() {
+        let config = parse(
+            "[worker.egress]\nallowed_hosts = [\"crates.io:443\", \"*.github.com:443\"]\n\
+             static_hosts = { \"mirror.internal\" = \"10.20.0.5\" }\n\
+             allowed_private_networks = [\"10.20.0.0/16\"]\n",
+        )
+        .unwrap();
+        assert_eq!(config.worker.egress.allowed_hosts.len(), 2);
+        assert_eq!(config.worker.egress.proxy_port, 3128);
+        assert_eq!(
+            parse("[worker.egress]\nallowed_hosts = [\"crates.io\"]\n").unwrap_err(),
+            "config worker.egress: worker.egress.allowed_hosts[0]: \"crates.io\" has no port \
+             (expected host:port, *.domain:port or host:*)"
+        );
+        assert!(
+            parse("[worker.egress]\nallowed = []\n")
+                .unwrap_err()
+                .contains("worker.egress.allowed: unknown field")
+        );
+    }
+
+    #[test]
     fn unknown_and_invalid_keys_are_named() {
         let unknown = parse("[worker]\nslotz = 3\n").unwrap_err();
         assert!(
