@@ -256,6 +256,9 @@ pub struct WorkerSection {
     pub mirror_cache_max_mirrors: usize,
     /// Most bytes of repository mirrors kept on disk (same eviction).
     pub mirror_cache_max_bytes: u64,
+    /// Egress of runs with `network: true` (`[worker.egress]`): host allowlist, address
+    /// exceptions, static hosts, proxy limits. Default: nothing allowed.
+    pub egress: flotilla_worker::egress::EgressConfig,
 }
 
 impl Default for WorkerSection {
@@ -275,6 +278,7 @@ impl Default for WorkerSection {
             push_lease_margin_ms: 0,
             mirror_cache_max_mirrors: 1_000,
             mirror_cache_max_bytes: 20 * 1024 * 1024 * 1024,
+            egress: flotilla_worker::egress::EgressConfig::default(),
         }
     }
 }
@@ -444,6 +448,9 @@ impl ServerConfig {
         if self.limits.forward_timeout_ms == 0 {
             return invalid("limits.forward_timeout_ms", "must be positive");
         }
+        if let Err(error) = self.worker.egress.policy() {
+            return invalid("worker.egress", &error.to_string());
+        }
         if self.worker.rpc_timeout_ms == 0 {
             return invalid("worker.rpc_timeout_ms", "must be positive");
         }
@@ -550,6 +557,28 @@ mod tests {
     fn defaults_are_valid() {
         ServerConfig::default().validate().unwrap();
         assert_eq!(parse("").unwrap().listen_address, "127.0.0.1:7600");
+    }
+
+    #[test]
+    fn worker_egress_is_read_and_checked() {
+        let config = parse(
+            "[worker.egress]\nallowed_hosts = [\"crates.io:443\", \"*.github.com:443\"]\n\
+             static_hosts = { \"mirror.internal\" = \"10.20.0.5\" }\n\
+             allowed_private_networks = [\"10.20.0.0/16\"]\n",
+        )
+        .unwrap();
+        assert_eq!(config.worker.egress.allowed_hosts.len(), 2);
+        assert_eq!(config.worker.egress.proxy_port, 3128);
+        assert_eq!(
+            parse("[worker.egress]\nallowed_hosts = [\"crates.io\"]\n").unwrap_err(),
+            "config worker.egress: worker.egress.allowed_hosts[0]: \"crates.io\" has no port \
+             (expected host:port, *.domain:port or host:*)"
+        );
+        assert!(
+            parse("[worker.egress]\nallowed = []\n")
+                .unwrap_err()
+                .contains("worker.egress.allowed: unknown field")
+        );
     }
 
     #[test]

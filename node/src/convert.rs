@@ -2,6 +2,9 @@
 //! validation of every field that arrives over the wire. Errors name the field's path.
 
 use flotilla_proto::v1;
+use flotilla_scheduler::command::{
+    EgressConnection, MAX_EGRESS_CONNECTIONS_PER_RESULT, MAX_EGRESS_REASON_BYTES,
+};
 use flotilla_scheduler::spec as scheduler_spec;
 use flotilla_scheduler::{
     AgentSpec, AttemptResult, FieldError, FileStat, Fleet, FleetEvent, FleetSpec, FleetState,
@@ -183,6 +186,41 @@ pub fn attempt_result_from_wire(
             format!("more than {} entries", limits.max_diffstat_entries),
         ));
     }
+    if result.egress_connections.len() > MAX_EGRESS_CONNECTIONS_PER_RESULT {
+        return Err(FieldError::new(
+            "result.egress_connections",
+            format!("more than {MAX_EGRESS_CONNECTIONS_PER_RESULT} entries"),
+        ));
+    }
+    let mut egress_connections = Vec::with_capacity(result.egress_connections.len());
+    for (index, connection) in result.egress_connections.into_iter().enumerate() {
+        let field = |name: &str| format!("result.egress_connections[{index}].{name}");
+        if connection.host.len() > 253 {
+            return Err(FieldError::new(field("host"), "longer than 253 bytes"));
+        }
+        let Ok(port) = u16::try_from(connection.port) else {
+            return Err(FieldError::new(field("port"), "above 65535"));
+        };
+        if connection.address.len() > 64 {
+            return Err(FieldError::new(field("address"), "longer than 64 bytes"));
+        }
+        if connection.reason.len() > MAX_EGRESS_REASON_BYTES {
+            return Err(FieldError::new(
+                field("reason"),
+                format!("longer than {MAX_EGRESS_REASON_BYTES} bytes"),
+            ));
+        }
+        egress_connections.push(EgressConnection {
+            host: connection.host,
+            port,
+            address: connection.address,
+            bytes_up: connection.bytes_up,
+            bytes_down: connection.bytes_down,
+            allowed: connection.allowed,
+            reason: connection.reason,
+            duration_ms: connection.duration_ms,
+        });
+    }
     if outcome == Outcome::Changed && result.commit.is_empty() {
         return Err(FieldError::new(
             "result.commit",
@@ -212,6 +250,8 @@ pub fn attempt_result_from_wire(
         patch_truncated: result.patch_truncated,
         pushed: result.pushed,
         retryable: result.retryable,
+        egress_connections,
+        egress_connections_dropped: result.egress_connections_dropped,
     })
 }
 
@@ -586,6 +626,78 @@ mod tests {
                 ..ok
             }),
             "result.outcome: lease_expired is decided by the cluster, not reported"
+        );
+    }
+
+    #[test]
+    fn egress_records_are_bounded_and_carried_over() {
+        let limits = ResultLimits {
+            max_log_tail_bytes: 4,
+            max_patch_bytes: 4,
+            max_diffstat_entries: 1,
+            max_error_bytes: 8,
+        };
+        let record = v1::EgressConnection {
+            host: "crates.io".into(),
+            port: 443,
+            address: "10.0.0.1".into(),
+            bytes_up: 10,
+            bytes_down: 20,
+            allowed: true,
+            reason: "closed".into(),
+            duration_ms: 5,
+        };
+        let result = |connections: Vec<v1::EgressConnection>| v1::RunResult {
+            outcome: "unchanged".into(),
+            egress_connections: connections,
+            egress_connections_dropped: 7,
+            ..Default::default()
+        };
+        let converted =
+            attempt_result_from_wire(Some(result(vec![record.clone()])), &limits).unwrap();
+        assert_eq!(converted.egress_connections_dropped, 7);
+        assert_eq!(
+            converted.egress_connections,
+            vec![EgressConnection {
+                host: "crates.io".into(),
+                port: 443,
+                address: "10.0.0.1".into(),
+                bytes_up: 10,
+                bytes_down: 20,
+                allowed: true,
+                reason: "closed".into(),
+                duration_ms: 5,
+            }]
+        );
+        let error = |connections| {
+            attempt_result_from_wire(Some(result(connections)), &limits)
+                .unwrap_err()
+                .field
+        };
+        assert_eq!(
+            error(vec![record.clone(); MAX_EGRESS_CONNECTIONS_PER_RESULT + 1]),
+            "result.egress_connections"
+        );
+        let bad_port = v1::EgressConnection {
+            port: 70_000,
+            ..record.clone()
+        };
+        assert_eq!(
+            error(vec![record.clone(), bad_port]),
+            "result.egress_connections[1].port"
+        );
+        let long_host = v1::EgressConnection {
+            host: "a".repeat(254),
+            ..record.clone()
+        };
+        assert_eq!(error(vec![long_host]), "result.egress_connections[0].host");
+        let long_reason = v1::EgressConnection {
+            reason: "r".repeat(MAX_EGRESS_REASON_BYTES + 1),
+            ..record
+        };
+        assert_eq!(
+            error(vec![long_reason]),
+            "result.egress_connections[0].reason"
         );
     }
 }

@@ -220,6 +220,7 @@ pub async fn start_worker(
         branch_prefix: config.limits.branch_prefix.clone(),
         mirror_cache_max_mirrors: config.worker.mirror_cache_max_mirrors,
         mirror_cache_max_bytes: config.worker.mirror_cache_max_bytes,
+        egress: config.worker.egress.clone(),
         ..flotilla_worker::config::WorkerConfig::default()
     };
     flotilla_worker::actor::start(settings, execution)

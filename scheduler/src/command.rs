@@ -160,6 +160,35 @@ pub struct FileStat {
     pub deletions: u32,
 }
 
+/// Most egress connection records one result may carry ([`AttemptResult::egress_connections`]);
+/// a worker keeps at most its `egress.max_records_per_attempt` and counts the rest as dropped.
+pub const MAX_EGRESS_CONNECTIONS_PER_RESULT: usize = 1024;
+
+/// Longest `reason` of an [`EgressConnection`], in bytes.
+pub const MAX_EGRESS_REASON_BYTES: usize = 128;
+
+/// One request an attempt's egress proxy served, as the worker recorded it (for audit records).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressConnection {
+    /// The host asked for (lower case, at most 253 bytes); empty when the request named none.
+    pub host: String,
+    /// The port asked for; 0 when the request named none.
+    pub port: u16,
+    /// The address connected to or refused, as text; empty when none.
+    pub address: String,
+    /// Bytes from the agent to the target.
+    pub bytes_up: u64,
+    /// Bytes from the target to the agent.
+    pub bytes_down: u64,
+    /// Whether the tunnel was opened.
+    pub allowed: bool,
+    /// Denied: why (`not_allowed`, `forbidden_address:loopback`, ...); allowed: how the tunnel
+    /// ended (`closed`, `idle_timeout`, ...). At most [`MAX_EGRESS_REASON_BYTES`].
+    pub reason: String,
+    /// From the request to the denial or the tunnel's end, in milliseconds.
+    pub duration_ms: u64,
+}
+
 /// The result of one attempt.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttemptResult {
@@ -197,6 +226,13 @@ pub struct AttemptResult {
     pub pushed: bool,
     /// For `Infrastructure`: whether another attempt may succeed.
     pub retryable: bool,
+    /// The requests the attempt's egress proxy served (runs with network), at most
+    /// [`MAX_EGRESS_CONNECTIONS_PER_RESULT`].
+    #[serde(default)]
+    pub egress_connections: Vec<EgressConnection>,
+    /// Egress requests the worker did not list (beyond its record limit).
+    #[serde(default)]
+    pub egress_connections_dropped: u64,
 }
 
 impl AttemptResult {
@@ -217,6 +253,8 @@ impl AttemptResult {
             patch_truncated: false,
             pushed: false,
             retryable,
+            egress_connections: Vec::new(),
+            egress_connections_dropped: 0,
         }
     }
 }

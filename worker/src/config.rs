@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::egress::EgressConfig;
+
 /// Where the sandbox finds the Rust toolchain's `rustup` home (`RUSTUP_HOME`).
 pub const SANDBOX_RUSTUP_HOME: &str = "/opt/rustup";
 /// Where the sandbox finds the toolchain's binaries (`cargo`, `rustc`, `rustfmt` proxies).
@@ -157,6 +159,9 @@ pub struct WorkerConfig {
     /// Most bytes kept under `mirrors/` (same eviction; a mirror in use is never deleted, so the
     /// cache can exceed this while one larger mirror is being used). Default 20 GiB.
     pub mirror_cache_max_bytes: u64,
+    /// Egress of runs with `network: true`: the host allowlist, address exceptions, static
+    /// hosts and the proxy's limits (see [`crate::egress`]). Default: nothing allowed.
+    pub egress: EgressConfig,
 }
 
 impl Default for WorkerConfig {
@@ -187,6 +192,7 @@ impl Default for WorkerConfig {
             branch_prefix: "flotilla/".to_owned(),
             mirror_cache_max_mirrors: 1_000,
             mirror_cache_max_bytes: 20 * 1024 * MEBIBYTE,
+            egress: EgressConfig::default(),
         }
     }
 }

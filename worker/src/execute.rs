@@ -42,6 +42,7 @@ use tracing::Instrument;
 
 use crate::attempt_log::AttemptLog;
 use crate::config::WorkerConfig;
+use crate::egress::{EgressAttachment, EgressProxy, EgressReport};
 use crate::git::{self, CommitSummary, Git, GitError};
 use crate::lease::LeaseDeadline;
 use crate::publish::{self, AttemptIdentity, PublishError, PublishTarget, Withdrawal};
@@ -468,10 +469,36 @@ async fn run_pipeline(
         lease: lease_deadline,
         margin: std::time::Duration::from_millis(push_lease_margin_ms(config, lease)),
     };
-    let result = run_prepared(
+    // Egress: with network under bwrap, the attempt's own namespace and proxy.
+    let proxy = if settings.network && settings.driver == SandboxDriver::Bubblewrap {
+        let policy = match config.egress.policy() {
+            Ok(policy) => std::sync::Arc::new(policy),
+            Err(error) => return infrastructure(log, format!("egress: {error}"), false),
+        };
+        match EgressProxy::start(policy, &lease.run_id, lease.attempt) {
+            Ok(proxy) => {
+                log.note(&format!(
+                    "egress: proxy {} in the attempt's network namespace",
+                    proxy.attachment().proxy_url
+                ));
+                Some(proxy)
+            }
+            Err(error) => return infrastructure(log, format!("egress: {error}"), true),
+        }
+    } else {
+        None
+    };
+    let egress = proxy.as_ref().map(EgressProxy::attachment);
+    let mut result = run_prepared(
         config, lease, spec, agent, &settings, &git, &prepared, &target, cancel, directory, log,
+        egress,
     )
     .await;
+    if let Some(proxy) = proxy {
+        let report = proxy.finish().await;
+        log.note(&egress_summary(&report));
+        attach_egress(&mut result, report);
+    }
     if !(spec.push && withdraws_branch(&result.outcome)) {
         return result;
     }
@@ -508,9 +535,47 @@ async fn run_pipeline(
             failure.diffstat = result.diffstat;
             failure.patch = result.patch;
             failure.patch_truncated = result.patch_truncated;
+            failure.egress_connections = result.egress_connections;
+            failure.egress_connections_dropped = result.egress_connections_dropped;
             failure
         }
     }
+}
+
+/// One line for the attempt log: how many egress requests were allowed and denied.
+fn egress_summary(report: &EgressReport) -> String {
+    let allowed = report
+        .connections
+        .iter()
+        .filter(|record| record.allowed)
+        .count();
+    let denied = report.connections.len() - allowed;
+    format!(
+        "egress: {allowed} connections allowed, {denied} denied, {} more not listed",
+        report.dropped
+    )
+}
+
+/// Puts the egress records into the result (wire form).
+fn attach_egress(result: &mut RunResult, report: EgressReport) {
+    result.egress_connections = report
+        .connections
+        .into_iter()
+        .map(|record| flotilla_proto::v1::EgressConnection {
+            host: record.host,
+            port: u32::from(record.port),
+            address: record
+                .address
+                .map(|address| address.to_string())
+                .unwrap_or_default(),
+            bytes_up: record.bytes_up,
+            bytes_down: record.bytes_down,
+            allowed: record.allowed,
+            reason: record.reason,
+            duration_ms: record.duration_ms,
+        })
+        .collect();
+    result.egress_connections_dropped = report.dropped;
 }
 
 /// Agent, commit, verification and push of a prepared attempt.
@@ -527,6 +592,7 @@ async fn run_prepared(
     cancel: &CancellationToken,
     directory: &Path,
     log: &mut AttemptLog,
+    egress: Option<EgressAttachment>,
 ) -> RunResult {
     macro_rules! phase_span {
         ($name:literal) => {
@@ -545,6 +611,7 @@ async fn run_prepared(
         scratch_directory: directory.join("scratch"),
         environment: environment.clone(),
         network: settings.network,
+        egress: egress.clone(),
         timeout_ms: settings.timeout_ms,
         memory_limit_bytes: settings.memory_limit_bytes,
         pids_limit: settings.pids_limit,

@@ -17,6 +17,9 @@
 //! - [`sandbox`]: runs one shell command line in a bubblewrap sandbox (or, with the `none`
 //!   driver, as a plain process), with a timeout, cancellation, cgroup limits and log capture;
 //!   also [`sandbox::measure_sandbox_start`] for benchmarks.
+//! - [`egress`]: the sandbox's network: an empty namespace without network, or the attempt's
+//!   own namespace whose only way out is a per-attempt `CONNECT` proxy enforcing the operator's
+//!   host allowlist and address rules, recording each connection.
 //! - [`cgroup`]: cgroup v2/v1 detection and one cgroup per sandboxed command (memory and pids
 //!   limits, OOM detection, kill-all).
 //! - [`git`]: host-side git, hardened: per-URL mirror, per-attempt clone, commit, diffstat,
@@ -58,6 +61,7 @@ pub mod actor;
 pub mod attempt_log;
 pub mod cgroup;
 pub mod config;
+pub mod egress;
 pub mod execute;
 pub mod git;
 pub mod lease;

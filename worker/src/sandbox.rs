@@ -3,8 +3,13 @@
 //!
 //! # The `bwrap` driver (bubblewrap)
 //!
-//! - Namespaces: `--unshare-all` (mount, pid, net, ipc, uts, cgroup, user), `--share-net` only
-//!   when the fleet allows network; `--die-with-parent`, `--new-session`, `--cap-drop ALL`.
+//! - Namespaces: `--unshare-all` (mount, pid, net, ipc, uts, cgroup, user); `--die-with-parent`,
+//!   `--new-session`, `--cap-drop ALL`. The host's network is never shared. Without network the
+//!   sandbox's network namespace is bubblewrap's empty one (loopback only). With network
+//!   ([`SandboxCommand::network`]) bubblewrap is started inside the attempt's own namespace
+//!   ([`crate::egress`]: loopback only, with the attempt's proxy listening on it) by a `setns`
+//!   before `exec`, and `--share-net` keeps it; the proxy variables
+//!   ([`EgressAttachment::environment`]) are set last.
 //! - File system: a fresh root (a tmpfs remounted read-only) with `/usr` (and the merged-usr symlinks `/bin`, `/lib`,
 //!   `/lib64`, `/sbin`, or read-only binds where they are real directories), `--proc /proc`,
 //!   `--dev /dev`, a private tmpfs at `/tmp`, and only these `/etc` entries, read-only:
@@ -54,6 +59,8 @@ use tokio_util::sync::CancellationToken;
 use crate::attempt_log::{AttemptLog, TailBuffer};
 use crate::cgroup::{InvocationCgroup, cgroup_support};
 use crate::config::{Mount, SANDBOX_RUSTUP_HOME, WorkerConfig};
+use crate::egress::EgressAttachment;
+use crate::egress::namespace::enter_namespace;
 
 /// Where the repository is mounted inside the sandbox (and the working directory).
 pub const SANDBOX_WORKSPACE: &str = "/workspace";
@@ -142,6 +149,10 @@ pub enum SandboxError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The command asks for network under the `bwrap` driver but has no egress namespace
+    /// ([`SandboxCommand::egress`]): refused rather than sharing the host's network.
+    #[error("network requested without an egress namespace; refusing to share the host network")]
+    NoEgressNamespace,
     /// The program started but the sandbox did not come up (e.g. bubblewrap could not create a
     /// namespace or mount); the command never ran.
     #[error("the sandbox did not start ({status}): {output}")]
@@ -168,6 +179,7 @@ impl SandboxError {
             SandboxError::UnknownDriver { .. }
                 | SandboxError::InvalidEnvironment { .. }
                 | SandboxError::InvalidCommand { .. }
+                | SandboxError::NoEgressNamespace
         )
     }
 }
@@ -221,8 +233,11 @@ pub struct SandboxCommand {
     pub scratch_directory: PathBuf,
     /// Variables set after the base environment, in order (a later one wins).
     pub environment: Vec<(String, String)>,
-    /// Whether the sandbox shares the host's network.
+    /// Whether the command may reach the network, through the attempt's egress proxy only (the
+    /// `bwrap` driver then needs [`SandboxCommand::egress`]). The `none` driver isolates nothing.
     pub network: bool,
+    /// The attempt's egress namespace and proxy, used when `network` is set.
+    pub egress: Option<EgressAttachment>,
     /// Wall-clock limit in milliseconds; the whole process tree is killed when it passes.
     pub timeout_ms: u64,
     /// cgroup memory limit in bytes; 0: [`WorkerConfig::default_memory_limit_bytes`].
@@ -355,6 +370,12 @@ pub fn sandbox_environment(
         environment.push(("CARGO_NET_OFFLINE".to_owned(), "true".to_owned()));
     }
     environment.extend(command.environment.iter().cloned());
+    if driver == SandboxDriver::Bubblewrap
+        && command.network
+        && let Some(egress) = &command.egress
+    {
+        environment.extend(egress.environment());
+    }
     environment
 }
 
@@ -388,6 +409,8 @@ pub fn bubblewrap_arguments(
         ],
     );
     if command.network {
+        // Shares the namespace bwrap was started in: the attempt's own (see `run_sandboxed`),
+        // never the host's.
         push_arguments(&mut arguments, &["--share-net"]);
     }
     push_arguments(&mut arguments, &["--hostname", "flotilla-sandbox"]);
@@ -524,6 +547,13 @@ pub async fn run_sandboxed(
             ),
         });
     }
+    // The network namespace bwrap starts in: the attempt's own when the command has network.
+    let network_namespace_fd: Option<libc::c_int> = match (driver, command.network, &command.egress)
+    {
+        (SandboxDriver::Bubblewrap, true, Some(egress)) => Some(egress.namespace.as_raw_fd()),
+        (SandboxDriver::Bubblewrap, true, None) => return Err(SandboxError::NoEgressNamespace),
+        _ => None,
+    };
     let environment = sandbox_environment(config, driver, command);
     if driver == SandboxDriver::None {
         for name in ["home", "cargo-home", "tmp"] {
@@ -601,10 +631,13 @@ pub async fn run_sandboxed(
         .kill_on_drop(true);
     let marker_fd = marker_write.as_raw_fd();
     // SAFETY: the hook runs in the forked child before exec and only makes async-signal-safe
-    // system calls (open, write, close, dup2, fcntl) on data prepared before the fork; it does not
+    // system calls (setns, open, write, close, dup2, fcntl) on data prepared before the fork; it does not
     // allocate (`last_os_error` only reads errno).
     unsafe {
         process.pre_exec(move || {
+            if let Some(fd) = network_namespace_fd {
+                enter_namespace(fd)?;
+            }
             for path in &procs_files {
                 let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
                 if fd < 0 {
@@ -806,6 +839,7 @@ pub async fn measure_sandbox_start(
         scratch_directory: directory.join("scratch"),
         environment: Vec::new(),
         network: false,
+        egress: None,
         timeout_ms: 60_000,
         memory_limit_bytes: 0,
         pids_limit: 0,
@@ -847,6 +881,7 @@ mod tests {
             scratch_directory: PathBuf::from("/nonexistent/scratch"),
             environment: vec![("FLOTILLA_TASK".to_owned(), "do it".to_owned())],
             network,
+            egress: None,
             timeout_ms: 1000,
             memory_limit_bytes: 0,
             pids_limit: 0,

@@ -2,6 +2,8 @@
 //! process scans.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -29,6 +31,7 @@ pub fn sandbox_command(workspace: &Path, command_line: &str) -> SandboxCommand {
         scratch_directory: workspace.with_extension("scratch"),
         environment: vec![("FLOTILLA_TASK".to_owned(), "test task".to_owned())],
         network: false,
+        egress: None,
         timeout_ms: 20_000,
         memory_limit_bytes: 0,
         pids_limit: 0,
