@@ -418,6 +418,8 @@ fn network_lease(repository: &str, agent: &str) -> flotilla_proto::v1::Lease {
                 memory_limit_bytes: 0,
                 pids_limit: 0,
                 network: true,
+                cpu_limit_millicores: 0,
+                disk_limit_bytes: 0,
             }),
             branch_template: "flotilla/{fleet}".to_owned(),
             commit_message: "Fetch".to_owned(),
