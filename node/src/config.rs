@@ -32,6 +32,18 @@ pub struct ServerConfig {
     pub worker: WorkerSection,
     /// Logs and traces.
     pub telemetry: TelemetrySection,
+    /// API tokens: the bootstrap admin token.
+    pub auth: AuthSection,
+}
+
+/// Authentication settings (see `api::token` for the bootstrap design).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSection {
+    /// File holding the bootstrap admin token (`flotilla_<accessor>_<secret>`). While the cluster
+    /// has no bootstrap, the leader proposes this token as the first admin token. Created (mode
+    /// 0600) with a fresh token when missing. Empty: `<data_directory>/bootstrap-token`.
+    pub bootstrap_token_file: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -47,6 +59,7 @@ impl Default for ServerConfig {
             limits: LimitsSection::default(),
             worker: WorkerSection::default(),
             telemetry: TelemetrySection::default(),
+            auth: AuthSection::default(),
         }
     }
 }
@@ -251,6 +264,10 @@ pub struct WorkerSection {
     pub mirror_cache_max_mirrors: usize,
     /// Most bytes of repository mirrors kept on disk (same eviction).
     pub mirror_cache_max_bytes: u64,
+    /// File holding this worker's token (a `worker` token bound to its worker id). Empty:
+    /// `<data_directory>/worker-token`; a node's own worker creates it there with the bootstrap
+    /// admin token when it is missing (a worker-only process must be given one).
+    pub token_file: PathBuf,
 }
 
 impl Default for WorkerSection {
@@ -270,6 +287,7 @@ impl Default for WorkerSection {
             push_lease_margin_ms: 0,
             mirror_cache_max_mirrors: 1_000,
             mirror_cache_max_bytes: 20 * 1024 * 1024 * 1024,
+            token_file: PathBuf::new(),
         }
     }
 }
@@ -514,6 +532,24 @@ impl ServerConfig {
     }
 
     /// `worker.worker_id`, or `node-<node_id>` when empty.
+    /// The bootstrap token file: `auth.bootstrap_token_file` or `<data_directory>/bootstrap-token`.
+    pub fn bootstrap_token_file(&self) -> PathBuf {
+        if self.auth.bootstrap_token_file.as_os_str().is_empty() {
+            self.data_directory.join("bootstrap-token")
+        } else {
+            self.auth.bootstrap_token_file.clone()
+        }
+    }
+
+    /// The worker token file: `worker.token_file` or `<data_directory>/worker-token`.
+    pub fn worker_token_file(&self) -> PathBuf {
+        if self.worker.token_file.as_os_str().is_empty() {
+            self.data_directory.join("worker-token")
+        } else {
+            self.worker.token_file.clone()
+        }
+    }
+
     pub fn worker_id(&self) -> String {
         if self.worker.worker_id.is_empty() {
             format!("node-{}", self.node_id)
