@@ -93,6 +93,6 @@ stop() {
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
-  status) "$(binary)" --address "$addresses" cluster status --from-leader ;;
+  status) FLOTILLA_TOKEN_FILE="$directory/bootstrap-token" "$(binary)" --address "$addresses" cluster status --from-leader ;;
   *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
 esac
