@@ -539,6 +539,7 @@ async fn a_lost_lease_reply_costs_neither_an_attempt_nor_a_lease_ttl() {
     // cluster committed the grant, the worker never saw it.
     let worker = flotilla_worker::actor::start(
         flotilla_worker::actor::WorkerSettings {
+            token: flotilla_worker::client_auth::BearerToken::new(common::ADMIN_TOKEN).unwrap(),
             worker_id: "lossy".into(),
             endpoints: vec![node.address.clone()],
             slots: 2,

@@ -328,12 +328,14 @@ impl AuthLayer {
         if !bootstrapped {
             // This node knows no token yet: the cluster is not bootstrapped, or this node has
             // not caught up (or joined). Retryable, like any other missing leader.
-            return Err(Status::unavailable(if self.node.current_leader().is_none() {
-                "no leader is known yet, and this node knows no tokens before it applies the \
-                 cluster's bootstrap; retry shortly"
-            } else {
-                "this node knows no tokens yet (bootstrap pending or not caught up); retry"
-            }));
+            // Without a leader, the same answer as any write would get here.
+            return Err(Status::unavailable(
+                if self.node.current_leader().is_none() {
+                    "no leader is known yet; retry shortly"
+                } else {
+                    "this node knows no tokens yet (bootstrap pending or not caught up); retry"
+                },
+            ));
         }
         let mut token =
             authenticated.map_err(|error| Status::unauthenticated(error.to_string()))?;
