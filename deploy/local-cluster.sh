@@ -28,6 +28,13 @@ start() {
   local flotilla
   flotilla=$(binary)
   mkdir -p "$directory"
+  # One bootstrap admin token for the three nodes (whichever leads first proposes it).
+  local token_file="$directory/bootstrap-token"
+  if [ ! -f "$token_file" ]; then
+    (umask 077 && printf 'flotilla_%s_%s\n' "$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')" \
+      "$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')" >"$token_file")
+  fi
+  export FLOTILLA_TOKEN_FILE="$token_file"
   for id in 1 2 3; do
     if [ -f "$directory/node-$id.pid" ] && kill -0 "$(cat "$directory/node-$id.pid")" 2>/dev/null; then
       echo "node $id already running" >&2
@@ -35,22 +42,28 @@ start() {
     fi
     "$flotilla" server --node-id "$id" --data-directory "$directory/node-$id" \
       --listen-address "127.0.0.1:761$((id - 1))" --http-listen-address "127.0.0.1:762$((id - 1))" \
-      --initial-members "$members" --no-worker >"$directory/node-$id.log" 2>&1 &
+      --initial-members "$members" --no-worker --bootstrap-token-file "$token_file" \
+      >"$directory/node-$id.log" 2>&1 &
     echo $! >"$directory/node-$id.pid"
   done
+  for _ in $(seq 1 100); do
+    if "$flotilla" --address "$addresses" cluster status 2>/dev/null | grep -q "leader [0-9]"; then
+      "$flotilla" --address "$addresses" cluster status --from-leader
   for worker in 1 2; do
     if [ -f "$directory/worker-$worker.pid" ] && kill -0 "$(cat "$directory/worker-$worker.pid")" 2>/dev/null; then
       echo "worker $worker already running" >&2
       continue
     fi
+    if [ ! -f "$directory/worker-$worker.token" ]; then
+      (umask 077 && "$flotilla" --address "$addresses" token create --name "worker-$worker" \
+        --role worker --worker-id "worker-$worker" >"$directory/worker-$worker.token")
+    fi
     "$flotilla" worker --worker-id "worker-$worker" --endpoints "$addresses" \
-      --data-directory "$directory/worker-$worker" >"$directory/worker-$worker.log" 2>&1 &
+      --data-directory "$directory/worker-$worker" --token-file "$directory/worker-$worker.token" \
+      >"$directory/worker-$worker.log" 2>&1 &
     echo $! >"$directory/worker-$worker.pid"
   done
-  for _ in $(seq 1 100); do
-    if "$flotilla" --address "$addresses" cluster status 2>/dev/null | grep -q "leader [0-9]"; then
-      "$flotilla" --address "$addresses" cluster status --from-leader
-      echo "cluster up; logs in $directory" >&2
+      echo "cluster up; logs in $directory; admin token in $token_file (FLOTILLA_TOKEN_FILE)" >&2
       return 0
     fi
     sleep 0.2
@@ -80,6 +93,6 @@ stop() {
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
-  status) "$(binary)" --address "$addresses" cluster status --from-leader ;;
+  status) FLOTILLA_TOKEN_FILE="$directory/bootstrap-token" "$(binary)" --address "$addresses" cluster status --from-leader ;;
   *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
 esac

@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use flotilla_proto::v1::{self, RunState};
-use tonic::transport::Channel;
+use flotilla_worker::client_auth::AuthChannel;
 
 use crate::cluster::{Cluster, VOTERS};
 use crate::workload::{Ledger, MAX_ATTEMPTS, Submission};
 
-type Client = v1::fleet_service_client::FleetServiceClient<Channel>;
+type Client = v1::fleet_service_client::FleetServiceClient<AuthChannel>;
 
 /// What the checker saw, for the scenario's report.
 #[derive(Clone, Debug, Default)]

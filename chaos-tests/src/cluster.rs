@@ -8,7 +8,8 @@ use anyhow::{Context, Result, bail};
 use flotilla_proto::v1;
 use flotilla_proto::v1::cluster_service_client::ClusterServiceClient;
 use flotilla_proto::v1::fleet_service_client::FleetServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use flotilla_worker::client_auth::{AuthChannel, BearerToken};
+use tonic::transport::Endpoint;
 
 use crate::net::{Host, Network};
 use crate::process::{Process, flotilla_binary, log_tail};
@@ -105,12 +106,18 @@ pub struct Cluster {
 ///
 /// # Errors
 /// When the URL is invalid or the node cannot be reached.
-pub async fn channel(url: &str, request_timeout: Duration) -> Result<Channel> {
+pub async fn channel(url: &str, request_timeout: Duration) -> Result<AuthChannel> {
     let endpoint = Endpoint::from_shared(url.to_string())?
         .connect_timeout(Duration::from_millis(800))
         .timeout(request_timeout);
-    Ok(endpoint.connect().await?)
+    Ok(BearerToken::new(ADMIN_TOKEN)?.channel(endpoint.connect().await?))
 }
+
+/// The admin token of every chaos cluster: all voters bootstrap it from one
+/// `--bootstrap-token-file`, every client call sends it, and the workers use it too (an admin
+/// may act as any worker id; the chaos suite tests faults, not authorisation).
+pub const ADMIN_TOKEN: &str =
+    "flotilla_00000000000000c0_c4a05000000000000000000000000000000000000000000000000000000000c0";
 
 impl Cluster {
     /// Creates the network and directories, starts the three voters with `--initial-members`,
@@ -140,6 +147,7 @@ impl Cluster {
                 directory.canonicalize()?.display().to_string()
             ),
         )?;
+        std::fs::write(directory.join("admin-token"), format!("{ADMIN_TOKEN}\n"))?;
         let node = |name: &str| -> Result<Node> {
             let data_directory = directory.join(name).join("data");
             std::fs::create_dir_all(&data_directory)?;
@@ -235,6 +243,8 @@ impl Cluster {
             "--http-listen-address".into(),
             String::new(),
             "--no-worker".into(),
+            "--bootstrap-token-file".into(),
+            self.directory.join("admin-token").display().to_string(),
         ];
         match start {
             VoterStart::Initial => {
@@ -275,6 +285,8 @@ impl Cluster {
             WORKER_SLOTS.to_string(),
             "--data-directory".into(),
             self.workers[index].data_directory.display().to_string(),
+            "--token-file".into(),
+            self.directory.join("admin-token").display().to_string(),
         ];
         let worker = &mut self.workers[index];
         anyhow::ensure!(worker.process.is_none(), "{} already runs", worker.name);
@@ -390,7 +402,7 @@ impl Cluster {
     ///
     /// # Errors
     /// When the voter cannot be reached.
-    pub async fn cluster_client(&self, index: usize) -> Result<ClusterServiceClient<Channel>> {
+    pub async fn cluster_client(&self, index: usize) -> Result<ClusterServiceClient<AuthChannel>> {
         Ok(ClusterServiceClient::new(
             channel(&self.voter_url(index), Duration::from_secs(30)).await?,
         ))
@@ -498,7 +510,7 @@ impl Cluster {
     pub async fn leader_fleet_client(
         &self,
         timeout: Duration,
-    ) -> Result<FleetServiceClient<Channel>> {
+    ) -> Result<FleetServiceClient<AuthChannel>> {
         let (index, _) = self.wait_agreement(timeout).await?;
         Ok(
             FleetServiceClient::new(

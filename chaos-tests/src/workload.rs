@@ -107,6 +107,7 @@ pub fn fleet_spec(name: &str, repositories: Vec<String>) -> v1::FleetSpec {
         push: true,
         retry_backoff_initial_ms: 200,
         retry_backoff_max_ms: 1_000,
+        project: String::new(),
     }
 }
 

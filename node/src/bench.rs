@@ -24,6 +24,7 @@ use flotilla_proto::v1::cluster_service_client::ClusterServiceClient;
 use flotilla_proto::v1::fleet_service_client::FleetServiceClient;
 use flotilla_proto::v1::worker_service_client::WorkerServiceClient;
 use flotilla_proto::v1::{self, RunState};
+use flotilla_worker::client_auth::{AuthChannel, BearerToken};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tonic::codegen::http::uri::PathAndQuery;
@@ -198,6 +199,13 @@ async fn connect(url: &str) -> anyhow::Result<Channel> {
         .with_context(|| format!("connect to {url}"))
 }
 
+/// The admin token of the benchmark's clusters: every node of a [`FlotillaCluster`] bootstraps
+/// with it (one `--bootstrap-token-file`), and every client call sends it.
+fn bench_bearer() -> BearerToken {
+    static TOKEN: std::sync::OnceLock<BearerToken> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(BearerToken::default).clone()
+}
+
 /// A local cluster of 3 `flotilla server` processes (voters, no local worker, no HTTP).
 struct FlotillaCluster {
     binary: PathBuf,
@@ -216,6 +224,14 @@ impl FlotillaCluster {
 
     fn start(directory: &Path, config: Option<&Path>) -> anyhow::Result<Self> {
         std::fs::create_dir_all(directory)?;
+        let token = crate::api::token::generate_token()
+            .map_err(|error| anyhow::anyhow!("random source: {error}"))?;
+        let token_file = directory.join("bootstrap-token");
+        let _ = std::fs::remove_file(&token_file);
+        crate::api::token::write_token_file(&token_file, &token)?;
+        bench_bearer()
+            .set(&token)
+            .map_err(|error| anyhow::anyhow!("{error}"))?;
         let addresses: Vec<String> = free_ports(Self::SIZE as usize)?
             .into_iter()
             .map(|port| format!("127.0.0.1:{port}"))
@@ -254,6 +270,25 @@ impl FlotillaCluster {
         self.channels[(id - 1) as usize].clone()
     }
 
+    /// Creates a worker token for `worker_id` and writes it to `path`.
+    async fn worker_token_file(&self, id: u64, worker_id: &str, path: &Path) -> anyhow::Result<()> {
+        let response = flotilla_proto::v1::token_service_client::TokenServiceClient::new(
+            bench_bearer().channel(self.channel(id)),
+        )
+        .create_token(v1::CreateTokenRequest {
+            name: worker_id.into(),
+            role: "worker".into(),
+            project: String::new(),
+            worker_id: worker_id.into(),
+            ttl_ms: 0,
+        })
+        .await?
+        .into_inner();
+        let _ = std::fs::remove_file(path);
+        crate::api::token::write_token_file(path, &response.secret_token)?;
+        Ok(())
+    }
+
     /// Starts node `id` (again) on its address and data directory.
     fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
         let members = Self::ids()
@@ -274,6 +309,11 @@ impl FlotillaCluster {
             "--data-directory".into(),
             self.directory
                 .join(format!("node-{id}"))
+                .to_string_lossy()
+                .into_owned(),
+            "--bootstrap-token-file".into(),
+            self.directory
+                .join("bootstrap-token")
                 .to_string_lossy()
                 .into_owned(),
         ];
@@ -306,7 +346,7 @@ impl FlotillaCluster {
     }
 
     async fn status(&self, id: u64) -> Result<v1::ClusterStatus, tonic::Status> {
-        let mut client = ClusterServiceClient::new(self.channel(id));
+        let mut client = ClusterServiceClient::new(bench_bearer().channel(self.channel(id)));
         Ok(client
             .status(v1::StatusRequest { from_leader: false })
             .await?
@@ -638,7 +678,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 enum Writer {
     /// `WorkerService.Heartbeat` with `worker_id` = `bench-<n>` and no leases.
     Flotilla {
-        client: WorkerServiceClient<Channel>,
+        client: WorkerServiceClient<AuthChannel>,
         worker_id: String,
     },
     /// `KV.Put` of `bench/<n>` = 16 bytes.
@@ -668,7 +708,7 @@ impl Writer {
         let channel = connect(url).await?;
         Ok(match system {
             System::Flotilla => Writer::Flotilla {
-                client: WorkerServiceClient::new(channel),
+                client: WorkerServiceClient::new(bench_bearer().channel(channel)),
                 worker_id: format!("bench-{client}"),
             },
             System::Etcd => Writer::Etcd {
@@ -1009,11 +1049,13 @@ fn failover_spec(name: &str, repositories: &[String]) -> v1::FleetSpec {
         push: false,
         retry_backoff_initial_ms: 0,
         retry_backoff_max_ms: 0,
+        project: String::new(),
     }
 }
 
-fn fleet_client(channel: Channel) -> FleetServiceClient<Channel> {
-    FleetServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024)
+fn fleet_client(channel: Channel) -> FleetServiceClient<AuthChannel> {
+    FleetServiceClient::new(bench_bearer().channel(channel))
+        .max_decoding_message_size(64 * 1024 * 1024)
 }
 
 /// The fleet leasing state: submitted fleets, and a new one when the newest runs low.
@@ -1107,7 +1149,12 @@ async fn failover_inner(trials: u32, keep: bool) -> anyhow::Result<i32> {
         "4".into(),
         "--data-directory".into(),
         root.join("worker").to_string_lossy().into_owned(),
+        "--token-file".into(),
+        root.join("worker-token").to_string_lossy().into_owned(),
     ];
+    cluster
+        .worker_token_file(leader.node_id, "bench-worker", &root.join("worker-token"))
+        .await?;
     let mut worker = ChildProcess::spawn(
         "flotilla worker",
         &cluster.binary.clone(),

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_proto::v1::cluster_service_client::ClusterServiceClient;
+
+use crate::api::auth::{authorization, forwarded};
 use flotilla_proto::v1::cluster_service_server::ClusterService;
 use flotilla_proto::v1::{self};
 use flotilla_raft::{MembershipError, RaftNode};
@@ -173,6 +175,7 @@ impl ClusterService for Cluster {
         &self,
         request: Request<v1::AddMemberRequest>,
     ) -> Result<Response<v1::ClusterStatus>, Status> {
+        let auth = authorization(&request);
         let original = request.into_inner();
         let (node_id, address) = validate_member(original.member.as_ref())?;
         let mut outcome = membership_result(self.node.add_learner(node_id, address.clone()).await)?;
@@ -187,7 +190,7 @@ impl ClusterService for Cluster {
             Outcome::Forward(leader) => {
                 Self::forward_client(&leader)
                     .await?
-                    .add_member(original)
+                    .add_member(forwarded(original, &auth))
                     .await
             }
         }
@@ -197,6 +200,7 @@ impl ClusterService for Cluster {
         &self,
         request: Request<v1::RemoveMemberRequest>,
     ) -> Result<Response<v1::ClusterStatus>, Status> {
+        let auth = authorization(&request);
         let original = request.into_inner();
         if original.node_id == 0 {
             return Err(Status::invalid_argument("node_id: must be at least 1"));
@@ -209,7 +213,7 @@ impl ClusterService for Cluster {
             Outcome::Forward(leader) => {
                 Self::forward_client(&leader)
                     .await?
-                    .remove_member(original)
+                    .remove_member(forwarded(original, &auth))
                     .await
             }
         }
@@ -219,6 +223,7 @@ impl ClusterService for Cluster {
         &self,
         request: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::ClusterStatus>, Status> {
+        let auth = authorization(&request);
         let original = request.into_inner();
         let status = self.status();
         if original.from_leader && status.leader_id != status.node_id {
@@ -228,7 +233,7 @@ impl ClusterService for Cluster {
             let forwarded = v1::StatusRequest { from_leader: false };
             return Self::forward_client(&status.leader_address)
                 .await?
-                .status(forwarded)
+                .status(crate::api::auth::forwarded(forwarded, &auth))
                 .await;
         }
         Ok(Response::new(status))

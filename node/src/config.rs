@@ -36,6 +36,18 @@ pub struct ServerConfig {
     /// modes, repository URLs, resource ceilings). Applied at submission by this node and at
     /// lease time by its worker; see [`flotilla_scheduler::policy`].
     pub policy: flotilla_scheduler::ExecutionPolicy,
+    /// API tokens: the bootstrap admin token.
+    pub auth: AuthSection,
+}
+
+/// Authentication settings (see `api::token` for the bootstrap design).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSection {
+    /// File holding the bootstrap admin token (`flotilla_<accessor>_<secret>`). While the cluster
+    /// has no bootstrap, the leader proposes this token as the first admin token. Created (mode
+    /// 0600) with a fresh token when missing. Empty: `<data_directory>/bootstrap-token`.
+    pub bootstrap_token_file: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +64,7 @@ impl Default for ServerConfig {
             worker: WorkerSection::default(),
             telemetry: TelemetrySection::default(),
             policy: flotilla_scheduler::ExecutionPolicy::default(),
+            auth: AuthSection::default(),
         }
     }
 }
@@ -259,6 +272,10 @@ pub struct WorkerSection {
     /// Egress of runs with `network: true` (`[worker.egress]`): host allowlist, address
     /// exceptions, static hosts, proxy limits. Default: nothing allowed.
     pub egress: flotilla_worker::egress::EgressConfig,
+    /// File holding this worker's token (a `worker` token bound to its worker id). Empty:
+    /// `<data_directory>/worker-token`; a node's own worker creates it there with the bootstrap
+    /// admin token when it is missing (a worker-only process must be given one).
+    pub token_file: PathBuf,
 }
 
 impl Default for WorkerSection {
@@ -279,6 +296,7 @@ impl Default for WorkerSection {
             mirror_cache_max_mirrors: 1_000,
             mirror_cache_max_bytes: 20 * 1024 * 1024 * 1024,
             egress: flotilla_worker::egress::EgressConfig::default(),
+            token_file: PathBuf::new(),
         }
     }
 }
@@ -529,6 +547,24 @@ impl ServerConfig {
     }
 
     /// `worker.worker_id`, or `node-<node_id>` when empty.
+    /// The bootstrap token file: `auth.bootstrap_token_file` or `<data_directory>/bootstrap-token`.
+    pub fn bootstrap_token_file(&self) -> PathBuf {
+        if self.auth.bootstrap_token_file.as_os_str().is_empty() {
+            self.data_directory.join("bootstrap-token")
+        } else {
+            self.auth.bootstrap_token_file.clone()
+        }
+    }
+
+    /// The worker token file: `worker.token_file` or `<data_directory>/worker-token`.
+    pub fn worker_token_file(&self) -> PathBuf {
+        if self.worker.token_file.as_os_str().is_empty() {
+            self.data_directory.join("worker-token")
+        } else {
+            self.worker.token_file.clone()
+        }
+    }
+
     pub fn worker_id(&self) -> String {
         if self.worker.worker_id.is_empty() {
             format!("node-{}", self.node_id)

@@ -40,6 +40,11 @@ pub fn fleet_spec_from_wire(
     let defaults = RetryPolicy::default();
     let converted = FleetSpec {
         name: spec.name,
+        project: if spec.project.is_empty() {
+            scheduler_spec::DEFAULT_PROJECT.into()
+        } else {
+            spec.project
+        },
         repositories: spec.repositories,
         agent: AgentSpec {
             command: agent.command,
@@ -107,6 +112,7 @@ pub fn fleet_spec_from_wire(
 pub fn fleet_spec_to_wire(spec: &FleetSpec) -> v1::FleetSpec {
     v1::FleetSpec {
         name: spec.name.clone(),
+        project: spec.project.clone(),
         repositories: spec.repositories.clone(),
         agent: Some(v1::AgentSpec {
             command: spec.agent.command.clone(),

@@ -27,6 +27,14 @@ struct Arguments {
     /// Output format of client commands.
     #[arg(long, global = true, value_enum, default_value = "human")]
     output: Output,
+    /// Bearer token of client commands (`flotilla_<accessor>_<secret>`). Prefer FLOTILLA_TOKEN
+    /// or --token-file: a command line is visible to other users of the host.
+    #[arg(long, global = true, env = "FLOTILLA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the bearer token of client commands (its first line). Without --token and
+    /// --token-file the CLI uses the default data directory's bootstrap-token when readable.
+    #[arg(long, global = true, env = "FLOTILLA_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Commands,
 }
@@ -46,6 +54,12 @@ enum Commands {
     /// Cluster membership and status.
     #[command(subcommand)]
     Cluster(ClusterCommands),
+    /// API tokens: create, list, revoke (admin).
+    #[command(subcommand)]
+    Token(cli::token::TokenCommands),
+    /// The replicated audit log: list, verify, export (admin).
+    #[command(subcommand)]
+    Audit(cli::audit::AuditCommands),
     /// The main job end to end: starts a single-node cluster with a local worker in-process,
     /// submits an "enforce rustfmt" fleet over gRPC, watches it and prints the roll-up.
     Quickstart(quickstart::QuickstartArguments),
@@ -92,6 +106,12 @@ struct ServerArguments {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    /// File of the bootstrap admin token (auth.bootstrap_token_file); created when missing.
+    #[arg(long, env = "FLOTILLA_BOOTSTRAP_TOKEN_FILE")]
+    bootstrap_token_file: Option<PathBuf>,
+    /// File of the node's own worker token (worker.token_file).
+    #[arg(long, env = "FLOTILLA_WORKER_TOKEN_FILE")]
+    worker_token_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -117,6 +137,10 @@ struct WorkerArguments {
     /// Where mirrors, attempt clones and logs live.
     #[arg(long, env = "FLOTILLA_DATA_DIRECTORY")]
     data_directory: Option<PathBuf>,
+    /// File holding the worker's token (a `worker` token for this worker id, from
+    /// `flotilla token create --role worker`); default `<data_directory>/worker-token`.
+    #[arg(long, env = "FLOTILLA_WORKER_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -274,6 +298,12 @@ fn server_config(arguments: &ServerArguments) -> anyhow::Result<config::ServerCo
     if let Some(endpoint) = &arguments.otlp_endpoint {
         config.telemetry.otlp_endpoint = endpoint.clone();
     }
+    if let Some(path) = &arguments.bootstrap_token_file {
+        config.auth.bootstrap_token_file = path.clone();
+    }
+    if let Some(path) = &arguments.worker_token_file {
+        config.worker.token_file = path.clone();
+    }
     config.validate()?;
     Ok(config)
 }
@@ -316,8 +346,21 @@ async fn run_worker(arguments: WorkerArguments) -> anyhow::Result<i32> {
         "worker id {:?} must be 1-64 characters of [A-Za-z0-9._-]",
         config.worker_id()
     );
+    if let Some(path) = arguments.token_file {
+        config.worker.token_file = path;
+    }
+    let token_file = config.worker_token_file();
+    let token = flotilla_worker::client_auth::read_token_file(&token_file).map_err(|error| {
+        anyhow::anyhow!(
+            "worker.token_file {}: {error} (create one with `flotilla token create --role worker --worker-id {}`)",
+            token_file.display(),
+            config.worker_id()
+        )
+    })?;
+    let token = flotilla_worker::client_auth::BearerToken::new(&token)
+        .map_err(|error| anyhow::anyhow!("worker.token_file {}: {error}", token_file.display()))?;
     let _telemetry = telemetry::init(&config.telemetry)?;
-    let worker = server::start_worker(&config, arguments.endpoints).await?;
+    let worker = server::start_worker(&config, arguments.endpoints, token).await?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate_signal() => {}
@@ -337,6 +380,12 @@ async fn terminate_signal() {
 }
 
 async fn run_client(address: &str, output: Output, command: Commands) -> Result<i32, CliError> {
+    if let Commands::Token(command) = command {
+        return cli::token::run(address, command, output).await;
+    }
+    if let Commands::Audit(command) = command {
+        return cli::audit::run(address, command, output).await;
+    }
     if let Commands::Cluster(command) = command {
         let mut client = cli::connect_cluster(address).await?;
         return match command {
@@ -383,6 +432,8 @@ async fn run_client(address: &str, output: Output, command: Commands) -> Result<
         | Commands::Quickstart(_)
         | Commands::Bench(_)
         | Commands::Worker(_)
+        | Commands::Token(_)
+        | Commands::Audit(_)
         | Commands::Cluster(_) => Err(CliError {
             message: "not a client command".into(),
             code: exit_code::USAGE,
@@ -420,7 +471,12 @@ fn main() {
             Commands::Bench(BenchCommands::Failover { trials, keep }) => {
                 flotilla::bench::failover(trials, keep).await
             }
-            command => match run_client(&arguments.address, arguments.output, command).await {
+            command => match async {
+                cli::set_token(arguments.token.as_deref(), arguments.token_file.as_deref())?;
+                run_client(&arguments.address, arguments.output, command).await
+            }
+            .await
+            {
                 Ok(code) => Ok(code),
                 Err(error) => {
                     let _ = writeln!(std::io::stderr().lock(), "error: {error}");

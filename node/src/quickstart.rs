@@ -83,9 +83,23 @@ pub async fn run(arguments: QuickstartArguments) -> anyhow::Result<i32> {
     config.telemetry.log_filter = "warn".into();
     let _telemetry = crate::telemetry::init(&config.telemetry)?;
     let slots = config.worker.slots;
+    let bootstrap_token_file = config.bootstrap_token_file();
     let server = crate::server::start(config)
         .await
         .context("starting the single-node cluster")?;
+    // The quick start acts as the operator: it uses the bootstrap admin token that the node
+    // wrote into its data directory, once the node has proposed it.
+    let token = flotilla_worker::client_auth::read_token_file(&bootstrap_token_file)
+        .with_context(|| format!("reading {}", bootstrap_token_file.display()))?;
+    cli::set_token(Some(&token), None).map_err(|error| anyhow::anyhow!("{error}"))?;
+    let bootstrap_deadline = Instant::now() + std::time::Duration::from_secs(60);
+    while !server.node.state.read(|s| s.tokens_bootstrapped()) {
+        anyhow::ensure!(
+            Instant::now() < bootstrap_deadline,
+            "the node did not bootstrap its admin token within 60 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     eprintln!(
         "flotilla: single-node cluster on {} (data {}, dashboard http://{}), local worker with {slots} slots",
         server.grpc_address,

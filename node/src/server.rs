@@ -7,11 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use flotilla_proto::v1::audit_service_server::AuditServiceServer;
 use flotilla_proto::v1::cluster_service_server::ClusterServiceServer;
 use flotilla_proto::v1::fleet_service_server::FleetServiceServer;
+use flotilla_proto::v1::token_service_server::TokenServiceServer;
 use flotilla_proto::v1::worker_service_server::WorkerServiceServer;
 use flotilla_raft::{RaftNode, RaftNodeConfig};
-use flotilla_scheduler::{Command, Request};
+use flotilla_scheduler::{Command, Principal, Request};
+use flotilla_worker::client_auth::BearerToken;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -102,6 +105,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         info!("waiting to be added to a cluster (cluster.join)");
     }
 
+    let bootstrap_token =
+        crate::api::token::load_or_create_bootstrap_token(&config.bootstrap_token_file())?;
     let (shutdown, shutdown_receiver) = watch::channel(false);
     let mut tasks = Vec::new();
 
@@ -121,7 +126,21 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .context("gRPC reflection v1alpha")?;
+    // Default deny: every method passes the permission table (api::auth). No transport
+    // identities exist without TLS, so node-only methods run in insecure mode.
+    let auth_layer = crate::api::auth::AuthLayer::new(node.clone(), clock.clone(), true);
     let router = tonic::transport::Server::builder()
+        .layer(auth_layer)
+        .add_service(
+            TokenServiceServer::new(api.clone())
+                .max_decoding_message_size(max_bytes)
+                .max_encoding_message_size(max_bytes),
+        )
+        .add_service(
+            AuditServiceServer::new(api.clone())
+                .max_decoding_message_size(max_bytes)
+                .max_encoding_message_size(max_bytes),
+        )
         .add_service(
             FleetServiceServer::new(api.clone())
                 .max_decoding_message_size(max_bytes)
@@ -170,12 +189,31 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         node.clone(),
         clock,
         config.limits.clone(),
+        bootstrap_token.clone(),
         shutdown_receiver.clone(),
     )));
 
     let worker = if config.worker.enabled {
-        let endpoints = vec![format!("http://{advertise_address}")];
-        Some(start_worker(&config, endpoints).await?)
+        let endpoint = format!("http://{advertise_address}");
+        let token = BearerToken::default();
+        let token_file = config.worker_token_file();
+        if token_file.exists() {
+            let text = flotilla_worker::client_auth::read_token_file(&token_file)
+                .with_context(|| format!("worker.token_file {}", token_file.display()))?;
+            token
+                .set(&text)
+                .with_context(|| format!("worker.token_file {}", token_file.display()))?;
+        } else {
+            tasks.push(tokio::spawn(provision_worker_token(
+                endpoint.clone(),
+                bootstrap_token,
+                config.worker_id(),
+                token_file,
+                token.clone(),
+                shutdown_receiver.clone(),
+            )));
+        }
+        Some(start_worker(&config, vec![endpoint], token).await?)
     } else {
         None
     };
@@ -198,8 +236,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
 pub async fn start_worker(
     config: &ServerConfig,
     endpoints: Vec<String>,
+    token: BearerToken,
 ) -> anyhow::Result<flotilla_worker::actor::WorkerHandle> {
     let settings = flotilla_worker::actor::WorkerSettings {
+        token,
         worker_id: config.worker_id(),
         endpoints,
         slots: config.worker.slots,
@@ -228,20 +268,92 @@ pub async fn start_worker(
         .context("starting the worker")
 }
 
+/// Gets the node's own worker a token: once the cluster is bootstrapped, creates a `worker` token
+/// bound to `worker_id` through `endpoint` with the bootstrap admin token, writes it to
+/// `token_file` (mode 0600) and hands it to the worker. Retries until it succeeds or the node
+/// stops; a bootstrap token the cluster does not know (another node's file won the bootstrap)
+/// is reported, and the operator must provide `worker.token_file`.
+async fn provision_worker_token(
+    endpoint: String,
+    bootstrap_token: String,
+    worker_id: String,
+    token_file: std::path::PathBuf,
+    token: BearerToken,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use flotilla_proto::v1::token_service_client::TokenServiceClient;
+    let admin = match BearerToken::new(&bootstrap_token) {
+        Ok(admin) => admin,
+        Err(error) => {
+            warn!(%error, "the bootstrap token cannot be sent");
+            return;
+        }
+    };
+    let mut warned = false;
+    loop {
+        let attempt = async {
+            let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())?
+                .connect_timeout(Duration::from_secs(2))
+                .connect()
+                .await?;
+            let response = TokenServiceClient::new(admin.channel(channel))
+                .create_token(flotilla_proto::v1::CreateTokenRequest {
+                    name: format!("worker-{worker_id}"),
+                    role: "worker".into(),
+                    project: String::new(),
+                    worker_id: worker_id.clone(),
+                    ttl_ms: 0,
+                })
+                .await?;
+            anyhow::Ok(response.into_inner().secret_token)
+        };
+        match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+            Ok(Ok(secret_token)) => {
+                if let Err(error) = crate::api::token::write_token_file(&token_file, &secret_token)
+                {
+                    warn!(%error, path = %token_file.display(), "could not save the worker token; it is used for this process only");
+                }
+                if let Err(error) = token.set(&secret_token) {
+                    warn!(%error, "the worker token cannot be sent");
+                }
+                info!(worker.id = %worker_id, path = %token_file.display(), "the node's worker has its token");
+                return;
+            }
+            Ok(Err(error)) => {
+                let unauthenticated = error
+                    .downcast_ref::<tonic::Status>()
+                    .is_some_and(|s| s.code() == tonic::Code::Unauthenticated);
+                if unauthenticated && !warned {
+                    warned = true;
+                    warn!(%error, "the bootstrap token is not (yet) valid in this cluster; the node's worker waits for it or for worker.token_file");
+                }
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 /// The leader's periodic duties, every `limits.lease_check_interval_ms`, decided and stamped with
 /// replicated time ([`crate::clock`]):
 /// - proposes `ExpireLeases` when some lease has passed its expiry, but not during the grace
 ///   period after this node became leader, so workers that were talking to the old leader have
 ///   time to heartbeat to the new one (cf. Nomad's `heartbeat_grace`);
-/// - proposes `CompactFleets` when an ended fleet is older than `limits.fleet_retention_ms`.
+/// - proposes `CompactFleets` when an ended fleet is older than `limits.fleet_retention_ms`;
+/// - proposes `BootstrapToken` with this node's bootstrap token while the cluster has none.
 ///
 /// Only checks local state first, so an idle cluster writes nothing.
 async fn leader_housekeeping_loop(
     node: Arc<RaftNode>,
     clock: Arc<crate::clock::LeaderClock>,
     limits: crate::config::LimitsSection,
+    bootstrap_token: String,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let bootstrap = crate::api::token::bootstrap_command(&bootstrap_token).ok();
     let mut ticker = tokio::time::interval(Duration::from_millis(limits.lease_check_interval_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Monotonic: the grace period is a duration of this node's leadership.
@@ -260,13 +372,17 @@ async fn leader_housekeeping_loop(
         }
         let since = *leader_since.get_or_insert_with(tokio::time::Instant::now);
         let now = crate::clock::replicated_now_ms(&clock, &node);
-        let (expiry_due, compaction_due) = node.state.read(|s| {
+        let (expiry_due, compaction_due, bootstrapped) = node.state.read(|s| {
             (
                 s.next_lease_expiry_ms().is_some_and(|expiry| expiry <= now),
                 s.has_compactable_fleets(now, limits.fleet_retention_ms),
+                s.tokens_bootstrapped(),
             )
         });
         let mut commands = Vec::new();
+        if !bootstrapped && let Some(command) = &bootstrap {
+            commands.push(command.clone());
+        }
         let grace = Duration::from_millis(limits.lease_grace_after_election_ms);
         if expiry_due && since.elapsed() >= grace {
             commands.push(Command::ExpireLeases);
@@ -282,6 +398,9 @@ async fn leader_housekeeping_loop(
             let write = node.write(Request {
                 now_ms: now,
                 command,
+                principal: Principal::Node {
+                    node_id: node.node_id,
+                },
             });
             match tokio::time::timeout(timeout, write).await {
                 Ok(Ok(_)) => {}

@@ -2,6 +2,7 @@
 //!
 //! ```yaml
 //! name: rustfmt                     # required
+//! project: default                  # the owning project (namespace); default "default"
 //! targets:
 //!   repositories: [file:///srv/origin/serde.git]   # git URLs
 //!   globs: ["/srv/origin/*.git"]                   # local repositories, expanded by the CLI
@@ -37,6 +38,8 @@ pub const MAX_EXPANDED_REPOSITORIES: usize = 100_000;
 #[serde(deny_unknown_fields)]
 pub struct SpecFile {
     name: String,
+    #[serde(default)]
+    project: String,
     targets: Targets,
     agent: Agent,
     #[serde(default)]
@@ -279,6 +282,7 @@ impl SpecFile {
         }
         Ok(v1::FleetSpec {
             name: self.name,
+            project: self.project,
             repositories,
             agent: Some(v1::AgentSpec {
                 command: self.agent.command,

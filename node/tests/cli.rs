@@ -11,6 +11,7 @@ use flotilla_proto::v1;
 
 fn flotilla(address: &str, arguments: &[&str]) -> (i32, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .env("FLOTILLA_TOKEN", common::ADMIN_TOKEN)
         .args(["--address", address])
         .args(arguments)
         .output()
@@ -318,6 +319,7 @@ async fn the_cli_follows_the_leader_hint_of_an_unavailable_answer() {
     let spec = dummy_spec(root.path());
     // Only the stub is given: the leader is reached through the hint alone.
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .env("FLOTILLA_TOKEN", common::ADMIN_TOKEN)
         .args(["--address", &stub_address, "fleet", "submit", &spec])
         .output()
         .await
@@ -352,6 +354,7 @@ async fn a_closed_stdout_ends_the_cli_quietly_with_status_141() {
         let (reader, writer) = std::io::pipe().unwrap();
         drop(reader);
         let output = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .env("FLOTILLA_TOKEN", common::ADMIN_TOKEN)
             .args(["--address", &node.address])
             .args(&arguments)
             .stdout(writer)
@@ -386,6 +389,7 @@ async fn a_closed_stdout_ends_the_cli_quietly_with_status_141() {
     assert_eq!(code, 0, "{stderr}");
     let fleet_id = stdout.trim().to_string();
     let output = Command::new("bash")
+        .env("FLOTILLA_TOKEN", common::ADMIN_TOKEN)
         .args([
             "-c",
             "set -o pipefail; \"$0\" --address \"$1\" fleet status \"$2\" | head -c1 >/dev/null",
@@ -444,6 +448,7 @@ async fn a_python_client_submits_a_fleet_through_reflection_alone() {
         "idempotencyKey": "python-client",
     });
     let output = Command::new(&python)
+        .env("FLOTILLA_TOKEN", common::ADMIN_TOKEN)
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/python/reflection_client.py"

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::{Node, lease, spec};
 use flotilla_proto::v1;
-use flotilla_proto::v1::worker_service_client::WorkerServiceClient;
 
 const CONFIG: &str = r#"
 [limits]
@@ -65,9 +64,7 @@ async fn a_leader_with_a_clock_ahead_replaced_by_a_right_one_leaves_no_run_stuck
         .iter()
         .find(|l| l.repository.ends_with("b.git"))
         .unwrap();
-    let mut workers = WorkerServiceClient::connect(skewed.address.clone())
-        .await
-        .unwrap();
+    let mut workers = common::worker_client(&skewed.address).await;
     let report = workers
         .report_result(v1::ReportResultRequest {
             worker_id: "w1".into(),

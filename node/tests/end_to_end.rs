@@ -153,11 +153,7 @@ async fn a_fleet_runs_every_repository_to_a_correct_result_and_survives_restart(
         restarted.patch_sha256,
         flotilla_scheduler::artifact::sha256_hex(run.patch.as_bytes())
     );
-    let mut cluster = flotilla_proto::v1::cluster_service_client::ClusterServiceClient::connect(
-        node.address.clone(),
-    )
-    .await
-    .unwrap();
+    let mut cluster = common::cluster_client(&node.address).await;
     let artifact = |attempt, kind: v1::ArtifactKind| v1::GetArtifactRequest {
         run_id: run.id.clone(),
         attempt,
@@ -411,11 +407,7 @@ async fn invalid_requests_are_rejected_with_the_field_named() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound);
 
-    let mut workers = flotilla_proto::v1::worker_service_client::WorkerServiceClient::connect(
-        node.address.clone(),
-    )
-    .await
-    .unwrap();
+    let mut workers = common::worker_client(&node.address).await;
     let status = workers
         .lease_runs(v1::LeaseRunsRequest {
             worker_id: "w".into(),
@@ -461,11 +453,7 @@ async fn a_stale_attempt_result_is_rejected_and_the_lease_is_fenced() {
         })
         .await
         .unwrap();
-    let mut workers = flotilla_proto::v1::worker_service_client::WorkerServiceClient::connect(
-        node.address.clone(),
-    )
-    .await
-    .unwrap();
+    let mut workers = common::worker_client(&node.address).await;
     let leased = workers
         .lease_runs(v1::LeaseRunsRequest {
             worker_id: "w1".into(),
@@ -489,31 +477,33 @@ async fn a_stale_attempt_result_is_rejected_and_the_lease_is_fenced() {
         attempt,
         result: Some(unchanged.clone()),
     };
-    let stale = workers
-        .report_result(report("w1", 2))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(!stale.accepted);
-    assert_eq!(stale.reason, "stale attempt 2, current 1");
-    let wrong_worker = workers
-        .report_result(report("w2", 1))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(!wrong_worker.accepted);
+    // A result that is not applied is an error (FAILED_PRECONDITION naming why), never an
+    // answer a caller could take for success.
+    let stale = workers.report_result(report("w1", 2)).await.unwrap_err();
+    assert_eq!(stale.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        stale.message(),
+        "result not applied: stale attempt 2, current 1"
+    );
+    let wrong_worker = workers.report_result(report("w2", 1)).await.unwrap_err();
+    assert_eq!(wrong_worker.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        wrong_worker.message().contains("does not hold the lease"),
+        "{}",
+        wrong_worker.message()
+    );
     let accepted = workers
         .report_result(report("w1", 1))
         .await
         .unwrap()
         .into_inner();
     assert!(accepted.accepted);
-    let duplicate = workers
-        .report_result(report("w1", 1))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(!duplicate.accepted, "a result is applied once");
+    let duplicate = workers.report_result(report("w1", 1)).await.unwrap_err();
+    assert_eq!(
+        duplicate.code(),
+        tonic::Code::FailedPrecondition,
+        "a result is applied once"
+    );
     let heartbeat = workers
         .heartbeat(v1::HeartbeatRequest {
             worker_id: "w1".into(),
@@ -549,6 +539,7 @@ async fn a_lost_lease_reply_costs_neither_an_attempt_nor_a_lease_ttl() {
     // cluster committed the grant, the worker never saw it.
     let worker = flotilla_worker::actor::start(
         flotilla_worker::actor::WorkerSettings {
+            token: flotilla_worker::client_auth::BearerToken::new(common::ADMIN_TOKEN).unwrap(),
             worker_id: "lossy".into(),
             endpoints: vec![node.address.clone()],
             slots: 2,

@@ -66,7 +66,7 @@ fn nasty_text() -> impl Strategy<Value = String> {
 
 fn wire_spec() -> impl Strategy<Value = v1::FleetSpec> {
     (
-        nasty_text(),
+        (nasty_text(), nasty_text()),
         prop::collection::vec(nasty_text(), 0..4),
         (
             nasty_text(),
@@ -94,8 +94,9 @@ fn wire_spec() -> impl Strategy<Value = v1::FleetSpec> {
         ),
     )
         .prop_map(
-            |(name, repositories, agent, verify, sandbox, rest)| v1::FleetSpec {
+            |((name, project), repositories, agent, verify, sandbox, rest)| v1::FleetSpec {
                 name,
+                project,
                 repositories,
                 agent: Some(v1::AgentSpec {
                     command: agent.0,

@@ -211,9 +211,14 @@ async fn an_undecodable_request_is_an_invalid_argument_naming_the_message() {
     grpc.ready().await.unwrap();
     // Field 1 (spec) as a length-delimited value claiming 100 bytes, followed by 2.
     let garbage = vec![0x0a, 100, 1, 2];
+    let mut request = tonic::Request::new(garbage);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", common::ADMIN_TOKEN).parse().unwrap(),
+    );
     let status = grpc
         .unary(
-            tonic::Request::new(garbage),
+            request,
             tonic::codegen::http::uri::PathAndQuery::from_static(
                 "/flotilla.v1.FleetService/SubmitFleet",
             ),

@@ -16,6 +16,7 @@ use flotilla_worker::lease::LeaseDeadline;
 
 fn settings(node: &Node) -> WorkerSettings {
     WorkerSettings {
+        token: flotilla_worker::client_auth::BearerToken::new(common::ADMIN_TOKEN).unwrap(),
         worker_id: "test-worker".into(),
         endpoints: vec![node.address.clone()],
         slots: 2,
@@ -222,6 +223,7 @@ async fn an_attempt_whose_lease_cannot_be_renewed_is_stopped_by_the_worker() {
     };
     let worker = start_with_executor(
         WorkerSettings {
+            token: flotilla_worker::client_auth::BearerToken::new(common::ADMIN_TOKEN).unwrap(),
             heartbeat_interval_ms: 200,
             rpc_timeout_ms: 300,
             ..settings(&node)

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::{Node, lease, spec};
 use flotilla_proto::v1;
-use flotilla_proto::v1::worker_service_client::WorkerServiceClient;
 
 const CONFIG: &str = "[limits]\nmax_events_per_fleet = 16\n\n[worker]\nenabled = false\n";
 
@@ -38,9 +37,7 @@ async fn a_watcher_behind_the_event_bound_is_told_where_to_resume() {
         .fleet
         .unwrap();
     let leases = lease(&node, "w1", 10, Instant::now() + Duration::from_secs(60)).await;
-    let mut workers = WorkerServiceClient::connect(node.address.clone())
-        .await
-        .unwrap();
+    let mut workers = common::worker_client(&node.address).await;
     for lease in &leases {
         let report = workers
             .report_result(v1::ReportResultRequest {
@@ -88,6 +85,7 @@ async fn a_watcher_behind_the_event_bound_is_told_where_to_resume() {
     // promises every event, ends with the error.
     let cli = |arguments: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .env("FLOTILLA_TOKEN", common::ADMIN_TOKEN)
             .args(["--address", &node.address])
             .args(arguments)
             .output()

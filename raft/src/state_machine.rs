@@ -406,7 +406,11 @@ fn apply_entry(applied: &mut AppliedState, entry: Entry, effects: &mut Vec<Effec
         EntryPayload::Blank => Response::Rejected {
             reason: BLANK_ENTRY_REASON.into(),
         },
-        EntryPayload::Normal(request) => applied.state.apply_with_effects(&request, effects),
+        EntryPayload::Normal(request) => {
+            applied
+                .state
+                .apply_with_effects(entry.log_id.index, &request, effects)
+        }
         EntryPayload::Membership(membership) => {
             applied.last_membership = StoredMembership::new(Some(entry.log_id), membership);
             Response::Rejected {

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::spec::FleetSpec;
+use crate::token::{Principal, Role};
 
 /// One log entry's payload: a command and the time at which the leader proposed it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -15,6 +16,21 @@ pub struct Request {
     pub now_ms: u64,
     /// What to do.
     pub command: Command,
+    /// Who asked (recorded in the audit log). [`Principal::Unknown`] in entries written before
+    /// principals existed.
+    #[serde(default)]
+    pub principal: Principal,
+}
+
+impl Request {
+    /// A request stamped `now_ms` on behalf of `principal`.
+    pub fn new(now_ms: u64, command: Command, principal: Principal) -> Self {
+        Request {
+            now_ms,
+            command,
+            principal,
+        }
+    }
 }
 
 /// A state change. Validated by the node before it is proposed; applying an invalid command
@@ -85,6 +101,39 @@ pub enum Command {
     },
     /// Ends every lease whose expiry is at or before `now_ms`; the runs are retried or failed.
     ExpireLeases,
+    /// Creates an API token. The node generated the secret; only its SHA-256 is here.
+    /// Rejected when the accessor id exists, the fields are inconsistent (a project-scoped role
+    /// without a project, a worker token without a worker id), or [`crate::token::MAX_TOKENS`]
+    /// tokens are kept and none is revoked or expired to forget.
+    CreateToken {
+        /// [`crate::token::ACCESSOR_ID_CHARS`] lower-case hex characters.
+        accessor_id: String,
+        /// Lower-case hex SHA-256 of the secret.
+        secret_sha256: String,
+        /// 1-64 characters of `[A-Za-z0-9._-]`.
+        name: String,
+        /// The project for viewer, submitter and operator tokens; `None` for admin and worker.
+        project: Option<String>,
+        /// The role.
+        role: Role,
+        /// The worker id of a worker token; `None` otherwise.
+        worker_id: Option<String>,
+        /// Expiry in milliseconds since the Unix epoch; `None`: never.
+        expires_ms: Option<u64>,
+    },
+    /// Creates the first admin token (name `bootstrap`). Accepted once per cluster: rejected
+    /// once any bootstrap was accepted.
+    BootstrapToken {
+        /// [`crate::token::ACCESSOR_ID_CHARS`] lower-case hex characters.
+        accessor_id: String,
+        /// Lower-case hex SHA-256 of the secret.
+        secret_sha256: String,
+    },
+    /// Revokes a token (final). Rejected for an unknown accessor id.
+    RevokeToken {
+        /// The token.
+        accessor_id: String,
+    },
     /// Forgets fleets that ended at least `retention_ms` before `now_ms` (their runs, events
     /// and idempotency keys), at most `max_fleets` of them, oldest first, so the state stays
     /// bounded. A key forgotten this way may create a new fleet if submitted again.
@@ -324,6 +373,13 @@ pub enum Response {
         /// Count of removed fleets.
         count: u32,
     },
+    /// `CreateToken` or `BootstrapToken` applied.
+    TokenCreated {
+        /// The new token's accessor id.
+        accessor_id: String,
+    },
+    /// `RevokeToken` applied (also when it was already revoked).
+    TokenRevoked,
     /// The command was valid on the wire but not applicable to the state; nothing changed.
     Rejected {
         /// Why.

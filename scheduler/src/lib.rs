@@ -6,24 +6,29 @@
 //! - [`command`]: the commands in the Raft log ([`Request`] = leader time + [`Command`]) and
 //!   what applying one returns ([`Response`]);
 //! - [`state`]: fleets, runs, attempts, leases, events, and [`State::apply`];
-//! - [`placement`]: which pending runs go to a worker with free slots.
+//! - [`placement`]: which pending runs go to a worker with free slots;
+//! - [`token`]: API tokens, roles, permissions and principals;
+//! - [`audit`]: the hash-chained audit log, one record per applied command.
 //!
 //! What this crate must not know: clocks, randomness, the environment, files, the network, Raft,
 //! gRPC. Time arrives as [`Request::now_ms`], stamped by the leader. Everything here can be
 //! tested without I/O, and every replica applying the same log reaches the same [`State`].
 
 pub mod artifact;
+pub mod audit;
 pub mod command;
 pub mod placement;
 pub mod policy;
 pub mod spec;
 pub mod state;
+pub mod token;
 
 pub use artifact::{ArtifactKey, ArtifactKind, Effect};
 pub use command::{AttemptResult, Command, FileStat, LeaseGrant, Outcome, Request, Response};
 pub use policy::{ExecutionPolicy, PolicyError};
 pub use spec::{AgentSpec, FieldError, FleetSpec, RetryPolicy, SandboxSpec, SpecLimits};
 pub use state::{Attempt, Fleet, FleetEvent, FleetState, Run, RunCounts, RunState, State};
+pub use token::{Permission, Principal, Role, Token};
 
 #[cfg(test)]
 mod tests;

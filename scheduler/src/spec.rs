@@ -24,6 +24,10 @@ pub const DEFAULT_BRANCH_PREFIX: &str = "flotilla/";
 /// The project (namespace) a fleet, token or secret belongs to when none is named. Project
 /// names follow [`is_valid_name`].
 pub const DEFAULT_PROJECT: &str = "default";
+
+fn default_project() -> String {
+    DEFAULT_PROJECT.to_string()
+}
 /// Longest branch name accepted, in bytes.
 pub const MAX_BRANCH_BYTES: usize = 255;
 /// The `{fleet_id}` used when a template is validated before the fleet has an id: the longest
@@ -35,6 +39,10 @@ const LONGEST_FLEET_ID: &str = "fl-18446744073709551615";
 pub struct FleetSpec {
     /// 1-64 characters of `[A-Za-z0-9._-]`.
     pub name: String,
+    /// The project (namespace) owning the fleet: 1-64 characters of `[A-Za-z0-9._-]`
+    /// ([`DEFAULT_PROJECT`] when not given). Tokens are scoped to projects.
+    #[serde(default = "default_project")]
+    pub project: String,
     /// Git URLs, one run each, in order.
     pub repositories: Vec<String>,
     /// What runs in each repository.
@@ -323,6 +331,12 @@ impl FleetSpec {
                 "must be 1-64 characters of [A-Za-z0-9._-]",
             ));
         }
+        if !is_valid_name(&self.project) {
+            return Err(FieldError::new(
+                field("project"),
+                "must be 1-64 characters of [A-Za-z0-9._-]",
+            ));
+        }
         if self.repositories.is_empty() {
             return Err(FieldError::new(
                 field("repositories"),
@@ -577,6 +591,7 @@ pub(crate) mod tests {
     pub(crate) fn spec(repositories: &[&str]) -> FleetSpec {
         FleetSpec {
             name: "rustfmt".into(),
+            project: DEFAULT_PROJECT.into(),
             repositories: repositories.iter().map(|r| r.to_string()).collect(),
             agent: AgentSpec {
                 command: "cargo fmt".into(),

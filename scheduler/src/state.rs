@@ -19,9 +19,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::artifact::{ArtifactKey, ArtifactKind, Effect, sha256_hex};
+use crate::audit::{AuditEntry, AuditLog, AuditOutcome};
 use crate::command::{AttemptResult, Command, LeaseGrant, Outcome, Request, Response};
 use crate::placement::{self, FleetSlots};
 use crate::spec::{self, FleetSpec};
+use crate::token::{self, AuthenticationError, Principal, Role, Token};
 
 /// Per fleet, for placement: `(fleet_number, available_slots, [(run_index, not_before_ms)])`.
 type FleetCandidates = (u64, u32, Vec<(u32, u64)>);
@@ -232,6 +234,9 @@ pub struct Fleet {
     last_sequence: u64,
     /// Indices of pending runs, in order.
     pending: BTreeSet<u32>,
+    /// Who submitted it ([`Principal::Unknown`] for fleets submitted before principals).
+    #[serde(default)]
+    pub submitted_by: Principal,
 }
 
 impl Fleet {
@@ -308,6 +313,15 @@ pub struct State {
     rejected_results_total: u64,
     /// Largest leader timestamp applied so far; stamps never move the clock backwards.
     now_ms: u64,
+    /// API tokens by accessor id (hashes only, never secrets).
+    #[serde(default)]
+    tokens: BTreeMap<String, Token>,
+    /// Whether a [`Command::BootstrapToken`] was accepted (it is accepted once per cluster).
+    #[serde(default)]
+    tokens_bootstrapped: bool,
+    /// One record per applied command, hash-chained.
+    #[serde(default)]
+    audit: AuditLog,
 }
 
 /// `fl-<number>`.
@@ -352,15 +366,32 @@ impl State {
     /// store, such as tests of the state alone). See [`State::apply_with_effects`].
     pub fn apply(&mut self, request: &Request) -> Response {
         let mut effects = Vec::new();
-        self.apply_with_effects(request, &mut effects)
+        self.apply_with_effects(0, request, &mut effects)
     }
 
     /// Applies one log entry and appends to `effects` what the replica's storage must do
     /// alongside (store or delete artifacts). Deterministic: the response, the new state and
-    /// the effects depend only on `self` and `request`.
-    pub fn apply_with_effects(&mut self, request: &Request, effects: &mut Vec<Effect>) -> Response {
+    /// the effects depend only on `self`, `log_index` and `request`.
+    ///
+    /// Every command applied, accepted or rejected, appends one audit record (see
+    /// [`crate::audit`]) naming `request.principal`, stamped with `log_index` (the Raft index
+    /// of the entry; 0 where there is none).
+    pub fn apply_with_effects(
+        &mut self,
+        log_index: u64,
+        request: &Request,
+        effects: &mut Vec<Effect>,
+    ) -> Response {
         // Leader clocks may step back across a leader change; the state's clock does not.
         self.now_ms = self.now_ms.max(request.now_ms);
+        let response = self.apply_command(request, effects);
+        let entry = audit_entry(&request.command, &response);
+        self.audit
+            .append(log_index, self.now_ms, request.principal.clone(), entry);
+        response
+    }
+
+    fn apply_command(&mut self, request: &Request, effects: &mut Vec<Effect>) -> Response {
         let now_ms = self.now_ms;
         if self.next_fleet_number == 0 {
             self.next_fleet_number = 1;
@@ -371,7 +402,14 @@ impl State {
                 idempotency_key,
                 trace_parent,
                 max_events,
-            } => self.submit_fleet(now_ms, spec, idempotency_key, trace_parent, *max_events),
+            } => self.submit_fleet(
+                now_ms,
+                spec,
+                idempotency_key,
+                trace_parent,
+                *max_events,
+                &request.principal,
+            ),
             Command::AcquireLeases {
                 worker_id,
                 free_slots,
@@ -395,7 +433,172 @@ impl State {
                 retention_ms,
                 max_fleets,
             } => self.compact_fleets(now_ms, *retention_ms, *max_fleets, effects),
+            Command::CreateToken {
+                accessor_id,
+                secret_sha256,
+                name,
+                project,
+                role,
+                worker_id,
+                expires_ms,
+            } => self.create_token(
+                Token {
+                    accessor_id: accessor_id.clone(),
+                    secret_sha256: secret_sha256.clone(),
+                    name: name.clone(),
+                    project: project.clone(),
+                    role: *role,
+                    worker_id: worker_id.clone(),
+                    created_ms: now_ms,
+                    expires_ms: *expires_ms,
+                    revoked: false,
+                    created_by: request.principal.clone(),
+                },
+                now_ms,
+            ),
+            Command::BootstrapToken {
+                accessor_id,
+                secret_sha256,
+            } => {
+                if self.tokens_bootstrapped {
+                    return Response::Rejected {
+                        reason: "the cluster was already bootstrapped".into(),
+                    };
+                }
+                let response = self.create_token(
+                    Token {
+                        accessor_id: accessor_id.clone(),
+                        secret_sha256: secret_sha256.clone(),
+                        name: "bootstrap".into(),
+                        project: None,
+                        role: Role::Admin,
+                        worker_id: None,
+                        created_ms: now_ms,
+                        expires_ms: None,
+                        revoked: false,
+                        created_by: request.principal.clone(),
+                    },
+                    now_ms,
+                );
+                if matches!(response, Response::TokenCreated { .. }) {
+                    self.tokens_bootstrapped = true;
+                }
+                response
+            }
+            Command::RevokeToken { accessor_id } => match self.tokens.get_mut(accessor_id) {
+                Some(token) => {
+                    token.revoked = true;
+                    Response::TokenRevoked
+                }
+                None => Response::Rejected {
+                    reason: format!("no token {accessor_id}"),
+                },
+            },
         }
+    }
+
+    fn create_token(&mut self, token: Token, now_ms: u64) -> Response {
+        if !token::is_valid_accessor_id(&token.accessor_id)
+            || !token::is_valid_sha256_hex(&token.secret_sha256)
+            || !spec::is_valid_name(&token.name)
+        {
+            return Response::Rejected {
+                reason: "malformed accessor id, secret hash or name".into(),
+            };
+        }
+        if token.role.is_project_scoped() != token.project.is_some()
+            || token
+                .project
+                .as_deref()
+                .is_some_and(|p| !spec::is_valid_name(p))
+        {
+            return Response::Rejected {
+                reason: format!(
+                    "a {} token {} a project",
+                    token.role.as_str(),
+                    if token.role.is_project_scoped() {
+                        "needs"
+                    } else {
+                        "has no"
+                    }
+                ),
+            };
+        }
+        if (token.role == Role::Worker) != token.worker_id.is_some()
+            || token
+                .worker_id
+                .as_deref()
+                .is_some_and(|w| !spec::is_valid_name(w))
+        {
+            return Response::Rejected {
+                reason: "a worker token, and only a worker token, names a valid worker id".into(),
+            };
+        }
+        if self.tokens.contains_key(&token.accessor_id) {
+            return Response::Rejected {
+                reason: format!("token {} exists", token.accessor_id),
+            };
+        }
+        if self.tokens.len() >= token::MAX_TOKENS {
+            let forgettable = self
+                .tokens
+                .values()
+                .filter(|t| !t.is_live(now_ms))
+                .min_by_key(|t| (t.created_ms, t.accessor_id.clone()))
+                .map(|t| t.accessor_id.clone());
+            match forgettable {
+                Some(accessor_id) => {
+                    self.tokens.remove(&accessor_id);
+                }
+                None => {
+                    return Response::Rejected {
+                        reason: format!(
+                            "{} live tokens exist (token::MAX_TOKENS); revoke some first",
+                            token::MAX_TOKENS
+                        ),
+                    };
+                }
+            }
+        }
+        let accessor_id = token.accessor_id.clone();
+        self.tokens.insert(accessor_id.clone(), token);
+        Response::TokenCreated { accessor_id }
+    }
+
+    /// Checks a bearer token (`flotilla_<accessor_id>_<secret>`) at `now_ms`; returns the
+    /// token it names.
+    ///
+    /// # Errors
+    /// Malformed, unknown or wrong secret (not told apart), revoked, expired.
+    pub fn authenticate(&self, bearer: &str, now_ms: u64) -> Result<&Token, AuthenticationError> {
+        let parsed = token::parse_token(bearer)?;
+        let unknown = || AuthenticationError::Unknown(parsed.accessor_id.to_string());
+        let token = self.tokens.get(parsed.accessor_id).ok_or_else(unknown)?;
+        if !token::secret_matches(parsed.secret, &token.secret_sha256) {
+            return Err(unknown());
+        }
+        if token.revoked {
+            return Err(AuthenticationError::Revoked(token.accessor_id.clone()));
+        }
+        if !token.is_live(now_ms) {
+            return Err(AuthenticationError::Expired(token.accessor_id.clone()));
+        }
+        Ok(token)
+    }
+
+    /// Every token (hashes only), by accessor id.
+    pub fn tokens(&self) -> impl Iterator<Item = &Token> {
+        self.tokens.values()
+    }
+
+    /// Whether a [`Command::BootstrapToken`] was accepted.
+    pub fn tokens_bootstrapped(&self) -> bool {
+        self.tokens_bootstrapped
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
     }
 
     fn submit_fleet(
@@ -405,6 +608,7 @@ impl State {
         idempotency_key: &str,
         trace_parent: &str,
         max_events: u32,
+        principal: &Principal,
     ) -> Response {
         if !idempotency_key.is_empty()
             && let Some(number) = self.idempotency_keys.get(idempotency_key)
@@ -464,6 +668,7 @@ impl State {
             events: VecDeque::new(),
             max_events,
             last_sequence: 0,
+            submitted_by: principal.clone(),
         };
         push_event(
             &mut fleet,
@@ -1157,4 +1362,101 @@ fn truncate_message(mut message: String) -> String {
         message.push_str("...");
     }
     message
+}
+
+/// The audit record of applying `command` with `response`: action, target, outcome, reason.
+/// Never copies a secret (a token's record names only its accessor id and role).
+fn audit_entry(command: &Command, response: &Response) -> AuditEntry {
+    let (action, target) = match command {
+        Command::SubmitFleet { spec, .. } => (
+            "submit_fleet",
+            match response {
+                Response::FleetSubmitted { fleet_id, .. }
+                | Response::IdempotencyKeyConflict { fleet_id } => {
+                    format!("project {} fleet {fleet_id} ({})", spec.project, spec.name)
+                }
+                _ => format!("project {} fleet {}", spec.project, spec.name),
+            },
+        ),
+        Command::AcquireLeases { worker_id, .. } => {
+            ("acquire_leases", format!("worker {worker_id}"))
+        }
+        Command::Heartbeat { worker_id, .. } => ("heartbeat", format!("worker {worker_id}")),
+        Command::ReportResult {
+            worker_id,
+            run_id,
+            attempt,
+            result,
+        } => (
+            "report_result",
+            format!(
+                "run {run_id} attempt {attempt} by worker {worker_id}: {}",
+                result.outcome.as_str()
+            ),
+        ),
+        Command::CancelFleet { fleet_id } => ("cancel_fleet", format!("fleet {fleet_id}")),
+        Command::ExpireLeases => ("expire_leases", String::new()),
+        Command::CompactFleets { .. } => ("compact_fleets", String::new()),
+        Command::CreateToken {
+            accessor_id,
+            name,
+            project,
+            role,
+            worker_id,
+            ..
+        } => (
+            "create_token",
+            format!(
+                "token {accessor_id} ({name}, {}, project {}, worker {})",
+                role.as_str(),
+                project.as_deref().unwrap_or("*"),
+                worker_id.as_deref().unwrap_or("-")
+            ),
+        ),
+        Command::BootstrapToken { accessor_id, .. } => (
+            "bootstrap_token",
+            format!("token {accessor_id} (bootstrap, admin)"),
+        ),
+        Command::RevokeToken { accessor_id } => ("revoke_token", format!("token {accessor_id}")),
+    };
+    let (outcome, reason) = match response {
+        Response::Rejected { reason } => (AuditOutcome::Rejected, reason.clone()),
+        Response::IdempotencyKeyConflict { .. } => (
+            AuditOutcome::Rejected,
+            "idempotency key used by another spec".to_string(),
+        ),
+        Response::Leased(grants) => (
+            AuditOutcome::Accepted,
+            format!(
+                "{} leases: {}",
+                grants.len(),
+                grants
+                    .iter()
+                    .take(16)
+                    .map(|g| format!("{}#{}", g.run_id, g.attempt))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        ),
+        Response::Heartbeat { lost } => (AuditOutcome::Accepted, format!("{} lost", lost.len())),
+        Response::LeasesExpired { count } => (AuditOutcome::Accepted, format!("{count} expired")),
+        Response::FleetsCompacted { count } => {
+            (AuditOutcome::Accepted, format!("{count} compacted"))
+        }
+        Response::FleetSubmitted { created, .. } => (
+            AuditOutcome::Accepted,
+            if *created {
+                String::new()
+            } else {
+                "repeated idempotency key".into()
+            },
+        ),
+        _ => (AuditOutcome::Accepted, String::new()),
+    };
+    AuditEntry {
+        action: action.to_string(),
+        target,
+        outcome,
+        reason,
+    }
 }

@@ -1,6 +1,7 @@
 //! Scenario tests of the state machine. Each test drives [`State::apply`] with stamped commands
 //! and checks the invariants after every step (`Harness::apply`).
 
+use crate::artifact::sha256_hex;
 use crate::command::{AttemptResult, Command, FileStat, Outcome, Request, Response};
 use crate::spec::tests::spec;
 use crate::state::{FleetState, RunState, State};
@@ -22,6 +23,7 @@ impl Harness {
         let response = self.state.apply(&Request {
             now_ms: self.now_ms,
             command,
+            principal: Default::default(),
         });
         if let Err(violation) = self.state.check_invariants() {
             panic!("invariant violated: {violation}");
@@ -507,15 +509,18 @@ fn the_clock_never_steps_back_and_replay_is_deterministic() {
                 lease_ttl_ms: 100,
                 held: Vec::new(),
             },
+            principal: Default::default(),
         },
         // A new leader whose clock is behind.
         Request {
             now_ms: 4_000,
             command: Command::ExpireLeases,
+            principal: Default::default(),
         },
         Request {
             now_ms: 5_200,
             command: Command::ExpireLeases,
+            principal: Default::default(),
         },
     ];
     let mut replica = h.state.clone();
@@ -580,7 +585,7 @@ fn ended_fleets_are_compacted_after_their_retention() {
 
 #[test]
 fn patches_and_log_tails_leave_the_state_as_artifact_effects() {
-    use crate::artifact::{ArtifactKey, ArtifactKind, Effect, sha256_hex};
+    use crate::artifact::{ArtifactKey, ArtifactKind, Effect};
     let mut h = Harness::new();
     h.submit(&["file:///a"], 1, "");
     h.lease("w1", 1);
@@ -591,6 +596,7 @@ fn patches_and_log_tails_leave_the_state_as_artifact_effects() {
     };
     let mut effects = Vec::new();
     let response = h.state.apply_with_effects(
+        0,
         &Request {
             now_ms: h.now_ms,
             command: Command::ReportResult {
@@ -599,6 +605,7 @@ fn patches_and_log_tails_leave_the_state_as_artifact_effects() {
                 attempt: 1,
                 result,
             },
+            principal: Default::default(),
         },
         &mut effects,
     );
@@ -632,6 +639,7 @@ fn patches_and_log_tails_leave_the_state_as_artifact_effects() {
     // A rejected (stale) result stores nothing.
     let mut effects = Vec::new();
     let stale = h.state.apply_with_effects(
+        0,
         &Request {
             now_ms: h.now_ms,
             command: Command::ReportResult {
@@ -643,6 +651,7 @@ fn patches_and_log_tails_leave_the_state_as_artifact_effects() {
                     ..changed()
                 },
             },
+            principal: Default::default(),
         },
         &mut effects,
     );
@@ -652,12 +661,14 @@ fn patches_and_log_tails_leave_the_state_as_artifact_effects() {
     h.now_ms += 10_000;
     let mut effects = Vec::new();
     h.state.apply_with_effects(
+        0,
         &Request {
             now_ms: h.now_ms,
             command: Command::CompactFleets {
                 retention_ms: 1_000,
                 max_fleets: 10,
             },
+            principal: Default::default(),
         },
         &mut effects,
     );
@@ -803,4 +814,119 @@ fn a_worker_holding_another_attempt_of_a_run_gets_the_current_one_again() {
         h.lease_listing("w1", 1, &held(&[("fl-1-0", 1)])),
         vec![("fl-1-0@2".to_string(), true)]
     );
+}
+
+#[test]
+fn bootstrap_is_accepted_once_and_tokens_authenticate_until_revoked_or_expired() {
+    use crate::token::{AuthenticationError, Principal, Role, format_token};
+    let mut state = State::new();
+    let secret = "1".repeat(64);
+    let hash = sha256_hex(secret.as_bytes());
+    let node = Principal::Node { node_id: 1 };
+    let bootstrap = |accessor: &str| Command::BootstrapToken {
+        accessor_id: accessor.into(),
+        secret_sha256: hash.clone(),
+    };
+    assert!(!state.tokens_bootstrapped());
+    let first = state.apply(&Request::new(
+        10,
+        bootstrap("000000000000000a"),
+        node.clone(),
+    ));
+    assert!(matches!(first, Response::TokenCreated { .. }), "{first:?}");
+    assert!(state.tokens_bootstrapped());
+    // A second bootstrap (another node's file, a racing operator) is refused.
+    let second = state.apply(&Request::new(
+        11,
+        bootstrap("000000000000000b"),
+        node.clone(),
+    ));
+    assert!(matches!(second, Response::Rejected { .. }), "{second:?}");
+    let bearer = format_token("000000000000000a", &secret);
+    let token = state.authenticate(&bearer, 12).unwrap();
+    assert_eq!(token.role, Role::Admin);
+    assert_eq!(token.project, None);
+    assert!(matches!(
+        state.authenticate(&format_token("000000000000000a", &"2".repeat(64)), 12),
+        Err(AuthenticationError::Unknown(_))
+    ));
+    assert!(matches!(
+        state.authenticate(&format_token("000000000000000b", &secret), 12),
+        Err(AuthenticationError::Unknown(_))
+    ));
+    // An expiring, project-scoped token.
+    let created = state.apply(&Request::new(
+        20,
+        Command::CreateToken {
+            accessor_id: "000000000000000c".into(),
+            secret_sha256: hash.clone(),
+            name: "ci".into(),
+            project: Some("a".into()),
+            role: Role::Submitter,
+            worker_id: None,
+            expires_ms: Some(100),
+        },
+        Principal::Unknown,
+    ));
+    assert!(matches!(created, Response::TokenCreated { .. }));
+    let short = format_token("000000000000000c", &secret);
+    assert!(state.authenticate(&short, 99).is_ok());
+    assert!(matches!(
+        state.authenticate(&short, 100),
+        Err(AuthenticationError::Expired(_))
+    ));
+    // Inconsistent tokens are refused by the state itself.
+    for (role, project, worker) in [
+        (Role::Submitter, None, None),
+        (Role::Admin, Some("a"), None),
+        (Role::Worker, None, None),
+        (Role::Viewer, Some("a"), Some("w1")),
+    ] {
+        let response = state.apply(&Request::new(
+            21,
+            Command::CreateToken {
+                accessor_id: "000000000000000d".into(),
+                secret_sha256: hash.clone(),
+                name: "bad".into(),
+                project: project.map(Into::into),
+                role,
+                worker_id: worker.map(Into::into),
+                expires_ms: None,
+            },
+            Principal::Unknown,
+        ));
+        assert!(matches!(response, Response::Rejected { .. }), "{role:?}");
+    }
+    let revoked = state.apply(&Request::new(
+        30,
+        Command::RevokeToken {
+            accessor_id: "000000000000000a".into(),
+        },
+        Principal::Unknown,
+    ));
+    assert_eq!(revoked, Response::TokenRevoked);
+    assert!(matches!(
+        state.authenticate(&bearer, 31),
+        Err(AuthenticationError::Revoked(_))
+    ));
+    // A submission records its submitter.
+    let mut spec = spec(&["file:///a"]);
+    spec.project = "a".into();
+    let submitter = Principal::Token {
+        accessor_id: "000000000000000c".into(),
+        name: "ci".into(),
+        role: Role::Submitter,
+    };
+    state.apply(&Request::new(
+        40,
+        Command::SubmitFleet {
+            spec,
+            idempotency_key: String::new(),
+            trace_parent: String::new(),
+            max_events: 0,
+        },
+        submitter.clone(),
+    ));
+    assert_eq!(state.fleet("fl-1").unwrap().submitted_by, submitter);
+    assert_eq!(state.fleet("fl-1").unwrap().spec.project, "a");
 }

@@ -48,7 +48,6 @@ use flotilla_proto::v1::{self, HeldLease};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::WorkerConfig;
@@ -79,6 +78,10 @@ pub struct WorkerSettings {
     /// the way. The cluster has committed those grants; lease reconciliation must deliver them
     /// again under the same attempts.
     pub fault_drop_lease_replies: u32,
+    /// The worker's bearer token (a `worker` token bound to `worker_id`), sent on every call.
+    /// Its slot may be filled after start (the node's own worker); until then calls fail with
+    /// UNAUTHENTICATED and are retried with backoff.
+    pub token: crate::client_auth::BearerToken,
 }
 
 impl Default for WorkerSettings {
@@ -93,6 +96,7 @@ impl Default for WorkerSettings {
             rpc_timeout_ms: 10_000,
             max_message_bytes: 16 * 1024 * 1024,
             fault_drop_lease_replies: 0,
+            token: crate::client_auth::BearerToken::default(),
         }
     }
 }
@@ -124,7 +128,7 @@ pub enum WorkerError {
 /// Rotating gRPC clients over the configured endpoints.
 #[derive(Clone)]
 struct Cluster {
-    clients: Arc<Vec<WorkerServiceClient<Channel>>>,
+    clients: Arc<Vec<WorkerServiceClient<crate::client_auth::AuthChannel>>>,
     current: Arc<Mutex<usize>>,
 }
 
@@ -140,7 +144,7 @@ impl Cluster {
                 .connect_timeout(Duration::from_secs(2))
                 .connect_lazy();
             clients.push(
-                WorkerServiceClient::new(channel)
+                WorkerServiceClient::new(settings.token.channel(channel))
                     .max_decoding_message_size(settings.max_message_bytes)
                     .max_encoding_message_size(settings.max_message_bytes),
             );
@@ -157,7 +161,7 @@ impl Cluster {
         })
     }
 
-    fn client(&self) -> WorkerServiceClient<Channel> {
+    fn client(&self) -> WorkerServiceClient<crate::client_auth::AuthChannel> {
         let index = self.current.lock().map_or(0, |c| *c) % self.clients.len();
         self.clients[index].clone()
     }
@@ -664,6 +668,17 @@ async fn report(
                 } else {
                     warn!(run.id = %lease.run_id, attempt = lease.attempt, reason = %response.reason, "result rejected by the cluster");
                 }
+                return;
+            }
+            Ok(Err(status))
+                if matches!(
+                    status.code(),
+                    tonic::Code::FailedPrecondition | tonic::Code::PermissionDenied
+                ) =>
+            {
+                // The cluster did not apply it (a stale attempt, a lease this worker no longer
+                // holds): sending it again cannot change that.
+                warn!(run.id = %lease.run_id, attempt = lease.attempt, %status, "result rejected by the cluster");
                 return;
             }
             Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {

@@ -60,6 +60,7 @@
 pub mod actor;
 pub mod attempt_log;
 pub mod cgroup;
+pub mod client_auth;
 pub mod config;
 pub mod egress;
 pub mod execute;

@@ -405,6 +405,7 @@ fn network_lease(repository: &str, agent: &str) -> flotilla_proto::v1::Lease {
         trace_parent: String::new(),
         spec: Some(FleetSpec {
             name: "egress".to_owned(),
+            project: String::new(),
             repositories: vec![repository.to_owned()],
             agent: Some(AgentSpec {
                 command: agent.to_owned(),

@@ -25,6 +25,13 @@ use tonic::transport::Channel;
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
 use tracing::{Instrument, info, info_span, warn};
 
+pub mod audit;
+pub mod auth;
+pub mod token;
+
+use flotilla_scheduler::{Permission, Principal};
+
+use self::auth::{authorization, caller, forwarded};
 use crate::clock::LeaderClock;
 use crate::config::LimitsSection;
 use crate::convert::{self, ResultLimits};
@@ -121,10 +128,11 @@ impl Api {
     /// Proposes `command` stamped with replicated time and waits at most
     /// `limits.proposal_timeout_ms` for it to be applied. On a follower, returns a channel to
     /// the leader so the caller can forward the original RPC.
-    async fn propose(&self, command: Command) -> Result<Proposal, Status> {
+    async fn propose(&self, command: Command, principal: Principal) -> Result<Proposal, Status> {
         let request = Request {
             now_ms: self.replicated_now_ms(),
             command,
+            principal,
         };
         let timeout = Duration::from_millis(self.limits.proposal_timeout_ms);
         let Ok(written) = tokio::time::timeout(timeout, self.node.write(request)).await else {
@@ -239,6 +247,25 @@ impl Api {
         }
     }
 
+    /// PERMISSION_DENIED unless `caller` holds `permission` in the project of fleet `fleet_id`
+    /// (by this node's state; a fleet this node does not know yet passes here and is checked
+    /// again where it is known, e.g. on the leader after forwarding).
+    fn require_on_fleet(
+        &self,
+        who: &auth::Caller,
+        permission: Permission,
+        fleet_id: &str,
+    ) -> Result<(), Status> {
+        let project = self
+            .node
+            .state
+            .read(|state| state.fleet(fleet_id).map(|f| f.spec.project.clone()));
+        match project {
+            Some(project) => who.require(permission, &project),
+            None => Ok(()),
+        }
+    }
+
     fn fleet_or_not_found(&self, fleet_id: &str, with_runs: bool) -> Result<v1::Fleet, Status> {
         self.node
             .state
@@ -261,6 +288,8 @@ impl FleetService for Api {
         &self,
         request: GrpcRequest<v1::SubmitFleetRequest>,
     ) -> Result<GrpcResponse<v1::SubmitFleetResponse>, Status> {
+        let who = caller(&request)?;
+        let auth = authorization(&request);
         let original = request.into_inner();
         let message = original.clone();
         if message.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
@@ -271,6 +300,7 @@ impl FleetService for Api {
         }
         let spec =
             convert::fleet_spec_from_wire(message.spec, &self.spec_limits).map_err(invalid)?;
+        who.require(Permission::FleetSubmit, &spec.project)?;
         self.policy
             .check(&spec, "spec")
             .map_err(|error| Status::permission_denied(error.to_string()))?;
@@ -282,10 +312,18 @@ impl FleetService for Api {
             trace_parent: trace_parent(&span),
             max_events: self.limits.max_events_per_fleet,
         };
-        match self.propose(command).instrument(span.clone()).await? {
+        match self
+            .propose(command, who.principal())
+            .instrument(span.clone())
+            .await?
+        {
             Proposal::Forward(channel) => {
-                self.forward(self.fleet_client(channel).submit_fleet(original), 0)
-                    .await
+                self.forward(
+                    self.fleet_client(channel)
+                        .submit_fleet(forwarded(original, &auth)),
+                    0,
+                )
+                .await
             }
             Proposal::Applied(Response::IdempotencyKeyConflict { fleet_id }) => {
                 Err(Status::already_exists(format!(
@@ -314,22 +352,31 @@ impl FleetService for Api {
         &self,
         request: GrpcRequest<v1::GetFleetRequest>,
     ) -> Result<GrpcResponse<v1::Fleet>, Status> {
+        let who = caller(&request)?;
+        let auth = authorization(&request);
         let original = request.into_inner();
         let fleet_id = original.fleet_id.clone();
         validate_fleet_id(&fleet_id)?;
         if let Some(leader) = self.read_barrier().await? {
             return self
-                .forward(self.fleet_client(leader).get_fleet(original), 0)
+                .forward(
+                    self.fleet_client(leader)
+                        .get_fleet(forwarded(original, &auth)),
+                    0,
+                )
                 .await;
         }
-        self.fleet_or_not_found(&fleet_id, true)
-            .map(GrpcResponse::new)
+        let fleet = self.fleet_or_not_found(&fleet_id, true)?;
+        self.require_on_fleet(&who, Permission::FleetRead, &fleet_id)?;
+        Ok(GrpcResponse::new(fleet))
     }
 
     async fn list_fleets(
         &self,
         request: GrpcRequest<v1::ListFleetsRequest>,
     ) -> Result<GrpcResponse<v1::ListFleetsResponse>, Status> {
+        let who = caller(&request)?;
+        let auth = authorization(&request);
         let message = request.into_inner();
         let original = message.clone();
         let page_size = match message.page_size {
@@ -354,12 +401,19 @@ impl FleetService for Api {
         };
         if let Some(leader) = self.read_barrier().await? {
             return self
-                .forward(self.fleet_client(leader).list_fleets(original), 0)
+                .forward(
+                    self.fleet_client(leader)
+                        .list_fleets(forwarded(original, &auth)),
+                    0,
+                )
                 .await;
         }
+        // Only the fleets the caller may read (its project's, or all for an admin).
         let fleets: Vec<v1::Fleet> = self.node.state.read(|state| {
             state
-                .fleets_before(before, page_size)
+                .fleets_before(before, usize::MAX)
+                .filter(|f| who.may(Permission::FleetRead, &f.spec.project))
+                .take(page_size)
                 .map(|f| convert::fleet_to_wire(f, false))
                 .collect()
         });
@@ -380,9 +434,11 @@ impl FleetService for Api {
         &self,
         request: GrpcRequest<v1::WatchFleetRequest>,
     ) -> Result<GrpcResponse<Self::WatchFleetStream>, Status> {
+        let who = caller(&request)?;
         let message = request.into_inner();
         validate_fleet_id(&message.fleet_id)?;
         self.fleet_or_not_found(&message.fleet_id, false)?;
+        self.require_on_fleet(&who, Permission::FleetRead, &message.fleet_id)?;
         let permit = self
             .watch_streams
             .clone()
@@ -445,6 +501,8 @@ impl FleetService for Api {
         &self,
         request: GrpcRequest<v1::GetRunRequest>,
     ) -> Result<GrpcResponse<v1::Run>, Status> {
+        let who = caller(&request)?;
+        let auth = authorization(&request);
         let original = request.into_inner();
         let run_id = original.run_id.clone();
         if flotilla_scheduler::state::parse_run_id(&run_id).is_none() {
@@ -455,8 +513,19 @@ impl FleetService for Api {
         }
         if let Some(leader) = self.read_barrier().await? {
             return self
-                .forward(self.fleet_client(leader).get_run(original), 0)
+                .forward(
+                    self.fleet_client(leader)
+                        .get_run(forwarded(original, &auth)),
+                    0,
+                )
                 .await;
+        }
+        if let Some((number, _)) = flotilla_scheduler::state::parse_run_id(&run_id) {
+            self.require_on_fleet(
+                &who,
+                Permission::FleetRead,
+                &flotilla_scheduler::state::fleet_id(number),
+            )?;
         }
         let (mut run, artifacts) = self
             .node
@@ -492,15 +561,35 @@ impl FleetService for Api {
         &self,
         request: GrpcRequest<v1::CancelFleetRequest>,
     ) -> Result<GrpcResponse<v1::Fleet>, Status> {
+        let who = caller(&request)?;
+        let auth = authorization(&request);
         let original = request.into_inner();
         validate_fleet_id(&original.fleet_id)?;
+        // A submitter cancels the fleets it submitted; an operator (or admin) any fleet of its
+        // project.
+        let owner = self.node.state.read(|state| {
+            state
+                .fleet(&original.fleet_id)
+                .map(|f| (f.spec.project.clone(), f.submitted_by.clone()))
+        });
+        if let Some((project, submitted_by)) = owner {
+            who.require(Permission::FleetCancel, &project)?;
+            let own = submitted_by.accessor_id() == Some(who.token.accessor_id.as_str());
+            if !own {
+                who.require(Permission::FleetCancelAny, &project)?;
+            }
+        }
         let command = Command::CancelFleet {
             fleet_id: original.fleet_id.clone(),
         };
-        match self.propose(command).await? {
+        match self.propose(command, who.principal()).await? {
             Proposal::Forward(channel) => {
-                self.forward(self.fleet_client(channel).cancel_fleet(original), 0)
-                    .await
+                self.forward(
+                    self.fleet_client(channel)
+                        .cancel_fleet(forwarded(original, &auth)),
+                    0,
+                )
+                .await
             }
             Proposal::Applied(Response::FleetCancelled) => {
                 info!(fleet.id = %original.fleet_id, "fleet cancelled");
@@ -566,8 +655,11 @@ impl WorkerService for Api {
         &self,
         request: GrpcRequest<v1::LeaseRunsRequest>,
     ) -> Result<GrpcResponse<v1::LeaseRunsResponse>, Status> {
+        let who = caller(&request)?;
+        let auth = authorization(&request);
         let original = request.into_inner();
         validate_worker_id(&original.worker_id)?;
+        who.require_worker(&original.worker_id)?;
         if original.free_slots == 0 || original.free_slots > MAX_LEASE_SLOTS {
             return Err(invalid(FieldError::new(
                 "free_slots",
@@ -619,10 +711,14 @@ impl WorkerService for Api {
                     lease_ttl_ms: self.limits.lease_ttl_ms,
                     held: held.clone(),
                 };
-                match self.propose(command).await? {
+                match self.propose(command, who.principal()).await? {
                     Proposal::Forward(channel) => {
                         return self
-                            .forward(self.worker_client(channel).lease_runs(original), wait_ms)
+                            .forward(
+                                self.worker_client(channel)
+                                    .lease_runs(forwarded(original, &auth)),
+                                wait_ms,
+                            )
                             .await;
                     }
                     Proposal::Applied(Response::Leased(grants)) if !grants.is_empty() => {
@@ -660,7 +756,11 @@ impl WorkerService for Api {
                 {
                     let channel = self.channel_to(&address)?;
                     return self
-                        .forward(self.worker_client(channel).lease_runs(original), wait_ms)
+                        .forward(
+                            self.worker_client(channel)
+                                .lease_runs(forwarded(original, &auth)),
+                            wait_ms,
+                        )
                         .await;
                 }
             }
@@ -680,8 +780,11 @@ impl WorkerService for Api {
         &self,
         request: GrpcRequest<v1::HeartbeatRequest>,
     ) -> Result<GrpcResponse<v1::HeartbeatResponse>, Status> {
+        let who = caller(&request)?;
+        let auth = authorization(&request);
         let original = request.into_inner();
         validate_worker_id(&original.worker_id)?;
+        who.require_worker(&original.worker_id)?;
         if original.leases.len() > MAX_HEARTBEAT_LEASES {
             return Err(invalid(FieldError::new(
                 "leases",
@@ -697,10 +800,14 @@ impl WorkerService for Api {
                 .collect(),
             lease_ttl_ms: self.limits.lease_ttl_ms,
         };
-        match self.propose(command).await? {
+        match self.propose(command, who.principal()).await? {
             Proposal::Forward(channel) => {
-                self.forward(self.worker_client(channel).heartbeat(original), 0)
-                    .await
+                self.forward(
+                    self.worker_client(channel)
+                        .heartbeat(forwarded(original, &auth)),
+                    0,
+                )
+                .await
             }
             Proposal::Applied(Response::Heartbeat { lost }) => {
                 Ok(GrpcResponse::new(v1::HeartbeatResponse {
@@ -721,9 +828,12 @@ impl WorkerService for Api {
         &self,
         request: GrpcRequest<v1::ReportResultRequest>,
     ) -> Result<GrpcResponse<v1::ReportResultResponse>, Status> {
+        let who = caller(&request)?;
+        let auth = authorization(&request);
         let original = request.into_inner();
         let message = original.clone();
         validate_worker_id(&message.worker_id)?;
+        who.require_worker(&message.worker_id)?;
         if flotilla_scheduler::state::parse_run_id(&message.run_id).is_none() {
             return Err(invalid(FieldError::new(
                 "run_id",
@@ -742,10 +852,14 @@ impl WorkerService for Api {
             attempt: message.attempt,
             result,
         };
-        match self.propose(command).await? {
+        match self.propose(command, who.principal()).await? {
             Proposal::Forward(channel) => {
-                self.forward(self.worker_client(channel).report_result(original), 0)
-                    .await
+                self.forward(
+                    self.worker_client(channel)
+                        .report_result(forwarded(original, &auth)),
+                    0,
+                )
+                .await
             }
             Proposal::Applied(Response::ResultAccepted) => {
                 metrics::counter!("flotilla_results_accepted_total", "outcome" => outcome.as_str())
@@ -758,10 +872,11 @@ impl WorkerService for Api {
             Proposal::Applied(Response::Rejected { reason }) => {
                 warn!(run.id = %message.run_id, attempt = message.attempt, worker.id = %message.worker_id, %reason, "result rejected");
                 metrics::counter!("flotilla_results_rejected_total").increment(1);
-                Ok(GrpcResponse::new(v1::ReportResultResponse {
-                    accepted: false,
-                    reason,
-                }))
+                // Not applied: the worker does not hold this lease (any more), or the attempt
+                // is stale. An error, so no caller mistakes it for success.
+                Err(Status::failed_precondition(format!(
+                    "result not applied: {reason}"
+                )))
             }
             Proposal::Applied(other) => {
                 Err(Status::internal(format!("unexpected response {other:?}")))

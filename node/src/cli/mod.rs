@@ -15,6 +15,7 @@ use anyhow::Context as _;
 use flotilla_proto::v1::cluster_service_client::ClusterServiceClient;
 use flotilla_proto::v1::fleet_service_client::FleetServiceClient;
 use flotilla_proto::v1::{self, FleetState, RunState};
+use flotilla_worker::client_auth::{AuthChannel, BearerToken};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tonic::transport::Channel;
@@ -22,6 +23,40 @@ use tonic::transport::Channel;
 pub mod terminal;
 
 use terminal::printable;
+
+static TOKEN: std::sync::OnceLock<BearerToken> = std::sync::OnceLock::new();
+
+/// The bearer token every client command sends (none until [`set_token`]).
+pub fn bearer() -> BearerToken {
+    TOKEN.get().cloned().unwrap_or_default()
+}
+
+/// Chooses the client commands' token: `token`, else the first line of `token_file`, else the
+/// default data directory's `bootstrap-token` when it is readable (a local development node),
+/// else none (the cluster then answers UNAUTHENTICATED).
+///
+/// # Errors
+/// [`exit_code::USAGE`] for an unreadable `token_file` or a token that cannot be a header.
+pub fn set_token(token: Option<&str>, token_file: Option<&Path>) -> Result<(), CliError> {
+    let usage = |message: String| CliError {
+        message,
+        code: exit_code::USAGE,
+    };
+    let text = match (token, token_file) {
+        (Some(token), _) => token.trim().to_string(),
+        (None, Some(path)) => flotilla_worker::client_auth::read_token_file(path)
+            .map_err(|error| usage(format!("--token-file {}: {error}", path.display())))?,
+        (None, None) => {
+            let default = crate::config::ServerConfig::default()
+                .data_directory
+                .join("bootstrap-token");
+            flotilla_worker::client_auth::read_token_file(&default).unwrap_or_default()
+        }
+    };
+    let bearer = BearerToken::new(&text).map_err(|error| usage(format!("--token: {error}")))?;
+    let _ = TOKEN.set(bearer);
+    Ok(())
+}
 
 /// `println!` that ends the process quietly on a closed stdout (see [`write_stdout`]).
 macro_rules! outln {
@@ -36,6 +71,9 @@ macro_rules! errln {
         let _ = writeln!(std::io::stderr().lock(), $($argument)*);
     }};
 }
+
+pub mod audit;
+pub mod token;
 
 /// Output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -63,9 +101,10 @@ pub mod exit_code {
     pub const UNAVAILABLE: i32 = 5;
     /// A watched fleet finished with failed or cancelled runs.
     pub const FLEET_FAILED: i32 = 6;
-    /// The request was refused: no or an invalid credential, a role or project that does not
-    /// allow it, or a spec outside the operator's policy (the message names the field).
-    pub const PERMISSION_DENIED: i32 = 7;
+    /// The request was refused: no valid token (UNAUTHENTICATED), a role or project that does
+    /// not allow it, or a spec outside the operator's policy (PERMISSION_DENIED; the message
+    /// names the field).
+    pub const DENIED: i32 = 7;
     /// Stdout was closed before all output was written (`flotilla ... | head`): 128 + SIGPIPE,
     /// the status a shell shows for a Unix tool that SIGPIPE ended. Nothing is printed.
     pub const BROKEN_PIPE: i32 = 141;
@@ -91,9 +130,7 @@ impl From<tonic::Status> for CliError {
                 exit_code::INVALID_ARGUMENT
             }
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => exit_code::UNAVAILABLE,
-            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
-                exit_code::PERMISSION_DENIED
-            }
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => exit_code::DENIED,
             _ => exit_code::ERROR,
         };
         CliError {
@@ -226,7 +263,7 @@ impl Client {
     /// [`CliError`]; [`exit_code::UNAVAILABLE`] when every round failed.
     pub async fn call<T, F, Fut>(&mut self, retry_note: &str, mut call: F) -> Result<T, CliError>
     where
-        F: FnMut(FleetServiceClient<Channel>) -> Fut,
+        F: FnMut(FleetServiceClient<AuthChannel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let mut backoff = Duration::from_millis(RETRY_BACKOFF_INITIAL_MS);
@@ -244,7 +281,7 @@ impl Client {
                 let failure = match self.channel(&url).await {
                     Err(message) => message,
                     Ok(channel) => {
-                        let client = FleetServiceClient::new(channel)
+                        let client = FleetServiceClient::new(bearer().channel(channel))
                             .max_decoding_message_size(MAX_MESSAGE_BYTES)
                             .max_encoding_message_size(MAX_MESSAGE_BYTES);
                         match call(client).await {
@@ -322,11 +359,15 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 ///
 /// # Errors
 /// [`CliError`] with [`exit_code::UNAVAILABLE`] when none answers.
-pub async fn connect_cluster(addresses: &str) -> Result<ClusterServiceClient<Channel>, CliError> {
-    Ok(ClusterServiceClient::new(connect_channel(addresses).await?))
+pub async fn connect_cluster(
+    addresses: &str,
+) -> Result<ClusterServiceClient<AuthChannel>, CliError> {
+    Ok(ClusterServiceClient::new(
+        bearer().channel(connect_channel(addresses).await?),
+    ))
 }
 
-async fn connect_channel(addresses: &str) -> Result<Channel, CliError> {
+pub(crate) async fn connect_channel(addresses: &str) -> Result<Channel, CliError> {
     let mut last_error = String::from("no address given");
     for address in addresses
         .split(',')
@@ -959,7 +1000,7 @@ fn print_cluster_status(status: &v1::ClusterStatus, output: Output) {
 /// # Errors
 /// An RPC failure.
 pub async fn cluster_status(
-    client: &mut ClusterServiceClient<Channel>,
+    client: &mut ClusterServiceClient<AuthChannel>,
     from_leader: bool,
     output: Output,
 ) -> Result<i32, CliError> {
@@ -976,7 +1017,7 @@ pub async fn cluster_status(
 /// # Errors
 /// An RPC failure.
 pub async fn cluster_digest(
-    client: &mut ClusterServiceClient<Channel>,
+    client: &mut ClusterServiceClient<AuthChannel>,
     output: Output,
 ) -> Result<i32, CliError> {
     let digest = client
@@ -1016,7 +1057,7 @@ fn parse_member(entry: &str) -> Result<v1::Member, CliError> {
 /// # Errors
 /// A malformed member or an RPC failure.
 pub async fn cluster_init(
-    client: &mut ClusterServiceClient<Channel>,
+    client: &mut ClusterServiceClient<AuthChannel>,
     members: &[String],
     output: Output,
 ) -> Result<i32, CliError> {
@@ -1037,7 +1078,7 @@ pub async fn cluster_init(
 /// # Errors
 /// An RPC failure.
 pub async fn cluster_add(
-    client: &mut ClusterServiceClient<Channel>,
+    client: &mut ClusterServiceClient<AuthChannel>,
     node_id: u64,
     address: String,
     learner: bool,
@@ -1057,7 +1098,7 @@ pub async fn cluster_add(
 /// # Errors
 /// An RPC failure.
 pub async fn cluster_remove(
-    client: &mut ClusterServiceClient<Channel>,
+    client: &mut ClusterServiceClient<AuthChannel>,
     node_id: u64,
     output: Output,
 ) -> Result<i32, CliError> {

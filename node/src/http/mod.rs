@@ -79,7 +79,23 @@ fn route(
             )
         }
         "/healthz" => respond(StatusCode::OK, "application/json", health_json(node)),
-        "/" => respond(StatusCode::OK, "text/html; charset=utf-8", dashboard(node)),
+        // The dashboard shows fleets: it needs a token with fleet.read (`Authorization: Bearer
+        // <token>`), and lists only the fleets of the token's project (all for an admin).
+        "/" => match dashboard_caller(request, node) {
+            Ok(token) => respond(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                dashboard(node, &token),
+            ),
+            Err(message) => {
+                let mut response = respond(StatusCode::UNAUTHORIZED, "text/plain", message);
+                response.headers_mut().insert(
+                    hyper::header::WWW_AUTHENTICATE,
+                    hyper::header::HeaderValue::from_static("Bearer"),
+                );
+                response
+            }
+        },
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
 }
@@ -128,7 +144,38 @@ fn escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
-fn dashboard(node: &RaftNode) -> String {
+/// The dashboard's caller: a live token granting fleet.read, from the `Authorization` header.
+fn dashboard_caller(
+    request: &Request<Incoming>,
+    node: &RaftNode,
+) -> Result<flotilla_scheduler::Token, String> {
+    let bearer = request
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            "the dashboard needs `Authorization: Bearer <token>` with fleet.read\n".to_string()
+        })?;
+    let token = node
+        .state
+        .read(|state| {
+            state
+                .authenticate(bearer.trim(), crate::api::now_ms())
+                .cloned()
+        })
+        .map_err(|error| format!("{error}\n"))?;
+    if !token.role.grants(flotilla_scheduler::Permission::FleetRead) {
+        return Err(format!(
+            "token {} ({}) lacks fleet.read\n",
+            token.accessor_id,
+            token.role.as_str()
+        ));
+    }
+    Ok(token)
+}
+
+fn dashboard(node: &RaftNode, token: &flotilla_scheduler::Token) -> String {
     let mut html = String::from(
         "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=2><title>Flotilla</title>\
          <style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}</style>\
@@ -137,7 +184,16 @@ fn dashboard(node: &RaftNode) -> String {
     let _ = write!(html, "<p>{}</p>", escape(&health_json(node)));
     html.push_str("<table><tr><th>fleet</th><th>name</th><th>state</th><th>total</th><th>pending</th><th>running</th><th>changed</th><th>unchanged</th><th>failed</th><th>cancelled</th></tr>");
     node.state.read(|state| {
-        for fleet in state.fleets_before(u64::MAX, DASHBOARD_FLEETS) {
+        for fleet in state
+            .fleets_before(u64::MAX, usize::MAX)
+            .filter(|f| {
+                token.allows(
+                    flotilla_scheduler::Permission::FleetRead,
+                    Some(&f.spec.project),
+                )
+            })
+            .take(DASHBOARD_FLEETS)
+        {
             let c = fleet.counts;
             let _ = write!(
                 html,

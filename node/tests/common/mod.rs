@@ -6,8 +6,52 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flotilla_proto::v1;
+use flotilla_proto::v1::cluster_service_client::ClusterServiceClient;
 use flotilla_proto::v1::fleet_service_client::FleetServiceClient;
-use tonic::transport::Channel;
+use flotilla_proto::v1::worker_service_client::WorkerServiceClient;
+use flotilla_worker::client_auth::{AuthChannel, BearerToken};
+
+/// The admin token of every test cluster: each node's bootstrap token file holds it (written
+/// before the node starts), so whichever node leads first bootstraps it.
+pub const ADMIN_TOKEN: &str =
+    "flotilla_00000000000000ad_a11ce0000000000000000000000000000000000000000000000000000000000a";
+
+/// `channel` sending `token`.
+pub fn with_token(channel: tonic::transport::Channel, token: &str) -> AuthChannel {
+    BearerToken::new(token).expect("token").channel(channel)
+}
+
+async fn channel(address: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(address.to_string())
+        .expect("address")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+/// `FleetService` at `address` with the admin token.
+pub async fn fleet_client(address: &str) -> FleetServiceClient<AuthChannel> {
+    FleetServiceClient::new(with_token(channel(address).await, ADMIN_TOKEN))
+}
+
+/// `WorkerService` at `address` with the admin token (an admin may act as any worker id).
+pub async fn worker_client(address: &str) -> WorkerServiceClient<AuthChannel> {
+    WorkerServiceClient::new(with_token(channel(address).await, ADMIN_TOKEN))
+}
+
+/// `ClusterService` at `address` with the admin token.
+pub async fn cluster_client(address: &str) -> ClusterServiceClient<AuthChannel> {
+    ClusterServiceClient::new(with_token(channel(address).await, ADMIN_TOKEN))
+}
+
+/// Writes [`ADMIN_TOKEN`] as `data_directory`'s bootstrap token unless one is there.
+pub fn write_bootstrap_token(data_directory: &Path) {
+    std::fs::create_dir_all(data_directory).expect("data directory");
+    let path = data_directory.join("bootstrap-token");
+    if !path.exists() {
+        std::fs::write(&path, format!("{ADMIN_TOKEN}\n")).expect("bootstrap token");
+    }
+}
 
 /// A `flotilla server` child process.
 pub struct Node {
@@ -99,7 +143,7 @@ impl Node {
         extra_arguments: &[&str],
         environment: &[(&str, &str)],
     ) -> Node {
-        std::fs::create_dir_all(data_directory).expect("data directory");
+        write_bootstrap_token(data_directory);
         let log = data_directory.join(format!(
             "server-{}.log",
             std::time::SystemTime::now()
@@ -131,6 +175,7 @@ impl Node {
             .args(&arguments)
             .envs(environment.iter().copied())
             .env("RUST_LOG", "info")
+            .env("FLOTILLA_TOKEN", ADMIN_TOKEN)
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
@@ -146,8 +191,11 @@ impl Node {
     async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(mut client) = FleetServiceClient::connect(self.address.clone()).await
-                && client
+            if let Ok(channel) = tonic::transport::Endpoint::from_shared(self.address.clone())
+                .expect("address")
+                .connect()
+                .await
+                && FleetServiceClient::new(with_token(channel, ADMIN_TOKEN))
                     .list_fleets(v1::ListFleetsRequest::default())
                     .await
                     .is_ok()
@@ -163,10 +211,8 @@ impl Node {
         }
     }
 
-    pub async fn client(&self) -> FleetServiceClient<Channel> {
-        FleetServiceClient::connect(self.address.clone())
-            .await
-            .expect("connect")
+    pub async fn client(&self) -> FleetServiceClient<AuthChannel> {
+        fleet_client(&self.address).await
     }
 
     pub fn log_text(&self) -> String {
@@ -256,7 +302,7 @@ pub fn spec(name: &str, repositories: Vec<String>, agent: &str, verify: &[&str])
 
 /// Waits until the fleet is no longer running; returns it with its runs.
 pub async fn wait_finished(
-    client: &mut FleetServiceClient<Channel>,
+    client: &mut FleetServiceClient<AuthChannel>,
     fleet_id: &str,
     node: &Node,
 ) -> v1::Fleet {
@@ -289,11 +335,7 @@ pub async fn lease(
     count: usize,
     deadline: Instant,
 ) -> Vec<v1::Lease> {
-    let mut workers = flotilla_proto::v1::worker_service_client::WorkerServiceClient::connect(
-        node.address.clone(),
-    )
-    .await
-    .unwrap();
+    let mut workers = worker_client(&node.address).await;
     let mut leases = Vec::new();
     while leases.len() < count {
         assert!(

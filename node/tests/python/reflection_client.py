@@ -15,6 +15,7 @@ Exits non-zero (with a traceback) on any failure.
 """
 
 import json
+import os
 import sys
 
 import grpc
@@ -45,7 +46,10 @@ def main() -> int:
             request_serializer=request_class.SerializeToString,
             response_deserializer=response_class.FromString,
         )
-        response = submit(request, timeout=TIMEOUT_SECONDS)
+        # The bearer token (FLOTILLA_TOKEN), as any gRPC client sends it: authorization metadata.
+        token = os.environ.get("FLOTILLA_TOKEN", "")
+        metadata = [("authorization", f"Bearer {token}")] if token else []
+        response = submit(request, timeout=TIMEOUT_SECONDS, metadata=metadata)
         print(
             json.dumps(
                 {

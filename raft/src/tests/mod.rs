@@ -38,6 +38,7 @@ const WAIT_TIMEOUT: Duration = Duration::from_secs(20);
 fn fleet_spec(name: &str) -> FleetSpec {
     FleetSpec {
         name: name.into(),
+        project: flotilla_scheduler::spec::DEFAULT_PROJECT.into(),
         repositories: vec!["file:///srv/a".into(), "file:///srv/b".into()],
         agent: AgentSpec {
             command: "cargo fmt".into(),
@@ -72,6 +73,7 @@ fn submit_fleet(name: &str, now_ms: u64) -> Request {
             trace_parent: String::new(),
             max_events: 0,
         },
+        principal: Default::default(),
     }
 }
 
