@@ -61,6 +61,12 @@ impl RunningServer {
 /// Invalid configuration, an unusable data directory, or an address that cannot be bound.
 pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     config.validate()?;
+    let node_tls = crate::tls::NodeTls::load(&config.tls, &config.cluster_id, config.node_id)
+        .context("transport security ([tls])")?;
+    let peer_tls = node_tls.as_ref().map(crate::tls::NodeTls::client_config);
+    if node_tls.is_none() {
+        warn!("tls.insecure: gRPC is plaintext and unauthenticated; for local development only");
+    }
     std::fs::create_dir_all(&config.data_directory)
         .with_context(|| format!("data_directory {}", config.data_directory.display()))?;
     let grpc_listener = TcpListener::bind(&config.listen_address)
@@ -82,6 +88,13 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             election_timeout_max_ms: config.raft.election_timeout_max_ms,
             snapshot_logs_since_last: config.raft.snapshot_logs_since_last,
             resample_election_timeout: config.raft.resample_election_timeout,
+            cluster_id: config.cluster_id.clone(),
+            security: flotilla_raft::TransportSecurity {
+                client_tls: peer_tls.clone(),
+                authorize_peer: node_tls
+                    .as_ref()
+                    .map(|_| crate::tls::raft_authorizer(&config.cluster_id)),
+            },
             ..RaftNodeConfig::default()
         })
         .await
@@ -108,7 +121,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let clock = Arc::new(
         crate::clock::LeaderClock::from_environment().map_err(|error| anyhow::anyhow!(error))?,
     );
-    let api = Api::new(node.clone(), &config.limits, clock.clone());
+    let api = Api::new(node.clone(), &config.limits, clock.clone())
+        .with_transport(&config.cluster_id, peer_tls.clone());
     let max_bytes = config.limits.max_request_bytes;
     // Both reflection protocols: grpc.reflection.v1 (grpcurl 1.9+, current tonic clients) and
     // grpc.reflection.v1alpha (Python's grpcio-reflection, older grpcurl, Postman).
@@ -120,7 +134,13 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .context("gRPC reflection v1alpha")?;
-    let router = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &node_tls {
+        server = server
+            .tls_config(tls.server_config())
+            .context("tls: the certificate or key cannot be used")?;
+    }
+    let router = server
         .add_service(
             FleetServiceServer::new(api.clone())
                 .max_decoding_message_size(max_bytes)
@@ -131,9 +151,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                 .max_decoding_message_size(max_bytes)
                 .max_encoding_message_size(max_bytes),
         )
-        .add_service(ClusterServiceServer::new(crate::cluster::Cluster::new(
-            node.clone(),
-        )))
+        .add_service(ClusterServiceServer::new(
+            crate::cluster::Cluster::new(node.clone()).with_peer_tls(peer_tls.clone()),
+        ))
         .add_service(node.grpc_service())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
@@ -173,8 +193,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     )));
 
     let worker = if config.worker.enabled {
-        let endpoints = vec![format!("http://{advertise_address}")];
-        Some(start_worker(&config, endpoints).await?)
+        // The node's own worker presents the node's certificate.
+        let endpoints = vec![crate::tls::url(&advertise_address, peer_tls.is_some())];
+        Some(start_worker(&config, endpoints, peer_tls.clone()).await?)
     } else {
         None
     };
@@ -190,13 +211,15 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
 }
 
 /// Starts a worker with `config`'s `[worker]` settings that leases from `endpoints`
-/// (`http://host:port`), keeping mirrors and logs under `data_directory/worker`.
+/// (`host:port` or URLs), over `tls` when given (else plaintext), keeping mirrors and logs
+/// under `data_directory/worker`.
 ///
 /// # Errors
 /// Invalid worker settings.
 pub async fn start_worker(
     config: &ServerConfig,
     endpoints: Vec<String>,
+    tls: Option<tonic::transport::ClientTlsConfig>,
 ) -> anyhow::Result<flotilla_worker::actor::WorkerHandle> {
     let settings = flotilla_worker::actor::WorkerSettings {
         worker_id: config.worker_id(),
@@ -206,6 +229,7 @@ pub async fn start_worker(
         heartbeat_interval_ms: config.worker.heartbeat_interval_ms,
         max_message_bytes: config.limits.max_request_bytes,
         rpc_timeout_ms: config.worker.rpc_timeout_ms,
+        tls,
         ..flotilla_worker::actor::WorkerSettings::default()
     };
     let execution = flotilla_worker::config::WorkerConfig {

@@ -65,9 +65,7 @@ async fn a_leader_with_a_clock_ahead_replaced_by_a_right_one_leaves_no_run_stuck
         .iter()
         .find(|l| l.repository.ends_with("b.git"))
         .unwrap();
-    let mut workers = WorkerServiceClient::connect(skewed.address.clone())
-        .await
-        .unwrap();
+    let mut workers = WorkerServiceClient::new(common::channel(&skewed.address).await);
     let report = workers
         .report_result(v1::ReportResultRequest {
             worker_id: "w1".into(),

@@ -153,11 +153,9 @@ async fn a_fleet_runs_every_repository_to_a_correct_result_and_survives_restart(
         restarted.patch_sha256,
         flotilla_scheduler::artifact::sha256_hex(run.patch.as_bytes())
     );
-    let mut cluster = flotilla_proto::v1::cluster_service_client::ClusterServiceClient::connect(
-        node.address.clone(),
-    )
-    .await
-    .unwrap();
+    let mut cluster = flotilla_proto::v1::cluster_service_client::ClusterServiceClient::new(
+        common::channel(&node.address).await,
+    );
     let artifact = |attempt, kind: v1::ArtifactKind| v1::GetArtifactRequest {
         run_id: run.id.clone(),
         attempt,
@@ -411,11 +409,9 @@ async fn invalid_requests_are_rejected_with_the_field_named() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound);
 
-    let mut workers = flotilla_proto::v1::worker_service_client::WorkerServiceClient::connect(
-        node.address.clone(),
-    )
-    .await
-    .unwrap();
+    let mut workers = flotilla_proto::v1::worker_service_client::WorkerServiceClient::new(
+        common::channel(&node.address).await,
+    );
     let status = workers
         .lease_runs(v1::LeaseRunsRequest {
             worker_id: "w".into(),
@@ -461,11 +457,9 @@ async fn a_stale_attempt_result_is_rejected_and_the_lease_is_fenced() {
         })
         .await
         .unwrap();
-    let mut workers = flotilla_proto::v1::worker_service_client::WorkerServiceClient::connect(
-        node.address.clone(),
-    )
-    .await
-    .unwrap();
+    let mut workers = flotilla_proto::v1::worker_service_client::WorkerServiceClient::new(
+        common::channel(&node.address).await,
+    );
     let leased = workers
         .lease_runs(v1::LeaseRunsRequest {
             worker_id: "w1".into(),

@@ -38,9 +38,7 @@ async fn a_watcher_behind_the_event_bound_is_told_where_to_resume() {
         .fleet
         .unwrap();
     let leases = lease(&node, "w1", 10, Instant::now() + Duration::from_secs(60)).await;
-    let mut workers = WorkerServiceClient::connect(node.address.clone())
-        .await
-        .unwrap();
+    let mut workers = WorkerServiceClient::new(common::channel(&node.address).await);
     for lease in &leases {
         let report = workers
             .report_result(v1::ReportResultRequest {
@@ -89,6 +87,7 @@ async fn a_watcher_behind_the_event_bound_is_told_where_to_resume() {
     let cli = |arguments: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
             .args(["--address", &node.address])
+            .env("FLOTILLA_CA_FILE", common::ca_file())
             .args(arguments)
             .output()
             .unwrap()

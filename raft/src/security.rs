@@ -21,7 +21,8 @@ pub const MAX_CLUSTER_ID_BYTES: usize = 63;
 
 /// Checks an incoming `RaftService` request's peer (its TLS certificates, in the request's
 /// extensions) before the message is handled; `Err` is returned to the caller as is.
-pub type PeerAuthorizer = Arc<dyn Fn(&tonic::Request<RaftMessage>) -> Result<(), Status> + Send + Sync>;
+pub type PeerAuthorizer =
+    Arc<dyn Fn(&tonic::Request<RaftMessage>) -> Result<(), Status> + Send + Sync>;
 
 /// Whether `cluster_id` is a valid cluster id: 1 to [`MAX_CLUSTER_ID_BYTES`] characters of
 /// lower-case ASCII letters, digits, `-` and `.` (a SPIFFE trust domain), starting and ending

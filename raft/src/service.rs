@@ -28,8 +28,8 @@ use openraft::ServerState;
 use openraft::raft::AppendEntriesResponse;
 
 use crate::election::LeaderContact;
-use crate::security::{PeerAuthorizer, check_cluster_id};
 use crate::pre_vote::{self, PreVoteRequest, VoterView};
+use crate::security::{PeerAuthorizer, check_cluster_id};
 use crate::types::{NodeId, Raft};
 
 /// Serves openraft's RPCs for one local node.

@@ -59,7 +59,8 @@ use crate::lease::{self, LeaseDeadline};
 pub struct WorkerSettings {
     /// Unique worker id: 1-64 characters of `[A-Za-z0-9._-]`.
     pub worker_id: String,
-    /// gRPC endpoints of cluster nodes (`http://host:port`); tried in turn on failure.
+    /// gRPC endpoints of cluster nodes (`host:port`, or a URL whose scheme is replaced by
+    /// `https` with [`WorkerSettings::tls`], `http` without); tried in turn on failure.
     pub endpoints: Vec<String>,
     /// Runs executed at once.
     pub slots: u32,
@@ -79,6 +80,10 @@ pub struct WorkerSettings {
     /// the way. The cluster has committed those grants; lease reconciliation must deliver them
     /// again under the same attempts.
     pub fault_drop_lease_replies: u32,
+    /// TLS of the connections to the nodes (the CA, and the worker's certificate
+    /// `spiffe://<cluster_id>/worker/<worker_id>` when given); endpoints are then dialled as
+    /// `https://`. `None`: plaintext.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Default for WorkerSettings {
@@ -93,6 +98,7 @@ impl Default for WorkerSettings {
             rpc_timeout_ms: 10_000,
             max_message_bytes: 16 * 1024 * 1024,
             fault_drop_lease_replies: 0,
+            tls: None,
         }
     }
 }
@@ -132,11 +138,29 @@ impl Cluster {
     fn new(settings: &WorkerSettings) -> Result<Self, WorkerError> {
         let mut clients = Vec::new();
         for endpoint in &settings.endpoints {
-            let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
-                .map_err(|e| WorkerError::Endpoint {
-                    endpoint: endpoint.clone(),
-                    message: e.to_string(),
-                })?
+            let authority = endpoint
+                .split_once("://")
+                .map_or(endpoint.as_str(), |(_, authority)| authority);
+            let scheme = if settings.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            let mut channel =
+                tonic::transport::Endpoint::from_shared(format!("{scheme}://{authority}"))
+                    .map_err(|e| WorkerError::Endpoint {
+                        endpoint: endpoint.clone(),
+                        message: e.to_string(),
+                    })?;
+            if let Some(tls) = &settings.tls {
+                channel = channel
+                    .tls_config(tls.clone())
+                    .map_err(|e| WorkerError::Endpoint {
+                        endpoint: endpoint.clone(),
+                        message: format!("TLS settings: {e}"),
+                    })?;
+            }
+            let channel = channel
                 .connect_timeout(Duration::from_secs(2))
                 .connect_lazy();
             clients.push(

@@ -71,6 +71,10 @@ pub struct Api {
     lease_polls: Arc<Semaphore>,
     clock: Arc<LeaderClock>,
     leader_channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// This node's cluster id (trust domain of worker certificates).
+    cluster_id: Arc<str>,
+    /// TLS of calls forwarded to the leader (the node's certificate); `None`: plaintext.
+    peer_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 enum Proposal {
@@ -100,7 +104,21 @@ impl Api {
             lease_polls: Arc::new(Semaphore::new(limits.max_lease_polls)),
             clock,
             leader_channels: Arc::new(Mutex::new(HashMap::new())),
+            cluster_id: Arc::from(flotilla_raft::node::DEFAULT_CLUSTER_ID),
+            peer_tls: None,
         }
+    }
+
+    /// This API for cluster `cluster_id`, forwarding to the leader over `peer_tls` (the
+    /// node's mutual TLS; `None`: plaintext).
+    pub fn with_transport(
+        mut self,
+        cluster_id: &str,
+        peer_tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Self {
+        self.cluster_id = Arc::from(cluster_id);
+        self.peer_tls = peer_tls;
+        self
     }
 
     /// Replicated time now, as this node would stamp a command.
@@ -146,8 +164,8 @@ impl Api {
         if let Some(channel) = channels.get(address) {
             return Ok(channel.clone());
         }
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| Status::internal(format!("bad leader address {address}: {e}")))?
+        let endpoint = crate::tls::endpoint(address, self.peer_tls.as_ref())
+            .map_err(|e| Status::internal(format!("bad leader address: {e}")))?
             .connect_timeout(Duration::from_secs(2))
             // A leader that is partitioned away or paused is noticed within seconds, and the
             // calls waiting on it fail instead of hanging until it returns.
@@ -456,7 +474,9 @@ impl FleetService for Api {
             })
             .ok_or_else(|| Status::not_found(format!("run_id: no run {run_id:?}")))?;
         for (position, wanted) in artifacts {
-            let Some(text) = crate::artifacts::load(&self.node, &wanted).await else {
+            let Some(text) =
+                crate::artifacts::load(&self.node, &wanted, self.peer_tls.as_ref()).await
+            else {
                 continue;
             };
             match position {
@@ -549,6 +569,7 @@ impl WorkerService for Api {
         &self,
         request: GrpcRequest<v1::LeaseRunsRequest>,
     ) -> Result<GrpcResponse<v1::LeaseRunsResponse>, Status> {
+        crate::tls::check_worker_id(&request, &self.cluster_id, &request.get_ref().worker_id)?;
         let original = request.into_inner();
         validate_worker_id(&original.worker_id)?;
         if original.free_slots == 0 || original.free_slots > MAX_LEASE_SLOTS {
@@ -663,6 +684,7 @@ impl WorkerService for Api {
         &self,
         request: GrpcRequest<v1::HeartbeatRequest>,
     ) -> Result<GrpcResponse<v1::HeartbeatResponse>, Status> {
+        crate::tls::check_worker_id(&request, &self.cluster_id, &request.get_ref().worker_id)?;
         let original = request.into_inner();
         validate_worker_id(&original.worker_id)?;
         if original.leases.len() > MAX_HEARTBEAT_LEASES {
@@ -704,6 +726,7 @@ impl WorkerService for Api {
         &self,
         request: GrpcRequest<v1::ReportResultRequest>,
     ) -> Result<GrpcResponse<v1::ReportResultResponse>, Status> {
+        crate::tls::check_worker_id(&request, &self.cluster_id, &request.get_ref().worker_id)?;
         let original = request.into_inner();
         let message = original.clone();
         validate_worker_id(&message.worker_id)?;

@@ -89,7 +89,10 @@ async fn a_node_of_another_cluster_cannot_vote_append_or_join() {
         .unwrap_err();
     assert!(refusal_text(pre_vote).contains("\"beta\""));
     let metrics = alpha.node.raft.metrics().borrow().clone();
-    assert_eq!(metrics.current_term, term_before, "alpha's term is unchanged");
+    assert_eq!(
+        metrics.current_term, term_before,
+        "alpha's term is unchanged"
+    );
     assert_eq!(metrics.current_leader, Some(1), "alpha still leads");
 
     // A beta node cannot join alpha: it refuses alpha's appends, so it never catches up and

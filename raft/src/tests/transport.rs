@@ -21,7 +21,8 @@ use crate::{GrpcNetworkFactory, NetworkConfig, RaftGrpcService, TypeConfig};
 async fn undecodable_requests_are_invalid_arguments_naming_the_field() {
     let directory = tempfile::tempdir().unwrap();
     let test_node = TestNode::start(1, directory.path(), |_| {}).await;
-    let service = RaftGrpcService::new(test_node.node.raft.clone(), crate::node::DEFAULT_CLUSTER_ID);
+    let service =
+        RaftGrpcService::new(test_node.node.raft.clone(), crate::node::DEFAULT_CLUSTER_ID);
 
     let of_this_cluster = |message: RaftMessage| {
         let mut request = tonic::Request::new(message);
