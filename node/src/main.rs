@@ -133,6 +133,10 @@ struct ServerArguments {
     /// Raft node id.
     #[arg(long, env = "FLOTILLA_NODE_ID")]
     node_id: Option<u64>,
+    /// Cluster id (`cluster_id`): trust domain of the certificates, checked on every Raft
+    /// message.
+    #[arg(long, env = "FLOTILLA_CLUSTER_ID")]
+    cluster_id: Option<String>,
     /// Data directory.
     #[arg(long, env = "FLOTILLA_DATA_DIRECTORY")]
     data_directory: Option<PathBuf>,
@@ -321,6 +325,9 @@ fn server_config(
     transport.apply(&mut config.tls);
     if let Some(node_id) = arguments.node_id {
         config.node_id = node_id;
+    }
+    if let Some(cluster_id) = &arguments.cluster_id {
+        config.cluster_id = cluster_id.clone();
     }
     if let Some(directory) = &arguments.data_directory {
         config.data_directory = directory.clone();
