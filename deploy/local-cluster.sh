@@ -7,13 +7,17 @@
 #   deploy/local-cluster.sh status   # `flotilla cluster status` on node 1
 #   deploy/local-cluster.sh stop     # SIGTERM to every process, waits for them to exit
 #
-# Client commands then take: --address http://127.0.0.1:7610,http://127.0.0.1:7611,http://127.0.0.1:7612
+# TLS is on: `start` makes a development CA and node/worker certificates in $directory/tls
+# (`flotilla cert`) once. Client commands then take:
+#   --ca-file $directory/tls/ca.pem --address 127.0.0.1:7610,127.0.0.1:7611,127.0.0.1:7612
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/env.sh
 directory="${FLOTILLA_CLUSTER_DIRECTORY:-$HOME/.cache/flotilla/local-cluster}"
 members="1=127.0.0.1:7610,2=127.0.0.1:7611,3=127.0.0.1:7612"
-addresses="http://127.0.0.1:7610,http://127.0.0.1:7611,http://127.0.0.1:7612"
+addresses="127.0.0.1:7610,127.0.0.1:7611,127.0.0.1:7612"
+tls="$directory/tls"
+export FLOTILLA_CA_FILE="$tls/ca.pem"
 
 binary() {
   flotilla_build_environment
@@ -22,6 +26,18 @@ binary() {
     cargo build --locked --bin flotilla >&2
   fi
   echo "$CARGO_TARGET_DIR/debug/flotilla"
+}
+
+certificates() {
+  local flotilla=$1
+  local signing=(--ca-file "$tls/ca.pem" --ca-key-file "$tls/ca-key.pem" --directory "$tls")
+  [ -f "$tls/ca.pem" ] || "$flotilla" cert ca --directory "$tls" >/dev/null
+  for id in 1 2 3; do
+    [ -f "$tls/node-$id.pem" ] || "$flotilla" cert node --node-id "$id" --host 127.0.0.1,localhost "${signing[@]}" >/dev/null
+  done
+  for worker in 1 2; do
+    [ -f "$tls/worker-worker-$worker.pem" ] || "$flotilla" cert worker --worker-id "worker-$worker" "${signing[@]}" >/dev/null
+  done
 }
 
 start() {
@@ -35,6 +51,7 @@ start() {
       "$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')" >"$token_file")
   fi
   export FLOTILLA_TOKEN_FILE="$token_file"
+  certificates "$flotilla"
   for id in 1 2 3; do
     if [ -f "$directory/node-$id.pid" ] && kill -0 "$(cat "$directory/node-$id.pid")" 2>/dev/null; then
       echo "node $id already running" >&2
@@ -43,7 +60,7 @@ start() {
     "$flotilla" server --node-id "$id" --data-directory "$directory/node-$id" \
       --listen-address "127.0.0.1:761$((id - 1))" --http-listen-address "127.0.0.1:762$((id - 1))" \
       --initial-members "$members" --no-worker --bootstrap-token-file "$token_file" \
-      >"$directory/node-$id.log" 2>&1 &
+      --certificate-file "$tls/node-$id.pem" --key-file "$tls/node-$id-key.pem" >"$directory/node-$id.log" 2>&1 &
     echo $! >"$directory/node-$id.pid"
   done
   for _ in $(seq 1 100); do
@@ -60,6 +77,7 @@ start() {
     fi
     "$flotilla" worker --worker-id "worker-$worker" --endpoints "$addresses" \
       --data-directory "$directory/worker-$worker" --token-file "$directory/worker-$worker.token" \
+      --certificate-file "$tls/worker-worker-$worker.pem" --key-file "$tls/worker-worker-$worker-key.pem" \
       >"$directory/worker-$worker.log" 2>&1 &
     echo $! >"$directory/worker-$worker.pid"
   done

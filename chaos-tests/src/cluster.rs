@@ -102,14 +102,17 @@ pub struct Cluster {
 }
 
 /// A gRPC channel with short connect and request timeouts, so an unreachable or frozen node
-/// costs at most a few seconds.
+/// costs at most a few seconds; TLS with the suite's CA ([`crate::pki`]) for `https://` URLs.
 ///
 /// # Errors
 /// When the URL is invalid or the node cannot be reached.
 pub async fn channel(url: &str, request_timeout: Duration) -> Result<AuthChannel> {
-    let endpoint = Endpoint::from_shared(url.to_string())?
+    let mut endpoint = Endpoint::from_shared(url.to_string())?
         .connect_timeout(Duration::from_millis(800))
         .timeout(request_timeout);
+    if url.starts_with("https://") {
+        endpoint = endpoint.tls_config(crate::pki::client_tls()?)?;
+    }
     Ok(BearerToken::new(ADMIN_TOKEN)?.channel(endpoint.connect().await?))
 }
 
@@ -207,9 +210,9 @@ impl Cluster {
         format!("{}:{PORT}", self.voters[index].host.address)
     }
 
-    /// `http://host:port` of voter `index`.
+    /// `https://host:port` of voter `index`.
     pub fn voter_url(&self, index: usize) -> String {
-        format!("http://{}", self.voter_address(index))
+        format!("https://{}", self.voter_address(index))
     }
 
     /// The URLs of all voters.
@@ -246,6 +249,12 @@ impl Cluster {
             "--bootstrap-token-file".into(),
             self.directory.join("admin-token").display().to_string(),
         ];
+        arguments.extend(crate::pki::node_arguments(
+            &self.binary,
+            &self.directory.join("pki"),
+            (index + 1) as u64,
+            &self.voters[index].host.address.to_string(),
+        )?);
         match start {
             VoterStart::Initial => {
                 let members: Vec<String> = (0..VOTERS)
@@ -288,6 +297,12 @@ impl Cluster {
             "--token-file".into(),
             self.directory.join("admin-token").display().to_string(),
         ];
+        let mut arguments = arguments;
+        arguments.extend(crate::pki::worker_arguments(
+            &self.binary,
+            &self.directory.join("pki"),
+            &Self::worker_id(index),
+        )?);
         let worker = &mut self.workers[index];
         anyhow::ensure!(worker.process.is_none(), "{} already runs", worker.name);
         worker.process = Some(Process::spawn(

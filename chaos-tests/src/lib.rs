@@ -4,6 +4,7 @@
 //!
 //! - [`net`]: namespaces, veth pairs, bridge, iptables partitions, cleanup of leftovers;
 //! - [`process`]: the binary under test, child processes and signals;
+//! - [`pki`]: the CA and certificates: every process runs with TLS on;
 //! - [`cluster`]: three voters and two worker-only nodes, status polling, leader discovery;
 //! - [`workload`]: git repositories, fleet specs, idempotent submissions and their ledger;
 //! - [`checker`]: the invariants checked after each scenario;
@@ -16,6 +17,7 @@
 pub mod checker;
 pub mod cluster;
 pub mod net;
+pub mod pki;
 pub mod process;
 pub mod scenario;
 pub mod workload;

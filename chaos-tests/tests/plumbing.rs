@@ -32,9 +32,9 @@ async fn namespaces_partitions_and_cleanup() {
     let server = network.host("server").clone();
     let client = network.host("client").clone();
     let address = format!("{}:7600", server.address);
-    let url = format!("http://{address}");
+    let url = format!("https://{address}");
     let data = directory.path().join("data");
-    let arguments: Vec<String> = [
+    let mut arguments: Vec<String> = [
         "server",
         "--node-id",
         "1",
@@ -49,6 +49,15 @@ async fn namespaces_partitions_and_cleanup() {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    arguments.extend(
+        flotilla_chaos_tests::pki::node_arguments(
+            &binary,
+            &directory.path().join("pki"),
+            1,
+            &server.address.to_string(),
+        )
+        .expect("node certificate"),
+    );
     let mut process = Process::spawn(
         "server",
         &server.namespace,

@@ -26,7 +26,12 @@ pub struct Wanted {
 
 /// The artifact's text: local if this node has it, else from the first peer whose copy matches
 /// `wanted.sha256` (stored locally for next time); `None` when no reachable node has it.
-pub async fn load(node: &RaftNode, wanted: &Wanted) -> Option<String> {
+/// Peers are called over `peer_tls` (the node's mutual TLS; `None`: plaintext).
+pub async fn load(
+    node: &RaftNode,
+    wanted: &Wanted,
+    peer_tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> Option<String> {
     match node.state.artifact(&wanted.key) {
         Ok(Some(bytes)) if sha256_hex(&bytes) == wanted.sha256 => return into_text(bytes),
         Ok(Some(_)) => warn!(key = ?wanted.key, "local artifact does not match its digest"),
@@ -41,7 +46,7 @@ pub async fn load(node: &RaftNode, wanted: &Wanted) -> Option<String> {
         .map(|member| member.address)
         .collect();
     for address in peers {
-        let Some(bytes) = fetch(&address, &wanted.key).await else {
+        let Some(bytes) = fetch(&address, &wanted.key, peer_tls).await else {
             continue;
         };
         if sha256_hex(&bytes) != wanted.sha256 {
@@ -61,9 +66,13 @@ fn into_text(bytes: Vec<u8>) -> Option<String> {
     Some(String::from_utf8_lossy(&bytes).into_owned())
 }
 
-async fn fetch(address: &str, key: &ArtifactKey) -> Option<Vec<u8>> {
+async fn fetch(
+    address: &str,
+    key: &ArtifactKey,
+    peer_tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> Option<Vec<u8>> {
     let timeout = Duration::from_millis(PEER_ARTIFACT_TIMEOUT_MS);
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+    let endpoint = crate::tls::endpoint(address, peer_tls)
         .ok()?
         .connect_timeout(timeout)
         .timeout(timeout);

@@ -20,6 +20,8 @@ use tracing::info;
 #[derive(Clone)]
 pub struct Cluster {
     node: Arc<RaftNode>,
+    /// TLS of calls forwarded to the leader (the node's certificate); `None`: plaintext.
+    peer_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 enum Outcome {
@@ -30,7 +32,16 @@ enum Outcome {
 impl Cluster {
     /// A service over `node`.
     pub fn new(node: Arc<RaftNode>) -> Self {
-        Cluster { node }
+        Cluster {
+            node,
+            peer_tls: None,
+        }
+    }
+
+    /// This service forwarding to the leader over `peer_tls` (`None`: plaintext).
+    pub fn with_peer_tls(mut self, peer_tls: Option<tonic::transport::ClientTlsConfig>) -> Self {
+        self.peer_tls = peer_tls;
+        self
     }
 
     fn status(&self) -> v1::ClusterStatus {
@@ -38,10 +49,11 @@ impl Cluster {
     }
 
     async fn forward_client(
+        &self,
         address: &str,
     ) -> Result<ClusterServiceClient<tonic::transport::Channel>, Status> {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| Status::internal(format!("bad leader address {address}: {e}")))?
+        let endpoint = crate::tls::endpoint(address, self.peer_tls.as_ref())
+            .map_err(|e| Status::internal(format!("bad leader address: {e}")))?
             .connect_timeout(Duration::from_secs(2));
         let channel = endpoint
             .connect()
@@ -188,7 +200,7 @@ impl ClusterService for Cluster {
                 Ok(Response::new(self.status()))
             }
             Outcome::Forward(leader) => {
-                Self::forward_client(&leader)
+                self.forward_client(&leader)
                     .await?
                     .add_member(forwarded(original, &auth))
                     .await
@@ -211,7 +223,7 @@ impl ClusterService for Cluster {
                 Ok(Response::new(self.status()))
             }
             Outcome::Forward(leader) => {
-                Self::forward_client(&leader)
+                self.forward_client(&leader)
                     .await?
                     .remove_member(forwarded(original, &auth))
                     .await
@@ -231,7 +243,8 @@ impl ClusterService for Cluster {
                 return Err(Status::unavailable("no leader is known yet"));
             }
             let forwarded = v1::StatusRequest { from_leader: false };
-            return Self::forward_client(&status.leader_address)
+            return self
+                .forward_client(&status.leader_address)
                 .await?
                 .status(crate::api::auth::forwarded(forwarded, &auth))
                 .await;

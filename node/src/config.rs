@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 pub struct ServerConfig {
     /// This node's Raft id, unique in the cluster, at least 1.
     pub node_id: u64,
+    /// Cluster id: the trust domain of the cluster's certificates, sent with and required of
+    /// every Raft message (1-63 of `[a-z0-9.-]`).
+    pub cluster_id: String,
     /// Where Raft's RocksDB, snapshots and the worker's mirrors and logs live.
     pub data_directory: PathBuf,
     /// gRPC listen address (API, workers, Raft).
@@ -38,6 +41,8 @@ pub struct ServerConfig {
     pub policy: flotilla_scheduler::ExecutionPolicy,
     /// API tokens: the bootstrap admin token.
     pub auth: AuthSection,
+    /// Transport security of the gRPC port and outgoing connections.
+    pub tls: TlsSection,
 }
 
 /// Authentication settings (see `api::token` for the bootstrap design).
@@ -54,6 +59,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             node_id: 1,
+            cluster_id: flotilla_raft::node::DEFAULT_CLUSTER_ID.to_string(),
             data_directory: default_data_directory(),
             listen_address: "127.0.0.1:7600".into(),
             advertise_address: String::new(),
@@ -65,6 +71,7 @@ impl Default for ServerConfig {
             telemetry: TelemetrySection::default(),
             policy: flotilla_scheduler::ExecutionPolicy::default(),
             auth: AuthSection::default(),
+            tls: TlsSection::default(),
         }
     }
 }
@@ -323,6 +330,22 @@ impl Default for TelemetrySection {
     }
 }
 
+/// Transport security (module [`crate::tls`]). A node needs either the three files or
+/// `insecure = true`; it refuses to start with neither. For `flotilla worker` the certificate
+/// is the worker's (`spiffe://<cluster_id>/worker/<worker_id>`) and may be omitted.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM file of the CA that signs every node, worker and client certificate.
+    pub ca_file: PathBuf,
+    /// PEM file of this node's certificate (URI SAN `spiffe://<cluster_id>/node/<node_id>`).
+    pub certificate_file: PathBuf,
+    /// PEM file of the certificate's private key.
+    pub key_file: PathBuf,
+    /// Plaintext gRPC, for local development only; excludes the files.
+    pub insecure: bool,
+}
+
 /// A configuration error, naming the file and field.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -401,6 +424,12 @@ impl ServerConfig {
         }
         if let Err(error) = self.policy.validate() {
             return invalid(error.field, &error.message);
+        }
+        if !flotilla_raft::is_valid_cluster_id(&self.cluster_id) {
+            return invalid(
+                "cluster_id",
+                "must be 1-63 characters of [a-z0-9.-], starting and ending with a letter or digit",
+            );
         }
         if self.listen_address.parse::<std::net::SocketAddr>().is_err() {
             return invalid("listen_address", "must be an IP:port socket address");

@@ -33,6 +33,7 @@ pub mod quickstart;
 pub mod server;
 pub mod spec_file;
 pub mod telemetry;
+pub mod tls;
 
 static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
 

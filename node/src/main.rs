@@ -4,7 +4,7 @@
 //! 5 unavailable, 6 a watched fleet had failed runs, 141 stdout closed early).
 
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 use flotilla::cli::{self, CliError, Output, exit_code};
@@ -14,14 +14,15 @@ use flotilla::{config, quickstart, server, telemetry};
 #[derive(Parser, Debug)]
 #[command(name = "flotilla", version, about)]
 struct Arguments {
-    /// Cluster node addresses for client commands, comma-separated `http://host:port`. Fleet and
+    /// Cluster node addresses for client commands, comma-separated `host:port` (or URLs; the
+    /// scheme follows the transport: `https` with --ca-file, `http` with --insecure). Fleet and
     /// run commands try each in turn while a node answers UNAVAILABLE (no leader, unreachable)
     /// and follow a node's hint to the leader; cluster commands use the first reachable.
     #[arg(
         long,
         global = true,
         env = "FLOTILLA_ADDRESS",
-        default_value = "http://127.0.0.1:7600"
+        default_value = "127.0.0.1:7600"
     )]
     address: String,
     /// Output format of client commands.
@@ -35,6 +36,21 @@ struct Arguments {
     /// --token-file the CLI uses the default data directory's bootstrap-token when readable.
     #[arg(long, global = true, env = "FLOTILLA_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the nodes' certificates: TLS for client commands and
+    /// `worker`; for `server`, overrides `tls.ca_file`.
+    #[arg(long, global = true, env = "FLOTILLA_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) presented to the nodes (optional for client commands; a worker
+    /// certificate for `worker`); for `server`, overrides `tls.certificate_file`.
+    #[arg(long, global = true, env = "FLOTILLA_CERTIFICATE_FILE")]
+    certificate_file: Option<PathBuf>,
+    /// Key (PEM) of --certificate-file; for `server`, overrides `tls.key_file`.
+    #[arg(long, global = true, env = "FLOTILLA_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// Plaintext gRPC without certificates, for local development only (`tls.insecure = true`
+    /// for `server`). Without it, TLS is required.
+    #[arg(long, global = true, env = "FLOTILLA_INSECURE")]
+    insecure: bool,
     #[command(subcommand)]
     command: Commands,
 }
@@ -66,6 +82,61 @@ enum Commands {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommands),
+    /// Development CA and certificates (rcgen): `ca`, `node`, `worker`, `client`.
+    #[command(subcommand)]
+    Cert(cli::cert::CertCommands),
+}
+
+/// The `--ca-file`, `--certificate-file`, `--key-file` and `--insecure` flags.
+#[derive(Clone, Debug)]
+struct TransportFlags {
+    ca_file: Option<PathBuf>,
+    certificate_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    insecure: bool,
+}
+
+impl TransportFlags {
+    /// The flags over a `[tls]` section (flags win).
+    fn apply(&self, tls: &mut config::TlsSection) {
+        if let Some(path) = &self.ca_file {
+            tls.ca_file = path.clone();
+        }
+        if let Some(path) = &self.certificate_file {
+            tls.certificate_file = path.clone();
+        }
+        if let Some(path) = &self.key_file {
+            tls.key_file = path.clone();
+        }
+        if self.insecure {
+            tls.insecure = true;
+        }
+    }
+
+    /// The client transport of `tls` (for client commands and workers).
+    fn client_transport(tls: &config::TlsSection) -> anyhow::Result<cli::ClientTransport> {
+        fn given(path: &Path) -> Option<&Path> {
+            (!path.as_os_str().is_empty()).then_some(path)
+        }
+        match (tls.insecure, given(&tls.ca_file)) {
+            (true, None) => Ok(cli::ClientTransport::Insecure),
+            (true, Some(_)) => {
+                anyhow::bail!("--insecure and --ca-file (tls.ca_file) exclude each other")
+            }
+            (false, None) => anyhow::bail!(
+                "TLS is not configured: give --ca-file (FLOTILLA_CA_FILE, tls.ca_file), or \
+                 --insecure (FLOTILLA_INSECURE=true, tls.insecure) for plaintext"
+            ),
+            (false, Some(ca_file)) => Ok(cli::ClientTransport::Tls(
+                flotilla::tls::client_config_from_files(
+                    ["--ca-file", "--certificate-file", "--key-file"],
+                    ca_file,
+                    given(&tls.certificate_file),
+                    given(&tls.key_file),
+                )?,
+            )),
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -76,6 +147,10 @@ struct ServerArguments {
     /// Raft node id.
     #[arg(long, env = "FLOTILLA_NODE_ID")]
     node_id: Option<u64>,
+    /// Cluster id (`cluster_id`): trust domain of the certificates, checked on every Raft
+    /// message.
+    #[arg(long, env = "FLOTILLA_CLUSTER_ID")]
+    cluster_id: Option<String>,
     /// Data directory.
     #[arg(long, env = "FLOTILLA_DATA_DIRECTORY")]
     data_directory: Option<PathBuf>,
@@ -263,13 +338,20 @@ enum BenchCommands {
     },
 }
 
-fn server_config(arguments: &ServerArguments) -> anyhow::Result<config::ServerConfig> {
+fn server_config(
+    arguments: &ServerArguments,
+    transport: &TransportFlags,
+) -> anyhow::Result<config::ServerConfig> {
     let mut config = match &arguments.config {
         Some(path) => config::ServerConfig::from_file(path)?,
         None => config::ServerConfig::default(),
     };
+    transport.apply(&mut config.tls);
     if let Some(node_id) = arguments.node_id {
         config.node_id = node_id;
+    }
+    if let Some(cluster_id) = &arguments.cluster_id {
+        config.cluster_id = cluster_id.clone();
     }
     if let Some(directory) = &arguments.data_directory {
         config.data_directory = directory.clone();
@@ -308,8 +390,8 @@ fn server_config(arguments: &ServerArguments) -> anyhow::Result<config::ServerCo
     Ok(config)
 }
 
-async fn run_server(arguments: ServerArguments) -> anyhow::Result<i32> {
-    let config = server_config(&arguments)?;
+async fn run_server(arguments: ServerArguments, transport: TransportFlags) -> anyhow::Result<i32> {
+    let config = server_config(&arguments, &transport)?;
     if arguments.print_config {
         let text = toml::to_string_pretty(&config)?;
         cli::write_stdout(text.trim_end_matches('\n'));
@@ -326,11 +408,12 @@ async fn run_server(arguments: ServerArguments) -> anyhow::Result<i32> {
     Ok(exit_code::OK)
 }
 
-async fn run_worker(arguments: WorkerArguments) -> anyhow::Result<i32> {
+async fn run_worker(arguments: WorkerArguments, transport: TransportFlags) -> anyhow::Result<i32> {
     let mut config = match &arguments.config {
         Some(path) => config::ServerConfig::from_file(path)?,
         None => config::ServerConfig::default(),
     };
+    transport.apply(&mut config.tls);
     if let Some(worker_id) = arguments.worker_id {
         config.worker.worker_id = worker_id;
     }
@@ -360,7 +443,18 @@ async fn run_worker(arguments: WorkerArguments) -> anyhow::Result<i32> {
     let token = flotilla_worker::client_auth::BearerToken::new(&token)
         .map_err(|error| anyhow::anyhow!("worker.token_file {}: {error}", token_file.display()))?;
     let _telemetry = telemetry::init(&config.telemetry)?;
-    let worker = server::start_worker(&config, arguments.endpoints, token).await?;
+    let tls = match TransportFlags::client_transport(&config.tls)? {
+        cli::ClientTransport::Insecure => None,
+        cli::ClientTransport::Tls(tls) => {
+            flotilla::tls::check_worker_certificate(
+                &config.tls,
+                &config.cluster_id,
+                &config.worker_id(),
+            )?;
+            Some(tls)
+        }
+    };
+    let worker = server::start_worker(&config, arguments.endpoints, token, tls).await?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate_signal() => {}
@@ -434,11 +528,19 @@ async fn run_client(address: &str, output: Output, command: Commands) -> Result<
         | Commands::Worker(_)
         | Commands::Token(_)
         | Commands::Audit(_)
+        | Commands::Cert(_)
         | Commands::Cluster(_) => Err(CliError {
             message: "not a client command".into(),
             code: exit_code::USAGE,
         }),
     }
+}
+
+/// The transport of client commands from the flags.
+fn client_transport(flags: &TransportFlags) -> anyhow::Result<cli::ClientTransport> {
+    let mut tls = config::TlsSection::default();
+    flags.apply(&mut tls);
+    TransportFlags::client_transport(&tls)
 }
 
 fn main() {
@@ -453,10 +555,19 @@ fn main() {
             std::process::exit(exit_code::ERROR);
         }
     };
+    let transport = TransportFlags {
+        ca_file: arguments.ca_file.clone(),
+        certificate_file: arguments.certificate_file.clone(),
+        key_file: arguments.key_file.clone(),
+        insecure: arguments.insecure,
+    };
     let code = runtime.block_on(async move {
         let result: anyhow::Result<i32> = match arguments.command {
-            Commands::Server(server_arguments) => run_server(server_arguments).await,
-            Commands::Worker(worker_arguments) => run_worker(worker_arguments).await,
+            Commands::Server(server_arguments) => run_server(server_arguments, transport).await,
+            Commands::Worker(worker_arguments) => run_worker(worker_arguments, transport).await,
+            Commands::Cert(command) => {
+                cli::cert::run(command, transport.ca_file.clone()).map(|()| exit_code::OK)
+            }
             Commands::Quickstart(quickstart_arguments) => {
                 quickstart::run(quickstart_arguments).await
             }
@@ -471,16 +582,30 @@ fn main() {
             Commands::Bench(BenchCommands::Failover { trials, keep }) => {
                 flotilla::bench::failover(trials, keep).await
             }
-            command => match async {
-                cli::set_token(arguments.token.as_deref(), arguments.token_file.as_deref())?;
-                run_client(&arguments.address, arguments.output, command).await
-            }
-            .await
-            {
-                Ok(code) => Ok(code),
+            command => match client_transport(&transport).map_err(|error| CliError {
+                message: format!("{error:#}"),
+                code: exit_code::USAGE,
+            }) {
                 Err(error) => {
                     let _ = writeln!(std::io::stderr().lock(), "error: {error}");
                     return error.code;
+                }
+                Ok(client_transport) => {
+                    cli::configure_transport(client_transport);
+                    let run = async {
+                        cli::set_token(
+                            arguments.token.as_deref(),
+                            arguments.token_file.as_deref(),
+                        )?;
+                        run_client(&arguments.address, arguments.output, command).await
+                    };
+                    match run.await {
+                        Ok(code) => Ok(code),
+                        Err(error) => {
+                            let _ = writeln!(std::io::stderr().lock(), "error: {error}");
+                            return error.code;
+                        }
+                    }
                 }
             },
         };

@@ -80,6 +80,22 @@ pub async fn run(arguments: QuickstartArguments) -> anyhow::Result<i32> {
         .canonicalize()
         .context("resolving the repositories file's directory")?;
     config.policy.file_roots = vec![repositories_root];
+    // TLS on, with a development CA and node certificate under the data directory.
+    config.tls = cli::cert::development_node_tls(
+        &data_directory.join("tls"),
+        &config.cluster_id,
+        config.node_id,
+        &["localhost".into(), "127.0.0.1".into()],
+    )
+    .context("creating development certificates")?;
+    cli::configure_transport(cli::ClientTransport::Tls(
+        crate::tls::client_config_from_files(
+            ["tls.ca_file", "tls.certificate_file", "tls.key_file"],
+            &config.tls.ca_file,
+            None,
+            None,
+        )?,
+    ));
     config.telemetry.log_filter = "warn".into();
     let _telemetry = crate::telemetry::init(&config.telemetry)?;
     let slots = config.worker.slots;
@@ -135,7 +151,7 @@ pub async fn run(arguments: QuickstartArguments) -> anyhow::Result<i32> {
         push: true,
         ..Default::default()
     };
-    let mut client = cli::connect(&format!("http://{}", server.grpc_address)).await?;
+    let mut client = cli::connect(&server.grpc_address.to_string()).await?;
     let code = cli::submit_spec(
         &mut client,
         spec,

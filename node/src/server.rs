@@ -64,6 +64,12 @@ impl RunningServer {
 /// Invalid configuration, an unusable data directory, or an address that cannot be bound.
 pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     config.validate()?;
+    let node_tls = crate::tls::NodeTls::load(&config.tls, &config.cluster_id, config.node_id)
+        .context("transport security ([tls])")?;
+    let peer_tls = node_tls.as_ref().map(crate::tls::NodeTls::client_config);
+    if node_tls.is_none() {
+        warn!("tls.insecure: gRPC is plaintext and unauthenticated; for local development only");
+    }
     std::fs::create_dir_all(&config.data_directory)
         .with_context(|| format!("data_directory {}", config.data_directory.display()))?;
     let grpc_listener = TcpListener::bind(&config.listen_address)
@@ -85,6 +91,13 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             election_timeout_max_ms: config.raft.election_timeout_max_ms,
             snapshot_logs_since_last: config.raft.snapshot_logs_since_last,
             resample_election_timeout: config.raft.resample_election_timeout,
+            cluster_id: config.cluster_id.clone(),
+            security: flotilla_raft::TransportSecurity {
+                client_tls: peer_tls.clone(),
+                authorize_peer: node_tls
+                    .as_ref()
+                    .map(|_| crate::tls::raft_authorizer(&config.cluster_id)),
+            },
             ..RaftNodeConfig::default()
         })
         .await
@@ -113,8 +126,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let clock = Arc::new(
         crate::clock::LeaderClock::from_environment().map_err(|error| anyhow::anyhow!(error))?,
     );
-    let api =
-        Api::new(node.clone(), &config.limits, clock.clone()).with_policy(config.policy.clone());
+    let api = Api::new(node.clone(), &config.limits, clock.clone())
+        .with_policy(config.policy.clone())
+        .with_transport(&config.cluster_id, peer_tls.clone());
     let max_bytes = config.limits.max_request_bytes;
     // Both reflection protocols: grpc.reflection.v1 (grpcurl 1.9+, current tonic clients) and
     // grpc.reflection.v1alpha (Python's grpcio-reflection, older grpcurl, Postman).
@@ -126,10 +140,17 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .context("gRPC reflection v1alpha")?;
-    // Default deny: every method passes the permission table (api::auth). No transport
-    // identities exist without TLS, so node-only methods run in insecure mode.
-    let auth_layer = crate::api::auth::AuthLayer::new(node.clone(), clock.clone(), true);
-    let router = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &node_tls {
+        server = server
+            .tls_config(tls.server_config())
+            .context("tls: the certificate or key cannot be used")?;
+    }
+    // Default deny: every method passes the permission table (api::auth). Node-only methods
+    // need a node certificate; only an insecure (plaintext) node has none to check.
+    let auth_layer =
+        crate::api::auth::AuthLayer::new(node.clone(), clock.clone(), node_tls.is_none());
+    let router = server
         .layer(auth_layer)
         .add_service(
             TokenServiceServer::new(api.clone())
@@ -151,9 +172,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                 .max_decoding_message_size(max_bytes)
                 .max_encoding_message_size(max_bytes),
         )
-        .add_service(ClusterServiceServer::new(crate::cluster::Cluster::new(
-            node.clone(),
-        )))
+        .add_service(ClusterServiceServer::new(
+            crate::cluster::Cluster::new(node.clone()).with_peer_tls(peer_tls.clone()),
+        ))
         .add_service(node.grpc_service())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
@@ -194,7 +215,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     )));
 
     let worker = if config.worker.enabled {
-        let endpoint = format!("http://{advertise_address}");
+        // The node's own worker presents the node's certificate.
+        let endpoint = crate::tls::url(&advertise_address, peer_tls.is_some());
         let token = BearerToken::default();
         let token_file = config.worker_token_file();
         if token_file.exists() {
@@ -210,10 +232,11 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                 config.worker_id(),
                 token_file,
                 token.clone(),
+                peer_tls.clone(),
                 shutdown_receiver.clone(),
             )));
         }
-        Some(start_worker(&config, vec![endpoint], token).await?)
+        Some(start_worker(&config, vec![endpoint], token, peer_tls.clone()).await?)
     } else {
         None
     };
@@ -229,7 +252,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
 }
 
 /// Starts a worker with `config`'s `[worker]` settings that leases from `endpoints`
-/// (`http://host:port`), keeping mirrors and logs under `data_directory/worker`.
+/// (`host:port` or URLs), over `tls` when given (else plaintext), keeping mirrors and logs
+/// under `data_directory/worker`.
 ///
 /// # Errors
 /// Invalid worker settings.
@@ -237,6 +261,7 @@ pub async fn start_worker(
     config: &ServerConfig,
     endpoints: Vec<String>,
     token: BearerToken,
+    tls: Option<tonic::transport::ClientTlsConfig>,
 ) -> anyhow::Result<flotilla_worker::actor::WorkerHandle> {
     let settings = flotilla_worker::actor::WorkerSettings {
         token,
@@ -247,6 +272,7 @@ pub async fn start_worker(
         heartbeat_interval_ms: config.worker.heartbeat_interval_ms,
         max_message_bytes: config.limits.max_request_bytes,
         rpc_timeout_ms: config.worker.rpc_timeout_ms,
+        tls,
         ..flotilla_worker::actor::WorkerSettings::default()
     };
     let execution = flotilla_worker::config::WorkerConfig {
@@ -279,6 +305,7 @@ async fn provision_worker_token(
     worker_id: String,
     token_file: std::path::PathBuf,
     token: BearerToken,
+    tls: Option<tonic::transport::ClientTlsConfig>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     use flotilla_proto::v1::token_service_client::TokenServiceClient;
@@ -292,7 +319,8 @@ async fn provision_worker_token(
     let mut warned = false;
     loop {
         let attempt = async {
-            let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())?
+            let channel = crate::tls::endpoint(&endpoint, tls.as_ref())
+                .map_err(|error| anyhow::anyhow!(error))?
                 .connect_timeout(Duration::from_secs(2))
                 .connect()
                 .await?;

@@ -13,6 +13,7 @@ fn flotilla(address: &str, arguments: &[&str]) -> (i32, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_flotilla"))
         .env("FLOTILLA_TOKEN", common::ADMIN_TOKEN)
         .args(["--address", address])
+        .env("FLOTILLA_CA_FILE", common::ca_file())
         .args(arguments)
         .output()
         .expect("run flotilla");
@@ -110,11 +111,7 @@ async fn server_reflection_lists_the_services() {
 
     let root = tempfile::tempdir().unwrap();
     let node = Node::start(&root.path().join("node"), &["--no-worker"]).await;
-    let channel = tonic::transport::Channel::from_shared(node.address.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = common::channel(&node.address).await;
     let mut client = ServerReflectionClient::new(channel);
     let request = ServerReflectionRequest {
         host: String::new(),
@@ -306,13 +303,22 @@ async fn the_cli_follows_the_leader_hint_of_an_unavailable_answer() {
     let leader = Node::start(&root.path().join("leader"), &["--no-worker"]).await;
     let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let stub = PointsToTheLeader {
-        leader: leader.address.trim_start_matches("http://").to_string(),
+        leader: leader.host_port(),
         calls: calls.clone(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let stub_address = format!("http://{}", listener.local_addr().unwrap());
+    let stub_address = format!("https://{}", listener.local_addr().unwrap());
+    // The stub serves TLS with a node certificate of the test CA, as a node would.
+    let (certificate, key) = common::node_certificate(9);
     tokio::spawn(
         tonic::transport::Server::builder()
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(
+                tonic::transport::Identity::from_pem(
+                    std::fs::read(certificate).unwrap(),
+                    std::fs::read(key).unwrap(),
+                ),
+            ))
+            .unwrap()
             .add_service(v1::fleet_service_server::FleetServiceServer::new(stub))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
@@ -321,6 +327,7 @@ async fn the_cli_follows_the_leader_hint_of_an_unavailable_answer() {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
         .env("FLOTILLA_TOKEN", common::ADMIN_TOKEN)
         .args(["--address", &stub_address, "fleet", "submit", &spec])
+        .env("FLOTILLA_CA_FILE", common::ca_file())
         .output()
         .await
         .unwrap();
@@ -356,6 +363,7 @@ async fn a_closed_stdout_ends_the_cli_quietly_with_status_141() {
         let output = Command::new(env!("CARGO_BIN_EXE_flotilla"))
             .env("FLOTILLA_TOKEN", common::ADMIN_TOKEN)
             .args(["--address", &node.address])
+            .env("FLOTILLA_CA_FILE", common::ca_file())
             .args(&arguments)
             .stdout(writer)
             .output()
@@ -397,6 +405,7 @@ async fn a_closed_stdout_ends_the_cli_quietly_with_status_141() {
             &node.address,
             &fleet_id,
         ])
+        .env("FLOTILLA_CA_FILE", common::ca_file())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -453,8 +462,9 @@ async fn a_python_client_submits_a_fleet_through_reflection_alone() {
             env!("CARGO_MANIFEST_DIR"),
             "/tests/python/reflection_client.py"
         ))
-        .arg(node.address.trim_start_matches("http://"))
+        .arg(node.host_port())
         .arg(request.to_string())
+        .arg(common::ca_file())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);

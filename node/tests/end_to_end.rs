@@ -546,6 +546,9 @@ async fn a_lost_lease_reply_costs_neither_an_attempt_nor_a_lease_ttl() {
             lease_wait_ms: 1_000,
             heartbeat_interval_ms: 200,
             fault_drop_lease_replies: 1,
+            tls: Some(common::client_tls(Some(common::worker_certificate(
+                "lossy",
+            )))),
             ..Default::default()
         },
         flotilla_worker::config::WorkerConfig {

@@ -22,6 +22,9 @@ fn settings(node: &Node) -> WorkerSettings {
         slots: 2,
         lease_wait_ms: 1_000,
         heartbeat_interval_ms: 200,
+        tls: Some(common::client_tls(Some(common::worker_certificate(
+            "test-worker",
+        )))),
         ..WorkerSettings::default()
     }
 }

@@ -87,6 +87,7 @@ async fn a_watcher_behind_the_event_bound_is_told_where_to_resume() {
         std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
             .env("FLOTILLA_TOKEN", common::ADMIN_TOKEN)
             .args(["--address", &node.address])
+            .env("FLOTILLA_CA_FILE", common::ca_file())
             .args(arguments)
             .output()
             .unwrap()

@@ -11,6 +11,8 @@
 //! - [`network`]: openraft's network over gRPC ([`GrpcNetworkFactory`]);
 //! - [`service`]: the gRPC service that receives it ([`RaftGrpcService`]);
 //! - [`pre_vote`]: the pre-vote the election timer asks for before it campaigns;
+//! - [`security`]: the cluster id on every Raft message, TLS of outgoing connections, and the
+//!   node's check of each incoming request's peer;
 //! - [`node`]: everything assembled: [`open`] a [`RaftNode`], initialize, [`RaftNode::write`],
 //!   [`RaftNode::ensure_linearizable`], membership changes ([`RaftNode::add_learner`],
 //!   [`RaftNode::promote_voter`], [`RaftNode::remove_member`]) and [`RaftNode::cluster_view`];
@@ -76,6 +78,7 @@ pub mod log_store;
 pub mod network;
 pub mod node;
 pub mod pre_vote;
+pub mod security;
 pub mod service;
 pub mod state_machine;
 pub mod storage;
@@ -88,6 +91,7 @@ pub use node::{
     WriteError, open,
 };
 pub use pre_vote::{PreVoteRefusal, PreVoteRequest, PreVoteResponse};
+pub use security::{CLUSTER_ID_METADATA, PeerAuthorizer, TransportSecurity, is_valid_cluster_id};
 pub use service::RaftGrpcService;
 pub use state_machine::{SnapshotPayload, StateHandle, StateMachineStore};
 pub use storage::{OpenStorageError, open_storage};

@@ -49,9 +49,11 @@ use openraft::{AnyError, BasicNode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::pre_vote::{PreVoteRequest, PreVoteResponse};
+use crate::security::{CLUSTER_ID_METADATA, TransportSecurity};
 use crate::types::{NodeId, TypeConfig};
 
 /// Default largest gRPC message sent or accepted between nodes: 64 MiB. Bounds an
@@ -173,6 +175,10 @@ struct CachedChannel {
 pub struct GrpcNetworkFactory {
     node_id: NodeId,
     config: Arc<NetworkConfig>,
+    /// Sent with every request ([`CLUSTER_ID_METADATA`]).
+    cluster_id: MetadataValue<Ascii>,
+    /// TLS of the connections to peers; `None`: plaintext.
+    client_tls: Option<ClientTlsConfig>,
     channels: Arc<Mutex<HashMap<NodeId, CachedChannel>>>,
 }
 
@@ -187,11 +193,32 @@ impl std::fmt::Debug for GrpcNetworkFactory {
 }
 
 impl GrpcNetworkFactory {
-    /// A factory for node `node_id` (the sender, named in timeout errors).
+    /// A factory for node `node_id` (the sender, named in timeout errors) of the default
+    /// cluster ([`crate::node::DEFAULT_CLUSTER_ID`]), over plaintext.
     pub fn new(node_id: NodeId, config: NetworkConfig) -> Self {
+        Self::with_security(
+            node_id,
+            config,
+            crate::node::DEFAULT_CLUSTER_ID,
+            TransportSecurity::default(),
+        )
+    }
+
+    /// A factory for node `node_id` of cluster `cluster_id` (sent with every request), dialling
+    /// peers over `security.client_tls` (as `https://`) when set. A `cluster_id` that is not
+    /// valid metadata is sent empty (validation of [`crate::RaftNodeConfig`] rejects it).
+    pub fn with_security(
+        node_id: NodeId,
+        config: NetworkConfig,
+        cluster_id: &str,
+        security: TransportSecurity,
+    ) -> Self {
         GrpcNetworkFactory {
             node_id,
             config: Arc::new(config),
+            cluster_id: MetadataValue::try_from(cluster_id)
+                .unwrap_or_else(|_| MetadataValue::from_static("")),
+            client_tls: security.client_tls,
             channels: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -220,13 +247,22 @@ impl GrpcNetworkFactory {
     }
 
     fn connect_lazily(&self, address: &str) -> Result<Channel, String> {
-        let uri = if address.contains("://") {
-            address.to_string()
+        let scheme = if self.client_tls.is_some() {
+            "https"
         } else {
-            format!("http://{address}")
+            "http"
         };
-        let endpoint = Endpoint::from_shared(uri)
+        let authority = address
+            .split_once("://")
+            .map_or(address, |(_, authority)| authority);
+        let uri = format!("{scheme}://{authority}");
+        let mut endpoint = Endpoint::from_shared(uri)
             .map_err(|error| format!("invalid node address {address:?}: {error}"))?;
+        if let Some(tls) = &self.client_tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|error| format!("TLS settings for node {address:?}: {error}"))?;
+        }
         Ok(endpoint
             .connect_timeout(Duration::from_millis(self.config.connect_timeout_ms))
             .tcp_nodelay(true)
@@ -245,6 +281,7 @@ impl GrpcNetworkFactory {
                 .max_encoding_message_size(self.config.max_message_bytes)
         });
         GrpcConnection {
+            cluster_id: self.cluster_id.clone(),
             source: self.node_id,
             target,
             target_node: node.clone(),
@@ -282,6 +319,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetworkFactory {
 
 /// openraft's client for one target node.
 pub struct GrpcConnection {
+    cluster_id: MetadataValue<Ascii>,
     source: NodeId,
     target: NodeId,
     target_node: BasicNode,
@@ -463,6 +501,9 @@ impl GrpcConnection {
         let mut request = tonic::Request::new(RaftMessage { data });
         // Tells the server the deadline (the `grpc-timeout` header); the client enforces it below.
         request.set_timeout(timeout);
+        request
+            .metadata_mut()
+            .insert(CLUSTER_ID_METADATA, self.cluster_id.clone());
         let reply = async {
             match method {
                 Method::Vote => client.vote(request).await,

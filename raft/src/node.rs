@@ -18,13 +18,14 @@ use tokio::task::JoinHandle;
 
 use crate::election::{self, LeaderContact, TimerMode};
 use crate::network::{GrpcNetworkFactory, NetworkConfig};
+use crate::security::{PeerAuthorizer, TransportSecurity};
 use crate::service::RaftGrpcService;
 use crate::state_machine::StateHandle;
 use crate::storage::{OpenStorageError, open_storage};
 use crate::types::{NodeId, Raft};
 
 /// Default name of the cluster; nodes of different clusters refuse each other's messages.
-pub const DEFAULT_CLUSTER_NAME: &str = "flotilla";
+pub const DEFAULT_CLUSTER_ID: &str = "flotilla";
 /// Default interval between the leader's heartbeats (empty AppendEntries), in milliseconds.
 pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 100;
 /// Default lower bound of the randomized election timeout (Raft §5.2), in milliseconds.
@@ -70,8 +71,13 @@ pub struct RaftNodeConfig {
     /// Directory of the node's data; the Raft database is its subdirectory
     /// [`DATABASE_DIRECTORY_NAME`].
     pub data_directory: PathBuf,
-    /// Cluster name. Default [`DEFAULT_CLUSTER_NAME`].
-    pub cluster_name: String,
+    /// Cluster id (see [`crate::is_valid_cluster_id`]): sent with every outgoing Raft message
+    /// and required of every incoming one (module [`crate::security`]). Default
+    /// [`DEFAULT_CLUSTER_ID`].
+    pub cluster_id: String,
+    /// TLS of outgoing Raft connections and the check of incoming requests' peers. Default:
+    /// plaintext, no peer check.
+    pub security: TransportSecurity,
     /// Leader heartbeat interval, in milliseconds; also the AppendEntries RPC timeout. Default
     /// [`DEFAULT_HEARTBEAT_INTERVAL_MS`].
     pub heartbeat_interval_ms: u64,
@@ -121,7 +127,8 @@ impl Default for RaftNodeConfig {
             node_id: 0,
             advertise_address: String::new(),
             data_directory: PathBuf::new(),
-            cluster_name: DEFAULT_CLUSTER_NAME.to_string(),
+            cluster_id: DEFAULT_CLUSTER_ID.to_string(),
+            security: TransportSecurity::default(),
             heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
             election_timeout_min_ms: DEFAULT_ELECTION_TIMEOUT_MIN_MS,
             election_timeout_max_ms: DEFAULT_ELECTION_TIMEOUT_MAX_MS,
@@ -210,6 +217,14 @@ impl RaftNodeConfig {
                 self.snapshot_chunk_bytes, self.network.max_message_bytes
             ));
         }
+        if !crate::security::is_valid_cluster_id(&self.cluster_id) {
+            return invalid(format!(
+                "cluster_id: {:?} is not 1-{} characters of [a-z0-9.-] starting and ending with a \
+                 letter or digit",
+                self.cluster_id.chars().take(80).collect::<String>(),
+                crate::security::MAX_CLUSTER_ID_BYTES
+            ));
+        }
         if self.network.unreachable_backoff_initial_ms == 0 {
             return invalid("network.unreachable_backoff_initial_ms: must be at least 1".into());
         }
@@ -228,7 +243,7 @@ impl RaftNodeConfig {
             (self.election_timeout_min_ms, self.election_timeout_max_ms)
         };
         openraft::Config {
-            cluster_name: self.cluster_name.clone(),
+            cluster_name: self.cluster_id.clone(),
             heartbeat_interval: self.heartbeat_interval_ms,
             election_timeout_min,
             election_timeout_max,
@@ -450,6 +465,10 @@ pub struct RaftNode {
     pub node_id: NodeId,
     advertise_address: String,
     max_message_bytes: usize,
+    /// Every incoming Raft request must name it.
+    cluster_id: Arc<str>,
+    /// The check of incoming requests' peers.
+    authorize_peer: Option<PeerAuthorizer>,
     storage_release_timeout: Duration,
     learner_catch_up_timeout: Duration,
     database_closed: watch::Receiver<()>,
@@ -486,7 +505,12 @@ pub async fn open(config: RaftNodeConfig) -> Result<RaftNode, RaftError> {
     let state = state_machine.state_handle();
     let database_closed = log_store.database_closed_receiver();
     let committed_index = log_store.committed_index();
-    let network = GrpcNetworkFactory::new(config.node_id, config.network.clone());
+    let network = GrpcNetworkFactory::with_security(
+        config.node_id,
+        config.network.clone(),
+        &config.cluster_id,
+        config.security.clone(),
+    );
     let raft = Raft::new(
         config.node_id,
         raft_config,
@@ -526,6 +550,8 @@ pub async fn open(config: RaftNodeConfig) -> Result<RaftNode, RaftError> {
         node_id: config.node_id,
         advertise_address: config.advertise_address,
         max_message_bytes: config.network.max_message_bytes,
+        cluster_id: Arc::from(config.cluster_id.as_str()),
+        authorize_peer: config.security.authorize_peer.clone(),
         storage_release_timeout: Duration::from_millis(config.storage_release_timeout_ms),
         learner_catch_up_timeout: Duration::from_millis(config.learner_catch_up_timeout_ms),
         database_closed,
@@ -559,7 +585,12 @@ impl RaftNode {
 
     /// The service inside [`grpc_service`](Self::grpc_service), for wrapping in tests.
     pub(crate) fn raft_grpc_service(&self) -> RaftGrpcService {
-        RaftGrpcService::with_leader_contact(self.raft.clone(), Arc::clone(&self.leader_contact))
+        RaftGrpcService::with_leader_contact(
+            self.raft.clone(),
+            Arc::clone(&self.leader_contact),
+            Arc::clone(&self.cluster_id),
+            self.authorize_peer.clone(),
+        )
     }
 
     /// The largest gRPC message the node's service accepts or sends, in bytes.

@@ -5,7 +5,8 @@
 //! [`PreVoteRequest`]); each reply's `data` is the JSON of `Result<response, openraft
 //! RaftError>`, so openraft-level errors (a higher vote, a snapshot mismatch, a stopped node)
 //! reach the sender as values, and gRPC errors mean transport problems only: undecodable bytes
-//! are `INVALID_ARGUMENT` naming the field.
+//! are `INVALID_ARGUMENT` naming the field. Every request must first name this node's cluster
+//! and pass the node's peer check (see [`crate::security`]).
 //!
 //! The service records when this node heard from a leader: an AppendEntries it accepted
 //! (openraft answered `Success`, `PartialSuccess` or `Conflict`: the sender's vote was accepted,
@@ -28,6 +29,7 @@ use openraft::raft::AppendEntriesResponse;
 
 use crate::election::LeaderContact;
 use crate::pre_vote::{self, PreVoteRequest, VoterView};
+use crate::security::{PeerAuthorizer, check_cluster_id};
 use crate::types::{NodeId, Raft};
 
 /// Serves openraft's RPCs for one local node.
@@ -37,6 +39,10 @@ pub struct RaftGrpcService {
     /// Where accepted leader messages and granted votes are recorded: the election timer's, or
     /// for a service made with [`RaftGrpcService::new`], one of its own (read by pre-votes only).
     leader_contact: Arc<LeaderContact>,
+    /// The cluster every request must name (see [`crate::security`]).
+    cluster_id: Arc<str>,
+    /// The node's check of each request's peer, after the cluster id.
+    authorize_peer: Option<PeerAuthorizer>,
 }
 
 impl std::fmt::Debug for RaftGrpcService {
@@ -53,19 +59,42 @@ impl RaftGrpcService {
     /// crate's (the default) must be served by
     /// [`RaftNode::grpc_service`](crate::RaftNode::grpc_service) instead, or it would campaign
     /// while it hears a healthy leader.
-    pub fn new(raft: Raft) -> Self {
+    /// Requests must name `cluster_id`.
+    pub fn new(raft: Raft, cluster_id: &str) -> Self {
         RaftGrpcService {
             raft,
             leader_contact: Arc::new(LeaderContact::default()),
+            cluster_id: Arc::from(cluster_id),
+            authorize_peer: None,
         }
     }
 
     /// A service handing RPCs to `raft` and recording leader contact in `leader_contact`.
-    pub(crate) fn with_leader_contact(raft: Raft, leader_contact: Arc<LeaderContact>) -> Self {
+    pub(crate) fn with_leader_contact(
+        raft: Raft,
+        leader_contact: Arc<LeaderContact>,
+        cluster_id: Arc<str>,
+        authorize_peer: Option<PeerAuthorizer>,
+    ) -> Self {
         RaftGrpcService {
             raft,
             leader_contact,
+            cluster_id,
+            authorize_peer,
         }
+    }
+
+    /// Admits `request`: it names this node's cluster, and the peer authorizer (if any) accepts
+    /// its sender.
+    ///
+    /// # Errors
+    /// `FAILED_PRECONDITION` for another cluster; the authorizer's status.
+    fn admit(&self, request: &Request<RaftMessage>) -> Result<(), Status> {
+        check_cluster_id(request, &self.cluster_id)?;
+        if let Some(authorize) = &self.authorize_peer {
+            authorize(request)?;
+        }
+        Ok(())
     }
 
     /// This node's answer to a pre-vote (rules in [`crate::pre_vote`]).
@@ -130,6 +159,7 @@ impl RaftService for RaftGrpcService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
+        self.admit(&request)?;
         let rpc = decode(request.into_inner(), "AppendEntriesRequest")?;
         let result = self.raft.append_entries(rpc).await;
         if let Ok(
@@ -144,6 +174,7 @@ impl RaftService for RaftGrpcService {
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.admit(&request)?;
         let rpc: openraft::raft::VoteRequest<crate::types::NodeId> =
             decode(request.into_inner(), "VoteRequest")?;
         let candidate_term = rpc.vote.leader_id().term;
@@ -169,6 +200,7 @@ impl RaftService for RaftGrpcService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
+        self.admit(&request)?;
         let rpc: openraft::raft::InstallSnapshotRequest<crate::TypeConfig> =
             decode(request.into_inner(), "InstallSnapshotRequest")?;
         let sender_vote = rpc.vote;
@@ -186,6 +218,7 @@ impl RaftService for RaftGrpcService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
+        self.admit(&request)?;
         let rpc: PreVoteRequest = decode(request.into_inner(), "PreVoteRequest")?;
         encode(&self.answer_pre_vote(&rpc))
     }

@@ -58,7 +58,8 @@ use crate::lease::{self, LeaseDeadline};
 pub struct WorkerSettings {
     /// Unique worker id: 1-64 characters of `[A-Za-z0-9._-]`.
     pub worker_id: String,
-    /// gRPC endpoints of cluster nodes (`http://host:port`); tried in turn on failure.
+    /// gRPC endpoints of cluster nodes (`host:port`, or a URL whose scheme is replaced by
+    /// `https` with [`WorkerSettings::tls`], `http` without); tried in turn on failure.
     pub endpoints: Vec<String>,
     /// Runs executed at once.
     pub slots: u32,
@@ -82,6 +83,10 @@ pub struct WorkerSettings {
     /// Its slot may be filled after start (the node's own worker); until then calls fail with
     /// UNAUTHENTICATED and are retried with backoff.
     pub token: crate::client_auth::BearerToken,
+    /// TLS of the connections to the nodes (the CA, and the worker's certificate
+    /// `spiffe://<cluster_id>/worker/<worker_id>` when given); endpoints are then dialled as
+    /// `https://`. `None`: plaintext.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Default for WorkerSettings {
@@ -97,6 +102,7 @@ impl Default for WorkerSettings {
             max_message_bytes: 16 * 1024 * 1024,
             fault_drop_lease_replies: 0,
             token: crate::client_auth::BearerToken::default(),
+            tls: None,
         }
     }
 }
@@ -136,11 +142,29 @@ impl Cluster {
     fn new(settings: &WorkerSettings) -> Result<Self, WorkerError> {
         let mut clients = Vec::new();
         for endpoint in &settings.endpoints {
-            let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
-                .map_err(|e| WorkerError::Endpoint {
-                    endpoint: endpoint.clone(),
-                    message: e.to_string(),
-                })?
+            let authority = endpoint
+                .split_once("://")
+                .map_or(endpoint.as_str(), |(_, authority)| authority);
+            let scheme = if settings.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            let mut channel =
+                tonic::transport::Endpoint::from_shared(format!("{scheme}://{authority}"))
+                    .map_err(|e| WorkerError::Endpoint {
+                        endpoint: endpoint.clone(),
+                        message: e.to_string(),
+                    })?;
+            if let Some(tls) = &settings.tls {
+                channel = channel
+                    .tls_config(tls.clone())
+                    .map_err(|e| WorkerError::Endpoint {
+                        endpoint: endpoint.clone(),
+                        message: format!("TLS settings: {e}"),
+                    })?;
+            }
+            let channel = channel
                 .connect_timeout(Duration::from_secs(2))
                 .connect_lazy();
             clients.push(

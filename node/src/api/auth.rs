@@ -291,7 +291,12 @@ impl AuthLayer {
     /// # Errors
     /// UNAUTHENTICATED or PERMISSION_DENIED; UNAVAILABLE while this node knows no token at all
     /// (the cluster is not bootstrapped yet, or this node has not caught up).
-    pub fn check(&self, path: &str, headers: &http::HeaderMap) -> Result<Option<Caller>, Status> {
+    pub fn check(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        peer_identity: Option<&str>,
+    ) -> Result<Option<Caller>, Status> {
         let Some(requirement) = requirement(path) else {
             return Err(Status::permission_denied(format!(
                 "method {path} is not in the permission table (default deny)"
@@ -299,9 +304,10 @@ impl AuthLayer {
         };
         let permission = match requirement {
             Requirement::Open => return Ok(None),
-            // Transport identities come from mutual TLS (node/src/tls.rs at merge); without it
-            // there is none to present.
-            Requirement::Node => return authorize_node(None, self.insecure).map(|()| None),
+            // Transport identities come from mutual TLS (node/src/tls.rs).
+            Requirement::Node => {
+                return authorize_node(peer_identity, self.insecure).map(|()| None);
+            }
             Requirement::Authenticated => None,
             Requirement::Permission(permission) => Some(permission),
         };
@@ -393,7 +399,21 @@ where
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let path = request.uri().path().to_string();
-        match self.layer.check(&path, request.headers()) {
+        // The client certificate's SPIFFE id, when the connection is mutual TLS.
+        let peer_identity = request
+            .extensions()
+            .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
+            .and_then(|info| info.peer_certs())
+            .and_then(|certificates| {
+                certificates
+                    .first()
+                    .and_then(|leaf| crate::tls::certificate_identity(leaf.as_ref()))
+            })
+            .map(|identity| identity.spiffe_id());
+        match self
+            .layer
+            .check(&path, request.headers(), peer_identity.as_deref())
+        {
             Ok(caller) => {
                 if let Some(caller) = caller {
                     request.extensions_mut().insert(caller);

@@ -80,6 +80,10 @@ pub struct Api {
     lease_polls: Arc<Semaphore>,
     clock: Arc<LeaderClock>,
     leader_channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// This node's cluster id (trust domain of worker certificates).
+    cluster_id: Arc<str>,
+    /// TLS of calls forwarded to the leader (the node's certificate); `None`: plaintext.
+    peer_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 enum Proposal {
@@ -110,6 +114,8 @@ impl Api {
             lease_polls: Arc::new(Semaphore::new(limits.max_lease_polls)),
             clock,
             leader_channels: Arc::new(Mutex::new(HashMap::new())),
+            cluster_id: Arc::from(flotilla_raft::node::DEFAULT_CLUSTER_ID),
+            peer_tls: None,
         }
     }
 
@@ -117,6 +123,18 @@ impl Api {
     #[must_use]
     pub fn with_policy(mut self, policy: ExecutionPolicy) -> Self {
         self.policy = Arc::new(policy);
+        self
+    }
+
+    /// This API for cluster `cluster_id`, forwarding to the leader over `peer_tls` (the
+    /// node's mutual TLS; `None`: plaintext).
+    pub fn with_transport(
+        mut self,
+        cluster_id: &str,
+        peer_tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Self {
+        self.cluster_id = Arc::from(cluster_id);
+        self.peer_tls = peer_tls;
         self
     }
 
@@ -164,8 +182,8 @@ impl Api {
         if let Some(channel) = channels.get(address) {
             return Ok(channel.clone());
         }
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| Status::internal(format!("bad leader address {address}: {e}")))?
+        let endpoint = crate::tls::endpoint(address, self.peer_tls.as_ref())
+            .map_err(|e| Status::internal(format!("bad leader address: {e}")))?
             .connect_timeout(Duration::from_secs(2))
             // A leader that is partitioned away or paused is noticed within seconds, and the
             // calls waiting on it fail instead of hanging until it returns.
@@ -542,7 +560,9 @@ impl FleetService for Api {
                 Status::not_found(format!("run_id: no run {:?}", shorten(&run_id, 128)))
             })?;
         for (position, wanted) in artifacts {
-            let Some(text) = crate::artifacts::load(&self.node, &wanted).await else {
+            let Some(text) =
+                crate::artifacts::load(&self.node, &wanted, self.peer_tls.as_ref()).await
+            else {
                 continue;
             };
             match position {
@@ -657,6 +677,7 @@ impl WorkerService for Api {
     ) -> Result<GrpcResponse<v1::LeaseRunsResponse>, Status> {
         let who = caller(&request)?;
         let auth = authorization(&request);
+        crate::tls::check_worker_id(&request, &self.cluster_id, &request.get_ref().worker_id)?;
         let original = request.into_inner();
         validate_worker_id(&original.worker_id)?;
         who.require_worker(&original.worker_id)?;
@@ -782,6 +803,7 @@ impl WorkerService for Api {
     ) -> Result<GrpcResponse<v1::HeartbeatResponse>, Status> {
         let who = caller(&request)?;
         let auth = authorization(&request);
+        crate::tls::check_worker_id(&request, &self.cluster_id, &request.get_ref().worker_id)?;
         let original = request.into_inner();
         validate_worker_id(&original.worker_id)?;
         who.require_worker(&original.worker_id)?;
@@ -830,6 +852,7 @@ impl WorkerService for Api {
     ) -> Result<GrpcResponse<v1::ReportResultResponse>, Status> {
         let who = caller(&request)?;
         let auth = authorization(&request);
+        crate::tls::check_worker_id(&request, &self.cluster_id, &request.get_ref().worker_id)?;
         let original = request.into_inner();
         let message = original.clone();
         validate_worker_id(&message.worker_id)?;

@@ -58,6 +58,49 @@ pub fn set_token(token: Option<&str>, token_file: Option<&Path>) -> Result<(), C
     Ok(())
 }
 
+pub mod cert;
+
+/// How client commands reach the cluster, chosen once per process by [`configure_transport`].
+#[derive(Clone, Debug)]
+pub enum ClientTransport {
+    /// Plaintext (`--insecure`), for local development only.
+    Insecure,
+    /// TLS with this CA (and client certificate, if given): addresses are dialled as
+    /// `https://`.
+    Tls(tonic::transport::ClientTlsConfig),
+}
+
+static CLIENT_TRANSPORT: std::sync::OnceLock<ClientTransport> = std::sync::OnceLock::new();
+
+/// Sets the transport of every later client connection in this process; the first call wins.
+pub fn configure_transport(transport: ClientTransport) {
+    let _ = CLIENT_TRANSPORT.set(transport);
+}
+
+/// `address` (`host:port` or a URL) as a URL of the configured transport: `https://` with
+/// TLS, `http://` otherwise.
+pub fn transport_url(address: &str) -> String {
+    let tls = matches!(CLIENT_TRANSPORT.get(), Some(ClientTransport::Tls(_)));
+    crate::tls::url(address, tls)
+}
+
+/// A tonic endpoint for `address` (`host:port` or a URL) over the configured transport.
+///
+/// # Errors
+/// When no transport was configured (naming `--ca-file` and `--insecure`) or the address is
+/// not usable.
+pub fn client_endpoint(address: &str) -> Result<tonic::transport::Endpoint, String> {
+    match CLIENT_TRANSPORT.get() {
+        None => Err(
+            "no transport chosen: give --ca-file (FLOTILLA_CA_FILE) for TLS, or \
+                     --insecure (FLOTILLA_INSECURE=true) for plaintext"
+                .into(),
+        ),
+        Some(ClientTransport::Insecure) => crate::tls::endpoint(address, None),
+        Some(ClientTransport::Tls(tls)) => crate::tls::endpoint(address, Some(tls)),
+    }
+}
+
 /// `println!` that ends the process quietly on a closed stdout (see [`write_stdout`]).
 macro_rules! outln {
     ($($argument:tt)*) => {
@@ -214,14 +257,15 @@ impl Client {
             .map(str::trim)
             .filter(|a| !a.is_empty())
         {
-            tonic::transport::Endpoint::from_shared(address.to_string()).map_err(|error| {
-                CliError {
+            tonic::transport::Endpoint::from_shared(crate::tls::url(address, true)).map_err(
+                |error| CliError {
                     message: format!(
-                        "--address: {address:?} is not a URL (http://host:port): {error}"
+                        "--address: {address:?} is not host:port or a URL (https://host:port): \
+                         {error}"
                     ),
                     code: exit_code::USAGE,
-                }
-            })?;
+                },
+            )?;
             if !urls.iter().any(|u| u == address) {
                 urls.push(address.to_string());
             }
@@ -243,9 +287,8 @@ impl Client {
         if let Some(channel) = self.channels.get(url) {
             return Ok(channel.clone());
         }
-        let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-            .map_err(|error| error_chain(&error))?
-            .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS));
+        let endpoint =
+            client_endpoint(url)?.connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS));
         let channel = endpoint
             .connect()
             .await
@@ -297,6 +340,7 @@ impl Client {
                             {
                                 self.channels.remove(&url);
                                 if let Some(leader) = crate::leader_hint::leader_url(&status)
+                                    .map(|leader| transport_url(&leader))
                                     && !tried.contains(&leader)
                                 {
                                     queue.retain(|u| *u != leader);
@@ -374,7 +418,7 @@ pub(crate) async fn connect_channel(addresses: &str) -> Result<Channel, CliError
         .map(str::trim)
         .filter(|a| !a.is_empty())
     {
-        let endpoint = match tonic::transport::Endpoint::from_shared(address.to_string()) {
+        let endpoint = match client_endpoint(address) {
             Ok(endpoint) => endpoint.connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS)),
             Err(error) => {
                 last_error = format!("{address}: {error}");

@@ -21,14 +21,6 @@ pub fn with_token(channel: tonic::transport::Channel, token: &str) -> AuthChanne
     BearerToken::new(token).expect("token").channel(channel)
 }
 
-async fn channel(address: &str) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::from_shared(address.to_string())
-        .expect("address")
-        .connect()
-        .await
-        .expect("connect")
-}
-
 /// `FleetService` at `address` with the admin token.
 pub async fn fleet_client(address: &str) -> FleetServiceClient<AuthChannel> {
     FleetServiceClient::new(with_token(channel(address).await, ADMIN_TOKEN))
@@ -53,9 +45,141 @@ pub fn write_bootstrap_token(data_directory: &Path) {
     }
 }
 
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+/// The development CA of this test binary, made once with `flotilla cert ca` in a directory
+/// that lives as long as the process (removed by the next run's temp cleaning, not by us:
+/// server processes of other tests may still read it).
+pub fn pki_directory() -> &'static Path {
+    static DIRECTORY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIRECTORY.get_or_init(|| {
+        let directory = tempfile::Builder::new()
+            .prefix("flotilla-test-pki-")
+            .tempdir()
+            .expect("pki directory")
+            .keep();
+        flotilla_cert(&["ca", "--directory", directory.to_str().unwrap()]);
+        directory
+    })
+}
+
+/// Runs `flotilla cert <arguments>`, panicking with its stderr on failure.
+pub fn flotilla_cert(arguments: &[&str]) {
+    let output = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .arg("cert")
+        .args(arguments)
+        .output()
+        .expect("run flotilla cert");
+    assert!(
+        output.status.success(),
+        "flotilla cert {arguments:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The CA certificate of [`pki_directory`].
+pub fn ca_file() -> PathBuf {
+    pki_directory().join("ca.pem")
+}
+
+/// `--ca-file`, `--ca-key-file`, `--directory` of `flotilla cert` for [`pki_directory`].
+fn signing_arguments() -> Vec<String> {
+    let directory = pki_directory();
+    vec![
+        "--ca-file".into(),
+        directory.join("ca.pem").display().to_string(),
+        "--ca-key-file".into(),
+        directory.join("ca-key.pem").display().to_string(),
+        "--directory".into(),
+        directory.display().to_string(),
+    ]
+}
+
+/// The certificate and key of `name` (`node-1`, `worker-w1`, ...), made by `create` (the
+/// `flotilla cert` arguments) once per process.
+fn certificate(name: &str, create: &[&str]) -> (PathBuf, PathBuf) {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let certificate = pki_directory().join(format!("{name}.pem"));
+    let key = pki_directory().join(format!("{name}-key.pem"));
+    if !certificate.exists() {
+        let mut arguments: Vec<String> = create.iter().map(|a| a.to_string()).collect();
+        arguments.extend(signing_arguments());
+        flotilla_cert(&arguments.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    (certificate, key)
+}
+
+/// The node certificate of `node_id` (cluster `flotilla`, hosts 127.0.0.1 and localhost).
+pub fn node_certificate(node_id: u64) -> (PathBuf, PathBuf) {
+    let id = node_id.to_string();
+    certificate(
+        &format!("node-{node_id}"),
+        &["node", "--node-id", &id, "--host", "127.0.0.1,localhost"],
+    )
+}
+
+/// The worker certificate of `worker_id` (cluster `flotilla`).
+pub fn worker_certificate(worker_id: &str) -> (PathBuf, PathBuf) {
+    certificate(
+        &format!("worker-{worker_id}"),
+        &["worker", "--worker-id", worker_id],
+    )
+}
+
+/// The `--ca-file`/`--certificate-file`/`--key-file` flags of `flotilla server` for node
+/// `node_id`.
+pub fn server_tls_arguments(node_id: u64) -> Vec<String> {
+    let (certificate, key) = node_certificate(node_id);
+    vec![
+        "--ca-file".into(),
+        ca_file().display().to_string(),
+        "--certificate-file".into(),
+        certificate.display().to_string(),
+        "--key-file".into(),
+        key.display().to_string(),
+    ]
+}
+
+/// Client TLS with the test CA and, if given, a certificate and key.
+pub fn client_tls(identity: Option<(PathBuf, PathBuf)>) -> ClientTlsConfig {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca_file()).unwrap()));
+    if let Some((certificate, key)) = identity {
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(certificate).unwrap(),
+            std::fs::read(key).unwrap(),
+        ));
+    }
+    tls
+}
+
+/// A channel to `address` (`https://host:port`) over TLS with the test CA, presenting
+/// `identity` if given.
+pub async fn tls_channel(
+    address: &str,
+    identity: Option<(PathBuf, PathBuf)>,
+) -> Result<Channel, tonic::transport::Error> {
+    tonic::transport::Endpoint::from_shared(address.to_string())
+        .expect("address")
+        .tls_config(client_tls(identity))
+        .expect("tls config")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+}
+
+/// A connected TLS channel to `address` with the test CA and no client certificate.
+pub async fn channel(address: &str) -> Channel {
+    tls_channel(address, None).await.expect("connect")
+}
+
 /// A `flotilla server` child process.
 pub struct Node {
     pub child: Child,
+    /// `https://127.0.0.1:<port>`.
     pub address: String,
     pub data_directory: PathBuf,
     pub log: PathBuf,
@@ -105,6 +229,11 @@ impl Node {
         node
     }
 
+    /// `127.0.0.1:<port>` of the node's gRPC address.
+    pub fn host_port(&self) -> String {
+        self.address.trim_start_matches("https://").to_string()
+    }
+
     /// The TCP port of the node's gRPC address.
     pub fn port(&self) -> u16 {
         self.address
@@ -118,7 +247,7 @@ impl Node {
     /// only until its gRPC port accepts connections.
     pub async fn start_listening(data_directory: &Path, extra_arguments: &[&str]) -> Node {
         let node = Self::spawn(data_directory, free_port(), extra_arguments);
-        let address = node.address.trim_start_matches("http://").to_string();
+        let address = node.host_port();
         let deadline = Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(&address).is_err() {
             assert!(
@@ -161,9 +290,16 @@ impl Node {
             write_config(&default_config, "");
             arguments.extend(["--config".into(), default_config.display().to_string()]);
         }
+        // TLS on, with the certificate of the node id the arguments give (default 1).
+        let node_id: u64 = extra_arguments
+            .iter()
+            .position(|argument| *argument == "--node-id")
+            .and_then(|position| extra_arguments.get(position + 1))
+            .map_or(1, |id| id.parse().expect("--node-id"));
         let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
             .args(["server", "--data-directory"])
             .arg(data_directory)
+            .args(server_tls_arguments(node_id))
             .args([
                 "--listen-address",
                 &address,
@@ -182,7 +318,7 @@ impl Node {
             .expect("spawn flotilla server");
         Node {
             child,
-            address: format!("http://{address}"),
+            address: format!("https://{address}"),
             data_directory: data_directory.to_path_buf(),
             log,
         }
@@ -191,10 +327,7 @@ impl Node {
     async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(channel) = tonic::transport::Endpoint::from_shared(self.address.clone())
-                .expect("address")
-                .connect()
-                .await
+            if let Ok(channel) = tls_channel(&self.address, None).await
                 && FleetServiceClient::new(with_token(channel, ADMIN_TOKEN))
                     .list_fleets(v1::ListFleetsRequest::default())
                     .await

@@ -8,7 +8,8 @@ Run by node/tests/cli.rs against a real `flotilla server`. With only grpcio, grp
    descriptors the server sends;
 3. builds a SubmitFleetRequest from those descriptors and calls SubmitFleet.
 
-Usage: reflection_client.py HOST:PORT REQUEST_JSON
+Usage: reflection_client.py HOST:PORT REQUEST_JSON [CA_FILE]
+With CA_FILE the channel is TLS with that CA; without it, plaintext.
 REQUEST_JSON is a SubmitFleetRequest in protobuf's JSON mapping. Prints one JSON document:
 {"services": [...], "request_type": ..., "response": <SubmitFleetResponse as JSON>}.
 Exits non-zero (with a traceback) on any failure.
@@ -31,7 +32,13 @@ TIMEOUT_SECONDS = 30
 
 def main() -> int:
     address, request_json = sys.argv[1], sys.argv[2]
-    with grpc.insecure_channel(address) as channel:
+    if len(sys.argv) > 3:
+        with open(sys.argv[3], "rb") as ca_file:
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca_file.read())
+        channel = grpc.secure_channel(address, credentials)
+    else:
+        channel = grpc.insecure_channel(address)
+    with channel:
         database = ProtoReflectionDescriptorDatabase(channel)
         services = sorted(database.get_services())
         if SERVICE not in services:

@@ -2,6 +2,7 @@
 //! 127.0.0.1.
 
 mod cluster;
+mod cluster_id;
 mod election;
 mod membership;
 mod pre_vote;

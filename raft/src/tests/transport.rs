@@ -21,10 +21,19 @@ use crate::{GrpcNetworkFactory, NetworkConfig, RaftGrpcService, TypeConfig};
 async fn undecodable_requests_are_invalid_arguments_naming_the_field() {
     let directory = tempfile::tempdir().unwrap();
     let test_node = TestNode::start(1, directory.path(), |_| {}).await;
-    let service = RaftGrpcService::new(test_node.node.raft.clone());
+    let service =
+        RaftGrpcService::new(test_node.node.raft.clone(), crate::node::DEFAULT_CLUSTER_ID);
 
+    let of_this_cluster = |message: RaftMessage| {
+        let mut request = tonic::Request::new(message);
+        request.metadata_mut().insert(
+            crate::CLUSTER_ID_METADATA,
+            crate::node::DEFAULT_CLUSTER_ID.parse().unwrap(),
+        );
+        request
+    };
     let garbage = || {
-        tonic::Request::new(RaftMessage {
+        of_this_cluster(RaftMessage {
             data: b"not json".to_vec(),
         })
     };
@@ -45,7 +54,7 @@ async fn undecodable_requests_are_invalid_arguments_naming_the_field() {
     // A well-formed vote request gets openraft's answer, encoded as a `Result`.
     let request = VoteRequest::new(Vote::new(1, 2), None);
     let reply = service
-        .vote(tonic::Request::new(RaftMessage {
+        .vote(of_this_cluster(RaftMessage {
             data: serde_json::to_vec(&request).unwrap(),
         }))
         .await
