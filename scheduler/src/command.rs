@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::secret::SecretEnvelope;
 use crate::spec::FleetSpec;
 
 /// One log entry's payload: a command and the time at which the leader proposed it.
@@ -93,6 +94,47 @@ pub enum Command {
         retention_ms: u64,
         /// Most fleets removed by this command.
         max_fleets: u32,
+    },
+    /// Stores `version` of secret `name` of `project`: an envelope made at the node edge (the
+    /// log never holds the value). Rejected unless `version` is the secret's next version (1
+    /// for a new one), or when a new secret would pass either limit.
+    SetSecret {
+        /// The project, a valid name.
+        project: String,
+        /// The secret's name, a valid name.
+        name: String,
+        /// The version the envelope is bound to.
+        version: u64,
+        /// Size of the plaintext value, in bytes.
+        value_size_bytes: u64,
+        /// The encrypted value.
+        envelope: SecretEnvelope,
+        /// Most secrets in one project (the leader's `limits.max_secrets_per_project`).
+        max_secrets_per_project: u32,
+        /// Most secrets in the cluster (the leader's `limits.max_secrets_total`).
+        max_secrets_total: u32,
+    },
+    /// Forgets secret `name` of `project`. Fleets naming it then fail at lease time.
+    DeleteSecret {
+        /// The project.
+        project: String,
+        /// The secret's name.
+        name: String,
+    },
+    /// Replaces the wrapping of `version` of a secret (key rotation): same ciphertext, its data
+    /// key wrapped under the key-encryption key `key_id`. Rejected when the secret is at
+    /// another version.
+    RewrapSecret {
+        /// The project.
+        project: String,
+        /// The secret's name.
+        name: String,
+        /// The version that was re-wrapped.
+        version: u64,
+        /// The new key-encryption key's id.
+        key_id: String,
+        /// Standard base64 of the re-wrapped data key.
+        wrapped_data_key: String,
     },
 }
 
@@ -286,6 +328,18 @@ pub enum Response {
         /// Count of removed fleets.
         count: u32,
     },
+    /// `SetSecret` applied: the secret is now at `version`.
+    SecretSet {
+        /// The stored version.
+        version: u64,
+    },
+    /// `DeleteSecret` applied.
+    SecretDeleted {
+        /// Whether the secret existed.
+        existed: bool,
+    },
+    /// `RewrapSecret` applied.
+    SecretRewrapped,
     /// The command was valid on the wire but not applicable to the state; nothing changed.
     Rejected {
         /// Why.

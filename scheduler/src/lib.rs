@@ -6,7 +6,8 @@
 //! - [`command`]: the commands in the Raft log ([`Request`] = leader time + [`Command`]) and
 //!   what applying one returns ([`Response`]);
 //! - [`state`]: fleets, runs, attempts, leases, events, and [`State::apply`];
-//! - [`placement`]: which pending runs go to a worker with free slots.
+//! - [`placement`]: which pending runs go to a worker with free slots;
+//! - [`secret`]: per-project secrets as ciphertext envelopes (never values, never keys).
 //!
 //! What this crate must not know: clocks, randomness, the environment, files, the network, Raft,
 //! gRPC. Time arrives as [`Request::now_ms`], stamped by the leader. Everything here can be
@@ -15,6 +16,7 @@
 pub mod artifact;
 pub mod command;
 pub mod placement;
+pub mod secret;
 pub mod spec;
 pub mod state;
 

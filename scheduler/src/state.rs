@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::artifact::{ArtifactKey, ArtifactKind, Effect, sha256_hex};
 use crate::command::{AttemptResult, Command, LeaseGrant, Outcome, Request, Response};
 use crate::placement::{self, FleetSlots};
+use crate::secret::Secrets;
 use crate::spec::{self, FleetSpec};
 
 /// Per fleet, for placement: `(fleet_number, available_slots, [(run_index, not_before_ms)])`.
@@ -308,6 +309,9 @@ pub struct State {
     rejected_results_total: u64,
     /// Largest leader timestamp applied so far; stamps never move the clock backwards.
     now_ms: u64,
+    /// Per-project secrets, as envelopes ([`crate::secret`]).
+    #[serde(default)]
+    secrets: Secrets,
 }
 
 /// `fl-<number>`.
@@ -395,7 +399,40 @@ impl State {
                 retention_ms,
                 max_fleets,
             } => self.compact_fleets(now_ms, *retention_ms, *max_fleets, effects),
+            Command::SetSecret {
+                project,
+                name,
+                version,
+                value_size_bytes,
+                envelope,
+                max_secrets_per_project,
+                max_secrets_total,
+            } => self.secrets.set(
+                now_ms,
+                project,
+                name,
+                *version,
+                *value_size_bytes,
+                envelope,
+                *max_secrets_per_project,
+                *max_secrets_total,
+            ),
+            Command::DeleteSecret { project, name } => self.secrets.delete(project, name),
+            Command::RewrapSecret {
+                project,
+                name,
+                version,
+                key_id,
+                wrapped_data_key,
+            } => self
+                .secrets
+                .rewrap(project, name, *version, key_id, wrapped_data_key),
         }
+    }
+
+    /// Every project's secrets (envelopes only).
+    pub fn secrets(&self) -> &Secrets {
+        &self.secrets
     }
 
     fn submit_fleet(
@@ -423,6 +460,18 @@ impl State {
                     fleet_id: fleet_id(*number),
                 }
             };
+        }
+        // Secrets are named, never copied: each must exist in the fleet's project now (a secret
+        // deleted later fails the runs that need it, at lease time).
+        let project = spec::fleet_project(fleet_spec);
+        for (variable, secret) in &fleet_spec.agent.secrets {
+            if self.secrets.get(project, secret).is_none() {
+                return Response::Rejected {
+                    reason: format!(
+                        "spec.agent.secrets.{variable}: no secret {secret:?} in project {project:?}"
+                    ),
+                };
+            }
         }
         let number = self.next_fleet_number;
         self.next_fleet_number += 1;
