@@ -239,6 +239,32 @@ pub struct AttemptResult {
     pub pushed: bool,
     /// For `Infrastructure`: whether another attempt may succeed.
     pub retryable: bool,
+    /// Push credentials minted and revoked for the attempt (at most
+    /// [`MAX_CREDENTIAL_EVENTS`]), for the audit log.
+    #[serde(default)]
+    pub credential_events: Vec<CredentialEvent>,
+}
+
+/// Most credential events one result carries.
+pub const MAX_CREDENTIAL_EVENTS: usize = 16;
+
+/// A push credential minted or revoked by a worker for one attempt. Never holds the token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialEvent {
+    /// `mint`, `mint_failed`, `revoke` or `revoke_failed`.
+    pub kind: String,
+    /// The broker that acted (`static`, ...).
+    pub broker: String,
+    /// The repository URL, credentials in it redacted.
+    pub repository: String,
+    /// Expiry of the credential, ms since the Unix epoch; 0 when it does not expire.
+    pub expires_at_ms: u64,
+    /// Worker wall-clock time of the event, ms since the Unix epoch.
+    pub time_ms: u64,
+    /// The broker's non-secret id of the credential, or empty.
+    pub credential_id: String,
+    /// For a failure: why.
+    pub error: String,
 }
 
 impl AttemptResult {
@@ -259,6 +285,7 @@ impl AttemptResult {
             patch_truncated: false,
             pushed: false,
             retryable,
+            credential_events: Vec::new(),
         }
     }
 }

@@ -24,6 +24,8 @@ use tonic::transport::Channel;
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
 use tracing::{Instrument, info, info_span, warn};
 
+pub mod secret;
+
 use crate::clock::LeaderClock;
 use crate::config::LimitsSection;
 use crate::convert::{self, ResultLimits};
@@ -71,6 +73,8 @@ pub struct Api {
     lease_polls: Arc<Semaphore>,
     clock: Arc<LeaderClock>,
     leader_channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Key-encryption keys, to decrypt the secrets a lease reply carries.
+    keyring: Arc<crate::secrets::Keyring>,
 }
 
 enum Proposal {
@@ -100,7 +104,15 @@ impl Api {
             lease_polls: Arc::new(Semaphore::new(limits.max_lease_polls)),
             clock,
             leader_channels: Arc::new(Mutex::new(HashMap::new())),
+            keyring: Arc::new(crate::secrets::Keyring::disabled()),
         }
+    }
+
+    /// This API decrypting secrets for lease replies with `keyring` (without one, a lease of a
+    /// fleet that names secrets fails, retryably).
+    pub fn with_keyring(mut self, keyring: Arc<crate::secrets::Keyring>) -> Self {
+        self.keyring = keyring;
+        self
     }
 
     /// Replicated time now, as this node would stamp a command.
@@ -277,6 +289,9 @@ impl FleetService for Api {
                     "idempotency_key: already used by fleet {fleet_id} with a different spec; \
                      use a new key to submit another fleet"
                 )))
+            }
+            Proposal::Applied(Response::Rejected { reason }) => {
+                Err(Status::failed_precondition(reason))
             }
             Proposal::Applied(Response::FleetSubmitted { fleet_id, created }) => {
                 span.in_scope(|| info!(fleet.id = %fleet_id, created, "fleet submitted"));
@@ -619,17 +634,22 @@ impl WorkerService for Api {
                         }
                         let leases = grants
                             .into_iter()
-                            .map(|g| v1::Lease {
-                                run_id: g.run_id,
-                                fleet_id: g.fleet_id,
-                                fleet_name: g.spec.name.clone(),
-                                repository: g.repository,
-                                attempt: g.attempt,
-                                branch: g.branch,
-                                spec: Some(convert::fleet_spec_to_wire(&g.spec)),
-                                lease_ttl_ms: self.limits.lease_ttl_ms,
-                                trace_parent: g.trace_parent,
-                                fleet_created_at_ms: g.fleet_created_at_ms,
+                            .map(|g| {
+                                let mut lease = v1::Lease {
+                                    run_id: g.run_id.clone(),
+                                    fleet_id: g.fleet_id.clone(),
+                                    fleet_name: g.spec.name.clone(),
+                                    repository: g.repository.clone(),
+                                    attempt: g.attempt,
+                                    branch: g.branch.clone(),
+                                    spec: Some(convert::fleet_spec_to_wire(&g.spec)),
+                                    lease_ttl_ms: self.limits.lease_ttl_ms,
+                                    trace_parent: g.trace_parent.clone(),
+                                    fleet_created_at_ms: g.fleet_created_at_ms,
+                                    ..v1::Lease::default()
+                                };
+                                secret::inject_secrets(self, &g, &mut lease);
+                                lease
                             })
                             .collect();
                         return Ok(GrpcResponse::new(v1::LeaseRunsResponse { leases }));
