@@ -236,6 +236,16 @@ pub async fn start_worker(
         branch_prefix: config.limits.branch_prefix.clone(),
         mirror_cache_max_mirrors: config.worker.mirror_cache_max_mirrors,
         mirror_cache_max_bytes: config.worker.mirror_cache_max_bytes,
+        static_push_tokens: config
+            .push_credentials
+            .static_tokens
+            .iter()
+            .map(|entry| flotilla_worker::credentials::StaticToken {
+                url_prefix: entry.url_prefix.clone(),
+                token_file: entry.token_file.clone(),
+                username: entry.username.clone(),
+            })
+            .collect(),
         ..flotilla_worker::config::WorkerConfig::default()
     };
     flotilla_worker::actor::start(settings, execution)

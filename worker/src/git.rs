@@ -1032,7 +1032,7 @@ pub async fn find_secret_in_commit(
         let blob = git
             .run_unchecked(
                 directory,
-                ["cat-file", "blob", new_id],
+                ["cat-file", "blob", *new_id],
                 git.output_max_bytes,
                 cancel,
             )

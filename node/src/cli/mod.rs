@@ -6,6 +6,8 @@
 //! [`write_stdout`]: a closed stdout (`flotilla ... | head`) ends the process quietly with
 //! [`exit_code::BROKEN_PIPE`].
 
+pub mod secret;
+
 use std::collections::{HashMap, VecDeque};
 use std::io::{IsTerminal as _, Write as _};
 use std::path::Path;
@@ -316,7 +318,7 @@ pub async fn connect_cluster(addresses: &str) -> Result<ClusterServiceClient<Cha
     Ok(ClusterServiceClient::new(connect_channel(addresses).await?))
 }
 
-async fn connect_channel(addresses: &str) -> Result<Channel, CliError> {
+pub(crate) async fn connect_channel(addresses: &str) -> Result<Channel, CliError> {
     let mut last_error = String::from("no address given");
     for address in addresses
         .split(',')

@@ -40,6 +40,7 @@ fn fleet_spec(name: &str) -> FleetSpec {
         name: name.into(),
         repositories: vec!["file:///srv/a".into(), "file:///srv/b".into()],
         agent: AgentSpec {
+            secrets: Default::default(),
             command: "cargo fmt".into(),
             task: "format".into(),
             env: BTreeMap::new(),
