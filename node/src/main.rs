@@ -392,14 +392,18 @@ async fn run_client(address: &str, output: Output, command: Commands) -> Result<
                 name,
                 project,
                 value_file,
-            } => cli::secret::set(&mut client, &project, &name, value_file.as_deref(), output).await,
+            } => {
+                cli::secret::set(&mut client, &project, &name, value_file.as_deref(), output).await
+            }
             SecretCommands::List { project } => {
                 cli::secret::list(&mut client, &project, output).await
             }
             SecretCommands::Delete { name, project } => {
                 cli::secret::delete(&mut client, &project, &name, output).await
             }
-            SecretCommands::Rotate { batch } => cli::secret::rotate(&mut client, batch, output).await,
+            SecretCommands::Rotate { batch } => {
+                cli::secret::rotate(&mut client, batch, output).await
+            }
             SecretCommands::Keygen { output_file } => cli::secret::keygen(&output_file, output),
         };
     }

@@ -108,7 +108,13 @@ fn key_id(key: &[u8]) -> String {
 }
 
 /// Associated data of a secret's value or of its wrapped data key.
-fn associated_data(purpose: &str, project: &str, name: &str, version: u64, key_id: &str) -> Vec<u8> {
+fn associated_data(
+    purpose: &str,
+    project: &str,
+    name: &str,
+    version: u64,
+    key_id: &str,
+) -> Vec<u8> {
     format!("flotilla-secret-v1\0{purpose}\0{project}\0{name}\0{version}\0{key_id}").into_bytes()
 }
 
@@ -116,7 +122,13 @@ fn seal(cipher: &Aes256Gcm, plaintext: &[u8], aad: &[u8]) -> Result<String, Secr
     let mut nonce = [0u8; NONCE_BYTES];
     OsRng.fill_bytes(&mut nonce);
     let sealed = cipher
-        .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad })
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
         .map_err(|_| SecretsError::Corrupt("encryption failed"))?;
     let mut bytes = nonce.to_vec();
     bytes.extend_from_slice(&sealed);
@@ -157,7 +169,10 @@ pub fn generate_key_file(path: &Path) -> Result<String, SecretsError> {
         .mode(0o600)
         .open(path)
         .map_err(io)?;
-    let mut line = Zeroizing::new(format!("{KEY_FILE_HEADER} {}\n", STANDARD.encode(key.as_ref())));
+    let mut line = Zeroizing::new(format!(
+        "{KEY_FILE_HEADER} {}\n",
+        STANDARD.encode(key.as_ref())
+    ));
     file.write_all(line.as_bytes()).map_err(io)?;
     file.sync_all().map_err(io)?;
     line.zeroize();
@@ -184,10 +199,13 @@ fn read_key_file(path: &Path) -> Result<Kek, SecretsError> {
     if metadata.len() > 1024 {
         return Err(bad("larger than 1 KiB; not a key file".into()));
     }
-    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| SecretsError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?);
+    let text =
+        Zeroizing::new(
+            std::fs::read_to_string(path).map_err(|source| SecretsError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?,
+        );
     let mut words = text.split_whitespace();
     if words.next() != Some(KEY_FILE_HEADER) {
         return Err(bad(format!(
@@ -387,7 +405,10 @@ mod tests {
         }
         Keyring::load(
             Some(&directory.join(current)),
-            &previous.iter().map(|p| directory.join(p)).collect::<Vec<_>>(),
+            &previous
+                .iter()
+                .map(|p| directory.join(p))
+                .collect::<Vec<_>>(),
         )
         .unwrap()
     }
@@ -480,10 +501,26 @@ mod tests {
 
     #[test]
     fn values_are_checked_without_echoing_them() {
-        assert!(validate_value(b"short", 100).unwrap_err().contains("at least 8"));
-        assert!(validate_value(&[b'a'; 101], 100).unwrap_err().contains("max_value_bytes"));
-        assert!(validate_value(b"abc\0defgh", 100).unwrap_err().contains("NUL"));
-        assert!(validate_value(&[0xff; 10], 100).unwrap_err().contains("UTF-8"));
+        assert!(
+            validate_value(b"short", 100)
+                .unwrap_err()
+                .contains("at least 8")
+        );
+        assert!(
+            validate_value(&[b'a'; 101], 100)
+                .unwrap_err()
+                .contains("max_value_bytes")
+        );
+        assert!(
+            validate_value(b"abc\0defgh", 100)
+                .unwrap_err()
+                .contains("NUL")
+        );
+        assert!(
+            validate_value(&[0xff; 10], 100)
+                .unwrap_err()
+                .contains("UTF-8")
+        );
         assert!(validate_value(b"long enough", 100).is_ok());
     }
 }

@@ -120,7 +120,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         None => info!("secrets disabled: no secrets.key_file"),
     }
     let api = Api::new(node.clone(), &config.limits, clock.clone()).with_keyring(keyring.clone());
-    let secrets_api = crate::api::secret::SecretsApi::new(api.clone(), keyring, config.secrets.clone());
+    let secrets_api =
+        crate::api::secret::SecretsApi::new(api.clone(), keyring, config.secrets.clone());
     let max_bytes = config.limits.max_request_bytes;
     // Both reflection protocols: grpc.reflection.v1 (grpcurl 1.9+, current tonic clients) and
     // grpc.reflection.v1alpha (Python's grpcio-reflection, older grpcurl, Postman).

@@ -26,7 +26,12 @@ fn flotilla(address: &str, arguments: &[&str], stdin: Option<&str>) -> (i32, Str
         .spawn()
         .unwrap();
     if let Some(text) = stdin {
-        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
     }
     drop(child.stdin.take());
     let output = child.wait_with_output().unwrap();
@@ -129,7 +134,11 @@ async fn secrets_are_injected_by_name_redacted_and_never_stored_in_plaintext() {
     let address = node.address.clone();
 
     // set (value on stdin), list (no value), limits, validation.
-    let (code, stdout, stderr) = flotilla(&address, &["secret", "set", "api-token"], Some(&format!("{VALUE}\n")));
+    let (code, stdout, stderr) = flotilla(
+        &address,
+        &["secret", "set", "api-token"],
+        Some(&format!("{VALUE}\n")),
+    );
     assert_eq!(code, 0, "{stdout}{stderr}");
     let (code, stdout, _) = flotilla(&address, &["--output", "json", "secret", "list"], None);
     assert_eq!(code, 0);
@@ -160,7 +169,11 @@ async fn secrets_are_injected_by_name_redacted_and_never_stored_in_plaintext() {
         .await
         .unwrap_err();
     assert_eq!(short.code(), tonic::Code::InvalidArgument);
-    assert!(short.message().starts_with("value: "), "{}", short.message());
+    assert!(
+        short.message().starts_with("value: "),
+        "{}",
+        short.message()
+    );
     for name in ["b", "c"] {
         secrets
             .set_secret(v1::SetSecretRequest {
@@ -185,7 +198,12 @@ async fn secrets_are_injected_by_name_redacted_and_never_stored_in_plaintext() {
 
     // A fleet naming a missing secret is refused, naming the field.
     let mut client = node.client().await;
-    let mut missing = spec("missing", vec![origin_repository(root.path(), "m", &[("a", "a\n")])], "true", &[]);
+    let mut missing = spec(
+        "missing",
+        vec![origin_repository(root.path(), "m", &[("a", "a\n")])],
+        "true",
+        &[],
+    );
     missing
         .agent
         .as_mut()
@@ -201,7 +219,9 @@ async fn secrets_are_injected_by_name_redacted_and_never_stored_in_plaintext() {
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
     assert!(
-        refused.message().starts_with("spec.agent.secrets.API_TOKEN: no secret \"nope\""),
+        refused
+            .message()
+            .starts_with("spec.agent.secrets.API_TOKEN: no secret \"nope\""),
         "{}",
         refused.message()
     );
@@ -218,7 +238,12 @@ async fn secrets_are_injected_by_name_redacted_and_never_stored_in_plaintext() {
         agent,
     )
     .await;
-    assert_eq!(run.state, v1::RunState::Changed as i32, "{run:?}\n{}", node.log_text());
+    assert_eq!(
+        run.state,
+        v1::RunState::Changed as i32,
+        "{run:?}\n{}",
+        node.log_text()
+    );
     let tail = &run.attempts[0].log_tail;
     assert!(tail.contains("plain [redacted:api-token]"), "{tail}");
     assert!(tail.matches("[redacted:api-token]").count() >= 3, "{tail}");
@@ -237,17 +262,28 @@ async fn secrets_are_injected_by_name_redacted_and_never_stored_in_plaintext() {
     .await;
     assert_eq!(run.state, v1::RunState::Failed as i32, "{run:?}");
     let error = &run.attempts[0].error;
-    assert!(error.contains("contains the value of secret api-token"), "{error}");
+    assert!(
+        error.contains("contains the value of secret api-token"),
+        "{error}"
+    );
     assert!(run.patch.is_empty() && !run.pushed);
     let bare = leaking.trim_start_matches("file://");
     let branches = common::git(Path::new(bare), &["--git-dir", bare, "branch", "--list"]);
-    assert!(branches.trim().lines().all(|b| !b.contains("flotilla/")), "{branches}");
+    assert!(
+        branches.trim().lines().all(|b| !b.contains("flotilla/")),
+        "{branches}"
+    );
 
     // Rotation: a new current key, the old one for decryption, then only the new one.
     let second = root.path().join("second.key");
     let (code, stdout, _) = flotilla(
         "http://127.0.0.1:1",
-        &["secret", "keygen", "--output-file", second.to_str().unwrap()],
+        &[
+            "secret",
+            "keygen",
+            "--output-file",
+            second.to_str().unwrap(),
+        ],
         None,
     );
     assert_eq!(code, 0);
@@ -255,7 +291,11 @@ async fn secrets_are_injected_by_name_redacted_and_never_stored_in_plaintext() {
     node.kill();
     let config = write_config(root.path(), &second, &[&key]);
     node = Node::start_on(&data, node.port(), &["--config", config.to_str().unwrap()]).await;
-    let (code, stdout, stderr) = flotilla(&node.address, &["--output", "json", "secret", "rotate"], None);
+    let (code, stdout, stderr) = flotilla(
+        &node.address,
+        &["--output", "json", "secret", "rotate"],
+        None,
+    );
     assert_eq!(code, 0, "{stdout}{stderr}");
     let rotated: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(rotated["rewrapped"], 2, "{rotated}");
@@ -273,8 +313,17 @@ async fn secrets_are_injected_by_name_redacted_and_never_stored_in_plaintext() {
         "echo \"plain $API_TOKEN\"; echo x > out.txt",
     )
     .await;
-    assert_eq!(run.state, v1::RunState::Changed as i32, "{run:?}\n{}", node.log_text());
-    assert!(run.attempts[0].log_tail.contains("plain [redacted:api-token]"));
+    assert_eq!(
+        run.state,
+        v1::RunState::Changed as i32,
+        "{run:?}\n{}",
+        node.log_text()
+    );
+    assert!(
+        run.attempts[0]
+            .log_tail
+            .contains("plain [redacted:api-token]")
+    );
 
     // The value is nowhere in the node's files: Raft log, snapshots, state, attempt logs.
     node.kill();

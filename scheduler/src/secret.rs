@@ -119,9 +119,7 @@ impl Secrets {
                 };
             }
         }
-        let created_at_ms = self
-            .get(project, name)
-            .map_or(now_ms, |s| s.created_at_ms);
+        let created_at_ms = self.get(project, name).map_or(now_ms, |s| s.created_at_ms);
         self.projects.entry(project.to_owned()).or_default().insert(
             name.to_owned(),
             StoredSecret {
@@ -212,7 +210,10 @@ mod tests {
             Response::SecretSet { version: 2 }
         );
         let a = secrets.get("p", "a").unwrap();
-        assert_eq!((a.created_at_ms, a.updated_at_ms, a.value_size_bytes), (10, 12, 6));
+        assert_eq!(
+            (a.created_at_ms, a.updated_at_ms, a.value_size_bytes),
+            (10, 12, 6)
+        );
         assert_eq!(
             secrets.set(13, "p", "b", 1, 5, &e, 2, 3),
             Response::SecretSet { version: 1 }

@@ -687,7 +687,9 @@ pub(crate) mod tests {
         );
         check(
             |s| {
-                s.agent.secrets = (0..33).map(|i| (format!("V{i}"), "s".to_string())).collect();
+                s.agent.secrets = (0..33)
+                    .map(|i| (format!("V{i}"), "s".to_string()))
+                    .collect();
             },
             "spec.agent.secrets: more than 32 secrets",
         );

@@ -810,7 +810,9 @@ fn a_fleet_names_only_secrets_that_exist_in_its_project() {
     use crate::secret::SecretEnvelope;
     let mut harness = Harness::new();
     let mut s = spec(&["file:///srv/a"]);
-    s.agent.secrets.insert("API_TOKEN".into(), "api-token".into());
+    s.agent
+        .secrets
+        .insert("API_TOKEN".into(), "api-token".into());
     let submit = |s: &crate::spec::FleetSpec| Command::SubmitFleet {
         spec: s.clone(),
         idempotency_key: String::new(),

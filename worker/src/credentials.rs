@@ -342,7 +342,10 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!((minted.username.as_str(), minted.token.as_str()), ("bot", "narrow-token"));
+        assert_eq!(
+            (minted.username.as_str(), minted.token.as_str()),
+            ("bot", "narrow-token")
+        );
         assert!(!format!("{minted:?}").contains("narrow-token"));
         let minted = broker
             .mint(&request("http://127.0.0.1:1/other/a.git"))
@@ -353,7 +356,13 @@ mod tests {
             (minted.username.as_str(), minted.token.as_str()),
             ("x-access-token", "broad-token")
         );
-        assert!(broker.mint(&request("file:///srv/a")).await.unwrap().is_none());
+        assert!(
+            broker
+                .mint(&request("file:///srv/a"))
+                .await
+                .unwrap()
+                .is_none()
+        );
         std::fs::set_permissions(&narrow, std::fs::Permissions::from_mode(0o644)).unwrap();
         let error = broker
             .mint(&request("http://127.0.0.1:1/team/a.git"))
@@ -373,8 +382,8 @@ mod tests {
             expires_at_ms: 0,
             credential_id: String::new(),
         };
-        let helper = CredentialHelper::create(&directory.path().join("credentials"), &credential)
-            .unwrap();
+        let helper =
+            CredentialHelper::create(&directory.path().join("credentials"), &credential).unwrap();
         let private = helper.directory().to_path_buf();
         assert_eq!(std::fs::metadata(&private).unwrap().mode() & 0o777, 0o700);
         let file = private.join("credential");

@@ -43,10 +43,10 @@ use tracing::Instrument;
 use crate::attempt_log::AttemptLog;
 use crate::config::WorkerConfig;
 use crate::credentials::{self, CredentialHelper, MintRequest, PushCredential};
-use crate::redact::Redactor;
 use crate::git::{self, CommitSummary, Git, GitError};
 use crate::lease::LeaseDeadline;
 use crate::publish::{self, AttemptIdentity, PublishError, PublishTarget, Withdrawal};
+use crate::redact::Redactor;
 use crate::sandbox::{SandboxCommand, SandboxDriver, SandboxError, SandboxOutcome, run_sandboxed};
 
 /// Outcome: files changed, verification passed, committed (and pushed when the fleet asks).
@@ -526,6 +526,7 @@ fn withdraws_branch(outcome: &str) -> bool {
     )
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_pipeline(
     config: &WorkerConfig,
     lease: &Lease,
@@ -791,8 +792,14 @@ async fn run_prepared(
     if let Some(summary) = &summary
         && !redactor.is_empty()
     {
-        match git::find_secret_in_commit(git, &prepared.directory, &summary.commit, redactor, cancel)
-            .await
+        match git::find_secret_in_commit(
+            git,
+            &prepared.directory,
+            &summary.commit,
+            redactor,
+            cancel,
+        )
+        .await
         {
             Ok(None) => {}
             Ok(Some(found)) => {

@@ -248,9 +248,15 @@ mod tests {
         let mut cases = vec![
             ("exact".to_owned(), format!("token is {secret}!")),
             ("base64 standard".to_owned(), STANDARD.encode(b)),
-            ("base64 standard, no padding".to_owned(), STANDARD_NO_PAD.encode(b)),
+            (
+                "base64 standard, no padding".to_owned(),
+                STANDARD_NO_PAD.encode(b),
+            ),
             ("base64 url-safe".to_owned(), URL_SAFE.encode(b)),
-            ("base64 url-safe, no padding".to_owned(), URL_SAFE_NO_PAD.encode(b)),
+            (
+                "base64 url-safe, no padding".to_owned(),
+                URL_SAFE_NO_PAD.encode(b),
+            ),
             (
                 "url-encoded".to_owned(),
                 format!("https://x/?t={}", utf8_percent_encode(secret, URL_ENCODED)),
@@ -292,7 +298,12 @@ mod tests {
 
     #[test]
     fn every_form_is_redacted() {
-        for secret in [SECRET, "plain-alphanumeric-123", "ünïcödé-välue", "with space and \"quotes\""] {
+        for secret in [
+            SECRET,
+            "plain-alphanumeric-123",
+            "ünïcödé-välue",
+            "with space and \"quotes\"",
+        ] {
             let redactor = Redactor::new([("token", secret)]);
             for (label, text) in cases(secret) {
                 let redacted = redactor.redact(&text);
@@ -350,7 +361,11 @@ mod tests {
                 output.extend(stream.push(piece));
             }
             output.extend(stream.finish());
-            assert_eq!(String::from_utf8(output).unwrap(), whole, "chunks of {chunk}");
+            assert_eq!(
+                String::from_utf8(output).unwrap(),
+                whole,
+                "chunks of {chunk}"
+            );
         }
     }
 }

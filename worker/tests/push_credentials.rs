@@ -271,12 +271,25 @@ async fn a_push_gets_the_brokers_token_through_the_helper_and_nowhere_else() {
     let wrong_token = root.path().join("wrong.token");
     write_token(&wrong_token, "not-the-token-at-all");
     let wrong = config(&root.path().join("work-wrong"), &wrong_token, &prefix);
-    let result = execute_attempt_with_token(&wrong, &lease(&url, 1), CancellationToken::new(), deadline()).await;
+    let result = execute_attempt_with_token(
+        &wrong,
+        &lease(&url, 1),
+        CancellationToken::new(),
+        deadline(),
+    )
+    .await;
     assert_eq!(result.outcome, "infrastructure", "{result:?}");
     assert!(result.error.contains("push"), "{}", result.error);
-    assert!(refused.load(Ordering::SeqCst) > 0, "the server never refused");
+    assert!(
+        refused.load(Ordering::SeqCst) > 0,
+        "the server never refused"
+    );
     assert!(!result.error.contains("not-the-token-at-all"));
-    let kinds: Vec<&str> = result.credential_events.iter().map(|e| e.kind.as_str()).collect();
+    let kinds: Vec<&str> = result
+        .credential_events
+        .iter()
+        .map(|e| e.kind.as_str())
+        .collect();
     assert_eq!(kinds, ["mint", "revoke"], "{:?}", result.credential_events);
 
     // The right token, with every process scanned during the attempt.
@@ -286,33 +299,66 @@ async fn a_push_gets_the_brokers_token_through_the_helper_and_nowhere_else() {
     let right = config(&work, &token_file, &prefix);
     let stop = Arc::new(AtomicBool::new(false));
     let scanner = scan_processes(stop.clone());
-    let result = execute_attempt_with_token(&right, &lease(&url, 2), CancellationToken::new(), deadline()).await;
+    let result = execute_attempt_with_token(
+        &right,
+        &lease(&url, 2),
+        CancellationToken::new(),
+        deadline(),
+    )
+    .await;
     stop.store(true, Ordering::SeqCst);
     let scan = scanner.join().unwrap();
     assert_eq!(result.outcome, "changed", "{result:?}");
     assert!(result.pushed);
     let pushed = git(
         &served,
-        &["--git-dir", origin.to_str().unwrap(), "rev-parse", &format!("refs/heads/{BRANCH}")],
+        &[
+            "--git-dir",
+            origin.to_str().unwrap(),
+            "rev-parse",
+            &format!("refs/heads/{BRANCH}"),
+        ],
     );
     assert_eq!(pushed, result.commit);
 
-    assert!(scan.saw_transport, "the scanner never saw git's HTTP transport run");
-    assert!(scan.leaks.is_empty(), "token in a process: {:?}", scan.leaks);
+    assert!(
+        scan.saw_transport,
+        "the scanner never saw git's HTTP transport run"
+    );
+    assert!(
+        scan.leaks.is_empty(),
+        "token in a process: {:?}",
+        scan.leaks
+    );
     let leaked = files_containing(&work, TOKEN.as_bytes());
     assert!(leaked.is_empty(), "token in files: {leaked:?}");
     assert!(
-        std::fs::read_dir(right.credentials_directory()).unwrap().next().is_none(),
+        std::fs::read_dir(right.credentials_directory())
+            .unwrap()
+            .next()
+            .is_none(),
         "the credential helper's directory was not removed"
     );
-    let clone_config =
-        std::fs::read_to_string(flotilla_worker::execute::attempt_directory(&right, "fl-7-0", 2).join("repo/.git/config"))
-            .unwrap();
-    assert!(!clone_config.contains(TOKEN) && !clone_config.contains("credential"), "{clone_config}");
+    let clone_config = std::fs::read_to_string(
+        flotilla_worker::execute::attempt_directory(&right, "fl-7-0", 2).join("repo/.git/config"),
+    )
+    .unwrap();
+    assert!(
+        !clone_config.contains(TOKEN) && !clone_config.contains("credential"),
+        "{clone_config}"
+    );
 
-    assert_eq!(result.credential_events.len(), 2, "{:?}", result.credential_events);
+    assert_eq!(
+        result.credential_events.len(),
+        2,
+        "{:?}",
+        result.credential_events
+    );
     let (mint, revoke) = (&result.credential_events[0], &result.credential_events[1]);
-    assert_eq!((mint.kind.as_str(), revoke.kind.as_str()), ("mint", "revoke"));
+    assert_eq!(
+        (mint.kind.as_str(), revoke.kind.as_str()),
+        ("mint", "revoke")
+    );
     assert_eq!(mint.broker, "static");
     assert_eq!(mint.repository, url);
     assert!(mint.time_ms > 0 && revoke.time_ms >= mint.time_ms);

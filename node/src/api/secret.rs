@@ -83,15 +83,18 @@ impl SecretsApi {
 
     fn info(&self, project: &str, name: &str) -> Option<v1::SecretInfo> {
         self.api.node.state.read(|state| {
-            state.secrets().get(project, name).map(|secret| v1::SecretInfo {
-                project: project.to_owned(),
-                name: name.to_owned(),
-                version: secret.version,
-                created_at_ms: secret.created_at_ms,
-                updated_at_ms: secret.updated_at_ms,
-                key_id: secret.envelope.key_id.clone(),
-                value_size_bytes: secret.value_size_bytes,
-            })
+            state
+                .secrets()
+                .get(project, name)
+                .map(|secret| v1::SecretInfo {
+                    project: project.to_owned(),
+                    name: name.to_owned(),
+                    version: secret.version,
+                    created_at_ms: secret.created_at_ms,
+                    updated_at_ms: secret.updated_at_ms,
+                    key_id: secret.envelope.key_id.clone(),
+                    value_size_bytes: secret.value_size_bytes,
+                })
         })
     }
 }
@@ -245,7 +248,12 @@ impl SecretService for SecretsApi {
                 .all()
                 .filter(|(_, _, secret)| secret.envelope.key_id != current)
                 .map(|(project, name, secret)| {
-                    (project.clone(), name.clone(), secret.version, secret.envelope.clone())
+                    (
+                        project.clone(),
+                        name.clone(),
+                        secret.version,
+                        secret.envelope.clone(),
+                    )
                 })
                 .collect::<Vec<_>>()
         };
