@@ -696,6 +696,7 @@ mod tests {
                 .iter()
                 .enumerate()
                 .map(|(i, outcome)| v1::Attempt {
+                    credential_events: Vec::new(),
                     number: i as u32 + 1,
                     worker_id: format!("worker{}", i % 2 + 1),
                     started_at_ms: 1_000 + i as u64 * 100,

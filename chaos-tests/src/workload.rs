@@ -90,6 +90,7 @@ pub fn fleet_spec(name: &str, repositories: Vec<String>) -> v1::FleetSpec {
         name: name.to_string(),
         repositories,
         agent: Some(v1::AgentSpec {
+            secrets: Default::default(),
             command: "sleep 0.1; echo \"$FLOTILLA_RUN_ID $FLOTILLA_ATTEMPT\" >> f.txt".into(),
             task: "chaos".into(),
             env: Default::default(),

@@ -1030,6 +1030,7 @@ fn failover_spec(name: &str, repositories: &[String]) -> v1::FleetSpec {
         name: name.to_string(),
         repositories: repositories.to_vec(),
         agent: Some(v1::AgentSpec {
+            secrets: Default::default(),
             command: "sleep 0.2".into(),
             task: "failover benchmark".into(),
             env: Default::default(),

@@ -43,6 +43,10 @@ pub struct ServerConfig {
     pub auth: AuthSection,
     /// Transport security of the gRPC port and outgoing connections.
     pub tls: TlsSection,
+    /// Secrets: key-encryption keys and limits.
+    pub secrets: SecretsSection,
+    /// Push credentials of the node's worker.
+    pub push_credentials: PushCredentialsSection,
 }
 
 /// Authentication settings (see `api::token` for the bootstrap design).
@@ -72,8 +76,65 @@ impl Default for ServerConfig {
             policy: flotilla_scheduler::ExecutionPolicy::default(),
             auth: AuthSection::default(),
             tls: TlsSection::default(),
+            secrets: SecretsSection::default(),
+            push_credentials: PushCredentialsSection::default(),
         }
     }
+}
+
+/// Secrets (`node/src/secrets.rs`): the key-encryption keys, outside the replicated state, and
+/// the limits on what the state holds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecretsSection {
+    /// The current key-encryption key's file (`flotilla secret keygen`, mode 0600). Empty:
+    /// secrets are disabled on this node (setting one fails, and a lease naming one fails,
+    /// retryably). Every node must hold the same file.
+    pub key_file: PathBuf,
+    /// Older key files, used only to decrypt secrets not yet re-wrapped by `flotilla secret
+    /// rotate`.
+    pub previous_key_files: Vec<PathBuf>,
+    /// Most secrets in one project.
+    pub max_secrets_per_project: u32,
+    /// Most secrets in the cluster.
+    pub max_secrets_total: u32,
+    /// Largest secret value, in bytes (at least 8 bytes, see `MIN_SECRET_VALUE_BYTES`).
+    pub max_value_bytes: usize,
+}
+
+impl Default for SecretsSection {
+    fn default() -> Self {
+        SecretsSection {
+            key_file: PathBuf::new(),
+            previous_key_files: Vec::new(),
+            max_secrets_per_project: 100,
+            max_secrets_total: 10_000,
+            max_value_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// One static push credential: the token in `token_file` is used for every repository URL that
+/// starts with `url_prefix` (the longest matching prefix wins).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StaticTokenEntry {
+    /// URL prefix, e.g. `https://git.example.com/team/`.
+    pub url_prefix: String,
+    /// File holding the token (mode 0600), one line.
+    pub token_file: PathBuf,
+    /// HTTP Basic user name sent with the token; empty: `x-access-token` (GitHub's convention).
+    pub username: String,
+}
+
+/// Push credentials of the node's worker: a credential broker mints one per attempt and the
+/// worker hands it to host-side `git push` through a transient credential helper. With no
+/// entry, pushes carry no credential (file:// and ssh:// with the host's own keys still work).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushCredentialsSection {
+    /// Static tokens per URL prefix (the `static` broker).
+    pub static_tokens: Vec<StaticTokenEntry>,
 }
 
 fn default_data_directory() -> PathBuf {
@@ -459,6 +520,25 @@ impl ServerConfig {
                 "raft.election_timeout_max_ms",
                 "must be greater than election_timeout_min_ms",
             );
+        }
+        if self.secrets.max_value_bytes < crate::secrets::MIN_SECRET_VALUE_BYTES
+            || self.secrets.max_value_bytes > 1024 * 1024
+        {
+            return invalid("secrets.max_value_bytes", "must be between 8 and 1048576");
+        }
+        if self.secrets.max_secrets_per_project == 0 || self.secrets.max_secrets_total == 0 {
+            return invalid(
+                "secrets.max_secrets_per_project",
+                "max_secrets_per_project and max_secrets_total must be at least 1",
+            );
+        }
+        for entry in &self.push_credentials.static_tokens {
+            if entry.url_prefix.is_empty() || entry.token_file.as_os_str().is_empty() {
+                return invalid(
+                    "push_credentials.static_tokens",
+                    "every entry needs url_prefix and token_file",
+                );
+            }
         }
         if self.worker.slots == 0 || self.worker.slots > 1024 {
             return invalid("worker.slots", "must be between 1 and 1024");

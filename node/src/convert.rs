@@ -2,6 +2,7 @@
 //! validation of every field that arrives over the wire. Errors name the field's path.
 
 use flotilla_proto::v1;
+use flotilla_scheduler::command::{CredentialEvent, MAX_CREDENTIAL_EVENTS};
 use flotilla_scheduler::command::{
     EgressConnection, MAX_EGRESS_CONNECTIONS_PER_RESULT, MAX_EGRESS_REASON_BYTES,
 };
@@ -50,6 +51,7 @@ pub fn fleet_spec_from_wire(
             command: agent.command,
             task: agent.task,
             env: agent.env.into_iter().collect(),
+            secrets: agent.secrets.into_iter().collect(),
         },
         verify: spec.verify,
         sandbox: SandboxSpec {
@@ -118,6 +120,7 @@ pub fn fleet_spec_to_wire(spec: &FleetSpec) -> v1::FleetSpec {
             command: spec.agent.command.clone(),
             task: spec.agent.task.clone(),
             env: spec.agent.env.clone().into_iter().collect(),
+            secrets: spec.agent.secrets.clone().into_iter().collect(),
         }),
         verify: spec.verify.clone(),
         sandbox: Some(v1::SandboxSpec {
@@ -227,6 +230,34 @@ pub fn attempt_result_from_wire(
             duration_ms: connection.duration_ms,
         });
     }
+    if result.credential_events.len() > MAX_CREDENTIAL_EVENTS {
+        return Err(FieldError::new(
+            "result.credential_events",
+            format!("more than {MAX_CREDENTIAL_EVENTS} entries"),
+        ));
+    }
+    for (index, event) in result.credential_events.iter().enumerate() {
+        let too_long = [&event.kind, &event.broker, &event.credential_id]
+            .iter()
+            .any(|text| text.len() > 256)
+            || event.repository.len() > 4096
+            || event.error.len() > 1024;
+        if too_long {
+            return Err(FieldError::new(
+                format!("result.credential_events[{index}]"),
+                "a field is too long (kind, broker, credential_id 256 bytes; repository 4096; error 1024)",
+            ));
+        }
+        if !matches!(
+            event.kind.as_str(),
+            "mint" | "mint_failed" | "revoke" | "revoke_failed"
+        ) {
+            return Err(FieldError::new(
+                format!("result.credential_events[{index}].kind"),
+                "must be mint, mint_failed, revoke or revoke_failed",
+            ));
+        }
+    }
     if outcome == Outcome::Changed && result.commit.is_empty() {
         return Err(FieldError::new(
             "result.commit",
@@ -258,7 +289,33 @@ pub fn attempt_result_from_wire(
         retryable: result.retryable,
         egress_connections,
         egress_connections_dropped: result.egress_connections_dropped,
+        credential_events: result
+            .credential_events
+            .into_iter()
+            .map(|event| CredentialEvent {
+                kind: event.kind,
+                broker: event.broker,
+                repository: event.repository,
+                expires_at_ms: event.expires_at_ms,
+                time_ms: event.time_ms,
+                credential_id: event.credential_id,
+                error: event.error,
+            })
+            .collect(),
     })
+}
+
+/// Wire form of a credential event.
+pub fn credential_event_to_wire(event: &CredentialEvent) -> v1::CredentialEvent {
+    v1::CredentialEvent {
+        kind: event.kind.clone(),
+        broker: event.broker.clone(),
+        repository: event.repository.clone(),
+        expires_at_ms: event.expires_at_ms,
+        time_ms: event.time_ms,
+        credential_id: event.credential_id.clone(),
+        error: event.error.clone(),
+    }
 }
 
 /// Wire form of a run state.
@@ -376,6 +433,12 @@ pub fn run_to_wire(fleet: &Fleet, run: &Run) -> v1::Run {
                     .result
                     .as_ref()
                     .map_or_else(String::new, |r| r.log_tail.clone()),
+                credential_events: attempt
+                    .result
+                    .iter()
+                    .flat_map(|r| &r.credential_events)
+                    .map(credential_event_to_wire)
+                    .collect(),
             })
             .collect(),
         branch: run.branch.clone(),

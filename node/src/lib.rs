@@ -30,6 +30,7 @@ pub mod convert;
 pub mod http;
 pub mod leader_hint;
 pub mod quickstart;
+pub mod secrets;
 pub mod server;
 pub mod spec_file;
 pub mod telemetry;

@@ -76,6 +76,9 @@ enum Commands {
     /// The replicated audit log: list, verify, export (admin).
     #[command(subcommand)]
     Audit(cli::audit::AuditCommands),
+    /// Per-project secrets: values go in, never come out.
+    #[command(subcommand)]
+    Secret(SecretCommands),
     /// The main job end to end: starts a single-node cluster with a local worker in-process,
     /// submits an "enforce rustfmt" fleet over gRPC, watches it and prints the roll-up.
     Quickstart(quickstart::QuickstartArguments),
@@ -306,6 +309,48 @@ enum RunCommands {
 }
 
 #[derive(Subcommand, Debug)]
+enum SecretCommands {
+    /// Creates a secret or stores its next version. The value is read from standard input
+    /// (one trailing newline dropped) or --value-file, never from the command line.
+    Set {
+        /// Secret name (1-64 of [A-Za-z0-9._-]).
+        name: String,
+        /// Project; empty: default.
+        #[arg(long, default_value = "")]
+        project: String,
+        /// Read the value from this file instead of standard input.
+        #[arg(long)]
+        value_file: Option<std::path::PathBuf>,
+    },
+    /// Lists a project's secrets: names, versions, sizes, key ids (never values).
+    List {
+        /// Project; empty: default.
+        #[arg(long, default_value = "")]
+        project: String,
+    },
+    /// Deletes a secret (fleets naming it then fail at lease time).
+    Delete {
+        /// Secret name.
+        name: String,
+        /// Project; empty: default.
+        #[arg(long, default_value = "")]
+        project: String,
+    },
+    /// Re-wraps every secret's data key under the nodes' current key (after a key rotation).
+    Rotate {
+        /// Secrets re-wrapped per request (1-1000).
+        #[arg(long, default_value_t = 100)]
+        batch: u32,
+    },
+    /// Writes a new key-encryption key file (mode 0600) to copy to every node.
+    Keygen {
+        /// The file to create (never overwritten).
+        #[arg(long)]
+        output_file: std::path::PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum BenchCommands {
     /// Sandbox start time: runs `true` in a bubblewrap sandbox COUNT times; prints p50/p99.
     Sandbox {
@@ -480,6 +525,31 @@ async fn run_client(address: &str, output: Output, command: Commands) -> Result<
     if let Commands::Audit(command) = command {
         return cli::audit::run(address, command, output).await;
     }
+    if let Commands::Secret(command) = command {
+        if let SecretCommands::Keygen { output_file } = &command {
+            return cli::secret::keygen(output_file, output);
+        }
+        let mut client = cli::secret::connect(address).await?;
+        return match command {
+            SecretCommands::Set {
+                name,
+                project,
+                value_file,
+            } => {
+                cli::secret::set(&mut client, &project, &name, value_file.as_deref(), output).await
+            }
+            SecretCommands::List { project } => {
+                cli::secret::list(&mut client, &project, output).await
+            }
+            SecretCommands::Delete { name, project } => {
+                cli::secret::delete(&mut client, &project, &name, output).await
+            }
+            SecretCommands::Rotate { batch } => {
+                cli::secret::rotate(&mut client, batch, output).await
+            }
+            SecretCommands::Keygen { output_file } => cli::secret::keygen(&output_file, output),
+        };
+    }
     if let Commands::Cluster(command) = command {
         let mut client = cli::connect_cluster(address).await?;
         return match command {
@@ -523,6 +593,7 @@ async fn run_client(address: &str, output: Output, command: Commands) -> Result<
             cli::show_run(&mut client, &run_id, patch, output).await
         }
         Commands::Server(_)
+        | Commands::Secret(_)
         | Commands::Quickstart(_)
         | Commands::Bench(_)
         | Commands::Worker(_)

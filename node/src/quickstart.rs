@@ -128,6 +128,7 @@ pub async fn run(arguments: QuickstartArguments) -> anyhow::Result<i32> {
         name: "rustfmt".into(),
         repositories,
         agent: Some(v1::AgentSpec {
+            secrets: Default::default(),
             command: arguments.agent_command,
             task: "Format every Rust file with rustfmt so that `cargo fmt --check` passes.".into(),
             env: if arguments.rust_toolchain.is_empty() {

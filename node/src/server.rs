@@ -126,9 +126,23 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let clock = Arc::new(
         crate::clock::LeaderClock::from_environment().map_err(|error| anyhow::anyhow!(error))?,
     );
+    let keyring = Arc::new(
+        crate::secrets::Keyring::load(
+            Some(config.secrets.key_file.as_path()).filter(|path| !path.as_os_str().is_empty()),
+            &config.secrets.previous_key_files,
+        )
+        .context("loading the secrets keys (secrets.key_file, secrets.previous_key_files)")?,
+    );
+    match keyring.current_key_id() {
+        Some(key_id) => info!(%key_id, "secrets enabled"),
+        None => info!("secrets disabled: no secrets.key_file"),
+    }
     let api = Api::new(node.clone(), &config.limits, clock.clone())
         .with_policy(config.policy.clone())
-        .with_transport(&config.cluster_id, peer_tls.clone());
+        .with_transport(&config.cluster_id, peer_tls.clone())
+        .with_keyring(keyring.clone());
+    let secrets_api =
+        crate::api::secret::SecretsApi::new(api.clone(), keyring, config.secrets.clone());
     let max_bytes = config.limits.max_request_bytes;
     // Both reflection protocols: grpc.reflection.v1 (grpcurl 1.9+, current tonic clients) and
     // grpc.reflection.v1alpha (Python's grpcio-reflection, older grpcurl, Postman).
@@ -164,6 +178,11 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         )
         .add_service(
             FleetServiceServer::new(api.clone())
+                .max_decoding_message_size(max_bytes)
+                .max_encoding_message_size(max_bytes),
+        )
+        .add_service(
+            flotilla_proto::v1::secret_service_server::SecretServiceServer::new(secrets_api)
                 .max_decoding_message_size(max_bytes)
                 .max_encoding_message_size(max_bytes),
         )
@@ -287,6 +306,16 @@ pub async fn start_worker(
         mirror_cache_max_mirrors: config.worker.mirror_cache_max_mirrors,
         mirror_cache_max_bytes: config.worker.mirror_cache_max_bytes,
         egress: config.worker.egress.clone(),
+        static_push_tokens: config
+            .push_credentials
+            .static_tokens
+            .iter()
+            .map(|entry| flotilla_worker::credentials::StaticToken {
+                url_prefix: entry.url_prefix.clone(),
+                token_file: entry.token_file.clone(),
+                username: entry.username.clone(),
+            })
+            .collect(),
         ..flotilla_worker::config::WorkerConfig::default()
     };
     flotilla_worker::actor::start(settings, execution)

@@ -10,7 +10,8 @@
 //! agent:
 //!   command: cargo fmt --all        # required, run with /bin/sh -c in the repository
 //!   task: Format the code           # given as $FLOTILLA_TASK
-//!   env: { RUST_LOG: info }
+//!   env: { RUST_LOG: info }       # not secret: stored and shown by `fleet show`
+//!   secrets: { API_TOKEN: api-token }   # variable -> secret name (`flotilla secret set`)
 //! verify: ["cargo fmt --all -- --check"]
 //! sandbox: { driver: bwrap, timeout_ms: 600000, memory_limit_bytes: 0, pids_limit: 0, network: false,
 //!           cpu_limit_millicores: 0, disk_limit_bytes: 0 }
@@ -85,6 +86,9 @@ struct Agent {
     task: String,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    /// Environment variable name -> secret name (`flotilla secret set`).
+    #[serde(default)]
+    secrets: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -288,6 +292,7 @@ impl SpecFile {
                 command: self.agent.command,
                 task: self.agent.task,
                 env: self.agent.env.into_iter().collect(),
+                secrets: self.agent.secrets.into_iter().collect(),
             }),
             verify: self.verify,
             sandbox: Some(v1::SandboxSpec {
@@ -364,7 +369,7 @@ mod tests {
         check(
             "fleet.yaml",
             "name: fmt\ntargets: {repositories: [file:///z.git]}\nagent: {command: x, comand: y}\n",
-            "FILE: agent.comand: unknown field `comand`, expected one of `command`, `task`, `env` at line 3 column 21",
+            "FILE: agent.comand: unknown field `comand`, expected one of `command`, `task`, `env`, `secrets` at line 3 column 21",
         );
         check(
             "fleet.yaml",

@@ -72,6 +72,7 @@ fn wire_spec() -> impl Strategy<Value = v1::FleetSpec> {
             nasty_text(),
             nasty_text(),
             prop::collection::btree_map(nasty_text(), nasty_text(), 0..3),
+            prop::collection::btree_map(nasty_text(), nasty_text(), 0..3),
         ),
         prop::collection::vec(nasty_text(), 0..3),
         (
@@ -102,6 +103,7 @@ fn wire_spec() -> impl Strategy<Value = v1::FleetSpec> {
                     command: agent.0,
                     task: agent.1,
                     env: agent.2.into_iter().collect(),
+                    secrets: agent.3.into_iter().collect(),
                 }),
                 verify,
                 sandbox: Some(v1::SandboxSpec {

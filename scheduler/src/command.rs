@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::secret::SecretEnvelope;
 use crate::spec::FleetSpec;
 use crate::token::{Principal, Role};
 
@@ -142,6 +143,47 @@ pub enum Command {
         retention_ms: u64,
         /// Most fleets removed by this command.
         max_fleets: u32,
+    },
+    /// Stores `version` of secret `name` of `project`: an envelope made at the node edge (the
+    /// log never holds the value). Rejected unless `version` is the secret's next version (1
+    /// for a new one), or when a new secret would pass either limit.
+    SetSecret {
+        /// The project, a valid name.
+        project: String,
+        /// The secret's name, a valid name.
+        name: String,
+        /// The version the envelope is bound to.
+        version: u64,
+        /// Size of the plaintext value, in bytes.
+        value_size_bytes: u64,
+        /// The encrypted value.
+        envelope: SecretEnvelope,
+        /// Most secrets in one project (the leader's `limits.max_secrets_per_project`).
+        max_secrets_per_project: u32,
+        /// Most secrets in the cluster (the leader's `limits.max_secrets_total`).
+        max_secrets_total: u32,
+    },
+    /// Forgets secret `name` of `project`. Fleets naming it then fail at lease time.
+    DeleteSecret {
+        /// The project.
+        project: String,
+        /// The secret's name.
+        name: String,
+    },
+    /// Replaces the wrapping of `version` of a secret (key rotation): same ciphertext, its data
+    /// key wrapped under the key-encryption key `key_id`. Rejected when the secret is at
+    /// another version.
+    RewrapSecret {
+        /// The project.
+        project: String,
+        /// The secret's name.
+        name: String,
+        /// The version that was re-wrapped.
+        version: u64,
+        /// The new key-encryption key's id.
+        key_id: String,
+        /// Standard base64 of the re-wrapped data key.
+        wrapped_data_key: String,
     },
 }
 
@@ -282,6 +324,32 @@ pub struct AttemptResult {
     /// Egress requests the worker did not list (beyond its record limit).
     #[serde(default)]
     pub egress_connections_dropped: u64,
+    /// Push credentials minted and revoked for the attempt (at most
+    /// [`MAX_CREDENTIAL_EVENTS`]), for the audit log.
+    #[serde(default)]
+    pub credential_events: Vec<CredentialEvent>,
+}
+
+/// Most credential events one result carries.
+pub const MAX_CREDENTIAL_EVENTS: usize = 16;
+
+/// A push credential minted or revoked by a worker for one attempt. Never holds the token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialEvent {
+    /// `mint`, `mint_failed`, `revoke` or `revoke_failed`.
+    pub kind: String,
+    /// The broker that acted (`static`, ...).
+    pub broker: String,
+    /// The repository URL, credentials in it redacted.
+    pub repository: String,
+    /// Expiry of the credential, ms since the Unix epoch; 0 when it does not expire.
+    pub expires_at_ms: u64,
+    /// Worker wall-clock time of the event, ms since the Unix epoch.
+    pub time_ms: u64,
+    /// The broker's non-secret id of the credential, or empty.
+    pub credential_id: String,
+    /// For a failure: why.
+    pub error: String,
 }
 
 impl AttemptResult {
@@ -304,6 +372,7 @@ impl AttemptResult {
             retryable,
             egress_connections: Vec::new(),
             egress_connections_dropped: 0,
+            credential_events: Vec::new(),
         }
     }
 }
@@ -380,6 +449,18 @@ pub enum Response {
     },
     /// `RevokeToken` applied (also when it was already revoked).
     TokenRevoked,
+    /// `SetSecret` applied: the secret is now at `version`.
+    SecretSet {
+        /// The stored version.
+        version: u64,
+    },
+    /// `DeleteSecret` applied.
+    SecretDeleted {
+        /// Whether the secret existed.
+        existed: bool,
+    },
+    /// `RewrapSecret` applied.
+    SecretRewrapped,
     /// The command was valid on the wire but not applicable to the state; nothing changed.
     Rejected {
         /// Why.

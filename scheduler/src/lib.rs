@@ -9,6 +9,7 @@
 //! - [`placement`]: which pending runs go to a worker with free slots;
 //! - [`token`]: API tokens, roles, permissions and principals;
 //! - [`audit`]: the hash-chained audit log, one record per applied command.
+//! - [`secret`]: per-project secrets as ciphertext envelopes (never values, never keys).
 //!
 //! What this crate must not know: clocks, randomness, the environment, files, the network, Raft,
 //! gRPC. Time arrives as [`Request::now_ms`], stamped by the leader. Everything here can be
@@ -19,6 +20,7 @@ pub mod audit;
 pub mod command;
 pub mod placement;
 pub mod policy;
+pub mod secret;
 pub mod spec;
 pub mod state;
 pub mod token;

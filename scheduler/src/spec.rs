@@ -28,6 +28,8 @@ pub const DEFAULT_PROJECT: &str = "default";
 fn default_project() -> String {
     DEFAULT_PROJECT.to_string()
 }
+/// Most secrets one fleet may inject ([`AgentSpec::secrets`]).
+pub const MAX_SECRETS_PER_FLEET: usize = 32;
 /// Longest branch name accepted, in bytes.
 pub const MAX_BRANCH_BYTES: usize = 255;
 /// The `{fleet_id}` used when a template is validated before the fleet has an id: the longest
@@ -70,8 +72,15 @@ pub struct AgentSpec {
     pub command: String,
     /// Task text, given to the command as the environment variable `FLOTILLA_TASK`.
     pub task: String,
-    /// Extra environment variables.
+    /// Extra environment variables. Not secret: the values are stored in the replicated log
+    /// and returned by `GetFleet`/`ListFleets`; credentials go in [`AgentSpec::secrets`].
     pub env: BTreeMap<String, String>,
+    /// Secrets injected as environment variables, by name: environment variable name ->
+    /// secret name in the fleet's project ([`fleet_project`]). Only names are stored; the node
+    /// that grants a lease decrypts the values into the lease reply, and the worker redacts
+    /// them from everything it reports.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, String>,
 }
 
 /// Sandbox settings of each run.
@@ -244,6 +253,21 @@ fn check_no_nul(field: String, text: &str) -> Result<(), FieldError> {
     }
 }
 
+/// The project (namespace) a fleet belongs to ([`FleetSpec::project`]): whose secrets it may
+/// name.
+pub fn fleet_project(spec: &FleetSpec) -> &str {
+    &spec.project
+}
+
+/// Whether `key` can name an environment variable the fleet sets: `[A-Za-z_][A-Za-z0-9_]*`,
+/// not starting with `FLOTILLA_` (the worker's own variables).
+pub fn is_valid_env_name(key: &str) -> bool {
+    !key.is_empty()
+        && !key.starts_with(|c: char| c.is_ascii_digit())
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !key.starts_with("FLOTILLA_")
+}
+
 /// Whether `name` is 1-64 characters of `[A-Za-z0-9._-]`.
 pub fn is_valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -396,10 +420,7 @@ impl FleetSpec {
             ));
         }
         for (key, value) in &self.agent.env {
-            let valid_key = !key.is_empty()
-                && !key.starts_with(|c: char| c.is_ascii_digit())
-                && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-            if !valid_key || key.starts_with("FLOTILLA_") {
+            if !is_valid_env_name(key) {
                 return Err(FieldError::new(
                     field(&format!("agent.env.{key}")),
                     "names must be [A-Za-z_][A-Za-z0-9_]* and not start with FLOTILLA_",
@@ -412,6 +433,33 @@ impl FleetSpec {
                         "value longer than {} bytes or contains NUL",
                         limits.max_command_bytes
                     ),
+                ));
+            }
+        }
+        if self.agent.secrets.len() > MAX_SECRETS_PER_FLEET {
+            return Err(FieldError::new(
+                field("agent.secrets"),
+                format!("more than {MAX_SECRETS_PER_FLEET} secrets"),
+            ));
+        }
+        for (key, secret) in &self.agent.secrets {
+            let name = field(&format!("agent.secrets.{key}"));
+            if !is_valid_env_name(key) {
+                return Err(FieldError::new(
+                    name,
+                    "names must be [A-Za-z_][A-Za-z0-9_]* and not start with FLOTILLA_",
+                ));
+            }
+            if self.agent.env.contains_key(key) {
+                return Err(FieldError::new(
+                    name,
+                    "is also set in agent.env; a variable comes from one of them",
+                ));
+            }
+            if !is_valid_name(secret) {
+                return Err(FieldError::new(
+                    name,
+                    "the secret name must be 1-64 characters of [A-Za-z0-9._-]",
                 ));
             }
         }
@@ -597,6 +645,7 @@ pub(crate) mod tests {
                 command: "cargo fmt".into(),
                 task: "format".into(),
                 env: BTreeMap::new(),
+                secrets: BTreeMap::new(),
             },
             verify: vec!["cargo fmt --check".into()],
             sandbox: SandboxSpec {
@@ -744,6 +793,39 @@ pub(crate) mod tests {
                 s.agent.env.insert("FLOTILLA_X".into(), "1".into());
             },
             "spec.agent.env.FLOTILLA_X: names must be [A-Za-z_][A-Za-z0-9_]* and not start with FLOTILLA_",
+        );
+        check(
+            |s| {
+                s.agent.secrets.insert("TOKEN".into(), "api-token".into());
+            },
+            "ok",
+        );
+        check(
+            |s| {
+                s.agent.secrets.insert("1TOKEN".into(), "api-token".into());
+            },
+            "spec.agent.secrets.1TOKEN: names must be [A-Za-z_][A-Za-z0-9_]* and not start with FLOTILLA_",
+        );
+        check(
+            |s| {
+                s.agent.secrets.insert("TOKEN".into(), "not a name".into());
+            },
+            "spec.agent.secrets.TOKEN: the secret name must be 1-64 characters of [A-Za-z0-9._-]",
+        );
+        check(
+            |s| {
+                s.agent.env.insert("TOKEN".into(), "x".into());
+                s.agent.secrets.insert("TOKEN".into(), "api-token".into());
+            },
+            "spec.agent.secrets.TOKEN: is also set in agent.env; a variable comes from one of them",
+        );
+        check(
+            |s| {
+                s.agent.secrets = (0..33)
+                    .map(|i| (format!("V{i}"), "s".to_string()))
+                    .collect();
+            },
+            "spec.agent.secrets: more than 32 secrets",
         );
         check(
             |s| s.repositories = (0..10_001).map(|i| format!("file:///r/{i}")).collect(),

@@ -22,6 +22,7 @@ use crate::artifact::{ArtifactKey, ArtifactKind, Effect, sha256_hex};
 use crate::audit::{AuditEntry, AuditLog, AuditOutcome};
 use crate::command::{AttemptResult, Command, LeaseGrant, Outcome, Request, Response};
 use crate::placement::{self, FleetSlots};
+use crate::secret::Secrets;
 use crate::spec::{self, FleetSpec};
 use crate::token::{self, AuthenticationError, Principal, Role, Token};
 
@@ -322,6 +323,9 @@ pub struct State {
     /// One record per applied command, hash-chained.
     #[serde(default)]
     audit: AuditLog,
+    /// Per-project secrets, as envelopes ([`crate::secret`]).
+    #[serde(default)]
+    secrets: Secrets,
 }
 
 /// `fl-<number>`.
@@ -494,6 +498,34 @@ impl State {
                     reason: format!("no token {accessor_id}"),
                 },
             },
+            Command::SetSecret {
+                project,
+                name,
+                version,
+                value_size_bytes,
+                envelope,
+                max_secrets_per_project,
+                max_secrets_total,
+            } => self.secrets.set(
+                now_ms,
+                project,
+                name,
+                *version,
+                *value_size_bytes,
+                envelope,
+                *max_secrets_per_project,
+                *max_secrets_total,
+            ),
+            Command::DeleteSecret { project, name } => self.secrets.delete(project, name),
+            Command::RewrapSecret {
+                project,
+                name,
+                version,
+                key_id,
+                wrapped_data_key,
+            } => self
+                .secrets
+                .rewrap(project, name, *version, key_id, wrapped_data_key),
         }
     }
 
@@ -601,6 +633,11 @@ impl State {
         &self.audit
     }
 
+    /// Every project's secrets (envelopes only).
+    pub fn secrets(&self) -> &Secrets {
+        &self.secrets
+    }
+
     fn submit_fleet(
         &mut self,
         now_ms: u64,
@@ -627,6 +664,18 @@ impl State {
                     fleet_id: fleet_id(*number),
                 }
             };
+        }
+        // Secrets are named, never copied: each must exist in the fleet's project now (a secret
+        // deleted later fails the runs that need it, at lease time).
+        let project = spec::fleet_project(fleet_spec);
+        for (variable, secret) in &fleet_spec.agent.secrets {
+            if self.secrets.get(project, secret).is_none() {
+                return Response::Rejected {
+                    reason: format!(
+                        "spec.agent.secrets.{variable}: no secret {secret:?} in project {project:?}"
+                    ),
+                };
+            }
         }
         let number = self.next_fleet_number;
         self.next_fleet_number += 1;
@@ -1364,6 +1413,45 @@ fn truncate_message(mut message: String) -> String {
     message
 }
 
+/// What the worker reported that belongs in the audit trail, as a suffix of the result's
+/// record: egress requests allowed and denied (with the denied hosts, at most 8), and push
+/// credentials minted and revoked (broker and credential id, never a token). Empty when none.
+fn worker_facts(result: &AttemptResult) -> String {
+    let mut facts = Vec::new();
+    let denied: Vec<&str> = result
+        .egress_connections
+        .iter()
+        .filter(|c| !c.allowed)
+        .map(|c| c.host.as_str())
+        .collect();
+    if !result.egress_connections.is_empty() || result.egress_connections_dropped > 0 {
+        let allowed = result.egress_connections.len() - denied.len();
+        let mut shown: Vec<&str> = denied.iter().copied().take(8).collect();
+        shown.dedup();
+        facts.push(format!(
+            "egress {allowed} allowed, {} denied{}, {} unlisted",
+            denied.len(),
+            if shown.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", shown.join(", "))
+            },
+            result.egress_connections_dropped
+        ));
+    }
+    for event in &result.credential_events {
+        facts.push(format!(
+            "credential {} by {} {}",
+            event.kind, event.broker, event.credential_id
+        ));
+    }
+    if facts.is_empty() {
+        String::new()
+    } else {
+        format!("; {}", facts.join("; "))
+    }
+}
+
 /// The audit record of applying `command` with `response`: action, target, outcome, reason.
 /// Never copies a secret (a token's record names only its accessor id and role).
 fn audit_entry(command: &Command, response: &Response) -> AuditEntry {
@@ -1390,8 +1478,9 @@ fn audit_entry(command: &Command, response: &Response) -> AuditEntry {
         } => (
             "report_result",
             format!(
-                "run {run_id} attempt {attempt} by worker {worker_id}: {}",
-                result.outcome.as_str()
+                "run {run_id} attempt {attempt} by worker {worker_id}: {}{}",
+                result.outcome.as_str(),
+                worker_facts(result)
             ),
         ),
         Command::CancelFleet { fleet_id } => ("cancel_fleet", format!("fleet {fleet_id}")),
@@ -1418,6 +1507,32 @@ fn audit_entry(command: &Command, response: &Response) -> AuditEntry {
             format!("token {accessor_id} (bootstrap, admin)"),
         ),
         Command::RevokeToken { accessor_id } => ("revoke_token", format!("token {accessor_id}")),
+        Command::SetSecret {
+            project,
+            name,
+            version,
+            envelope,
+            ..
+        } => (
+            "set_secret",
+            format!(
+                "project {project} secret {name} version {version} (key {})",
+                envelope.key_id
+            ),
+        ),
+        Command::DeleteSecret { project, name } => {
+            ("delete_secret", format!("project {project} secret {name}"))
+        }
+        Command::RewrapSecret {
+            project,
+            name,
+            version,
+            key_id,
+            ..
+        } => (
+            "rewrap_secret",
+            format!("project {project} secret {name} version {version} to key {key_id}"),
+        ),
     };
     let (outcome, reason) = match response {
         Response::Rejected { reason } => (AuditOutcome::Rejected, reason.clone()),

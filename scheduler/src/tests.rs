@@ -930,3 +930,59 @@ fn bootstrap_is_accepted_once_and_tokens_authenticate_until_revoked_or_expired()
     assert_eq!(state.fleet("fl-1").unwrap().submitted_by, submitter);
     assert_eq!(state.fleet("fl-1").unwrap().spec.project, "a");
 }
+
+#[test]
+fn a_fleet_names_only_secrets_that_exist_in_its_project() {
+    use crate::secret::SecretEnvelope;
+    let mut harness = Harness::new();
+    let mut s = spec(&["file:///srv/a"]);
+    s.agent
+        .secrets
+        .insert("API_TOKEN".into(), "api-token".into());
+    let submit = |s: &crate::spec::FleetSpec| Command::SubmitFleet {
+        spec: s.clone(),
+        idempotency_key: String::new(),
+        trace_parent: String::new(),
+        max_events: 0,
+    };
+    assert_eq!(
+        harness.apply(submit(&s)),
+        Response::Rejected {
+            reason: "spec.agent.secrets.API_TOKEN: no secret \"api-token\" in project \"default\""
+                .into()
+        }
+    );
+    let set = |project: &str| Command::SetSecret {
+        project: project.into(),
+        name: "api-token".into(),
+        version: 1,
+        value_size_bytes: 12,
+        envelope: SecretEnvelope {
+            key_id: "k".into(),
+            wrapped_data_key: "AA==".into(),
+            ciphertext: "AA==".into(),
+        },
+        max_secrets_per_project: 10,
+        max_secrets_total: 10,
+    };
+    // A secret of another project does not count.
+    assert_eq!(
+        harness.apply(set("other")),
+        Response::SecretSet { version: 1 }
+    );
+    assert!(matches!(
+        harness.apply(submit(&s)),
+        Response::Rejected { .. }
+    ));
+    assert_eq!(
+        harness.apply(set("default")),
+        Response::SecretSet { version: 1 }
+    );
+    assert!(matches!(
+        harness.apply(submit(&s)),
+        Response::FleetSubmitted { created: true, .. }
+    ));
+    // The state holds the envelope, never a value; the spec holds the name.
+    let text = serde_json::to_string(&harness.state).unwrap();
+    assert!(text.contains("\"api-token\""));
+}

@@ -5,6 +5,8 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::redact::{Redactor, StreamRedactor};
+
 /// Written to the log file, once, where writing stopped because the log reached its size cap.
 pub const LOG_TRUNCATED_MARKER: &str = "\n[log truncated]\n";
 
@@ -89,6 +91,14 @@ pub struct AttemptLog {
     max_bytes: u64,
     truncated: bool,
     tail: TailBuffer,
+    /// Removes secret values before anything is written (file and tail).
+    redactor: Option<StreamRedactor>,
+}
+
+impl Drop for AttemptLog {
+    fn drop(&mut self) {
+        self.finish();
+    }
 }
 
 impl AttemptLog {
@@ -107,6 +117,7 @@ impl AttemptLog {
             max_bytes,
             truncated: false,
             tail: TailBuffer::new(tail_bytes),
+            redactor: None,
         })
     }
 
@@ -119,11 +130,42 @@ impl AttemptLog {
             max_bytes: 0,
             truncated: false,
             tail: TailBuffer::new(tail_bytes),
+            redactor: None,
         }
     }
 
-    /// Appends output bytes.
+    /// Redacts `redactor`'s secrets from everything written from now on (file and tail). A
+    /// value cut across two writes is still caught: the last bytes wait for the next write or
+    /// for [`AttemptLog::finish`].
+    pub fn set_redactor(&mut self, redactor: &Redactor) {
+        self.finish();
+        self.redactor = (!redactor.is_empty()).then(|| redactor.stream());
+    }
+
+    /// Writes the bytes a redactor still holds back. Called on drop too.
+    pub fn finish(&mut self) {
+        if let Some(mut redactor) = self.redactor.take() {
+            let rest = redactor.finish();
+            self.write_redacted(&rest);
+            self.redactor = Some(redactor);
+        }
+    }
+
+    /// Appends output bytes (redacted when a redactor is set).
     pub fn write(&mut self, bytes: &[u8]) {
+        match self.redactor.as_mut() {
+            None => self.write_redacted(bytes),
+            Some(redactor) => {
+                let output = redactor.push(bytes);
+                self.write_redacted(&output);
+            }
+        }
+    }
+
+    fn write_redacted(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
         self.tail.push(bytes);
         let Some(file) = self.file.as_mut() else {
             return;
@@ -151,9 +193,17 @@ impl AttemptLog {
         self.write(format!("[flotilla] {message}\n").as_bytes());
     }
 
-    /// The log's tail as text (see [`TailBuffer::to_text`]).
+    /// The log's tail as text (see [`TailBuffer::to_text`]), including, redacted, the bytes a
+    /// redactor still holds back.
     pub fn tail(&self) -> String {
-        self.tail.to_text()
+        match &self.redactor {
+            None => self.tail.to_text(),
+            Some(redactor) => {
+                let mut tail = self.tail.clone();
+                tail.push(&redactor.peek_rest());
+                tail.to_text()
+            }
+        }
     }
 
     /// The log file's path, `None` for [`AttemptLog::discard`].
@@ -197,6 +247,25 @@ mod tests {
         tail.push("xé€".as_bytes()); // x, é (2 bytes), € (3 bytes)
         // Last 4 bytes: second byte of é, then €.
         assert_eq!(tail.to_text(), "€");
+    }
+
+    #[test]
+    fn secrets_are_redacted_from_the_file_and_the_tail_across_writes() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("logs/a.log");
+        let mut log = AttemptLog::create(&path, 1 << 20, 1 << 10).unwrap();
+        log.set_redactor(&Redactor::new([("token", "value-of-the-secret")]));
+        log.write(b"one value-of-");
+        log.write(b"the-secret two value-of-the");
+        assert_eq!(log.tail(), "one [redacted:token] two value-of-the");
+        log.write(b"-secret");
+        log.note("done");
+        drop(log);
+        let contents = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            contents,
+            "one [redacted:token] two [redacted:token][flotilla] done\n"
+        );
     }
 
     #[test]

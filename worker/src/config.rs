@@ -162,6 +162,9 @@ pub struct WorkerConfig {
     /// Egress of runs with `network: true`: the host allowlist, address exceptions, static
     /// hosts and the proxy's limits (see [`crate::egress`]). Default: nothing allowed.
     pub egress: EgressConfig,
+    /// Push credentials: a static token per repository URL prefix, minted (read) per attempt
+    /// and handed to host git through a transient credential helper. Default none.
+    pub static_push_tokens: Vec<crate::credentials::StaticToken>,
 }
 
 impl Default for WorkerConfig {
@@ -193,11 +196,26 @@ impl Default for WorkerConfig {
             mirror_cache_max_mirrors: 1_000,
             mirror_cache_max_bytes: 20 * 1024 * MEBIBYTE,
             egress: EgressConfig::default(),
+            static_push_tokens: Vec::new(),
         }
     }
 }
 
 impl WorkerConfig {
+    /// `<work_directory>/credentials`: private (0700) directories of transient credential
+    /// helpers, each removed after its attempt's push.
+    pub fn credentials_directory(&self) -> PathBuf {
+        self.work_directory.join("credentials")
+    }
+
+    /// The broker that mints push credentials: static tokens per URL prefix
+    /// ([`WorkerConfig::static_push_tokens`]).
+    pub fn credential_broker(&self) -> std::sync::Arc<dyn crate::credentials::CredentialBroker> {
+        std::sync::Arc::new(crate::credentials::StaticTokenBroker::new(
+            self.static_push_tokens.clone(),
+        ))
+    }
+
     /// `<work_directory>/mirrors`: one bare mirror per repository URL.
     pub fn mirrors_directory(&self) -> PathBuf {
         self.work_directory.join("mirrors")

@@ -42,10 +42,12 @@ use tracing::Instrument;
 
 use crate::attempt_log::AttemptLog;
 use crate::config::WorkerConfig;
+use crate::credentials::{self, CredentialHelper, MintRequest, PushCredential};
 use crate::egress::{EgressAttachment, EgressProxy, EgressReport};
 use crate::git::{self, CommitSummary, Git, GitError};
 use crate::lease::LeaseDeadline;
 use crate::publish::{self, AttemptIdentity, PublishError, PublishTarget, Withdrawal};
+use crate::redact::Redactor;
 use crate::sandbox::{SandboxCommand, SandboxDriver, SandboxError, SandboxOutcome, run_sandboxed};
 
 /// Outcome: files changed, verification passed, committed (and pushed when the fleet asks).
@@ -239,6 +241,14 @@ pub async fn execute_attempt_with_token(
             AttemptLog::discard(config.log_tail_bytes)
         }
     };
+    let redactor = Redactor::new(
+        lease
+            .secrets
+            .iter()
+            .map(|secret| (secret.secret_name.as_str(), secret.value.as_str())),
+    );
+    log.set_redactor(&redactor);
+    let mut push_credentials = PushCredentials::new(config, lease);
     let directory = attempt_directory(config, &lease.run_id, lease.attempt);
     let pipeline = AssertUnwindSafe(run_pipeline(
         config,
@@ -247,6 +257,8 @@ pub async fn execute_attempt_with_token(
         &lease_deadline,
         &directory,
         &mut log,
+        &redactor,
+        &mut push_credentials,
     ))
     .catch_unwind();
     let mut result = match pipeline.await {
@@ -274,8 +286,147 @@ pub async fn execute_attempt_with_token(
         exit_code = result.exit_code,
         "attempt finished"
     );
+    result.credential_events = push_credentials.revoke().await;
+    log.finish();
     result.log_tail = log.tail();
+    redact_result(&redactor, &mut result);
     result
+}
+
+/// Redacts every text of `result` that could carry a secret value (the log tail is redacted
+/// as it is written; this pass also covers errors, the patch and file names).
+fn redact_result(redactor: &Redactor, result: &mut RunResult) {
+    if redactor.is_empty() {
+        return;
+    }
+    result.error = redactor.redact(&result.error);
+    result.log_tail = redactor.redact(&result.log_tail);
+    result.patch = redactor.redact(&result.patch);
+    for file in &mut result.diffstat {
+        file.path = redactor.redact(&file.path);
+    }
+    for event in &mut result.credential_events {
+        event.error = redactor.redact(&event.error);
+    }
+}
+
+/// The push credential of one attempt: minted on first use (just before the first write to
+/// the origin, so it exists for as short a time as possible), handed to host git through a
+/// [`CredentialHelper`], revoked when the attempt ends. Records mint and revoke events.
+struct PushCredentials {
+    broker: std::sync::Arc<dyn credentials::CredentialBroker>,
+    request: MintRequest,
+    helper_parent: PathBuf,
+    minted: Option<(PushCredential, CredentialHelper)>,
+    tried: bool,
+    events: Vec<flotilla_proto::v1::CredentialEvent>,
+}
+
+impl PushCredentials {
+    fn new(config: &WorkerConfig, lease: &Lease) -> Self {
+        PushCredentials {
+            broker: config.credential_broker(),
+            request: MintRequest {
+                repository: lease.repository.clone(),
+                run_id: lease.run_id.clone(),
+                attempt: lease.attempt,
+            },
+            helper_parent: config.credentials_directory(),
+            minted: None,
+            tried: false,
+            events: Vec::new(),
+        }
+    }
+
+    /// `git` with the attempt's push credential (minted now if it was not yet), or `git`
+    /// itself when the broker has none for the repository.
+    ///
+    /// Errors: the broker failed (message, retryable).
+    async fn git(&mut self, git: &Git) -> Result<Git, (String, bool)> {
+        if !self.tried {
+            self.tried = true;
+            let broker = self.broker.name().to_owned();
+            let repository = self.request.repository.clone();
+            match self.broker.mint(&self.request).await {
+                Ok(None) => {}
+                Ok(Some(credential)) => {
+                    match CredentialHelper::create(&self.helper_parent, &credential) {
+                        Ok(helper) => {
+                            self.events.push(credentials::event(
+                                "mint",
+                                &broker,
+                                &repository,
+                                Some(&credential),
+                                "",
+                            ));
+                            self.minted = Some((credential, helper));
+                        }
+                        Err(error) => {
+                            let message = format!("credential helper: {error}");
+                            self.events.push(credentials::event(
+                                "mint",
+                                &broker,
+                                &repository,
+                                Some(&credential),
+                                "",
+                            ));
+                            self.revoke_one(credential).await;
+                            return Err((message, true));
+                        }
+                    }
+                }
+                Err(error) => {
+                    let retryable = matches!(error, credentials::CredentialError::Unavailable(_));
+                    let message = format!("push credential ({broker} broker): {error}");
+                    self.events.push(credentials::event(
+                        "mint_failed",
+                        &broker,
+                        &repository,
+                        None,
+                        &message,
+                    ));
+                    return Err((message, retryable));
+                }
+            }
+        }
+        Ok(match &self.minted {
+            Some((_, helper)) => git.with_environment(helper.environment()),
+            None => git.clone(),
+        })
+    }
+
+    async fn revoke_one(&mut self, credential: PushCredential) {
+        let broker = self.broker.name().to_owned();
+        let event = match self.broker.revoke(&credential).await {
+            Ok(()) => credentials::event(
+                "revoke",
+                &broker,
+                &self.request.repository,
+                Some(&credential),
+                "",
+            ),
+            Err(error) => {
+                tracing::warn!(run.id = %self.request.run_id, attempt = self.request.attempt, %error, "push credential not revoked");
+                credentials::event(
+                    "revoke_failed",
+                    &broker,
+                    &self.request.repository,
+                    Some(&credential),
+                    &error.to_string(),
+                )
+            }
+        };
+        self.events.push(event);
+    }
+
+    /// Removes the helper's files, revokes the credential, and returns the attempt's events.
+    async fn revoke(mut self) -> Vec<flotilla_proto::v1::CredentialEvent> {
+        if let Some((credential, helper)) = self.minted.take() {
+            drop(helper);
+            self.revoke_one(credential).await;
+        }
+        self.events
+    }
 }
 
 /// The sandbox settings of a fleet, with the worker's defaults filled in.
@@ -312,9 +463,15 @@ impl SandboxSettings {
     }
 }
 
-/// The environment of the agent and verification commands: the fleet's `env` (sorted by name),
-/// then the `FLOTILLA_*` variables, which win.
-fn command_environment(lease: &Lease, spec: &FleetSpec, task: &str) -> Vec<(String, String)> {
+/// The environment of the agent and verification commands: the fleet's `env` and, with
+/// `with_secrets` (the agent), the lease's secrets (sorted by name), then the `FLOTILLA_*`
+/// variables, which win.
+fn command_environment(
+    lease: &Lease,
+    spec: &FleetSpec,
+    task: &str,
+    with_secrets: bool,
+) -> Vec<(String, String)> {
     let mut environment: Vec<(String, String)> = spec
         .agent
         .as_ref()
@@ -326,6 +483,13 @@ fn command_environment(lease: &Lease, spec: &FleetSpec, task: &str) -> Vec<(Stri
                 .collect()
         })
         .unwrap_or_default();
+    environment.extend(
+        lease
+            .secrets
+            .iter()
+            .filter(|secret| with_secrets && !secret.env_name.starts_with("FLOTILLA_"))
+            .map(|secret| (secret.env_name.clone(), secret.value.clone())),
+    );
     environment.sort();
     environment.push(("FLOTILLA_TASK".to_owned(), task.to_owned()));
     environment.push(("FLOTILLA_RUN_ID".to_owned(), lease.run_id.clone()));
@@ -363,6 +527,7 @@ fn withdraws_branch(outcome: &str) -> bool {
     )
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_pipeline(
     config: &WorkerConfig,
     lease: &Lease,
@@ -370,11 +535,20 @@ async fn run_pipeline(
     lease_deadline: &LeaseDeadline,
     directory: &Path,
     log: &mut AttemptLog,
+    redactor: &Redactor,
+    push_credentials: &mut PushCredentials,
 ) -> RunResult {
     // Validate the lease.
     let Some(spec) = lease.spec.as_ref() else {
         return infrastructure(log, "the lease has no fleet spec".to_owned(), false);
     };
+    if !lease.secrets_error.is_empty() {
+        return infrastructure(
+            log,
+            format!("secrets: {}", lease.secrets_error),
+            lease.secrets_error_retryable,
+        );
+    }
     let Some(agent) = spec
         .agent
         .as_ref()
@@ -490,8 +664,20 @@ async fn run_pipeline(
     };
     let egress = proxy.as_ref().map(EgressProxy::attachment);
     let mut result = run_prepared(
-        config, lease, spec, agent, &settings, &git, &prepared, &target, cancel, directory, log,
+        config,
+        lease,
+        spec,
+        agent,
+        &settings,
+        &git,
+        &prepared,
+        &target,
+        cancel,
+        directory,
+        log,
         egress,
+        redactor,
+        push_credentials,
     )
     .await;
     if let Some(proxy) = proxy {
@@ -503,7 +689,11 @@ async fn run_pipeline(
         return result;
     }
     // Nothing pushed: withdraw what an earlier execution of this run left on the branch.
-    let withdrawn = publish::withdraw_fenced(&git, &target, cancel)
+    let publish_git = match push_credentials.git(&git).await {
+        Ok(publish_git) => publish_git,
+        Err((message, retryable)) => return infrastructure(log, message, retryable),
+    };
+    let withdrawn = publish::withdraw_fenced(&publish_git, &target, cancel)
         .instrument(phase_span!("publish"))
         .await;
     match withdrawn {
@@ -593,6 +783,8 @@ async fn run_prepared(
     directory: &Path,
     log: &mut AttemptLog,
     egress: Option<EgressAttachment>,
+    redactor: &Redactor,
+    push_credentials: &mut PushCredentials,
 ) -> RunResult {
     macro_rules! phase_span {
         ($name:literal) => {
@@ -603,7 +795,8 @@ async fn run_prepared(
     if cancel.is_cancelled() {
         return cancelled(log);
     }
-    let environment = command_environment(lease, spec, &agent.task);
+    // Secrets go to the agent only, not to the verification commands.
+    let environment = command_environment(lease, spec, &agent.task, false);
     let sandbox_command = |label: String, command_line: &str| SandboxCommand {
         label,
         command_line: command_line.to_owned(),
@@ -616,7 +809,10 @@ async fn run_prepared(
         memory_limit_bytes: settings.memory_limit_bytes,
         pids_limit: settings.pids_limit,
     };
-    let agent_command = sandbox_command("agent".to_owned(), &agent.command);
+    let agent_command = SandboxCommand {
+        environment: command_environment(lease, spec, &agent.task, true),
+        ..sandbox_command("agent".to_owned(), &agent.command)
+    };
     let outcome = run_sandboxed(config, settings.driver, &agent_command, log, cancel)
         .instrument(phase_span!("agent"))
         .await;
@@ -658,6 +854,34 @@ async fn run_prepared(
         Ok(summary) => summary,
         Err(error) => return git_failure(log, "commit", &error),
     };
+    // A change that holds a secret value (in any redacted form, in a file or a file name) is
+    // refused: nothing is pushed, no patch is reported.
+    if let Some(summary) = &summary
+        && !redactor.is_empty()
+    {
+        match git::find_secret_in_commit(
+            git,
+            &prepared.directory,
+            &summary.commit,
+            redactor,
+            cancel,
+        )
+        .await
+        {
+            Ok(None) => {}
+            Ok(Some(found)) => {
+                let message = format!(
+                    "the change contains the value of secret {found}; refused (nothing is pushed, the patch is withheld)"
+                );
+                log.note(&format!("outcome {OUTCOME_AGENT_FAILED}: {message}"));
+                return RunResult {
+                    error: message,
+                    ..base_result(OUTCOME_AGENT_FAILED, -1)
+                };
+            }
+            Err(error) => return git_failure(log, "checking the change for secrets", &error),
+        }
+    }
     match &summary {
         Some(summary) => log.note(&format!(
             "commit: {} ({} files changed)",
@@ -705,7 +929,13 @@ async fn run_prepared(
         if cancel.is_cancelled() {
             return with_summary(cancelled(log), Some(&summary));
         }
-        let pushed = publish::push_fenced(git, target, cancel)
+        let publish_git = match push_credentials.git(git).await {
+            Ok(publish_git) => publish_git,
+            Err((message, retryable)) => {
+                return with_summary(infrastructure(log, message, retryable), Some(&summary));
+            }
+        };
+        let pushed = publish::push_fenced(&publish_git, target, cancel)
             .instrument(phase_span!("publish"))
             .await;
         if let Err(error) = pushed {

@@ -157,6 +157,8 @@ pub struct Git {
     output_max_bytes: usize,
     author_name: String,
     author_email: String,
+    /// Set on every command after the hardening (a transient credential helper's settings).
+    extra_environment: Vec<(OsString, OsString)>,
 }
 
 async fn read_capped<R: AsyncRead + Unpin>(reader: Option<R>, max_bytes: usize) -> (Vec<u8>, bool) {
@@ -209,7 +211,18 @@ impl Git {
             output_max_bytes: config.git_output_max_bytes,
             author_name: config.git_author_name.clone(),
             author_email: config.git_author_email.clone(),
+            extra_environment: Vec::new(),
         }
+    }
+
+    /// This runner with `environment` added to every command (after the variables it removes,
+    /// so `GIT_CONFIG_COUNT` and friends from here take effect): how a transient credential
+    /// helper ([`crate::credentials::CredentialHelper`]) reaches host git without a command
+    /// line or `.git/config` entry.
+    pub fn with_environment(&self, environment: Vec<(OsString, OsString)>) -> Self {
+        let mut git = self.clone();
+        git.extra_environment.extend(environment);
+        git
     }
 
     /// Runs `git -c <hardening>... <arguments>` in `directory`, reading standard output up to
@@ -253,6 +266,9 @@ impl Git {
             .env("GIT_COMMITTER_EMAIL", &self.author_email);
         if std::env::var_os("GIT_SSH_COMMAND").is_none() {
             process.env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes");
+        }
+        for (name, value) in &self.extra_environment {
+            process.env(name, value);
         }
         process
             .stdin(Stdio::null())
@@ -961,6 +977,86 @@ pub async fn commit_changes(
         patch,
         patch_truncated,
     }))
+}
+
+/// The name of a secret whose value (in any form [`crate::redact::Redactor`] knows) occurs in
+/// the change `commit` made: in a changed file's path or in the full contents of an added or
+/// modified blob (binary files and symbolic link targets included), read from git's objects,
+/// not from the patch, which is capped and textual. `None` when the change is clean.
+///
+/// Errors: [`GitError`]; a blob larger than the git output cap cannot be checked and is an
+/// error ([`GitError::Invalid`]: the change is refused rather than pushed unchecked).
+pub async fn find_secret_in_commit(
+    git: &Git,
+    directory: &Path,
+    commit: &str,
+    redactor: &crate::redact::Redactor,
+    cancel: &CancellationToken,
+) -> Result<Option<String>, GitError> {
+    let changes = git
+        .run(
+            directory,
+            [
+                "diff-tree",
+                "-r",
+                "-z",
+                "--root",
+                "--no-renames",
+                "--no-commit-id",
+                "--no-ext-diff",
+                commit,
+            ],
+            cancel,
+        )
+        .await?;
+    if changes.stdout_truncated {
+        return Err(GitError::Invalid {
+            message: "the change lists more files than the git output cap; it cannot be checked for secrets".to_owned(),
+        });
+    }
+    // Records: ":<old mode> <new mode> <old id> <new id> <status>\0<path>\0".
+    let mut fields = changes.stdout.split(|byte| *byte == 0);
+    while let (Some(meta), Some(path)) = (fields.next(), fields.next()) {
+        if let Some(found) = redactor.find(path) {
+            return Ok(Some(found.to_owned()));
+        }
+        let meta = String::from_utf8_lossy(meta);
+        let parts: Vec<&str> = meta.trim_start_matches(':').split(' ').collect();
+        let [_, new_mode, _, new_id, ..] = parts.as_slice() else {
+            continue;
+        };
+        // Deleted files have no new blob; gitlinks (160000) are not blobs of this repository.
+        if new_id.bytes().all(|byte| byte == b'0') || *new_mode == "160000" {
+            continue;
+        }
+        let blob = git
+            .run_unchecked(
+                directory,
+                ["cat-file", "blob", *new_id],
+                git.output_max_bytes,
+                cancel,
+            )
+            .await?;
+        if blob.exit_code != Some(0) {
+            return Err(GitError::Failed {
+                command: format!("cat-file blob {new_id}"),
+                status: format!("{:?}", blob.exit_code),
+                stderr: blob.stderr,
+            });
+        }
+        if blob.stdout_truncated {
+            return Err(GitError::Invalid {
+                message: format!(
+                    "a changed file is larger than the git output cap ({} bytes); it cannot be checked for secrets",
+                    git.output_max_bytes
+                ),
+            });
+        }
+        if let Some(found) = redactor.find(&blob.stdout) {
+            return Ok(Some(found.to_owned()));
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

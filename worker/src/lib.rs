@@ -29,7 +29,11 @@
 //! - [`publish`]: fenced pushes: attempt trailers in commits, compare-and-swap pushes that only
 //!   move a branch to the same or a higher attempt, withdrawal of stale attempts' commits.
 //! - [`lease`]: [`lease::LeaseDeadline`], the worker's own view of how long it holds a lease.
-//! - [`attempt_log`]: the size-capped attempt log and its in-memory tail.
+//! - [`attempt_log`]: the size-capped attempt log and its in-memory tail (redacted).
+//! - [`redact`]: removes injected secret values (and their base64/URL/JSON forms) from logs,
+//!   errors and results before anything leaves the worker.
+//! - [`credentials`]: per-attempt push credentials: the [`credentials::CredentialBroker`]
+//!   interface, the static-token broker, and the transient git credential helper.
 //!
 //! # Files
 //!
@@ -62,10 +66,12 @@ pub mod attempt_log;
 pub mod cgroup;
 pub mod client_auth;
 pub mod config;
+pub mod credentials;
 pub mod egress;
 pub mod execute;
 pub mod git;
 pub mod lease;
 pub mod mirror_cache;
 pub mod publish;
+pub mod redact;
 pub mod sandbox;

@@ -21,7 +21,10 @@
 //! - Environment: `--clearenv`, then only `PATH=/opt/cargo/bin:/usr/local/bin:/usr/bin:/bin`,
 //!   `HOME=/tmp`, `RUSTUP_HOME=/opt/rustup`, `CARGO_HOME=/tmp/cargo-home`, `LANG=C.UTF-8`,
 //!   `CARGO_NET_OFFLINE=true` when the network is off, then the command's own variables
-//!   ([`SandboxCommand::environment`]: the fleet's `env` and the `FLOTILLA_*` variables).
+//!   ([`SandboxCommand::environment`]: the fleet's `env`, the agent's secrets and the
+//!   `FLOTILLA_*` variables). bwrap receives its options through `--args <fd>` from an
+//!   unlinked private file, so no variable (secrets included) is in its command line; only the
+//!   command (`-- /bin/sh -c <wrapper> flotilla-sandbox <command line>`) is.
 //!
 //! # The `none` driver
 //!
@@ -503,6 +506,32 @@ fn kill_process_group(process_group_id: Option<u32>) {
     }
 }
 
+/// Writes `arguments` NUL-separated into an unlinked private file (`O_TMPFILE`, mode 0600) and
+/// returns it at offset 0, as a descriptor numbered 10 or above (clear of the start marker's
+/// fixed number), close-on-exec until the child's `pre_exec` hook clears that. bubblewrap reads
+/// it with `--args <fd>`, so the arguments — the environment with the run's secrets among them —
+/// never appear in bwrap's command line (`/proc/<pid>/cmdline` is readable by every host user).
+fn arguments_file(arguments: &[OsString]) -> Result<OwnedFd, SandboxError> {
+    use std::io::{Seek as _, Write as _};
+    use std::os::unix::ffi::OsStrExt as _;
+    let error = |source| SandboxError::Pipe { source };
+    let mut file = tempfile::tempfile().map_err(error)?;
+    let mut bytes = Vec::new();
+    for argument in arguments {
+        bytes.extend_from_slice(argument.as_bytes());
+        bytes.push(0);
+    }
+    file.write_all(&bytes).map_err(error)?;
+    file.rewind().map_err(error)?;
+    // SAFETY: fcntl(2) on a descriptor we own; the result is a new descriptor we then own.
+    let duplicate = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
+    if duplicate < 0 {
+        return Err(error(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `duplicate` is a fresh descriptor owned by nobody else.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(duplicate) })
+}
+
 fn create_pipe() -> Result<(OwnedFd, tokio::net::unix::pipe::Receiver), SandboxError> {
     let (sender, receiver) =
         tokio::net::unix::pipe::pipe().map_err(|source| SandboxError::Pipe { source })?;
@@ -606,9 +635,19 @@ pub async fn run_sandboxed(
         SandboxDriver::None => PathBuf::from("/bin/sh"),
     };
     let mut process = tokio::process::Command::new(&program);
+    let mut arguments_fd: Option<OwnedFd> = None;
     match driver {
         SandboxDriver::Bubblewrap => {
-            process.args(bubblewrap_arguments(config, command, &environment));
+            // Options (the environment among them) through the file; bwrap wants the command
+            // itself (`--` and the last five arguments) on its real command line.
+            let mut options = bubblewrap_arguments(config, command, &environment);
+            let command_arguments = options.split_off(options.len().saturating_sub(6));
+            let file = arguments_file(&options)?;
+            process
+                .arg("--args")
+                .arg(file.as_raw_fd().to_string())
+                .args(command_arguments);
+            arguments_fd = Some(file);
         }
         SandboxDriver::None => {
             process
@@ -630,6 +669,7 @@ pub async fn run_sandboxed(
         .process_group(0)
         .kill_on_drop(true);
     let marker_fd = marker_write.as_raw_fd();
+    let inherited_arguments_fd = arguments_fd.as_ref().map_or(-1, AsRawFd::as_raw_fd);
     // SAFETY: the hook runs in the forked child before exec and only makes async-signal-safe
     // system calls (setns, open, write, close, dup2, fcntl) on data prepared before the fork; it does not
     // allocate (`last_os_error` only reads errno).
@@ -659,6 +699,18 @@ pub async fn run_sandboxed(
             } else if libc::dup2(marker_fd, START_MARKER_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            if inherited_arguments_fd >= 0 {
+                let flags = libc::fcntl(inherited_arguments_fd, libc::F_GETFD);
+                if flags < 0
+                    || libc::fcntl(
+                        inherited_arguments_fd,
+                        libc::F_SETFD,
+                        flags & !libc::FD_CLOEXEC,
+                    ) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
@@ -670,6 +722,7 @@ pub async fn run_sandboxed(
     // gone.
     drop(process);
     drop(marker_write);
+    drop(arguments_fd);
     let mut child = match spawned {
         Ok(child) => child,
         Err(source) => {

@@ -403,6 +403,9 @@ fn network_lease(repository: &str, agent: &str) -> flotilla_proto::v1::Lease {
         attempt: 3,
         branch: "flotilla/egress".to_owned(),
         trace_parent: String::new(),
+        secrets: Default::default(),
+        secrets_error: String::new(),
+        secrets_error_retryable: false,
         spec: Some(FleetSpec {
             name: "egress".to_owned(),
             project: String::new(),
@@ -411,6 +414,7 @@ fn network_lease(repository: &str, agent: &str) -> flotilla_proto::v1::Lease {
                 command: agent.to_owned(),
                 task: "fetch".to_owned(),
                 env: Default::default(),
+                secrets: Default::default(),
             }),
             verify: Vec::new(),
             sandbox: Some(SandboxSpec {

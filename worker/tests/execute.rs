@@ -31,6 +31,7 @@ fn lease(repository: &str, run_id: &str, attempt: u32, agent: &str, verify: &[&s
             name: "test-fleet".to_owned(),
             repositories: vec![repository.to_owned()],
             agent: Some(AgentSpec {
+                secrets: Default::default(),
                 command: agent.to_owned(),
                 task: "say hello".to_owned(),
                 env: [("GREETING".to_owned(), "hello".to_owned())]
@@ -58,6 +59,7 @@ fn lease(repository: &str, run_id: &str, attempt: u32, agent: &str, verify: &[&s
         }),
         lease_ttl_ms: 30_000,
         fleet_created_at_ms: 1_700_000_000_000,
+        ..Lease::default()
     }
 }
 

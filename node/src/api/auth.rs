@@ -47,6 +47,22 @@ pub enum Requirement {
 /// Every gRPC method served, with what it needs. Anything else is denied.
 pub const METHOD_REQUIREMENTS: &[(&str, Requirement)] = &[
     (
+        "/flotilla.v1.SecretService/SetSecret",
+        Requirement::Permission(Permission::ProjectSettings),
+    ),
+    (
+        "/flotilla.v1.SecretService/ListSecrets",
+        Requirement::Permission(Permission::ProjectSettings),
+    ),
+    (
+        "/flotilla.v1.SecretService/DeleteSecret",
+        Requirement::Permission(Permission::ProjectSettings),
+    ),
+    (
+        "/flotilla.v1.SecretService/RotateSecrets",
+        Requirement::Permission(Permission::ClusterManage),
+    ),
+    (
         "/flotilla.v1.FleetService/SubmitFleet",
         Requirement::Permission(Permission::FleetSubmit),
     ),

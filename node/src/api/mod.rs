@@ -32,6 +32,8 @@ pub mod token;
 use flotilla_scheduler::{Permission, Principal};
 
 use self::auth::{authorization, caller, forwarded};
+pub mod secret;
+
 use crate::clock::LeaderClock;
 use crate::config::LimitsSection;
 use crate::convert::{self, ResultLimits};
@@ -84,6 +86,8 @@ pub struct Api {
     cluster_id: Arc<str>,
     /// TLS of calls forwarded to the leader (the node's certificate); `None`: plaintext.
     peer_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Key-encryption keys, to decrypt the secrets a lease reply carries.
+    keyring: Arc<crate::secrets::Keyring>,
 }
 
 enum Proposal {
@@ -116,7 +120,15 @@ impl Api {
             leader_channels: Arc::new(Mutex::new(HashMap::new())),
             cluster_id: Arc::from(flotilla_raft::node::DEFAULT_CLUSTER_ID),
             peer_tls: None,
+            keyring: Arc::new(crate::secrets::Keyring::disabled()),
         }
+    }
+
+    /// This API decrypting secrets for lease replies with `keyring` (without one, a lease of a
+    /// fleet that names secrets fails, retryably).
+    pub fn with_keyring(mut self, keyring: Arc<crate::secrets::Keyring>) -> Self {
+        self.keyring = keyring;
+        self
     }
 
     /// The same API applying `policy` to submissions instead of the default policy.
@@ -348,6 +360,9 @@ impl FleetService for Api {
                     "idempotency_key: already used by fleet {fleet_id} with a different spec; \
                      use a new key to submit another fleet"
                 )))
+            }
+            Proposal::Applied(Response::Rejected { reason }) => {
+                Err(Status::failed_precondition(reason))
             }
             Proposal::Applied(Response::FleetSubmitted { fleet_id, created }) => {
                 span.in_scope(|| info!(fleet.id = %fleet_id, created, "fleet submitted"));
@@ -753,17 +768,22 @@ impl WorkerService for Api {
                         }
                         let leases = grants
                             .into_iter()
-                            .map(|g| v1::Lease {
-                                run_id: g.run_id,
-                                fleet_id: g.fleet_id,
-                                fleet_name: g.spec.name.clone(),
-                                repository: g.repository,
-                                attempt: g.attempt,
-                                branch: g.branch,
-                                spec: Some(convert::fleet_spec_to_wire(&g.spec)),
-                                lease_ttl_ms: self.limits.lease_ttl_ms,
-                                trace_parent: g.trace_parent,
-                                fleet_created_at_ms: g.fleet_created_at_ms,
+                            .map(|g| {
+                                let mut lease = v1::Lease {
+                                    run_id: g.run_id.clone(),
+                                    fleet_id: g.fleet_id.clone(),
+                                    fleet_name: g.spec.name.clone(),
+                                    repository: g.repository.clone(),
+                                    attempt: g.attempt,
+                                    branch: g.branch.clone(),
+                                    spec: Some(convert::fleet_spec_to_wire(&g.spec)),
+                                    lease_ttl_ms: self.limits.lease_ttl_ms,
+                                    trace_parent: g.trace_parent.clone(),
+                                    fleet_created_at_ms: g.fleet_created_at_ms,
+                                    ..v1::Lease::default()
+                                };
+                                secret::inject_secrets(self, &g, &mut lease);
+                                lease
                             })
                             .collect();
                         return Ok(GrpcResponse::new(v1::LeaseRunsResponse { leases }));

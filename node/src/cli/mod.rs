@@ -6,6 +6,8 @@
 //! [`write_stdout`]: a closed stdout (`flotilla ... | head`) ends the process quietly with
 //! [`exit_code::BROKEN_PIPE`].
 
+pub mod secret;
+
 use std::collections::{HashMap, VecDeque};
 use std::io::{IsTerminal as _, Write as _};
 use std::path::Path;

@@ -414,6 +414,7 @@ pub fn spec(name: &str, repositories: Vec<String>, agent: &str, verify: &[&str])
         name: name.into(),
         repositories,
         agent: Some(v1::AgentSpec {
+            secrets: Default::default(),
             command: agent.into(),
             task: "test task".into(),
             env: Default::default(),

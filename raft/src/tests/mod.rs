@@ -42,6 +42,7 @@ fn fleet_spec(name: &str) -> FleetSpec {
         project: flotilla_scheduler::spec::DEFAULT_PROJECT.into(),
         repositories: vec!["file:///srv/a".into(), "file:///srv/b".into()],
         agent: AgentSpec {
+            secrets: Default::default(),
             command: "cargo fmt".into(),
             task: "format".into(),
             env: BTreeMap::new(),
