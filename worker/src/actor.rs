@@ -116,6 +116,9 @@ pub enum WorkerError {
         /// What is wrong.
         message: String,
     },
+    /// The sandbox capability probe ([`crate::probe`]) found a required mechanism missing.
+    #[error("the sandbox capability probe refuses to start the worker: {0}")]
+    Refused(String),
     /// The supervising actor could not be spawned.
     #[error("spawning the worker actor: {0}")]
     Spawn(String),
@@ -253,11 +256,15 @@ pub fn sandbox_executor(execution: WorkerConfig) -> Executor {
 /// Starts the worker: its supervising actor, the lease poller and the heartbeat ticker.
 ///
 /// # Errors
-/// [`WorkerError`] for invalid settings or when the actor cannot be spawned.
+/// [`WorkerError`] for invalid settings, when the capability probe refuses this host
+/// ([`WorkerError::Refused`]), or when the actor cannot be spawned.
 pub async fn start(
     settings: WorkerSettings,
     execution: WorkerConfig,
 ) -> Result<WorkerHandle, WorkerError> {
+    if let Err(reason) = crate::probe::check_worker_start(&execution).await {
+        return Err(WorkerError::Refused(reason));
+    }
     start_with_executor(settings, sandbox_executor(execution)).await
 }
 

@@ -34,6 +34,11 @@ use crate::mirror_cache::{MirrorCache, MirrorUse};
 pub const HARDENED_GIT_OPTIONS: &[&str] = &[
     "core.hooksPath=/dev/null",
     "core.fsmonitor=false",
+    // The workspace is owned by the sandbox's uid, not the worker's: git would refuse it as of
+    // "dubious ownership". Only worker-made repositories are ever opened, and every option that
+    // makes git run a program is pinned here or comes from no file the agent can write (the
+    // agent cannot write `.git`, and no global or system configuration is read).
+    "safe.directory=*",
     "core.untrackedCache=false",
     "protocol.ext.allow=never",
     "protocol.file.allow=always",
@@ -241,6 +246,9 @@ impl Git {
         }
         process
             .env("GIT_CONFIG_NOSYSTEM", "1")
+            // No global configuration either (a filter driver defined there, e.g. git-lfs's,
+            // would run for a path the agent's `.gitattributes` names).
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
             .env("GIT_TERMINAL_PROMPT", "0")
             // Only known transports (file, git, http(s), ssh): no arbitrary remote helpers.
             .env("GIT_PROTOCOL_FROM_USER", "0")

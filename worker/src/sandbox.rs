@@ -41,7 +41,7 @@
 //! ([`SandboxError::Start`], a retryable infrastructure problem), not that the command failed.
 
 use std::ffi::{CString, OsString};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -52,8 +52,10 @@ use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::attempt_log::{AttemptLog, TailBuffer};
-use crate::cgroup::{InvocationCgroup, cgroup_support};
+use crate::cgroup::{CommandLimits, InvocationCgroup, cgroup_support};
 use crate::config::{Mount, SANDBOX_RUSTUP_HOME, WorkerConfig};
+use crate::isolation::{ScratchMount, SandboxUser, give_workspace_to, open_path_fd};
+use crate::sandbox_init::{InitInvocation, LandlockPolicy, init_arguments};
 
 /// Where the repository is mounted inside the sandbox (and the working directory).
 pub const SANDBOX_WORKSPACE: &str = "/workspace";
@@ -157,6 +159,38 @@ pub enum SandboxError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A limit is above what this worker (or the kernel) accepts; the command never ran.
+    #[error("{field}: {value} is above the maximum {maximum} ({reason})")]
+    LimitOutOfRange {
+        /// The spec field, e.g. `sandbox.pids_limit`.
+        field: &'static str,
+        /// The requested value.
+        value: u64,
+        /// The highest accepted value.
+        maximum: u64,
+        /// Where the maximum comes from (a worker configuration key or a kernel file).
+        reason: String,
+    },
+    /// The command's resource limits (cgroup) cannot be applied, so it is refused (fail closed):
+    /// a problem of this worker's host, which another worker may not have.
+    #[error("the resource limits cannot be applied, refusing to run without them: {reason}")]
+    Limits {
+        /// Why.
+        reason: String,
+    },
+    /// A required isolation mechanism is missing on this host (e.g. Landlock), and the operator
+    /// did not allow running without it.
+    #[error("refusing to run: {reason}")]
+    Unenforceable {
+        /// Why.
+        reason: String,
+    },
+    /// Every sandbox uid of [`WorkerConfig::sandbox_uid_count`] is in use.
+    #[error("no free sandbox uid (sandbox_uid_count {count} in use)")]
+    NoSandboxUser {
+        /// The size of the uid range.
+        count: u32,
+    },
 }
 
 impl SandboxError {
@@ -168,6 +202,7 @@ impl SandboxError {
             SandboxError::UnknownDriver { .. }
                 | SandboxError::InvalidEnvironment { .. }
                 | SandboxError::InvalidCommand { .. }
+                | SandboxError::LimitOutOfRange { .. }
         )
     }
 }
@@ -229,6 +264,8 @@ pub struct SandboxCommand {
     pub memory_limit_bytes: u64,
     /// cgroup pids limit; 0: [`WorkerConfig::default_pids_limit`].
     pub pids_limit: u32,
+    /// CPU quota, thousandths of a CPU; 0: [`WorkerConfig::default_cpu_limit_millicores`].
+    pub cpu_limit_millicores: u64,
 }
 
 /// What happened to a sandboxed command that started.
@@ -245,7 +282,8 @@ pub struct SandboxOutcome {
     pub cancelled: bool,
     /// The kernel's OOM killer killed a process of the command (memory limit reached).
     pub oom_killed: bool,
-    /// Whether a cgroup (memory and/or pids limit) was applied.
+    /// Whether a cgroup (memory, pids and, when set, CPU limit) was applied (always, unless the
+    /// operator set [`WorkerConfig::allow_without_cgroup_limits`] and cgroups are unusable).
     pub limits_applied: bool,
     /// From just before the spawn to the end of output capture, in milliseconds.
     pub duration_ms: u64,
@@ -368,13 +406,54 @@ fn push_read_only_bind(arguments: &mut Vec<OsString>, source: &Path, target: &Pa
     arguments.push(target.as_os_str().to_owned());
 }
 
-/// The bubblewrap arguments for `command` with `environment` (from [`sandbox_environment`]), up to
-/// and including `--`, followed by the start wrapper and the command line. Probes the host for
-/// which system directories and `/etc` entries exist.
+/// Where the sandbox init is bound inside the sandbox.
+pub const SANDBOX_INIT_PATH: &str = "/.flotilla/sandbox-init";
+
+/// The descriptors (opened by the worker, as root) through which bubblewrap binds the paths that
+/// its unprivileged uid could not reach: the workspace, its `.git`, the per-command `/tmp` and
+/// `/dev/shm`, the init, the toolchains. Plus whether the init applies Landlock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BubblewrapMounts {
+    /// The workspace (bound read-write at [`SANDBOX_WORKSPACE`]).
+    pub workspace_fd: RawFd,
+    /// Its `.git` (bound read-only on top), if present.
+    pub git_fd: Option<RawFd>,
+    /// The tmpfs directory bound at `/tmp`.
+    pub tmp_fd: RawFd,
+    /// The tmpfs directory bound at `/dev/shm`.
+    pub shm_fd: RawFd,
+    /// The init executable (bound read-only at [`SANDBOX_INIT_PATH`]).
+    pub init_fd: RawFd,
+    /// Toolchain mounts: descriptor and target.
+    pub toolchains: Vec<(RawFd, PathBuf)>,
+    /// Whether the init applies Landlock (`false` only with `allow_without_landlock` on a kernel
+    /// without it).
+    pub landlock: bool,
+}
+
+impl BubblewrapMounts {
+    /// Every descriptor, for the spawn hook to keep open across `exec`.
+    pub fn descriptors(&self) -> Vec<RawFd> {
+        let mut descriptors = vec![self.workspace_fd, self.tmp_fd, self.shm_fd, self.init_fd];
+        descriptors.extend(self.git_fd);
+        descriptors.extend(self.toolchains.iter().map(|(fd, _)| *fd));
+        descriptors
+    }
+}
+
+fn push_fd_bind(arguments: &mut Vec<OsString>, flag: &str, fd: RawFd, target: &Path) {
+    arguments.push(OsString::from(flag));
+    arguments.push(OsString::from(fd.to_string()));
+    arguments.push(target.as_os_str().to_owned());
+}
+
+/// The bubblewrap arguments for `command` with `environment` (from [`sandbox_environment`]) and
+/// `mounts`, up to and including `--`, followed by the init's invocation and the command line.
+/// Probes the host for which system directories and `/etc` entries exist.
 pub fn bubblewrap_arguments(
-    config: &WorkerConfig,
     command: &SandboxCommand,
     environment: &[(String, String)],
+    mounts: &BubblewrapMounts,
 ) -> Vec<OsString> {
     let mut arguments = Vec::new();
     push_arguments(
@@ -383,6 +462,9 @@ pub fn bubblewrap_arguments(
             "--die-with-parent",
             "--new-session",
             "--unshare-all",
+            "--unshare-user",
+            "--disable-userns",
+            "--assert-userns-disabled",
             "--cap-drop",
             "ALL",
         ],
@@ -392,6 +474,7 @@ pub fn bubblewrap_arguments(
     }
     push_arguments(&mut arguments, &["--hostname", "flotilla-sandbox"]);
     push_read_only_bind(&mut arguments, Path::new("/usr"), Path::new("/usr"));
+    let mut execute_roots = vec![PathBuf::from("/usr")];
     for name in ROOT_LIBRARY_DIRECTORIES {
         let host = Path::new("/").join(name);
         let Ok(metadata) = std::fs::symlink_metadata(&host) else {
@@ -405,11 +488,16 @@ pub fn bubblewrap_arguments(
             }
         } else if metadata.is_dir() {
             push_read_only_bind(&mut arguments, &host, &host);
+            execute_roots.push(host);
         }
     }
-    push_arguments(
+    push_arguments(&mut arguments, &["--proc", "/proc", "--dev", "/dev"]);
+    push_fd_bind(&mut arguments, "--bind-fd", mounts.tmp_fd, Path::new("/tmp"));
+    push_fd_bind(
         &mut arguments,
-        &["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"],
+        "--bind-fd",
+        mounts.shm_fd,
+        Path::new("/dev/shm"),
     );
     let network_entries: &[&str] = if command.network {
         ETC_NETWORK_ENTRIES
@@ -422,24 +510,31 @@ pub fn bubblewrap_arguments(
             push_read_only_bind(&mut arguments, &host, &host);
         }
     }
-    for mount in &config.toolchain_mounts {
-        if mount.source.exists() {
-            push_read_only_bind(&mut arguments, &mount.source, &mount.target);
-        } else {
-            tracing::warn!(source = %mount.source.display(), "toolchain mount source does not exist; skipped");
-        }
+    for (fd, target) in &mounts.toolchains {
+        push_fd_bind(&mut arguments, "--ro-bind-fd", *fd, target);
+        execute_roots.push(target.clone());
     }
-    arguments.push(OsString::from("--bind"));
-    arguments.push(command.workspace_directory.as_os_str().to_owned());
-    arguments.push(OsString::from(SANDBOX_WORKSPACE));
-    let git_directory = command.workspace_directory.join(".git");
-    if std::fs::symlink_metadata(&git_directory).is_ok() {
-        push_read_only_bind(
+    push_fd_bind(
+        &mut arguments,
+        "--ro-bind-fd",
+        mounts.init_fd,
+        Path::new(SANDBOX_INIT_PATH),
+    );
+    push_fd_bind(
+        &mut arguments,
+        "--bind-fd",
+        mounts.workspace_fd,
+        Path::new(SANDBOX_WORKSPACE),
+    );
+    if let Some(git_fd) = mounts.git_fd {
+        push_fd_bind(
             &mut arguments,
-            &git_directory,
+            "--ro-bind-fd",
+            git_fd,
             &Path::new(SANDBOX_WORKSPACE).join(".git"),
         );
     }
+    execute_roots.push(PathBuf::from(SANDBOX_WORKSPACE));
     // The root tmpfs (where bubblewrap created the mount points) becomes read-only too.
     push_arguments(
         &mut arguments,
@@ -454,18 +549,112 @@ pub fn bubblewrap_arguments(
     for (name, value) in environment {
         push_arguments(&mut arguments, &["--setenv", name, value]);
     }
-    push_arguments(
-        &mut arguments,
-        &[
-            "--",
-            "/bin/sh",
-            "-c",
-            START_WRAPPER,
-            "flotilla-sandbox",
-            &command.command_line,
+    arguments.push(OsString::from("--"));
+    arguments.push(OsString::from(SANDBOX_INIT_PATH));
+    let invocation = InitInvocation {
+        landlock: LandlockPolicy {
+            enabled: mounts.landlock,
+            execute_roots,
+            write_roots: vec![PathBuf::from(SANDBOX_WORKSPACE)],
+            write_noexec_roots: vec![PathBuf::from("/tmp"), PathBuf::from("/dev/shm")],
+            device_roots: vec![PathBuf::from("/dev")],
+        },
+        seccomp: true,
+        command: vec![
+            OsString::from("/bin/sh"),
+            OsString::from("-c"),
+            OsString::from(&command.command_line),
         ],
-    );
+    };
+    arguments.extend(init_arguments(&invocation));
     arguments
+}
+
+/// The limits of `command` with the worker's defaults filled in, checked against the worker's
+/// maxima and the kernel's (`/proc/sys/kernel/pid_max`).
+///
+/// Errors: [`SandboxError::LimitOutOfRange`] naming the spec field.
+pub fn resolve_limits(
+    config: &WorkerConfig,
+    command: &SandboxCommand,
+) -> Result<CommandLimits, SandboxError> {
+    resolve_limit_values(
+        config,
+        command.memory_limit_bytes,
+        command.pids_limit,
+        command.cpu_limit_millicores,
+    )
+}
+
+/// [`resolve_limits`] for the three values (0: the worker's default).
+///
+/// Errors: [`SandboxError::LimitOutOfRange`] naming the spec field.
+pub fn resolve_limit_values(
+    config: &WorkerConfig,
+    memory_limit_bytes: u64,
+    pids_limit: u32,
+    cpu_limit_millicores: u64,
+) -> Result<CommandLimits, SandboxError> {
+    let memory_limit_bytes = if memory_limit_bytes == 0 {
+        config.default_memory_limit_bytes
+    } else {
+        memory_limit_bytes
+    };
+    let pids_limit = if pids_limit == 0 {
+        config.default_pids_limit
+    } else {
+        pids_limit
+    };
+    let cpu_limit_millicores = if cpu_limit_millicores == 0 {
+        config.default_cpu_limit_millicores
+    } else {
+        cpu_limit_millicores
+    };
+    if memory_limit_bytes > config.memory_limit_max_bytes {
+        return Err(SandboxError::LimitOutOfRange {
+            field: "sandbox.memory_limit_bytes",
+            value: memory_limit_bytes,
+            maximum: config.memory_limit_max_bytes,
+            reason: "worker setting memory_limit_max_bytes".to_owned(),
+        });
+    }
+    let (pids_maximum, pids_reason) = match kernel_pid_max() {
+        Some(kernel) if kernel < u64::from(config.pids_limit_max) => {
+            (kernel, "kernel /proc/sys/kernel/pid_max".to_owned())
+        }
+        _ => (
+            u64::from(config.pids_limit_max),
+            "worker setting pids_limit_max".to_owned(),
+        ),
+    };
+    if u64::from(pids_limit) > pids_maximum {
+        return Err(SandboxError::LimitOutOfRange {
+            field: "sandbox.pids_limit",
+            value: u64::from(pids_limit),
+            maximum: pids_maximum,
+            reason: pids_reason,
+        });
+    }
+    if cpu_limit_millicores > config.cpu_limit_max_millicores {
+        return Err(SandboxError::LimitOutOfRange {
+            field: "sandbox.cpu_limit_millicores",
+            value: cpu_limit_millicores,
+            maximum: config.cpu_limit_max_millicores,
+            reason: "worker setting cpu_limit_max_millicores".to_owned(),
+        });
+    }
+    Ok(CommandLimits {
+        memory_limit_bytes,
+        pids_limit,
+        cpu_limit_millicores,
+    })
+}
+
+/// The kernel's `pid_max`, if readable.
+pub fn kernel_pid_max() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
 }
 
 /// Sends SIGKILL to the process group `process_group_id` (ignored when `None`).
@@ -531,39 +720,123 @@ pub async fn run_sandboxed(
         }
     }
     let timeout_ms = command.timeout_ms.clamp(1, config.timeout_max_ms.max(1));
-    let memory_limit_bytes = if command.memory_limit_bytes == 0 {
-        config.default_memory_limit_bytes
-    } else {
-        command.memory_limit_bytes
-    };
-    let pids_limit = if command.pids_limit == 0 {
-        config.default_pids_limit
-    } else {
-        command.pids_limit
-    };
+    let limits = resolve_limits(config, command)?;
+    let memory_limit_bytes = limits.memory_limit_bytes;
 
-    let support = cgroup_support(&config.cgroup_mount_directory, &config.cgroup_parent_name);
-    let mut cgroup = match InvocationCgroup::create(
-        &support,
-        &command.label,
-        memory_limit_bytes,
-        pids_limit,
-    ) {
-        Ok(cgroup) => cgroup,
-        Err(error) => {
-            tracing::warn!(%error, "cannot create the command's cgroup; running without limits");
+    let support = cgroup_support(
+        &config.cgroup_mount_directory,
+        &config.cgroup_parent_name,
+        &config.parent_limits(),
+    );
+    let mut cgroup = match InvocationCgroup::create(&support, &command.label, &limits) {
+        Ok(cgroup) => Some(cgroup),
+        Err(error) if config.allow_without_cgroup_limits => {
+            tracing::warn!(%error, "cannot apply the command's limits; running without them (allow_without_cgroup_limits)");
             None
+        }
+        Err(error) => {
+            let reason = error.to_string();
+            log.note(&format!(
+                "{}: refused: the resource limits cannot be applied: {reason}",
+                command.label
+            ));
+            return Err(SandboxError::Limits { reason });
         }
     };
     let procs_files: Vec<CString> = match cgroup.as_ref().map(InvocationCgroup::procs_files) {
         Some(Ok(files)) => files,
         Some(Err(error)) => {
+            if !config.allow_without_cgroup_limits {
+                return Err(SandboxError::Limits {
+                    reason: format!("unusable cgroup path: {error}"),
+                });
+            }
             tracing::warn!(%error, "unusable cgroup path; running without limits");
             cgroup = None;
             Vec::new()
         }
         None => Vec::new(),
     };
+
+    // The bubblewrap sandbox's host side: an unprivileged uid owning the workspace, a noexec
+    // tmpfs for /tmp and /dev/shm, descriptors for the binds.
+    let mut sandbox_user: Option<SandboxUser> = None;
+    let mut _scratch: Option<ScratchMount> = None;
+    let mut passed_descriptors: Vec<OwnedFd> = Vec::new();
+    let mut mounts: Option<BubblewrapMounts> = None;
+    if driver == SandboxDriver::Bubblewrap {
+        let user = SandboxUser::acquire(config).ok_or(SandboxError::NoSandboxUser {
+            count: config.sandbox_uid_count,
+        })?;
+        give_workspace_to(&command.workspace_directory, user.uid).map_err(|source| {
+            SandboxError::Prepare {
+                path: command.workspace_directory.clone(),
+                source,
+            }
+        })?;
+        let scratch =
+            ScratchMount::create(config, user.uid).map_err(|source| SandboxError::Prepare {
+                path: config.work_directory.join("sandbox-tmp"),
+                source,
+            })?;
+        let mut open = |path: &Path| -> Result<RawFd, SandboxError> {
+            let fd = open_path_fd(path).map_err(|source| SandboxError::Prepare {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let raw = fd.as_raw_fd();
+            passed_descriptors.push(fd);
+            Ok(raw)
+        };
+        let init_path = config
+            .sandbox_init_executable()
+            .map_err(|source| SandboxError::Prepare {
+                path: PathBuf::from("sandbox_init_path"),
+                source,
+            })?;
+        let git_directory = command.workspace_directory.join(".git");
+        let git_fd = if std::fs::symlink_metadata(&git_directory).is_ok() {
+            Some(open(&git_directory)?)
+        } else {
+            None
+        };
+        let mut toolchains = Vec::new();
+        for mount in &config.toolchain_mounts {
+            if mount.source.exists() {
+                toolchains.push((open(&mount.source)?, mount.target.clone()));
+            } else {
+                tracing::warn!(source = %mount.source.display(), "toolchain mount source does not exist; skipped");
+            }
+        }
+        let landlock = match crate::probe::landlock_abi() {
+            abi if abi >= crate::probe::LANDLOCK_REQUIRED_ABI => true,
+            _ if config.allow_without_landlock => false,
+            abi => {
+                return Err(SandboxError::Unenforceable {
+                    reason: format!(
+                        "the kernel's Landlock ABI is {abi}, at least {} is required (allow_without_landlock is off)",
+                        crate::probe::LANDLOCK_REQUIRED_ABI
+                    ),
+                });
+            }
+        };
+        mounts = Some(BubblewrapMounts {
+            workspace_fd: open(&command.workspace_directory)?,
+            git_fd,
+            tmp_fd: open(&scratch.tmp())?,
+            shm_fd: open(&scratch.shm())?,
+            init_fd: open(&init_path)?,
+            toolchains,
+            landlock,
+        });
+        sandbox_user = Some(user);
+        _scratch = Some(scratch);
+    }
+    let kept_descriptors: Vec<RawFd> = mounts
+        .as_ref()
+        .map(BubblewrapMounts::descriptors)
+        .unwrap_or_default();
+    let sandbox_uid: Option<libc::uid_t> = sandbox_user.as_ref().map(|user| user.uid);
 
     let (output_write, mut output_read) = create_pipe()?;
     let (marker_write, marker_read) = create_pipe()?;
@@ -576,11 +849,15 @@ pub async fn run_sandboxed(
         SandboxDriver::None => PathBuf::from("/bin/sh"),
     };
     let mut process = tokio::process::Command::new(&program);
-    match driver {
-        SandboxDriver::Bubblewrap => {
-            process.args(bubblewrap_arguments(config, command, &environment));
+    match (driver, &mounts) {
+        (SandboxDriver::Bubblewrap, Some(mounts)) => {
+            // bubblewrap itself (pid 1 inside) gets an empty environment: the command's comes
+            // from --setenv, so /proc/1/environ holds nothing of the worker's.
+            process
+                .env_clear()
+                .args(bubblewrap_arguments(command, &environment, mounts));
         }
-        SandboxDriver::None => {
+        _ => {
             process
                 .args([
                     "-c",
@@ -601,8 +878,8 @@ pub async fn run_sandboxed(
         .kill_on_drop(true);
     let marker_fd = marker_write.as_raw_fd();
     // SAFETY: the hook runs in the forked child before exec and only makes async-signal-safe
-    // system calls (open, write, close, dup2, fcntl) on data prepared before the fork; it does not
-    // allocate (`last_os_error` only reads errno).
+    // system calls (open, write, close, dup2, fcntl, setgroups, setgid, setuid) on data prepared
+    // before the fork; it does not allocate (`last_os_error` only reads errno).
     unsafe {
         process.pre_exec(move || {
             for path in &procs_files {
@@ -617,6 +894,12 @@ pub async fn run_sandboxed(
                     return Err(error);
                 }
             }
+            for fd in &kept_descriptors {
+                let flags = libc::fcntl(*fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(*fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if marker_fd == START_MARKER_FD {
                 let flags = libc::fcntl(marker_fd, libc::F_GETFD);
                 if flags < 0 || libc::fcntl(marker_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
@@ -624,6 +907,14 @@ pub async fn run_sandboxed(
                     return Err(std::io::Error::last_os_error());
                 }
             } else if libc::dup2(marker_fd, START_MARKER_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Drop root: bubblewrap (and so everything in the sandbox) runs as the sandbox uid.
+            if let Some(uid) = sandbox_uid
+                && (libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(uid) != 0
+                    || libc::setuid(uid) != 0)
+            {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -637,6 +928,7 @@ pub async fn run_sandboxed(
     // gone.
     drop(process);
     drop(marker_write);
+    drop(passed_descriptors);
     let mut child = match spawned {
         Ok(child) => child,
         Err(source) => {
@@ -809,6 +1101,7 @@ pub async fn measure_sandbox_start(
         timeout_ms: 60_000,
         memory_limit_bytes: 0,
         pids_limit: 0,
+        cpu_limit_millicores: 0,
     };
     let mut log = AttemptLog::discard(4096);
     let started = Instant::now();
@@ -850,6 +1143,7 @@ mod tests {
             timeout_ms: 1000,
             memory_limit_bytes: 0,
             pids_limit: 0,
+            cpu_limit_millicores: 0,
         }
     }
 
@@ -873,12 +1167,24 @@ mod tests {
         ));
     }
 
+    fn mounts() -> BubblewrapMounts {
+        BubblewrapMounts {
+            workspace_fd: 10,
+            git_fd: Some(11),
+            tmp_fd: 12,
+            shm_fd: 13,
+            init_fd: 14,
+            toolchains: vec![(15, PathBuf::from(SANDBOX_CARGO_BIN))],
+            landlock: true,
+        }
+    }
+
     #[test]
     fn bubblewrap_arguments_isolate() {
         let config = WorkerConfig::default();
         let offline = command(false);
         let environment = sandbox_environment(&config, SandboxDriver::Bubblewrap, &offline);
-        let arguments: Vec<String> = bubblewrap_arguments(&config, &offline, &environment)
+        let arguments: Vec<String> = bubblewrap_arguments(&offline, &environment, &mounts())
             .into_iter()
             .map(|argument| argument.to_string_lossy().into_owned())
             .collect();
@@ -888,6 +1194,16 @@ mod tests {
         assert!(joined.contains("--clearenv"));
         assert!(joined.contains("--cap-drop ALL"));
         assert!(joined.contains("--remount-ro /"));
+        assert!(joined.contains("--disable-userns --assert-userns-disabled"));
+        assert!(joined.contains("--bind-fd 10 /workspace"));
+        assert!(joined.contains("--ro-bind-fd 11 /workspace/.git"));
+        assert!(joined.contains("--bind-fd 12 /tmp"));
+        assert!(joined.contains("--bind-fd 13 /dev/shm"));
+        assert!(joined.contains("--ro-bind-fd 15 /opt/cargo/bin"));
+        assert!(joined.contains(&format!("-- {SANDBOX_INIT_PATH} sandbox-init --landlock required")));
+        assert!(joined.contains("--exec /opt/cargo/bin"));
+        assert!(joined.contains("--write /workspace"));
+        assert!(joined.contains("--write-noexec /tmp --write-noexec /dev/shm"));
         assert!(joined.contains("--setenv FLOTILLA_TASK do it"));
         assert!(joined.contains("--setenv CARGO_NET_OFFLINE true"));
         assert!(!joined.contains("resolv.conf"));
@@ -900,7 +1216,7 @@ mod tests {
 
         let online = command(true);
         let environment = sandbox_environment(&config, SandboxDriver::Bubblewrap, &online);
-        let joined = bubblewrap_arguments(&config, &online, &environment)
+        let joined = bubblewrap_arguments(&online, &environment, &mounts())
             .into_iter()
             .map(|argument| argument.to_string_lossy().into_owned())
             .collect::<Vec<_>>()

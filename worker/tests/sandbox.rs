@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{RemoveOnDrop, processes_with_command_line, run, sandbox_command, test_config};
 use flotilla_worker::attempt_log::AttemptLog;
-use flotilla_worker::cgroup::cgroup_support;
+use flotilla_worker::cgroup::{ParentLimits, cgroup_support};
 use flotilla_worker::sandbox::{SandboxDriver, SandboxError, measure_sandbox_start, run_sandboxed};
 use tokio_util::sync::CancellationToken;
 
@@ -200,6 +200,7 @@ async fn assert_timeout_kills_tree(
     if !cgroups {
         // No cgroup file system there: limits are unavailable, the run goes on without them.
         config.cgroup_mount_directory = directory.path().join("no-cgroups");
+        config.allow_without_cgroup_limits = true;
     }
     let mut command = sandbox_command(&workspace, &format!("sleep {first} & sleep {second}; wait"));
     command.timeout_ms = 1_500;
@@ -216,7 +217,11 @@ async fn assert_timeout_kills_tree(
     let (result, log) = running.await.unwrap();
     let outcome = result.unwrap();
     assert!(outcome.timed_out, "{outcome:?}");
-    let support = cgroup_support(Path::new("/sys/fs/cgroup"), "flotilla");
+    let support = cgroup_support(
+        Path::new("/sys/fs/cgroup"),
+        "flotilla",
+        &ParentLimits::default(),
+    );
     let expected = cgroups && (support.limits_memory() || support.limits_pids());
     assert_eq!(outcome.limits_applied, expected);
     assert!(!outcome.succeeded());
@@ -295,7 +300,11 @@ async fn cancellation_kills_the_command() {
 
 #[tokio::test]
 async fn memory_hog_is_oom_killed_and_reported() {
-    let support = cgroup_support(Path::new("/sys/fs/cgroup"), "flotilla");
+    let support = cgroup_support(
+        Path::new("/sys/fs/cgroup"),
+        "flotilla",
+        &ParentLimits::default(),
+    );
     assert!(
         support.limits_memory(),
         "this test needs a usable memory cgroup (root, cgroup v2 or v1 memory controller), \
@@ -319,7 +328,11 @@ async fn memory_hog_is_oom_killed_and_reported() {
 
 #[tokio::test]
 async fn pids_limit_is_enforced() {
-    let support = cgroup_support(Path::new("/sys/fs/cgroup"), "flotilla");
+    let support = cgroup_support(
+        Path::new("/sys/fs/cgroup"),
+        "flotilla",
+        &ParentLimits::default(),
+    );
     assert!(
         support.limits_pids(),
         "this test needs a usable pids cgroup (root, cgroup v2 or v1 pids controller), \
@@ -408,10 +421,11 @@ async fn log_file_is_capped_but_tail_follows() {
 #[tokio::test]
 async fn sandbox_start_failures_are_errors_not_command_failures() {
     let (directory, workspace) = workspace();
-    // bubblewrap cannot bind a dangling `.git`: the sandbox never starts.
-    std::fs::remove_dir_all(workspace.join(".git")).unwrap();
-    std::os::unix::fs::symlink("/nonexistent/flotilla", workspace.join(".git")).unwrap();
-    let config = test_config(directory.path());
+    // The init is not an executable: the sandbox never starts (no start marker).
+    let not_executable = directory.path().join("not-an-init");
+    std::fs::write(&not_executable, "just text\n").unwrap();
+    let mut config = test_config(directory.path());
+    config.sandbox_init_path = Some(not_executable);
     let (result, _log) = run(
         &config,
         SandboxDriver::Bubblewrap,
