@@ -210,6 +210,10 @@ pub struct WorkerConfig {
     /// Size of each sandbox's `/tmp` and `/dev/shm` (one tmpfs, `noexec`; its pages count
     /// against the command's memory limit), bytes. Default 1 GiB.
     pub tmp_size_bytes: u64,
+    /// Where the worker mounts each sandbox's staging tmpfs (`/tmp`, `/dev/shm` and the bind
+    /// mounts bubblewrap takes from there); made mode 0711. Must be reachable by the sandbox uids
+    /// (every parent searchable by others). Default `/run/flotilla-sandbox`.
+    pub sandbox_staging_directory: PathBuf,
 }
 
 impl Default for WorkerConfig {
@@ -257,6 +261,7 @@ impl Default for WorkerConfig {
             disk_limit_max_bytes: 200 * 1024 * MEBIBYTE,
             disk_reserve_bytes: 2 * 1024 * MEBIBYTE,
             tmp_size_bytes: 1024 * MEBIBYTE,
+            sandbox_staging_directory: PathBuf::from("/run/flotilla-sandbox"),
         }
     }
 }

@@ -16,6 +16,7 @@
 //! self-contained and git works inside the sandbox) and points `origin` at the real URL.
 
 use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -862,6 +863,54 @@ pub async fn has_changes(
     Ok(!output.stdout.is_empty())
 }
 
+/// Removes from the index every gitlink (mode 160000) that `git add -A` staged and HEAD does not
+/// have: a nested `.git` the agent made (possibly a `gitdir:` file pointing at another host
+/// repository) would otherwise commit that repository's current commit id. Gitlinks HEAD
+/// already has (real submodules) are kept. The nested directory's files are not committed.
+///
+/// Errors: the git commands fail.
+async fn drop_new_gitlinks(
+    git: &Git,
+    directory: &Path,
+    cancel: &CancellationToken,
+) -> Result<(), GitError> {
+    let raw = git
+        .run(
+            directory,
+            ["diff", "--cached", "--raw", "-z", "--no-renames", "--no-abbrev"],
+            cancel,
+        )
+        .await?;
+    // Records: ":<old mode> <new mode> <old id> <new id> <status>\0<path>\0".
+    let mut fields = raw.stdout.split(|byte| *byte == 0);
+    let mut gitlinks: Vec<OsString> = Vec::new();
+    while let Some(header) = fields.next() {
+        if header.is_empty() {
+            continue;
+        }
+        let Some(path) = fields.next() else { break };
+        let header = String::from_utf8_lossy(header);
+        let mut parts = header.trim_start_matches(':').split(' ');
+        let old_mode = parts.next().unwrap_or_default();
+        let new_mode = parts.next().unwrap_or_default();
+        if new_mode == "160000" && old_mode != "160000" {
+            gitlinks.push(OsStr::from_bytes(path).to_owned());
+        }
+    }
+    if gitlinks.is_empty() {
+        return Ok(());
+    }
+    tracing::warn!(?gitlinks, "dropping gitlinks of nested .git directories from the commit");
+    let mut arguments: Vec<OsString> = vec![
+        "update-index".into(),
+        "--force-remove".into(),
+        "--".into(),
+    ];
+    arguments.extend(gitlinks);
+    git.run(directory, arguments, cancel).await?;
+    Ok(())
+}
+
 /// Stages everything (`git add -A`, `.gitignore` respected) and, if anything changed, commits it
 /// on the checked-out branch with `message` (then `trailers`, when not empty, as the message's
 /// last paragraph) and the configured author/committer, returning the commit, its diffstat and
@@ -880,6 +929,7 @@ pub async fn commit_changes(
         return Ok(None);
     }
     git.run(directory, ["add", "-A"], cancel).await?;
+    drop_new_gitlinks(git, directory, cancel).await?;
     let staged = git
         .run_unchecked(
             directory,

@@ -1,20 +1,16 @@
 //! Host-side pieces of the bubblewrap sandbox: the unprivileged uid a sandbox runs as, the
-//! workspace handed to that uid, the per-command `noexec` tmpfs for `/tmp` and `/dev/shm`, and
-//! the `O_PATH` file descriptors through which bubblewrap (running as that uid) binds paths it
-//! could not reach itself (e.g. under `/root`).
+//! workspace handed to that uid, and the per-command staging tmpfs ([`StagingMount`]): `noexec`
+//! `/tmp` and `/dev/shm`, and bind mounts of the paths bubblewrap (running as that uid) binds
+//! but could not reach itself (e.g. under `/root` or a private work directory).
 
 use std::collections::BTreeSet;
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use crate::config::WorkerConfig;
-
-/// Lowest descriptor number for the descriptors passed to bubblewrap (above the start marker, 3).
-const PASSED_FD_MINIMUM: RawFd = 10;
 
 /// One sandbox uid/gid taken from [`WorkerConfig::sandbox_uid_base`]'s range; released on drop.
 #[derive(Debug)]
@@ -79,38 +75,58 @@ pub fn give_workspace_to(directory: &Path, uid: u32) -> std::io::Result<()> {
     Ok(())
 }
 
-/// An `O_PATH` descriptor of `path`, numbered at least 10, close-on-exec (the spawn hook clears
-/// that flag in the child only).
-///
-/// Errors: the path cannot be opened.
-pub fn open_path_fd(path: &Path) -> std::io::Result<OwnedFd> {
-    let name = CString::new(path.as_os_str().as_bytes())
-        .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, error))?;
-    // SAFETY: `name` is a valid C string; the result is checked.
-    let fd = unsafe { libc::open(name.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a descriptor we just opened and own.
-    let opened = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: fcntl on our own descriptor; the result is checked.
-    let moved = unsafe { libc::fcntl(opened.as_raw_fd(), libc::F_DUPFD_CLOEXEC, PASSED_FD_MINIMUM) };
-    if moved < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `moved` is a new descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(moved) })
+fn c_path(path: &Path) -> std::io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, error))
 }
 
-/// A per-command tmpfs (`nosuid,nodev,noexec`, `size=`[`WorkerConfig::tmp_size_bytes`]) mounted
-/// on the host under `<work_directory>/sandbox-tmp/`, with `tmp/` and `shm/` owned by the
-/// sandbox uid, bound at `/tmp` and `/dev/shm`. `noexec` makes `mmap(PROT_EXEC)` of its files
-/// fail, which Landlock alone does not (it checks `execve`, not what `ld.so` maps). Unmounted and
-/// removed on drop.
+fn mount(
+    source: &Path,
+    target: &Path,
+    file_system: Option<&std::ffi::CStr>,
+    flags: libc::c_ulong,
+    options: Option<&str>,
+) -> std::io::Result<()> {
+    let source = c_path(source)?;
+    let target = c_path(target)?;
+    let options = options.map(CString::new).transpose().map_err(|error| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, error)
+    })?;
+    // SAFETY: every pointer is a valid C string alive for the call (or null); checked result.
+    let result = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            file_system.map_or(std::ptr::null(), std::ffi::CStr::as_ptr),
+            flags,
+            options
+                .as_ref()
+                .map_or(std::ptr::null(), |options| options.as_ptr().cast()),
+        )
+    };
+    if result != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A per-command staging tree: a tmpfs (`nosuid,nodev,noexec`,
+/// `size=`[`WorkerConfig::tmp_size_bytes`], mode 0711) mounted on the host at
+/// `<sandbox_staging_directory>/<unique>/`, holding
+///
+/// - `tmp/` and `shm/`, owned by the sandbox uid, bound at `/tmp` and `/dev/shm`: `noexec` makes
+///   `mmap(PROT_EXEC)` of their files fail, which Landlock alone does not (it checks `execve`,
+///   not what `ld.so` maps);
+/// - bind mounts (made by the worker, as root) of the paths bubblewrap must bind but its
+///   unprivileged uid could not reach (the workspace under a private work directory, toolchains
+///   under `/root`, the init): bubblewrap binds them from here.
+///
+/// Everything is detached (recursively, lazily) and removed on drop.
 #[derive(Debug)]
-pub struct ScratchMount {
+pub struct StagingMount {
     directory: PathBuf,
     mounted: bool,
+    binds: usize,
 }
 
 fn unique_name() -> String {
@@ -122,43 +138,34 @@ fn unique_name() -> String {
     )
 }
 
-impl ScratchMount {
+impl StagingMount {
     /// Mounts the tmpfs and prepares `tmp/` and `shm/` for `uid`.
     ///
     /// Errors: the directory cannot be created or the mount fails (not root).
     pub fn create(config: &WorkerConfig, uid: u32) -> std::io::Result<Self> {
-        let directory = config
-            .work_directory
-            .join("sandbox-tmp")
-            .join(unique_name());
-        std::fs::create_dir_all(&directory)?;
-        let mut scratch = ScratchMount {
+        let root = &config.sandbox_staging_directory;
+        std::fs::create_dir_all(root)?;
+        std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+        let directory = root.join(unique_name());
+        std::fs::create_dir(&directory)?;
+        let mut staging = StagingMount {
             directory,
             mounted: false,
+            binds: 0,
         };
-        let target = CString::new(scratch.directory.as_os_str().as_bytes())
-            .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, error))?;
-        let options = CString::new(format!(
-            "size={},mode=0711,uid=0,gid=0",
-            config.tmp_size_bytes
-        ))
-        .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, error))?;
-        // SAFETY: every pointer is a valid C string alive for the call; the result is checked.
-        let mounted = unsafe {
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                target.as_ptr(),
-                c"tmpfs".as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                options.as_ptr().cast(),
-            )
-        };
-        if mounted != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        scratch.mounted = true;
+        mount(
+            Path::new("tmpfs"),
+            &staging.directory,
+            Some(c"tmpfs"),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            Some(&format!(
+                "size={},mode=0711,uid=0,gid=0",
+                config.tmp_size_bytes
+            )),
+        )?;
+        staging.mounted = true;
         for name in ["tmp", "shm"] {
-            let path = scratch.directory.join(name);
+            let path = staging.directory.join(name);
             std::fs::create_dir(&path)?;
             std::os::unix::fs::chown(&path, Some(uid), Some(uid))?;
             std::fs::set_permissions(
@@ -166,7 +173,7 @@ impl ScratchMount {
                 std::os::unix::fs::PermissionsExt::from_mode(0o1777),
             )?;
         }
-        Ok(scratch)
+        Ok(staging)
     }
 
     /// The directory bound at `/tmp`.
@@ -178,22 +185,39 @@ impl ScratchMount {
     pub fn shm(&self) -> PathBuf {
         self.directory.join("shm")
     }
+
+    /// Binds `source` (a directory or a file) at a new path in the staging tree and returns
+    /// that path (recursive bind; bubblewrap's own bind then makes it read-only where asked).
+    ///
+    /// Errors: the mount point cannot be made or the bind fails.
+    pub fn stage(&mut self, source: &Path) -> std::io::Result<PathBuf> {
+        self.binds += 1;
+        let target = self.directory.join(format!("bind-{}", self.binds));
+        if std::fs::metadata(source)?.is_dir() {
+            std::fs::create_dir(&target)?;
+        } else {
+            std::fs::write(&target, b"")?;
+        }
+        mount(source, &target, None, libc::MS_BIND | libc::MS_REC, None)?;
+        Ok(target)
+    }
 }
 
-impl Drop for ScratchMount {
+impl Drop for StagingMount {
     fn drop(&mut self) {
         if self.mounted
-            && let Ok(target) = CString::new(self.directory.as_os_str().as_bytes())
+            && let Ok(target) = c_path(&self.directory)
         {
             // SAFETY: `target` is a valid C string; failure only leaves the mount behind.
+            // MNT_DETACH detaches the tmpfs and every bind mount beneath it.
             let result = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
             if result != 0 {
-                tracing::warn!(directory = %self.directory.display(), error = %std::io::Error::last_os_error(), "cannot unmount a sandbox tmpfs");
+                tracing::warn!(directory = %self.directory.display(), error = %std::io::Error::last_os_error(), "cannot unmount a sandbox staging tmpfs");
                 return;
             }
         }
         if let Err(error) = std::fs::remove_dir(&self.directory) {
-            tracing::warn!(directory = %self.directory.display(), %error, "cannot remove a sandbox tmpfs directory");
+            tracing::warn!(directory = %self.directory.display(), %error, "cannot remove a sandbox staging directory");
         }
     }
 }

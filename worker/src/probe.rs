@@ -26,8 +26,6 @@ pub const LANDLOCK_REQUIRED_ABI: i32 = 6;
 pub const REQUIRED_BUBBLEWRAP_FLAGS: &[&str] = &[
     "--disable-userns",
     "--assert-userns-disabled",
-    "--bind-fd",
-    "--ro-bind-fd",
     "--unshare-user",
     "--cap-drop",
 ];

@@ -41,7 +41,7 @@
 //! ([`SandboxError::Start`], a retryable infrastructure problem), not that the command failed.
 
 use std::ffi::{CString, OsString};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -54,7 +54,7 @@ use tokio_util::sync::CancellationToken;
 use crate::attempt_log::{AttemptLog, TailBuffer};
 use crate::cgroup::{CommandLimits, InvocationCgroup, cgroup_support};
 use crate::config::{Mount, SANDBOX_RUSTUP_HOME, WorkerConfig};
-use crate::isolation::{ScratchMount, SandboxUser, give_workspace_to, open_path_fd};
+use crate::isolation::{SandboxUser, StagingMount, give_workspace_to};
 use crate::sandbox_init::{InitInvocation, LandlockPolicy, init_arguments};
 
 /// Where the repository is mounted inside the sandbox (and the working directory).
@@ -400,6 +400,12 @@ fn push_arguments(arguments: &mut Vec<OsString>, items: &[&str]) {
     arguments.extend(items.iter().map(OsString::from));
 }
 
+fn push_bind(arguments: &mut Vec<OsString>, source: &Path, target: &Path) {
+    arguments.push(OsString::from("--bind"));
+    arguments.push(source.as_os_str().to_owned());
+    arguments.push(target.as_os_str().to_owned());
+}
+
 fn push_read_only_bind(arguments: &mut Vec<OsString>, source: &Path, target: &Path) {
     arguments.push(OsString::from("--ro-bind"));
     arguments.push(source.as_os_str().to_owned());
@@ -409,42 +415,26 @@ fn push_read_only_bind(arguments: &mut Vec<OsString>, source: &Path, target: &Pa
 /// Where the sandbox init is bound inside the sandbox.
 pub const SANDBOX_INIT_PATH: &str = "/.flotilla/sandbox-init";
 
-/// The descriptors (opened by the worker, as root) through which bubblewrap binds the paths that
-/// its unprivileged uid could not reach: the workspace, its `.git`, the per-command `/tmp` and
+/// The host paths bubblewrap binds from the staging tree ([`StagingMount`], made by the worker as
+/// root, reachable by the sandbox uid): the workspace, its `.git`, the per-command `/tmp` and
 /// `/dev/shm`, the init, the toolchains. Plus whether the init applies Landlock.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BubblewrapMounts {
     /// The workspace (bound read-write at [`SANDBOX_WORKSPACE`]).
-    pub workspace_fd: RawFd,
+    pub workspace: PathBuf,
     /// Its `.git` (bound read-only on top), if present.
-    pub git_fd: Option<RawFd>,
+    pub git: Option<PathBuf>,
     /// The tmpfs directory bound at `/tmp`.
-    pub tmp_fd: RawFd,
+    pub tmp: PathBuf,
     /// The tmpfs directory bound at `/dev/shm`.
-    pub shm_fd: RawFd,
+    pub shm: PathBuf,
     /// The init executable (bound read-only at [`SANDBOX_INIT_PATH`]).
-    pub init_fd: RawFd,
-    /// Toolchain mounts: descriptor and target.
-    pub toolchains: Vec<(RawFd, PathBuf)>,
+    pub init: PathBuf,
+    /// Toolchain mounts: staged source and target.
+    pub toolchains: Vec<(PathBuf, PathBuf)>,
     /// Whether the init applies Landlock (`false` only with `allow_without_landlock` on a kernel
     /// without it).
     pub landlock: bool,
-}
-
-impl BubblewrapMounts {
-    /// Every descriptor, for the spawn hook to keep open across `exec`.
-    pub fn descriptors(&self) -> Vec<RawFd> {
-        let mut descriptors = vec![self.workspace_fd, self.tmp_fd, self.shm_fd, self.init_fd];
-        descriptors.extend(self.git_fd);
-        descriptors.extend(self.toolchains.iter().map(|(fd, _)| *fd));
-        descriptors
-    }
-}
-
-fn push_fd_bind(arguments: &mut Vec<OsString>, flag: &str, fd: RawFd, target: &Path) {
-    arguments.push(OsString::from(flag));
-    arguments.push(OsString::from(fd.to_string()));
-    arguments.push(target.as_os_str().to_owned());
 }
 
 /// The bubblewrap arguments for `command` with `environment` (from [`sandbox_environment`]) and
@@ -492,13 +482,8 @@ pub fn bubblewrap_arguments(
         }
     }
     push_arguments(&mut arguments, &["--proc", "/proc", "--dev", "/dev"]);
-    push_fd_bind(&mut arguments, "--bind-fd", mounts.tmp_fd, Path::new("/tmp"));
-    push_fd_bind(
-        &mut arguments,
-        "--bind-fd",
-        mounts.shm_fd,
-        Path::new("/dev/shm"),
-    );
+    push_bind(&mut arguments, &mounts.tmp, Path::new("/tmp"));
+    push_bind(&mut arguments, &mounts.shm, Path::new("/dev/shm"));
     let network_entries: &[&str] = if command.network {
         ETC_NETWORK_ENTRIES
     } else {
@@ -510,27 +495,16 @@ pub fn bubblewrap_arguments(
             push_read_only_bind(&mut arguments, &host, &host);
         }
     }
-    for (fd, target) in &mounts.toolchains {
-        push_fd_bind(&mut arguments, "--ro-bind-fd", *fd, target);
+    for (source, target) in &mounts.toolchains {
+        push_read_only_bind(&mut arguments, source, target);
         execute_roots.push(target.clone());
     }
-    push_fd_bind(
-        &mut arguments,
-        "--ro-bind-fd",
-        mounts.init_fd,
-        Path::new(SANDBOX_INIT_PATH),
-    );
-    push_fd_bind(
-        &mut arguments,
-        "--bind-fd",
-        mounts.workspace_fd,
-        Path::new(SANDBOX_WORKSPACE),
-    );
-    if let Some(git_fd) = mounts.git_fd {
-        push_fd_bind(
+    push_read_only_bind(&mut arguments, &mounts.init, Path::new(SANDBOX_INIT_PATH));
+    push_bind(&mut arguments, &mounts.workspace, Path::new(SANDBOX_WORKSPACE));
+    if let Some(git) = &mounts.git {
+        push_read_only_bind(
             &mut arguments,
-            "--ro-bind-fd",
-            git_fd,
+            git,
             &Path::new(SANDBOX_WORKSPACE).join(".git"),
         );
     }
@@ -761,8 +735,7 @@ pub async fn run_sandboxed(
     // The bubblewrap sandbox's host side: an unprivileged uid owning the workspace, a noexec
     // tmpfs for /tmp and /dev/shm, descriptors for the binds.
     let mut sandbox_user: Option<SandboxUser> = None;
-    let mut _scratch: Option<ScratchMount> = None;
-    let mut passed_descriptors: Vec<OwnedFd> = Vec::new();
+    let mut staging_guard: Option<StagingMount> = None;
     let mut mounts: Option<BubblewrapMounts> = None;
     if driver == SandboxDriver::Bubblewrap {
         let user = SandboxUser::acquire(config).ok_or(SandboxError::NoSandboxUser {
@@ -774,19 +747,16 @@ pub async fn run_sandboxed(
                 source,
             }
         })?;
-        let scratch =
-            ScratchMount::create(config, user.uid).map_err(|source| SandboxError::Prepare {
-                path: config.work_directory.join("sandbox-tmp"),
+        let mut staging =
+            StagingMount::create(config, user.uid).map_err(|source| SandboxError::Prepare {
+                path: config.sandbox_staging_directory.clone(),
                 source,
             })?;
-        let mut open = |path: &Path| -> Result<RawFd, SandboxError> {
-            let fd = open_path_fd(path).map_err(|source| SandboxError::Prepare {
+        let mut stage = |path: &Path| -> Result<PathBuf, SandboxError> {
+            staging.stage(path).map_err(|source| SandboxError::Prepare {
                 path: path.to_path_buf(),
                 source,
-            })?;
-            let raw = fd.as_raw_fd();
-            passed_descriptors.push(fd);
-            Ok(raw)
+            })
         };
         let init_path = config
             .sandbox_init_executable()
@@ -794,20 +764,22 @@ pub async fn run_sandboxed(
                 path: PathBuf::from("sandbox_init_path"),
                 source,
             })?;
+        let workspace = stage(&command.workspace_directory)?;
         let git_directory = command.workspace_directory.join(".git");
-        let git_fd = if std::fs::symlink_metadata(&git_directory).is_ok() {
-            Some(open(&git_directory)?)
+        let git = if std::fs::symlink_metadata(&git_directory).is_ok() {
+            Some(stage(&git_directory)?)
         } else {
             None
         };
         let mut toolchains = Vec::new();
         for mount in &config.toolchain_mounts {
             if mount.source.exists() {
-                toolchains.push((open(&mount.source)?, mount.target.clone()));
+                toolchains.push((stage(&mount.source)?, mount.target.clone()));
             } else {
                 tracing::warn!(source = %mount.source.display(), "toolchain mount source does not exist; skipped");
             }
         }
+        let init = stage(&init_path)?;
         let landlock = match crate::probe::landlock_abi() {
             abi if abi >= crate::probe::LANDLOCK_REQUIRED_ABI => true,
             _ if config.allow_without_landlock => false,
@@ -821,21 +793,17 @@ pub async fn run_sandboxed(
             }
         };
         mounts = Some(BubblewrapMounts {
-            workspace_fd: open(&command.workspace_directory)?,
-            git_fd,
-            tmp_fd: open(&scratch.tmp())?,
-            shm_fd: open(&scratch.shm())?,
-            init_fd: open(&init_path)?,
+            workspace,
+            git,
+            tmp: staging.tmp(),
+            shm: staging.shm(),
+            init,
             toolchains,
             landlock,
         });
         sandbox_user = Some(user);
-        _scratch = Some(scratch);
+        staging_guard = Some(staging);
     }
-    let kept_descriptors: Vec<RawFd> = mounts
-        .as_ref()
-        .map(BubblewrapMounts::descriptors)
-        .unwrap_or_default();
     let sandbox_uid: Option<libc::uid_t> = sandbox_user.as_ref().map(|user| user.uid);
 
     let (output_write, mut output_read) = create_pipe()?;
@@ -894,12 +862,6 @@ pub async fn run_sandboxed(
                     return Err(error);
                 }
             }
-            for fd in &kept_descriptors {
-                let flags = libc::fcntl(*fd, libc::F_GETFD);
-                if flags < 0 || libc::fcntl(*fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
             if marker_fd == START_MARKER_FD {
                 let flags = libc::fcntl(marker_fd, libc::F_GETFD);
                 if flags < 0 || libc::fcntl(marker_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
@@ -928,7 +890,6 @@ pub async fn run_sandboxed(
     // gone.
     drop(process);
     drop(marker_write);
-    drop(passed_descriptors);
     let mut child = match spawned {
         Ok(child) => child,
         Err(source) => {
@@ -1039,6 +1000,10 @@ pub async fn run_sandboxed(
             tracing::warn!(%error, "cannot remove a sandbox cgroup");
         }
     }
+
+    // Every process of the sandbox is gone: detach its staging tree, free its uid.
+    drop(staging_guard);
+    drop(sandbox_user);
 
     let outcome = SandboxOutcome {
         exit_code,
@@ -1169,12 +1134,12 @@ mod tests {
 
     fn mounts() -> BubblewrapMounts {
         BubblewrapMounts {
-            workspace_fd: 10,
-            git_fd: Some(11),
-            tmp_fd: 12,
-            shm_fd: 13,
-            init_fd: 14,
-            toolchains: vec![(15, PathBuf::from(SANDBOX_CARGO_BIN))],
+            workspace: PathBuf::from("/staging/ws"),
+            git: Some(PathBuf::from("/staging/git")),
+            tmp: PathBuf::from("/staging/tmp"),
+            shm: PathBuf::from("/staging/shm"),
+            init: PathBuf::from("/staging/init"),
+            toolchains: vec![(PathBuf::from("/staging/cargo"), PathBuf::from(SANDBOX_CARGO_BIN))],
             landlock: true,
         }
     }
@@ -1195,11 +1160,11 @@ mod tests {
         assert!(joined.contains("--cap-drop ALL"));
         assert!(joined.contains("--remount-ro /"));
         assert!(joined.contains("--disable-userns --assert-userns-disabled"));
-        assert!(joined.contains("--bind-fd 10 /workspace"));
-        assert!(joined.contains("--ro-bind-fd 11 /workspace/.git"));
-        assert!(joined.contains("--bind-fd 12 /tmp"));
-        assert!(joined.contains("--bind-fd 13 /dev/shm"));
-        assert!(joined.contains("--ro-bind-fd 15 /opt/cargo/bin"));
+        assert!(joined.contains("--bind /staging/ws /workspace"));
+        assert!(joined.contains("--ro-bind /staging/git /workspace/.git"));
+        assert!(joined.contains("--bind /staging/tmp /tmp"));
+        assert!(joined.contains("--bind /staging/shm /dev/shm"));
+        assert!(joined.contains("--ro-bind /staging/cargo /opt/cargo/bin"));
         assert!(joined.contains(&format!("-- {SANDBOX_INIT_PATH} sandbox-init --landlock required")));
         assert!(joined.contains("--exec /opt/cargo/bin"));
         assert!(joined.contains("--write /workspace"));
