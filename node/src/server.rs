@@ -219,6 +219,25 @@ pub async fn start_worker(
         branch_prefix: config.limits.branch_prefix.clone(),
         mirror_cache_max_mirrors: config.worker.mirror_cache_max_mirrors,
         mirror_cache_max_bytes: config.worker.mirror_cache_max_bytes,
+        sandbox_uid_base: config.sandbox.sandbox_uid_base,
+        sandbox_uid_count: config.sandbox.sandbox_uid_count,
+        sandbox_init_path: (!config.sandbox.sandbox_init_path.as_os_str().is_empty())
+            .then(|| config.sandbox.sandbox_init_path.clone()),
+        sandbox_staging_directory: config.sandbox.sandbox_staging_directory.clone(),
+        allow_without_landlock: config.sandbox.allow_without_landlock,
+        allow_without_cgroup_limits: config.sandbox.allow_without_cgroup_limits,
+        allow_without_disk_quota: config.sandbox.allow_without_disk_quota,
+        memory_limit_max_bytes: config.sandbox.memory_limit_max_bytes,
+        pids_limit_max: config.sandbox.pids_limit_max,
+        default_cpu_limit_millicores: config.sandbox.default_cpu_limit_millicores,
+        cpu_limit_max_millicores: config.sandbox.cpu_limit_max_millicores,
+        total_memory_limit_bytes: config.sandbox.total_memory_limit_bytes,
+        total_pids_limit: config.sandbox.total_pids_limit,
+        total_cpu_limit_millicores: config.sandbox.total_cpu_limit_millicores,
+        default_disk_limit_bytes: config.sandbox.default_disk_limit_bytes,
+        disk_limit_max_bytes: config.sandbox.disk_limit_max_bytes,
+        disk_reserve_bytes: config.sandbox.disk_reserve_bytes,
+        tmp_size_bytes: config.sandbox.tmp_size_bytes,
         ..flotilla_worker::config::WorkerConfig::default()
     };
     flotilla_worker::actor::start(settings, execution)

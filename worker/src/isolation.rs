@@ -27,8 +27,12 @@ fn used_slots() -> &'static Mutex<BTreeSet<u32>> {
 
 impl SandboxUser {
     /// Takes the lowest free slot: uid `sandbox_uid_base + slot`. `None` when all
-    /// `sandbox_uid_count` are in use.
+    /// `sandbox_uid_count` are in use (or the base is 0: never root).
     pub fn acquire(config: &WorkerConfig) -> Option<Self> {
+        // Never root, whatever the configuration says (validated at start too).
+        if config.sandbox_uid_base == 0 {
+            return None;
+        }
         let mut used = match used_slots().lock() {
             Ok(used) => used,
             Err(poisoned) => poisoned.into_inner(),

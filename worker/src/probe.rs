@@ -262,7 +262,9 @@ pub async fn probe(config: &WorkerConfig) -> CapabilityReport {
         Ok(method) => (Some(method.to_owned()), None),
         Err(problem) => (None, Some(problem)),
     };
-    let smoke_test = if bubblewrap_version.is_some() {
+    let smoke_test = if let Err(message) = config.validate() {
+        Err(format!("not tried: {message}"))
+    } else if bubblewrap_version.is_some() {
         smoke_test(config).await
     } else {
         Err("bubblewrap cannot be run".to_owned())

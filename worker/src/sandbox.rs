@@ -13,8 +13,10 @@
 //!   `.git` read-only on top, so the agent cannot plant hooks or configuration that host-side git
 //!   would run. Git commands inside the sandbox can read the repository but not write it.
 //! - Toolchains ([`WorkerConfig::toolchain_mounts`]) are bound read-only.
-//! - Environment: `--clearenv`, then only `PATH=/opt/cargo/bin:/usr/local/bin:/usr/bin:/bin`,
+//! - Environment: bubblewrap is spawned with an empty environment (so `/proc/1/environ` inside
+//!   is empty), then `--clearenv` and only `PATH=/opt/cargo/bin:/usr/local/bin:/usr/bin:/bin`,
 //!   `HOME=/tmp`, `RUSTUP_HOME=/opt/rustup`, `CARGO_HOME=/tmp/cargo-home`, `LANG=C.UTF-8`,
+//!   `GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0=/workspace`,
 //!   `CARGO_NET_OFFLINE=true` when the network is off, then the command's own variables
 //!   ([`SandboxCommand::environment`]: the fleet's `env` and the `FLOTILLA_*` variables).
 //!
@@ -349,6 +351,12 @@ pub fn sandbox_environment(
             environment.push(("HOME".to_owned(), "/tmp".to_owned()));
             environment.push(("RUSTUP_HOME".to_owned(), SANDBOX_RUSTUP_HOME.to_owned()));
             environment.push(("CARGO_HOME".to_owned(), "/tmp/cargo-home".to_owned()));
+            // The workspace is the sandbox uid's, its `.git` the worker's (read-only, shown as
+            // the overflow uid): git inside needs `safe.directory` for it (as command-line
+            // configuration, which git honours for that key).
+            environment.push(("GIT_CONFIG_COUNT".to_owned(), "1".to_owned()));
+            environment.push(("GIT_CONFIG_KEY_0".to_owned(), "safe.directory".to_owned()));
+            environment.push(("GIT_CONFIG_VALUE_0".to_owned(), SANDBOX_WORKSPACE.to_owned()));
         }
         SandboxDriver::None => {
             let path: Vec<String> = SANDBOX_PATH
