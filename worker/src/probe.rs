@@ -87,7 +87,7 @@ pub struct CapabilityReport {
     pub disk_quota_method: Option<String>,
     /// Why no disk quota method is available.
     pub disk_quota_problem: Option<String>,
-    /// What the smoke sandbox reported about itself (`uid=… no_new_privs=1 seccomp=2
+    /// What the smoke sandbox reported about itself (`uid=200000 no_new_privs=1 seccomp=2
     /// landlock=enforced`), or why it did not start.
     pub smoke_test: Result<String, String>,
 }
@@ -145,8 +145,27 @@ impl CapabilityReport {
                 self.disk_quota_problem.as_deref().unwrap_or("unknown")
             ));
         }
-        if let Err(reason) = &self.smoke_test {
-            problems.push(format!("a test sandbox did not start: {reason}"));
+        match &self.smoke_test {
+            Err(reason) => problems.push(format!("a test sandbox did not start: {reason}")),
+            Ok(report) => {
+                let words: Vec<&str> = report.split_whitespace().collect();
+                let landlock_required = self.landlock_abi >= LANDLOCK_REQUIRED_ABI
+                    || !config.allow_without_landlock;
+                let mut expected = vec!["no_new_privs=1", "seccomp=2"];
+                if landlock_required {
+                    expected.push("landlock=enforced");
+                }
+                for word in expected {
+                    if !words.contains(&word) {
+                        problems.push(format!(
+                            "the test sandbox does not report {word}: {report}"
+                        ));
+                    }
+                }
+                if words.contains(&"uid=0") {
+                    problems.push(format!("the test sandbox ran as uid 0: {report}"));
+                }
+            }
         }
         (!problems.is_empty()).then(|| problems.join("; "))
     }
@@ -209,8 +228,9 @@ pub fn disk_quota_support() -> Result<&'static str, String> {
 }
 
 /// The smoke command: prints what the sandbox enforces about itself.
-const SMOKE_COMMAND: &str = "printf 'uid=%s ' \"$(id -u)\"; \
-     grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status | tr -s '\\t\\n' '=' ; \
+const SMOKE_COMMAND: &str = "printf 'uid=%s no_new_privs=%s seccomp=%s ' \"$(id -u)\" \
+     \"$(grep '^NoNewPrivs:' /proc/self/status | tr -dc 0-9)\" \
+     \"$(grep '^Seccomp:' /proc/self/status | tr -dc 0-9)\"; \
      if touch /etc/flotilla-probe 2>/dev/null; then echo landlock=absent; else echo landlock=enforced; fi";
 
 async fn smoke_test(config: &WorkerConfig) -> Result<String, String> {
