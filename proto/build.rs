@@ -16,6 +16,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("flotilla_descriptor.bin"),
         prost::Message::encode_to_vec(&descriptors),
     )?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // Every service decodes with our codec: undecodable requests are INVALID_ARGUMENT.
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::FlotillaCodec")
+        .compile_fds(descriptors)?;
     Ok(())
 }

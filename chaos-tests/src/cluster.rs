@@ -130,7 +130,16 @@ impl Cluster {
             .tempdir()?;
         let directory = temporary.path().to_path_buf();
         let config = directory.join("flotilla.toml");
-        std::fs::write(&config, config_text())?;
+        // The chaos agents (`sh` one-liners) run unconfined on repositories under the scenario
+        // directory: the operator's policy allows exactly that.
+        std::fs::write(
+            &config,
+            format!(
+                "{}\n[policy]\nallowed_drivers = [\"none\"]\nfile_roots = [{:?}]\n",
+                config_text(),
+                directory.canonicalize()?.display().to_string()
+            ),
+        )?;
         let node = |name: &str| -> Result<Node> {
             let data_directory = directory.join(name).join("data");
             std::fs::create_dir_all(&data_directory)?;

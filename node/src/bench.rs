@@ -999,6 +999,8 @@ fn failover_spec(name: &str, repositories: &[String]) -> v1::FleetSpec {
             memory_limit_bytes: 0,
             pids_limit: 0,
             network: false,
+            cpu_limit_millicores: 0,
+            disk_limit_bytes: 0,
         }),
         branch_template: "flotilla/{fleet}".into(),
         commit_message: "failover benchmark".into(),
@@ -1077,8 +1079,16 @@ async fn failover_inner(trials: u32, keep: bool) -> anyhow::Result<i32> {
     let directory = ScratchDirectory::new("flotilla-bench-failover-", keep)?;
     let root = directory.path();
     let config = root.join("flotilla.toml");
-    std::fs::write(&config, FAILOVER_CONFIG)?;
     let repositories = tiny_repositories(&root.join("git"), RUNS_PER_FLEET)?;
+    // The benchmark's agent (`sleep`) runs unconfined on repositories under its scratch
+    // directory: the operator's policy allows exactly that.
+    std::fs::write(
+        &config,
+        format!(
+            "{FAILOVER_CONFIG}\n[policy]\nallowed_drivers = [\"none\"]\nfile_roots = [{:?}]\n",
+            root.join("git").canonicalize()?.display().to_string()
+        ),
+    )?;
     let mut cluster = FlotillaCluster::start(&root.join("cluster"), Some(&config))?;
     let leader = cluster.wait_for_leader(STARTUP_TIMEOUT).await?;
     eprintln!(

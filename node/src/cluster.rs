@@ -74,7 +74,7 @@ fn validate_member(member: Option<&v1::Member>) -> Result<(u64, String), Status>
     if member.address.parse::<std::net::SocketAddr>().is_err() {
         return Err(Status::invalid_argument(format!(
             "member.address: {:?} is not an IP:port socket address",
-            member.address
+            flotilla_scheduler::spec::shorten(&member.address, 128)
         )));
     }
     Ok((member.node_id, member.address.clone()))

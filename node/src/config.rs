@@ -34,6 +34,10 @@ pub struct ServerConfig {
     pub sandbox: SandboxSection,
     /// Logs and traces.
     pub telemetry: TelemetrySection,
+    /// The operator's execution policy: what fleets may ask of workers (drivers, network
+    /// modes, repository URLs, resource ceilings). Applied at submission by this node and at
+    /// lease time by its worker; see [`flotilla_scheduler::policy`].
+    pub policy: flotilla_scheduler::ExecutionPolicy,
 }
 
 impl Default for ServerConfig {
@@ -50,6 +54,7 @@ impl Default for ServerConfig {
             worker: WorkerSection::default(),
             sandbox: SandboxSection::default(),
             telemetry: TelemetrySection::default(),
+            policy: flotilla_scheduler::ExecutionPolicy::default(),
         }
     }
 }
@@ -443,6 +448,9 @@ impl ServerConfig {
         };
         if self.node_id == 0 {
             return invalid("node_id", "must be at least 1");
+        }
+        if let Err(error) = self.policy.validate() {
+            return invalid(error.field, &error.message);
         }
         if self.listen_address.parse::<std::net::SocketAddr>().is_err() {
             return invalid("listen_address", "must be an IP:port socket address");

@@ -58,6 +58,8 @@ pub fn fleet_spec_from_wire(
             memory_limit_bytes: sandbox.memory_limit_bytes,
             pids_limit: sandbox.pids_limit,
             network: sandbox.network,
+            cpu_limit_millicores: sandbox.cpu_limit_millicores,
+            disk_limit_bytes: sandbox.disk_limit_bytes,
         },
         // The default template lies under the configured prefix (flotilla/{fleet} by default).
         branch_template: if spec.branch_template.is_empty() {
@@ -115,6 +117,8 @@ pub fn fleet_spec_to_wire(spec: &FleetSpec) -> v1::FleetSpec {
             memory_limit_bytes: spec.sandbox.memory_limit_bytes,
             pids_limit: spec.sandbox.pids_limit,
             network: spec.sandbox.network,
+            cpu_limit_millicores: spec.sandbox.cpu_limit_millicores,
+            disk_limit_bytes: spec.sandbox.disk_limit_bytes,
         }),
         branch_template: spec.branch_template.clone(),
         commit_message: spec.commit_message.clone(),

@@ -5,7 +5,7 @@
 //! then acts as an ordinary client: it submits an "enforce rustfmt" fleet over gRPC, watches it
 //! with a progress bar, and prints the roll-up.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context as _;
@@ -70,6 +70,16 @@ pub async fn run(arguments: QuickstartArguments) -> anyhow::Result<i32> {
     if let Some(slots) = arguments.slots {
         config.worker.slots = slots;
     }
+    // The operator running the quick start allows the local repositories it names: those
+    // under the repositories file's directory, and no other local path.
+    let repositories_root = arguments
+        .repositories_file
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .canonicalize()
+        .context("resolving the repositories file's directory")?;
+    config.policy.file_roots = vec![repositories_root];
     config.telemetry.log_filter = "warn".into();
     let _telemetry = crate::telemetry::init(&config.telemetry)?;
     let slots = config.worker.slots;

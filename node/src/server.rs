@@ -108,7 +108,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let clock = Arc::new(
         crate::clock::LeaderClock::from_environment().map_err(|error| anyhow::anyhow!(error))?,
     );
-    let api = Api::new(node.clone(), &config.limits, clock.clone());
+    let api =
+        Api::new(node.clone(), &config.limits, clock.clone()).with_policy(config.policy.clone());
     let max_bytes = config.limits.max_request_bytes;
     // Both reflection protocols: grpc.reflection.v1 (grpcurl 1.9+, current tonic clients) and
     // grpc.reflection.v1alpha (Python's grpcio-reflection, older grpcurl, Postman).
@@ -240,9 +241,63 @@ pub async fn start_worker(
         tmp_size_bytes: config.sandbox.tmp_size_bytes,
         ..flotilla_worker::config::WorkerConfig::default()
     };
-    flotilla_worker::actor::start(settings, execution)
-        .await
-        .context("starting the worker")
+    flotilla_worker::actor::start_with_lease_check(
+        settings,
+        execution,
+        Some(worker_policy_check(config.policy.clone())),
+    )
+    .await
+    .context("starting the worker")
+}
+
+/// The worker's own application of the operator's policy to a lease (it never trusts the
+/// cluster to have checked): the sandbox request, every repository of the spec and the lease's
+/// own repository; for a local repository, its canonical path (symbolic links resolved) must lie
+/// under `policy.file_roots`. Errors name the field (`spec.sandbox.driver: ...`).
+pub fn worker_policy_check(
+    policy: flotilla_scheduler::ExecutionPolicy,
+) -> flotilla_worker::actor::LeaseCheck {
+    std::sync::Arc::new(move |lease: &flotilla_proto::v1::Lease| {
+        let wire = lease.spec.clone().unwrap_or_default();
+        let sandbox = wire.sandbox.clone().unwrap_or_default();
+        let sandbox = flotilla_scheduler::spec::SandboxSpec {
+            driver: if sandbox.driver.is_empty() {
+                "bwrap".into()
+            } else {
+                sandbox.driver
+            },
+            timeout_ms: sandbox.timeout_ms,
+            memory_limit_bytes: sandbox.memory_limit_bytes,
+            pids_limit: sandbox.pids_limit,
+            network: sandbox.network,
+            cpu_limit_millicores: sandbox.cpu_limit_millicores,
+            disk_limit_bytes: sandbox.disk_limit_bytes,
+        };
+        policy
+            .check_sandbox(&sandbox, "spec.sandbox")
+            .map_err(|error| error.to_string())?;
+        for (index, url) in wire.repositories.iter().enumerate() {
+            policy
+                .check_repository(url)
+                .map_err(|message| format!("spec.repositories[{index}]: {message}"))?;
+        }
+        policy
+            .check_repository(&lease.repository)
+            .map_err(|message| format!("lease.repository: {message}"))?;
+        let local = lease
+            .repository
+            .strip_prefix("file://")
+            .or_else(|| lease.repository.starts_with('/').then_some(lease.repository.as_str()));
+        if let Some(path) = local {
+            let canonical = std::fs::canonicalize(path).map_err(|error| {
+                format!("lease.repository: cannot resolve local repository {path}: {error}")
+            })?;
+            policy
+                .check_local_path(&canonical)
+                .map_err(|message| format!("lease.repository: {message}"))?;
+        }
+        Ok(())
+    })
 }
 
 /// The leader's periodic duties, every `limits.lease_check_interval_ms`, decided and stamped with
@@ -309,5 +364,52 @@ async fn leader_housekeeping_loop(
                 ),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod worker_policy_tests {
+    use super::*;
+    use flotilla_proto::v1;
+
+    fn lease(repository: &str, driver: &str) -> v1::Lease {
+        v1::Lease {
+            repository: repository.into(),
+            spec: Some(v1::FleetSpec {
+                repositories: vec![repository.into()],
+                sandbox: Some(v1::SandboxSpec {
+                    driver: driver.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_worker_applies_its_own_policy_to_leases() {
+        let root = tempfile::tempdir().unwrap();
+        let allowed = root.path().join("allowed");
+        let outside = root.path().join("outside");
+        std::fs::create_dir_all(allowed.join("repo")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, allowed.join("link")).unwrap();
+        let policy = flotilla_scheduler::ExecutionPolicy {
+            file_roots: vec![std::fs::canonicalize(&allowed).unwrap()],
+            ..Default::default()
+        };
+        let check = worker_policy_check(policy);
+        let inside = allowed.join("repo");
+        assert_eq!(check(&lease(inside.to_str().unwrap(), "bwrap")), Ok(()));
+        let error = check(&lease(inside.to_str().unwrap(), "none")).unwrap_err();
+        assert!(error.starts_with("spec.sandbox.driver:"), "{error}");
+        let error = check(&lease(outside.to_str().unwrap(), "")).unwrap_err();
+        assert!(error.starts_with("spec.repositories[0]:"), "{error}");
+        // A symbolic link under the root that leads outside it: refused by its canonical path.
+        let link = allowed.join("link");
+        let error = check(&lease(link.to_str().unwrap(), "")).unwrap_err();
+        assert!(error.starts_with("lease.repository:"), "{error}");
+        assert!(error.contains("outside the operator's file roots"), "{error}");
     }
 }

@@ -11,7 +11,8 @@
 //!   task: Format the code           # given as $FLOTILLA_TASK
 //!   env: { RUST_LOG: info }
 //! verify: ["cargo fmt --all -- --check"]
-//! sandbox: { driver: bwrap, timeout_ms: 600000, memory_limit_bytes: 0, pids_limit: 0, network: false }
+//! sandbox: { driver: bwrap, timeout_ms: 600000, memory_limit_bytes: 0, pids_limit: 0, network: false,
+//!           cpu_limit_millicores: 0, disk_limit_bytes: 0 }
 //! branch: flotilla/{fleet}
 //! commit_message: Format with rustfmt
 //! max_parallelism: 16
@@ -96,6 +97,10 @@ struct Sandbox {
     pids_limit: u32,
     #[serde(default)]
     network: bool,
+    #[serde(default)]
+    cpu_limit_millicores: u32,
+    #[serde(default)]
+    disk_limit_bytes: u64,
 }
 
 /// Why a spec file was not accepted.
@@ -264,6 +269,8 @@ impl SpecFile {
                 memory_limit_bytes: self.sandbox.memory_limit_bytes,
                 pids_limit: self.sandbox.pids_limit,
                 network: self.sandbox.network,
+                cpu_limit_millicores: self.sandbox.cpu_limit_millicores,
+                disk_limit_bytes: self.sandbox.disk_limit_bytes,
             }),
             branch_template: self.branch,
             commit_message: self.commit_message,

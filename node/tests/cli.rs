@@ -76,7 +76,7 @@ async fn bad_input_gives_one_clear_line_and_its_exit_code() {
     let root = tempfile::tempdir().unwrap();
     let node = Node::start(&root.path().join("node"), &["--no-worker"]).await;
     let spec = root.path().join("fleet.yaml");
-    std::fs::write(&spec, "name: x\ntargets: {repositories: [file:///a.git]}\nagent: {command: true}\nmax_paralelism: 3\n").unwrap();
+    std::fs::write(&spec, "name: x\ntargets: {repositories: [file:///srv/a.git]}\nagent: {command: true}\nmax_paralelism: 3\n").unwrap();
     let (code, _, stderr) = flotilla(&node.address, &["fleet", "submit", spec.to_str().unwrap()]);
     assert_eq!(code, 4, "{stderr}");
     assert!(
@@ -147,7 +147,7 @@ async fn submit_retries_with_one_idempotency_key_while_there_is_no_leader() {
     let spec = root.path().join("fleet.yaml");
     std::fs::write(
         &spec,
-        "name: x\ntargets: {repositories: [file:///a.git]}\nagent: {command: true}\n",
+        "name: x\ntargets: {repositories: [file:///srv/a.git]}\nagent: {command: true}\n",
     )
     .unwrap();
     let (code, _, stderr) = flotilla(&node.address, &["fleet", "submit", spec.to_str().unwrap()]);
@@ -167,7 +167,7 @@ fn dummy_spec(root: &std::path::Path) -> String {
     let spec = root.join("fleet.yaml");
     std::fs::write(
         &spec,
-        "name: x\ntargets: {repositories: [file:///a.git]}\nagent: {command: true}\n",
+        "name: x\ntargets: {repositories: [file:///srv/a.git]}\nagent: {command: true}\n",
     )
     .unwrap();
     spec.to_str().unwrap().to_string()

@@ -28,7 +28,7 @@ heartbeat_interval_ms = 500
 async fn a_leader_with_a_clock_ahead_replaced_by_a_right_one_leaves_no_run_stuck() {
     let root = tempfile::tempdir().unwrap();
     let config = root.path().join("node.toml");
-    std::fs::write(&config, CONFIG).unwrap();
+    common::write_config(&config, CONFIG);
     let config = config.to_str().unwrap().to_string();
     let data = root.path().join("node");
     let hour_ahead = [("FLOTILLA_FAULT_WALL_CLOCK_OFFSET_MS", "3600000")];

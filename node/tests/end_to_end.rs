@@ -539,7 +539,7 @@ async fn a_lost_lease_reply_costs_neither_an_attempt_nor_a_lease_ttl() {
     // Leases live 10 minutes: a run that waited for its lease to expire would not finish
     // within wait_finished's deadline.
     let config = root.path().join("node.toml");
-    std::fs::write(&config, "[limits]\nlease_ttl_ms = 600000\n").unwrap();
+    common::write_config(&config, "[limits]\nlease_ttl_ms = 600000\n");
     let node = Node::start(
         &root.path().join("node"),
         &["--no-worker", "--config", config.to_str().unwrap()],

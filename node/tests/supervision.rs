@@ -187,12 +187,11 @@ fn signal(node: &Node, signal: &str) {
 async fn an_attempt_whose_lease_cannot_be_renewed_is_stopped_by_the_worker() {
     let root = tempfile::tempdir().unwrap();
     let config = root.path().join("node.toml");
-    std::fs::write(
+    common::write_config(
         &config,
         "[limits]\nlease_ttl_ms = 3000\nlease_grace_after_election_ms = 0\n\
          [worker]\nheartbeat_interval_ms = 500\n",
-    )
-    .unwrap();
+    );
     let node = Node::start(
         &root.path().join("node"),
         &["--no-worker", "--config", config.to_str().unwrap()],

@@ -17,7 +17,7 @@ const CONFIG: &str = "[limits]\nmax_events_per_fleet = 16\n\n[worker]\nenabled =
 async fn a_watcher_behind_the_event_bound_is_told_where_to_resume() {
     let root = tempfile::tempdir().unwrap();
     let config = root.path().join("node.toml");
-    std::fs::write(&config, CONFIG).unwrap();
+    common::write_config(&config, CONFIG);
     let node = Node::start(
         &root.path().join("node"),
         &["--config", config.to_str().unwrap()],

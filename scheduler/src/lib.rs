@@ -15,11 +15,13 @@
 pub mod artifact;
 pub mod command;
 pub mod placement;
+pub mod policy;
 pub mod spec;
 pub mod state;
 
 pub use artifact::{ArtifactKey, ArtifactKind, Effect};
 pub use command::{AttemptResult, Command, FileStat, LeaseGrant, Outcome, Request, Response};
+pub use policy::{ExecutionPolicy, PolicyError};
 pub use spec::{AgentSpec, FieldError, FleetSpec, RetryPolicy, SandboxSpec, SpecLimits};
 pub use state::{Attempt, Fleet, FleetEvent, FleetState, Run, RunCounts, RunState, State};
 

@@ -77,8 +77,30 @@ pub struct SandboxSpec {
     pub memory_limit_bytes: u64,
     /// cgroup pids limit; 0 leaves the worker's default.
     pub pids_limit: u32,
-    /// Network access inside the sandbox.
+    /// Network access inside the sandbox: `false` is an empty network namespace, `true` the
+    /// run's own namespace whose only way out is the worker's egress proxy.
     pub network: bool,
+    /// CPU quota in millicores (1000 = one CPU); 0 leaves the worker's default.
+    #[serde(default)]
+    pub cpu_limit_millicores: u32,
+    /// Disk quota of the run's workspace in bytes; 0 leaves the worker's default.
+    #[serde(default)]
+    pub disk_limit_bytes: u64,
+}
+
+impl Default for SandboxSpec {
+    /// `bwrap`, [`DEFAULT_SANDBOX_TIMEOUT_MS`], no network, every limit the worker's default.
+    fn default() -> Self {
+        SandboxSpec {
+            driver: "bwrap".into(),
+            timeout_ms: DEFAULT_SANDBOX_TIMEOUT_MS,
+            memory_limit_bytes: 0,
+            pids_limit: 0,
+            network: false,
+            cpu_limit_millicores: 0,
+            disk_limit_bytes: 0,
+        }
+    }
 }
 
 /// How a run is retried after a retryable failure (infrastructure error, lost lease).
@@ -173,12 +195,44 @@ pub struct FieldError {
 }
 
 impl FieldError {
-    /// A new error for `field`.
+    /// A new error for `field`. Both parts are cut to [`MAX_ERROR_MESSAGE_BYTES`] (see
+    /// [`shorten`]), so an error never echoes a whole oversized input back to the caller (gRPC
+    /// carries the message in a header, which clients limit to 16 KiB).
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
         FieldError {
-            field: field.into(),
-            message: message.into(),
+            field: shorten(&field.into(), MAX_ERROR_MESSAGE_BYTES),
+            message: shorten(&message.into(), MAX_ERROR_MESSAGE_BYTES),
         }
+    }
+}
+
+/// Longest field path or message of a [`FieldError`], in bytes.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
+
+/// `text` if it has at most `max_bytes` bytes; otherwise its first bytes (cut at a character
+/// boundary) followed by `… (N bytes cut)`, the whole at most `max_bytes + 32` bytes.
+pub fn shorten(text: &str, max_bytes: usize) -> String {
+    if text.len() <= max_bytes {
+        return text.to_string();
+    }
+    let mut end = max_bytes;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes cut)", &text[..end], text.len() - end)
+}
+
+/// Checks that free text from a spec (`agent.command`, `agent.task`, `verify[i]`,
+/// `commit_message`) holds no NUL byte: a NUL cannot pass through an `exec` argument, an
+/// environment variable or a git commit message, so it would fail later, as a retried
+/// infrastructure error, instead of now.
+fn check_no_nul(field: String, text: &str) -> Result<(), FieldError> {
+    match text.find('\0') {
+        Some(offset) => Err(FieldError::new(
+            field,
+            format!("contains a NUL byte (at byte {offset})"),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -306,6 +360,12 @@ impl FleetSpec {
                 format!("longer than {} bytes", limits.max_command_bytes),
             ));
         }
+        check_no_nul(field("agent.command"), &self.agent.command)?;
+        check_no_nul(field("agent.task"), &self.agent.task)?;
+        check_no_nul(field("commit_message"), &self.commit_message)?;
+        for (index, command) in self.verify.iter().enumerate() {
+            check_no_nul(field(&format!("verify[{index}]")), command)?;
+        }
         if self.agent.task.len() > limits.max_task_bytes {
             return Err(FieldError::new(
                 field("agent.task"),
@@ -378,6 +438,18 @@ impl FleetSpec {
         {
             return Err(FieldError::new(
                 field("sandbox.memory_limit_bytes"),
+                "must be 0 (the worker's default) or at least 16 MiB",
+            ));
+        }
+        if self.sandbox.cpu_limit_millicores != 0 && self.sandbox.cpu_limit_millicores < 10 {
+            return Err(FieldError::new(
+                field("sandbox.cpu_limit_millicores"),
+                "must be 0 (the worker's default) or at least 10",
+            ));
+        }
+        if self.sandbox.disk_limit_bytes != 0 && self.sandbox.disk_limit_bytes < 16 * 1024 * 1024 {
+            return Err(FieldError::new(
+                field("sandbox.disk_limit_bytes"),
                 "must be 0 (the worker's default) or at least 16 MiB",
             ));
         }
@@ -518,6 +590,8 @@ pub(crate) mod tests {
                 memory_limit_bytes: 0,
                 pids_limit: 0,
                 network: false,
+                cpu_limit_millicores: 0,
+                disk_limit_bytes: 0,
             },
             branch_template: DEFAULT_BRANCH_TEMPLATE.into(),
             commit_message: "Format".into(),
@@ -536,6 +610,27 @@ pub(crate) mod tests {
             Err(error) => error.to_string(),
         };
         assert_eq!(actual, expected);
+    }
+
+    #[test]
+    fn errors_never_echo_a_whole_oversized_input() {
+        let mut s = spec(&["file:///srv/a", "file:///srv/b"]);
+        s.sandbox.driver = "x".repeat(1 << 20);
+        let error = s.validate("spec", &SpecLimits::default()).unwrap_err();
+        assert_eq!(error.field, "spec.sandbox.driver");
+        assert!(
+            error.message.len() <= MAX_ERROR_MESSAGE_BYTES + 32,
+            "{}",
+            error.message.len()
+        );
+        assert!(
+            error.message.ends_with(" bytes cut)"),
+            "{}",
+            &error.message[1000..]
+        );
+        // Cut at a character boundary.
+        assert_eq!(shorten("ééé", 3), "é… (4 bytes cut)");
+        assert_eq!(shorten("short", 5), "short");
     }
 
     #[test]
@@ -564,6 +659,30 @@ pub(crate) mod tests {
         check(
             |s| s.sandbox.driver = "docker".into(),
             "spec.sandbox.driver: unknown driver \"docker\"; expected \"bwrap\" or \"none\"",
+        );
+        check(
+            |s| s.agent.command = "echo a\0b".into(),
+            "spec.agent.command: contains a NUL byte (at byte 6)",
+        );
+        check(
+            |s| s.agent.task = "\0".into(),
+            "spec.agent.task: contains a NUL byte (at byte 0)",
+        );
+        check(
+            |s| s.verify[0] = "true\0".into(),
+            "spec.verify[0]: contains a NUL byte (at byte 4)",
+        );
+        check(
+            |s| s.commit_message = "Fix\0".into(),
+            "spec.commit_message: contains a NUL byte (at byte 3)",
+        );
+        check(
+            |s| s.sandbox.cpu_limit_millicores = 5,
+            "spec.sandbox.cpu_limit_millicores: must be 0 (the worker's default) or at least 10",
+        );
+        check(
+            |s| s.sandbox.disk_limit_bytes = 1024,
+            "spec.sandbox.disk_limit_bytes: must be 0 (the worker's default) or at least 16 MiB",
         );
         check(
             |s| s.sandbox.timeout_ms = 10,

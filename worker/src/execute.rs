@@ -189,6 +189,24 @@ fn sandbox_failure(log: &mut AttemptLog, label: &str, error: &SandboxError) -> R
     infrastructure(log, format!("{label}: {error}"), error.is_retryable())
 }
 
+/// The result for a lease this worker's operator policy refuses (`message` names the field): a
+/// non-retryable `infrastructure` failure, written to the attempt's log too. Nothing is cloned
+/// or run.
+pub fn refused_by_policy(config: &WorkerConfig, lease: &Lease, message: &str) -> RunResult {
+    let log_path = attempt_log_path(config, &lease.run_id, lease.attempt);
+    let mut log = match AttemptLog::create(&log_path, config.log_max_bytes, config.log_tail_bytes) {
+        Ok(log) => log,
+        Err(_) => AttemptLog::discard(config.log_tail_bytes),
+    };
+    let mut result = infrastructure(
+        &mut log,
+        format!("refused by this worker's policy: {message}"),
+        false,
+    );
+    result.log_tail = log.tail();
+    result
+}
+
 /// Runs one attempt of `lease` (see the module documentation) and returns its result; never
 /// panics and never fails: every problem becomes a result (`infrastructure` with the error
 /// message for unexpected ones, including a panic inside the pipeline).
@@ -298,10 +316,17 @@ impl SandboxSettings {
         } else {
             spec.timeout_ms
         };
-        // Until the spec carries `sandbox.cpu_limit_millicores` and `sandbox.disk_limit_bytes`,
-        // the worker's defaults apply.
-        let limits = resolve_limit_values(config, spec.memory_limit_bytes, spec.pids_limit, 0)?;
-        let disk_limit_bytes = config.default_disk_limit_bytes;
+        let limits = resolve_limit_values(
+            config,
+            spec.memory_limit_bytes,
+            spec.pids_limit,
+            u64::from(spec.cpu_limit_millicores),
+        )?;
+        let disk_limit_bytes = if spec.disk_limit_bytes == 0 {
+            config.default_disk_limit_bytes
+        } else {
+            spec.disk_limit_bytes
+        };
         if disk_limit_bytes > config.disk_limit_max_bytes {
             return Err(SandboxError::LimitOutOfRange {
                 field: "sandbox.disk_limit_bytes",

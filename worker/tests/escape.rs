@@ -137,6 +137,7 @@ fn attempt_lease(repository: &str, run_id: &str, agent: &str, env: &[(&str, &str
                 memory_limit_bytes: 0,
                 pids_limit: 0,
                 network: false,
+                ..SandboxSpec::default()
             }),
             branch_template: "flotilla/{fleet}".to_owned(),
             commit_message: "escape".to_owned(),

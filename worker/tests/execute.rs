@@ -44,6 +44,8 @@ fn lease(repository: &str, run_id: &str, attempt: u32, agent: &str, verify: &[&s
                 memory_limit_bytes: 0,
                 pids_limit: 0,
                 network: false,
+                cpu_limit_millicores: 0,
+                disk_limit_bytes: 0,
             }),
             branch_template: "flotilla/{fleet}".to_owned(),
             commit_message: "Say hello".to_owned(),

@@ -51,3 +51,54 @@ async fn probe_refuses_missing_mechanisms_unless_allowed() {
     let reason = check_worker_start(&config).await.unwrap_err();
     assert!(reason.contains("sandbox_uid_base"), "{reason}");
 }
+
+#[tokio::test]
+async fn a_lease_refused_by_the_policy_check_never_runs() {
+    use flotilla_proto::v1::{AgentSpec, FleetSpec, Lease};
+    use flotilla_worker::actor::{LeaseCheck, sandbox_executor_with_check};
+    let directory = tempfile::tempdir().unwrap();
+    let config = test_config(directory.path());
+    let check: LeaseCheck = std::sync::Arc::new(|lease: &Lease| {
+        match lease.spec.as_ref().and_then(|spec| spec.sandbox.as_ref()) {
+            Some(sandbox) if sandbox.driver == "none" => Err(
+                "spec.sandbox.driver: driver \"none\" is not allowed by the operator's policy"
+                    .to_owned(),
+            ),
+            _ => Ok(()),
+        }
+    });
+    let executor = sandbox_executor_with_check(config.clone(), Some(check));
+    let marker = directory.path().join("ran");
+    let lease = Lease {
+        run_id: "refused".into(),
+        repository: "/nonexistent/repository".into(),
+        branch: "flotilla/x".into(),
+        attempt: 1,
+        spec: Some(FleetSpec {
+            agent: Some(AgentSpec {
+                command: format!("touch {}", marker.display()),
+                ..AgentSpec::default()
+            }),
+            sandbox: Some(flotilla_proto::v1::SandboxSpec {
+                driver: "none".into(),
+                ..Default::default()
+            }),
+            ..FleetSpec::default()
+        }),
+        ..Lease::default()
+    };
+    let (_keep, cancel) = tokio::sync::watch::channel(false);
+    let deadline = flotilla_worker::lease::LeaseDeadline::fixed(
+        tokio::time::Instant::now() + std::time::Duration::from_secs(60),
+    );
+    let result = executor(lease, cancel, deadline).await;
+    assert_eq!(result.outcome, "infrastructure");
+    assert!(!result.retryable);
+    assert!(
+        result.error.contains("refused by this worker's policy: spec.sandbox.driver:"),
+        "{}",
+        result.error
+    );
+    assert!(result.log_tail.contains("spec.sandbox.driver"));
+    assert!(!marker.exists());
+}

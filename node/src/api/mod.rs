@@ -17,7 +17,8 @@ use flotilla_proto::v1::worker_service_client::WorkerServiceClient;
 use flotilla_proto::v1::worker_service_server::WorkerService;
 use flotilla_proto::v1::{self};
 use flotilla_raft::{RaftNode, ReadError, WriteError};
-use flotilla_scheduler::{Command, FieldError, Request, Response, SpecLimits};
+use flotilla_scheduler::spec::shorten;
+use flotilla_scheduler::{Command, ExecutionPolicy, FieldError, Request, Response, SpecLimits};
 use futures::Stream;
 use tokio::sync::{Semaphore, mpsc};
 use tonic::transport::Channel;
@@ -65,6 +66,7 @@ fn invalid(error: FieldError) -> Status {
 pub struct Api {
     node: Arc<RaftNode>,
     spec_limits: SpecLimits,
+    policy: Arc<ExecutionPolicy>,
     result_limits: ResultLimits,
     limits: LimitsSection,
     watch_streams: Arc<Semaphore>,
@@ -89,6 +91,7 @@ impl Api {
                 branch_prefix: limits.branch_prefix.clone(),
                 ..SpecLimits::default()
             },
+            policy: Arc::new(ExecutionPolicy::default()),
             result_limits: ResultLimits {
                 max_log_tail_bytes: limits.max_log_tail_bytes,
                 max_patch_bytes: limits.max_patch_bytes,
@@ -101,6 +104,13 @@ impl Api {
             clock,
             leader_channels: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    /// The same API applying `policy` to submissions instead of the default policy.
+    #[must_use]
+    pub fn with_policy(mut self, policy: ExecutionPolicy) -> Self {
+        self.policy = Arc::new(policy);
+        self
     }
 
     /// Replicated time now, as this node would stamp a command.
@@ -237,7 +247,9 @@ impl Api {
                     .fleet(fleet_id)
                     .map(|f| convert::fleet_to_wire(f, with_runs))
             })
-            .ok_or_else(|| Status::not_found(format!("fleet_id: no fleet {fleet_id:?}")))
+            .ok_or_else(|| {
+                Status::not_found(format!("fleet_id: no fleet {:?}", shorten(fleet_id, 128)))
+            })
     }
 }
 
@@ -259,6 +271,9 @@ impl FleetService for Api {
         }
         let spec =
             convert::fleet_spec_from_wire(message.spec, &self.spec_limits).map_err(invalid)?;
+        self.policy
+            .check(&spec, "spec")
+            .map_err(|error| Status::permission_denied(error.to_string()))?;
         let span =
             info_span!("submit_fleet", fleet.name = %spec.name, runs = spec.repositories.len());
         let command = Command::SubmitFleet {
@@ -454,7 +469,9 @@ impl FleetService for Api {
                     )
                 })
             })
-            .ok_or_else(|| Status::not_found(format!("run_id: no run {run_id:?}")))?;
+            .ok_or_else(|| {
+                Status::not_found(format!("run_id: no run {:?}", shorten(&run_id, 128)))
+            })?;
         for (position, wanted) in artifacts {
             let Some(text) = crate::artifacts::load(&self.node, &wanted).await else {
                 continue;

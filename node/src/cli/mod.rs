@@ -19,6 +19,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tonic::transport::Channel;
 
+pub mod terminal;
+
+use terminal::printable;
+
 /// `println!` that ends the process quietly on a closed stdout (see [`write_stdout`]).
 macro_rules! outln {
     ($($argument:tt)*) => {
@@ -59,6 +63,9 @@ pub mod exit_code {
     pub const UNAVAILABLE: i32 = 5;
     /// A watched fleet finished with failed or cancelled runs.
     pub const FLEET_FAILED: i32 = 6;
+    /// The request was refused: no or an invalid credential, a role or project that does not
+    /// allow it, or a spec outside the operator's policy (the message names the field).
+    pub const PERMISSION_DENIED: i32 = 7;
     /// Stdout was closed before all output was written (`flotilla ... | head`): 128 + SIGPIPE,
     /// the status a shell shows for a Unix tool that SIGPIPE ended. Nothing is printed.
     pub const BROKEN_PIPE: i32 = 141;
@@ -84,6 +91,9 @@ impl From<tonic::Status> for CliError {
                 exit_code::INVALID_ARGUMENT
             }
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => exit_code::UNAVAILABLE,
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+                exit_code::PERMISSION_DENIED
+            }
             _ => exit_code::ERROR,
         };
         CliError {
@@ -648,15 +658,15 @@ pub async fn watch_fleet(
                     errln!(
                         "[{done}/{}] {} {}",
                         c.total,
-                        short_repository(&event.repository),
-                        event.message
+                        printable(&short_repository(&event.repository)),
+                        printable(&event.message)
                     );
                 } else if interactive && RunState::try_from(event.run_state) == Ok(RunState::Failed)
                 {
                     bar.println(format!(
                         "failed: {} {}",
-                        short_repository(&event.repository),
-                        event.message
+                        printable(&short_repository(&event.repository)),
+                        printable(&event.message)
                     ));
                 }
             }
@@ -785,12 +795,13 @@ pub async fn show_run(
         run.fleet_id,
         run_state_name(run.state)
     );
-    outln!("repository: {}", run.repository);
+    // Everything below may hold bytes the agent chose: print control characters as escapes.
+    outln!("repository: {}", printable(&run.repository));
     if !run.commit.is_empty() {
         outln!(
             "branch: {} (commit {}, pushed: {})",
-            run.branch,
-            run.commit,
+            printable(&run.branch),
+            printable(&run.commit),
             run.pushed
         );
     }
@@ -799,7 +810,7 @@ pub async fn show_run(
             "  {:>6} {:>6}  {}",
             format!("+{}", file.insertions),
             format!("-{}", file.deletions),
-            file.path
+            printable(&file.path)
         );
     }
     for attempt in &run.attempts {
@@ -811,20 +822,20 @@ pub async fn show_run(
         outln!(
             "attempt {} on {}: {} (exit code {}) {}",
             attempt.number,
-            attempt.worker_id,
+            printable(&attempt.worker_id),
             outcome,
             attempt.exit_code,
-            attempt.error
+            printable(&attempt.error)
         );
         if !attempt.log_tail.is_empty() {
             outln!(
                 "--- log tail ---\n{}\n----------------",
-                attempt.log_tail.trim_end()
+                printable(attempt.log_tail.trim_end())
             );
         }
     }
     if with_patch && !run.patch.is_empty() {
-        outln!("{}", run.patch);
+        outln!("{}", printable(&run.patch));
         if run.patch_truncated {
             outln!(
                 "[patch truncated; the full change is on branch {}]",

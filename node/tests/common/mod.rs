@@ -22,6 +22,23 @@ fn free_port() -> u16 {
     listener.local_addr().expect("address").port()
 }
 
+/// The operator policy of test nodes: the default policy, plus local repositories under the
+/// temporary directory (where tests create them) and `/srv` (paths some tests only name).
+pub fn test_policy() -> String {
+    let temporary = std::env::temp_dir()
+        .canonicalize()
+        .expect("temporary directory");
+    format!(
+        "\n[policy]\nfile_roots = [{:?}, \"/srv\"]\n",
+        temporary.display().to_string()
+    )
+}
+
+/// A node configuration file `text` plus [`test_policy`], written to `path`.
+pub fn write_config(path: &Path, text: &str) {
+    std::fs::write(path, format!("{text}{}", test_policy())).expect("write config");
+}
+
 impl Node {
     /// Starts a single-node cluster with a local worker in `data_directory`.
     pub async fn start(data_directory: &Path, extra_arguments: &[&str]) -> Node {
@@ -92,6 +109,14 @@ impl Node {
         ));
         let log_file = std::fs::File::create(&log).expect("log file");
         let address = format!("127.0.0.1:{port}");
+        // Every test node runs under the test policy; a test with its own `--config` writes
+        // it with [`write_config`].
+        let default_config = data_directory.join("test-policy.toml");
+        let mut arguments: Vec<String> = extra_arguments.iter().map(|a| a.to_string()).collect();
+        if !extra_arguments.contains(&"--config") {
+            write_config(&default_config, "");
+            arguments.extend(["--config".into(), default_config.display().to_string()]);
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
             .args(["server", "--data-directory"])
             .arg(data_directory)
@@ -103,7 +128,7 @@ impl Node {
                 "--worker-slots",
                 "2",
             ])
-            .args(extra_arguments)
+            .args(&arguments)
             .envs(environment.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

@@ -51,6 +51,8 @@ fn fleet_spec(name: &str) -> FleetSpec {
             memory_limit_bytes: 0,
             pids_limit: 0,
             network: false,
+            cpu_limit_millicores: 0,
+            disk_limit_bytes: 0,
         },
         branch_template: DEFAULT_BRANCH_TEMPLATE.into(),
         commit_message: "Format".into(),
