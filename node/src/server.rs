@@ -284,10 +284,12 @@ pub fn worker_policy_check(
         policy
             .check_repository(&lease.repository)
             .map_err(|message| format!("lease.repository: {message}"))?;
-        let local = lease
-            .repository
-            .strip_prefix("file://")
-            .or_else(|| lease.repository.starts_with('/').then_some(lease.repository.as_str()));
+        let local = lease.repository.strip_prefix("file://").or_else(|| {
+            lease
+                .repository
+                .starts_with('/')
+                .then_some(lease.repository.as_str())
+        });
         if let Some(path) = local {
             let canonical = std::fs::canonicalize(path).map_err(|error| {
                 format!("lease.repository: cannot resolve local repository {path}: {error}")
@@ -410,6 +412,9 @@ mod worker_policy_tests {
         let link = allowed.join("link");
         let error = check(&lease(link.to_str().unwrap(), "")).unwrap_err();
         assert!(error.starts_with("lease.repository:"), "{error}");
-        assert!(error.contains("outside the operator's file roots"), "{error}");
+        assert!(
+            error.contains("outside the operator's file roots"),
+            "{error}"
+        );
     }
 }

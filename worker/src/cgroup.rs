@@ -565,7 +565,10 @@ impl InvocationCgroup {
                 }
             }
         }
-        write_limit(pids_directory.join("pids.max"), limits.pids_limit.to_string())?;
+        write_limit(
+            pids_directory.join("pids.max"),
+            limits.pids_limit.to_string(),
+        )?;
         Ok(cgroup)
     }
 

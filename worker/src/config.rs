@@ -321,7 +321,10 @@ impl WorkerConfig {
         for (field, value) in [
             ("memory_limit_max_bytes", self.memory_limit_max_bytes),
             ("pids_limit_max", u64::from(self.pids_limit_max)),
-            ("default_memory_limit_bytes", self.default_memory_limit_bytes),
+            (
+                "default_memory_limit_bytes",
+                self.default_memory_limit_bytes,
+            ),
             ("default_pids_limit", u64::from(self.default_pids_limit)),
             ("tmp_size_bytes", self.tmp_size_bytes),
         ] {

@@ -47,7 +47,8 @@ use crate::lease::LeaseDeadline;
 use crate::publish::{self, AttemptIdentity, PublishError, PublishTarget, Withdrawal};
 use crate::quota::{QuotaError, WorkspaceVolume};
 use crate::sandbox::{
-    SandboxCommand, SandboxDriver, SandboxError, SandboxOutcome, resolve_limit_values, run_sandboxed,
+    SandboxCommand, SandboxDriver, SandboxError, SandboxOutcome, resolve_limit_values,
+    run_sandboxed,
 };
 
 /// Outcome: files changed, verification passed, committed (and pushed when the fleet asks).

@@ -16,8 +16,8 @@
 //! self-contained and git works inside the sandbox) and points `origin` at the real URL.
 
 use std::ffi::{OsStr, OsString};
-use std::os::unix::ffi::OsStrExt;
 use std::fmt::Write as _;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -877,7 +877,14 @@ async fn drop_new_gitlinks(
     let raw = git
         .run(
             directory,
-            ["diff", "--cached", "--raw", "-z", "--no-renames", "--no-abbrev"],
+            [
+                "diff",
+                "--cached",
+                "--raw",
+                "-z",
+                "--no-renames",
+                "--no-abbrev",
+            ],
             cancel,
         )
         .await?;
@@ -900,12 +907,12 @@ async fn drop_new_gitlinks(
     if gitlinks.is_empty() {
         return Ok(());
     }
-    tracing::warn!(?gitlinks, "dropping gitlinks of nested .git directories from the commit");
-    let mut arguments: Vec<OsString> = vec![
-        "update-index".into(),
-        "--force-remove".into(),
-        "--".into(),
-    ];
+    tracing::warn!(
+        ?gitlinks,
+        "dropping gitlinks of nested .git directories from the commit"
+    );
+    let mut arguments: Vec<OsString> =
+        vec!["update-index".into(), "--force-remove".into(), "--".into()];
     arguments.extend(gitlinks);
     git.run(directory, arguments, cancel).await?;
     Ok(())

@@ -93,9 +93,10 @@ fn mount(
 ) -> std::io::Result<()> {
     let source = c_path(source)?;
     let target = c_path(target)?;
-    let options = options.map(CString::new).transpose().map_err(|error| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, error)
-    })?;
+    let options = options
+        .map(CString::new)
+        .transpose()
+        .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, error))?;
     // SAFETY: every pointer is a valid C string alive for the call (or null); checked result.
     let result = unsafe {
         libc::mount(
@@ -172,10 +173,7 @@ impl StagingMount {
             let path = staging.directory.join(name);
             std::fs::create_dir(&path)?;
             std::os::unix::fs::chown(&path, Some(uid), Some(uid))?;
-            std::fs::set_permissions(
-                &path,
-                std::os::unix::fs::PermissionsExt::from_mode(0o1777),
-            )?;
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o1777))?;
         }
         Ok(staging)
     }

@@ -131,7 +131,8 @@ impl CapabilityReport {
                 ));
             }
             if !self.cgroup_cpu
-                && (config.default_cpu_limit_millicores > 0 || config.total_cpu_limit_millicores > 0)
+                && (config.default_cpu_limit_millicores > 0
+                    || config.total_cpu_limit_millicores > 0)
             {
                 problems.push(
                     "no cgroup cpu controller for the CPU quota; set allow_without_cgroup_limits or default_cpu_limit_millicores = 0"
@@ -149,17 +150,15 @@ impl CapabilityReport {
             Err(reason) => problems.push(format!("a test sandbox did not start: {reason}")),
             Ok(report) => {
                 let words: Vec<&str> = report.split_whitespace().collect();
-                let landlock_required = self.landlock_abi >= LANDLOCK_REQUIRED_ABI
-                    || !config.allow_without_landlock;
+                let landlock_required =
+                    self.landlock_abi >= LANDLOCK_REQUIRED_ABI || !config.allow_without_landlock;
                 let mut expected = vec!["no_new_privs=1", "seccomp=2"];
                 if landlock_required {
                     expected.push("landlock=enforced");
                 }
                 for word in expected {
                     if !words.contains(&word) {
-                        problems.push(format!(
-                            "the test sandbox does not report {word}: {report}"
-                        ));
+                        problems.push(format!("the test sandbox does not report {word}: {report}"));
                     }
                 }
                 if words.contains(&"uid=0") {
@@ -193,11 +192,7 @@ async fn bubblewrap_facts(config: &WorkerConfig) -> (Option<String>, Vec<String>
         .unwrap_or_default();
     let missing = REQUIRED_BUBBLEWRAP_FLAGS
         .iter()
-        .filter(|flag| {
-            !help
-                .split_whitespace()
-                .any(|word| word == **flag)
-        })
+        .filter(|flag| !help.split_whitespace().any(|word| word == **flag))
         .map(|flag| (*flag).to_owned())
         .collect();
     (version, missing)
@@ -265,7 +260,11 @@ async fn smoke_test(config: &WorkerConfig) -> Result<String, String> {
     let _ = std::fs::remove_dir_all(&directory);
     match result {
         Ok(outcome) if outcome.succeeded() => Ok(outcome.log_tail.trim().to_owned()),
-        Ok(outcome) => Err(format!("{}: {}", outcome.describe(), outcome.log_tail.trim())),
+        Ok(outcome) => Err(format!(
+            "{}: {}",
+            outcome.describe(),
+            outcome.log_tail.trim()
+        )),
         Err(error) => Err(error.to_string()),
     }
 }

@@ -105,7 +105,8 @@ impl WorkspaceVolume {
         let parent = mount_point.parent().unwrap_or(Path::new("/"));
         std::fs::create_dir_all(mount_point)
             .map_err(|error| failed(mount_point, error.to_string()))?;
-        let available = available_bytes(parent).map_err(|error| failed(parent, error.to_string()))?;
+        let available =
+            available_bytes(parent).map_err(|error| failed(parent, error.to_string()))?;
         if available < size_bytes.saturating_add(config.disk_reserve_bytes) {
             return Err(QuotaError::NoSpace {
                 size_bytes,

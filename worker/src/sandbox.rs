@@ -356,7 +356,10 @@ pub fn sandbox_environment(
             // configuration, which git honours for that key).
             environment.push(("GIT_CONFIG_COUNT".to_owned(), "1".to_owned()));
             environment.push(("GIT_CONFIG_KEY_0".to_owned(), "safe.directory".to_owned()));
-            environment.push(("GIT_CONFIG_VALUE_0".to_owned(), SANDBOX_WORKSPACE.to_owned()));
+            environment.push((
+                "GIT_CONFIG_VALUE_0".to_owned(),
+                SANDBOX_WORKSPACE.to_owned(),
+            ));
         }
         SandboxDriver::None => {
             let path: Vec<String> = SANDBOX_PATH
@@ -508,7 +511,11 @@ pub fn bubblewrap_arguments(
         execute_roots.push(target.clone());
     }
     push_read_only_bind(&mut arguments, &mounts.init, Path::new(SANDBOX_INIT_PATH));
-    push_bind(&mut arguments, &mounts.workspace, Path::new(SANDBOX_WORKSPACE));
+    push_bind(
+        &mut arguments,
+        &mounts.workspace,
+        Path::new(SANDBOX_WORKSPACE),
+    );
     if let Some(git) = &mounts.git {
         push_read_only_bind(
             &mut arguments,
@@ -766,12 +773,13 @@ pub async fn run_sandboxed(
                 source,
             })
         };
-        let init_path = config
-            .sandbox_init_executable()
-            .map_err(|source| SandboxError::Prepare {
-                path: PathBuf::from("sandbox_init_path"),
-                source,
-            })?;
+        let init_path =
+            config
+                .sandbox_init_executable()
+                .map_err(|source| SandboxError::Prepare {
+                    path: PathBuf::from("sandbox_init_path"),
+                    source,
+                })?;
         let workspace = stage(&command.workspace_directory)?;
         let git_directory = command.workspace_directory.join(".git");
         let git = if std::fs::symlink_metadata(&git_directory).is_ok() {
@@ -1147,7 +1155,10 @@ mod tests {
             tmp: PathBuf::from("/staging/tmp"),
             shm: PathBuf::from("/staging/shm"),
             init: PathBuf::from("/staging/init"),
-            toolchains: vec![(PathBuf::from("/staging/cargo"), PathBuf::from(SANDBOX_CARGO_BIN))],
+            toolchains: vec![(
+                PathBuf::from("/staging/cargo"),
+                PathBuf::from(SANDBOX_CARGO_BIN),
+            )],
             landlock: true,
         }
     }
@@ -1173,7 +1184,9 @@ mod tests {
         assert!(joined.contains("--bind /staging/tmp /tmp"));
         assert!(joined.contains("--bind /staging/shm /dev/shm"));
         assert!(joined.contains("--ro-bind /staging/cargo /opt/cargo/bin"));
-        assert!(joined.contains(&format!("-- {SANDBOX_INIT_PATH} sandbox-init --landlock required")));
+        assert!(joined.contains(&format!(
+            "-- {SANDBOX_INIT_PATH} sandbox-init --landlock required"
+        )));
         assert!(joined.contains("--exec /opt/cargo/bin"));
         assert!(joined.contains("--write /workspace"));
         assert!(joined.contains("--write-noexec /tmp --write-noexec /dev/shm"));

@@ -31,8 +31,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use landlock::{
-    ABI, Access, AccessFs, BitFlags, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr,
-    RulesetCreatedAttr, RulesetStatus, Scope,
+    ABI, Access, AccessFs, BitFlags, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset,
+    RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope,
 };
 
 /// Exit code of the init when it cannot set up the sandbox.
@@ -106,7 +106,10 @@ pub fn init_arguments(invocation: &InitInvocation) -> Vec<OsString> {
 /// command.
 pub fn parse_arguments(arguments: &[OsString]) -> Result<InitInvocation, String> {
     let mut index = 0;
-    if arguments.first().is_some_and(|first| first == INIT_SUBCOMMAND) {
+    if arguments
+        .first()
+        .is_some_and(|first| first == INIT_SUBCOMMAND)
+    {
         index = 1;
     }
     let mut invocation = InitInvocation {
@@ -193,7 +196,12 @@ pub fn apply_landlock(policy: &LandlockPolicy) -> Result<(), LandlockError> {
         .scope(Scope::from_all(LANDLOCK_SCOPE_ABI))?
         .create()?;
     let mut rules: Vec<(PathBuf, BitFlags<AccessFs>)> = vec![(PathBuf::from("/"), read)];
-    rules.extend(policy.execute_roots.iter().map(|path| (path.clone(), execute)));
+    rules.extend(
+        policy
+            .execute_roots
+            .iter()
+            .map(|path| (path.clone(), execute)),
+    );
     rules.extend(policy.write_roots.iter().map(|path| (path.clone(), all)));
     rules.extend(
         policy
@@ -201,7 +209,12 @@ pub fn apply_landlock(policy: &LandlockPolicy) -> Result<(), LandlockError> {
             .iter()
             .map(|path| (path.clone(), all & !AccessFs::Execute)),
     );
-    rules.extend(policy.device_roots.iter().map(|path| (path.clone(), device)));
+    rules.extend(
+        policy
+            .device_roots
+            .iter()
+            .map(|path| (path.clone(), device)),
+    );
     for (path, access) in rules {
         let fd = PathFd::new(&path).map_err(|source| LandlockError::Path {
             path: path.clone(),

@@ -139,7 +139,10 @@ fn socket_rules() -> Result<Vec<SeccompRule>, SeccompError> {
         SeccompCmpOp::MaskedEq(0xf),
         libc::SOCK_RAW as u64,
     )?];
-    Ok(vec![SeccompRule::new(unusual_family)?, SeccompRule::new(raw)?])
+    Ok(vec![
+        SeccompRule::new(unusual_family)?,
+        SeccompRule::new(raw)?,
+    ])
 }
 
 fn architecture() -> Result<TargetArch, SeccompError> {

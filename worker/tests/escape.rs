@@ -69,10 +69,7 @@ async fn run_script(
     let mut command = sandbox_command(&workspace, &script);
     command.label = name.to_owned();
     command.environment.extend([
-        (
-            "ESCAPE_HOST_PID".to_owned(),
-            std::process::id().to_string(),
-        ),
+        ("ESCAPE_HOST_PID".to_owned(), std::process::id().to_string()),
         (
             "ESCAPE_HOST_PATH".to_owned(),
             config.work_directory.display().to_string(),
@@ -87,9 +84,11 @@ async fn run_script(
 fn row_for(name: &str, expect: Expect, outcome: &SandboxOutcome, extra: &str) -> Row {
     let line = result_line(outcome);
     let (passed, verdict, recorded) = match (&line, expect) {
-        (Some(line), Expect::Blocked) if line.starts_with("blocked:") => {
-            (true, "blocked".to_owned(), line["blocked:".len()..].trim().to_owned())
-        }
+        (Some(line), Expect::Blocked) if line.starts_with("blocked:") => (
+            true,
+            "blocked".to_owned(),
+            line["blocked:".len()..].trim().to_owned(),
+        ),
         (Some(line), Expect::Allowed) if line.starts_with("allowed:") => (
             true,
             "allowed (by design)".to_owned(),
@@ -163,10 +162,19 @@ async fn attempt(config: &WorkerConfig, lease: &Lease) -> RunResult {
 }
 
 fn print_table(rows: &[Row]) {
-    let width = rows.iter().map(|row| row.case.len()).max().unwrap_or(4).max(4);
+    let width = rows
+        .iter()
+        .map(|row| row.case.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
     println!();
     println!("| {:width$} | {:20} | how recorded", "case", "blocked?");
-    println!("|-{}-|-{}-|-------------", "-".repeat(width), "-".repeat(20));
+    println!(
+        "|-{}-|-{}-|-------------",
+        "-".repeat(width),
+        "-".repeat(20)
+    );
     for row in rows {
         println!(
             "| {:width$} | {:20} | {}",

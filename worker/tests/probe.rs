@@ -14,14 +14,23 @@ async fn probe_reports_what_this_host_enforces() {
         .await
         .unwrap_or_else(|reason| panic!("this host (deploy/env.sh) must pass the probe: {reason}"));
     println!("{report:#?}");
-    assert!(report.bubblewrap_version.as_deref().unwrap().starts_with("bubblewrap"));
+    assert!(
+        report
+            .bubblewrap_version
+            .as_deref()
+            .unwrap()
+            .starts_with("bubblewrap")
+    );
     assert!(report.bubblewrap_missing_flags.is_empty());
     assert!(report.landlock_abi >= LANDLOCK_REQUIRED_ABI);
     assert!(!report.x32_system_calls);
     assert!(report.cgroup_memory && report.cgroup_pids && report.cgroup_cpu);
     assert_eq!(report.disk_quota_method.as_deref(), Some("loop-ext4"));
     let smoke = report.smoke_test.as_ref().unwrap();
-    assert!(smoke.contains(&format!("uid={}", config.sandbox_uid_base)), "{smoke}");
+    assert!(
+        smoke.contains(&format!("uid={}", config.sandbox_uid_base)),
+        "{smoke}"
+    );
     assert!(smoke.contains("no_new_privs=1"), "{smoke}");
     assert!(smoke.contains("seccomp=2"), "{smoke}");
     assert!(smoke.contains("landlock=enforced"), "{smoke}");
@@ -95,7 +104,9 @@ async fn a_lease_refused_by_the_policy_check_never_runs() {
     assert_eq!(result.outcome, "infrastructure");
     assert!(!result.retryable);
     assert!(
-        result.error.contains("refused by this worker's policy: spec.sandbox.driver:"),
+        result
+            .error
+            .contains("refused by this worker's policy: spec.sandbox.driver:"),
         "{}",
         result.error
     );

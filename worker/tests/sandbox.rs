@@ -607,7 +607,10 @@ async fn commands_are_refused_when_limits_cannot_be_applied_or_are_out_of_range(
     match result {
         Err(error @ SandboxError::Limits { .. }) => {
             assert!(error.is_retryable());
-            assert!(error.to_string().contains("cgroups are not usable"), "{error}");
+            assert!(
+                error.to_string().contains("cgroups are not usable"),
+                "{error}"
+            );
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
@@ -627,7 +630,10 @@ async fn commands_are_refused_when_limits_cannot_be_applied_or_are_out_of_range(
     match result {
         Err(error @ SandboxError::LimitOutOfRange { .. }) => {
             assert!(!error.is_retryable());
-            assert!(error.to_string().starts_with("sandbox.pids_limit:"), "{error}");
+            assert!(
+                error.to_string().starts_with("sandbox.pids_limit:"),
+                "{error}"
+            );
         }
         other => panic!("expected an out-of-range limit, got {other:?}"),
     }
@@ -673,7 +679,8 @@ async fn cpu_quota_is_written_to_the_command_cgroup() {
     let mut command = sandbox_command(&workspace, "sleep 5");
     command.label = "cpu-quota".to_owned();
     command.cpu_limit_millicores = 500;
-    let running = tokio::spawn(async move { run(&config, SandboxDriver::Bubblewrap, &command).await });
+    let running =
+        tokio::spawn(async move { run(&config, SandboxDriver::Bubblewrap, &command).await });
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut quota = None;
     while quota.is_none() && Instant::now() < deadline {

@@ -16,9 +16,7 @@ use tokio_util::sync::CancellationToken;
 pub fn test_config(work_directory: &Path) -> WorkerConfig {
     WorkerConfig {
         work_directory: work_directory.to_path_buf(),
-        sandbox_init_path: Some(PathBuf::from(env!(
-            "CARGO_BIN_EXE_flotilla-sandbox-init"
-        ))),
+        sandbox_init_path: Some(PathBuf::from(env!("CARGO_BIN_EXE_flotilla-sandbox-init"))),
         ..WorkerConfig::default()
     }
 }
