@@ -358,7 +358,7 @@ async fn hostile_agents_are_blocked() {
     .await;
     let disclosed = result.patch.contains(&other_commit)
         || result.diffstat.iter().any(|stat| stat.path == "sub");
-    let passed = !disclosed && result.outcome != "";
+    let passed = !disclosed && result.outcome == "changed";
     rows.push(Row {
         case: "nested-git-gitlink".to_owned(),
         passed,
