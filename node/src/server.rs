@@ -290,10 +290,9 @@ pub fn worker_policy_check(
                 .starts_with('/')
                 .then_some(lease.repository.as_str())
         });
-        if let Some(path) = local {
-            let canonical = std::fs::canonicalize(path).map_err(|error| {
-                format!("lease.repository: cannot resolve local repository {path}: {error}")
-            })?;
+        // A path that does not resolve (missing) is left to the clone, which fails retryably
+        // as before; one that resolves must stay under the roots.
+        if let Some(canonical) = local.and_then(|path| std::fs::canonicalize(path).ok()) {
             policy
                 .check_local_path(&canonical)
                 .map_err(|message| format!("lease.repository: {message}"))?;
