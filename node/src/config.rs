@@ -33,6 +33,8 @@ pub struct ServerConfig {
     pub limits: LimitsSection,
     /// The node's own worker.
     pub worker: WorkerSection,
+    /// The worker's sandbox hardening (uids, required mechanisms, limit ceilings, totals).
+    pub sandbox: SandboxSection,
     /// Logs and traces.
     pub telemetry: TelemetrySection,
     /// The operator's execution policy: what fleets may ask of workers (drivers, network
@@ -72,6 +74,7 @@ impl Default for ServerConfig {
             raft: RaftSection::default(),
             limits: LimitsSection::default(),
             worker: WorkerSection::default(),
+            sandbox: SandboxSection::default(),
             telemetry: TelemetrySection::default(),
             policy: flotilla_scheduler::ExecutionPolicy::default(),
             auth: AuthSection::default(),
@@ -365,6 +368,75 @@ impl Default for WorkerSection {
             mirror_cache_max_bytes: 20 * 1024 * 1024 * 1024,
             egress: flotilla_worker::egress::EgressConfig::default(),
             token_file: PathBuf::new(),
+        }
+    }
+}
+
+/// The worker's sandbox hardening; each key is the worker setting of the same name
+/// (`flotilla_worker::config::WorkerConfig`, documented in README.md).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxSection {
+    /// First host uid (and gid) of the sandboxes; never 0.
+    pub sandbox_uid_base: u32,
+    /// Number of sandbox uids (commands at once).
+    pub sandbox_uid_count: u32,
+    /// The sandbox init executable; empty: this binary (`flotilla sandbox-init`).
+    pub sandbox_init_path: PathBuf,
+    /// Where the per-command staging tmpfs is mounted.
+    pub sandbox_staging_directory: PathBuf,
+    /// Run without Landlock when the kernel lacks it.
+    pub allow_without_landlock: bool,
+    /// Run without cgroup limits when cgroups are unusable.
+    pub allow_without_cgroup_limits: bool,
+    /// Run without a disk quota when loop mounts are unavailable.
+    pub allow_without_disk_quota: bool,
+    /// Highest memory limit a fleet may ask for.
+    pub memory_limit_max_bytes: u64,
+    /// Highest pids limit a fleet may ask for.
+    pub pids_limit_max: u32,
+    /// Default CPU quota of a command, thousandths of a CPU; 0: none.
+    pub default_cpu_limit_millicores: u64,
+    /// Highest CPU quota a fleet may ask for.
+    pub cpu_limit_max_millicores: u64,
+    /// Memory of all sandboxes together; 0: no total.
+    pub total_memory_limit_bytes: u64,
+    /// Processes of all sandboxes together; 0: no total.
+    pub total_pids_limit: u32,
+    /// CPU of all sandboxes together, thousandths of a CPU; 0: no total.
+    pub total_cpu_limit_millicores: u64,
+    /// Disk quota of an attempt's workspace.
+    pub default_disk_limit_bytes: u64,
+    /// Highest disk quota a fleet may ask for.
+    pub disk_limit_max_bytes: u64,
+    /// Free space kept on the data file system.
+    pub disk_reserve_bytes: u64,
+    /// Size of each sandbox's `/tmp` + `/dev/shm`.
+    pub tmp_size_bytes: u64,
+}
+
+impl Default for SandboxSection {
+    fn default() -> Self {
+        let worker = flotilla_worker::config::WorkerConfig::default();
+        SandboxSection {
+            sandbox_uid_base: worker.sandbox_uid_base,
+            sandbox_uid_count: worker.sandbox_uid_count,
+            sandbox_init_path: PathBuf::new(),
+            sandbox_staging_directory: worker.sandbox_staging_directory,
+            allow_without_landlock: worker.allow_without_landlock,
+            allow_without_cgroup_limits: worker.allow_without_cgroup_limits,
+            allow_without_disk_quota: worker.allow_without_disk_quota,
+            memory_limit_max_bytes: worker.memory_limit_max_bytes,
+            pids_limit_max: worker.pids_limit_max,
+            default_cpu_limit_millicores: worker.default_cpu_limit_millicores,
+            cpu_limit_max_millicores: worker.cpu_limit_max_millicores,
+            total_memory_limit_bytes: worker.total_memory_limit_bytes,
+            total_pids_limit: worker.total_pids_limit,
+            total_cpu_limit_millicores: worker.total_cpu_limit_millicores,
+            default_disk_limit_bytes: worker.default_disk_limit_bytes,
+            disk_limit_max_bytes: worker.disk_limit_max_bytes,
+            disk_reserve_bytes: worker.disk_reserve_bytes,
+            tmp_size_bytes: worker.tmp_size_bytes,
         }
     }
 }

@@ -615,6 +615,14 @@ fn client_transport(flags: &TransportFlags) -> anyhow::Result<cli::ClientTranspo
 }
 
 fn main() {
+    // The sandbox init (hidden: bubblewrap runs this binary as the sandbox's first program, see
+    // flotilla_worker::sandbox_init); before clap, threads or a runtime exist.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|argument| argument == flotilla_worker::sandbox_init::INIT_SUBCOMMAND)
+    {
+        flotilla_worker::sandbox_init::main();
+    }
     let arguments = Arguments::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

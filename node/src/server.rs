@@ -316,11 +316,85 @@ pub async fn start_worker(
                 username: entry.username.clone(),
             })
             .collect(),
+        sandbox_uid_base: config.sandbox.sandbox_uid_base,
+        sandbox_uid_count: config.sandbox.sandbox_uid_count,
+        sandbox_init_path: (!config.sandbox.sandbox_init_path.as_os_str().is_empty())
+            .then(|| config.sandbox.sandbox_init_path.clone()),
+        sandbox_staging_directory: config.sandbox.sandbox_staging_directory.clone(),
+        allow_without_landlock: config.sandbox.allow_without_landlock,
+        allow_without_cgroup_limits: config.sandbox.allow_without_cgroup_limits,
+        allow_without_disk_quota: config.sandbox.allow_without_disk_quota,
+        memory_limit_max_bytes: config.sandbox.memory_limit_max_bytes,
+        pids_limit_max: config.sandbox.pids_limit_max,
+        default_cpu_limit_millicores: config.sandbox.default_cpu_limit_millicores,
+        cpu_limit_max_millicores: config.sandbox.cpu_limit_max_millicores,
+        total_memory_limit_bytes: config.sandbox.total_memory_limit_bytes,
+        total_pids_limit: config.sandbox.total_pids_limit,
+        total_cpu_limit_millicores: config.sandbox.total_cpu_limit_millicores,
+        default_disk_limit_bytes: config.sandbox.default_disk_limit_bytes,
+        disk_limit_max_bytes: config.sandbox.disk_limit_max_bytes,
+        disk_reserve_bytes: config.sandbox.disk_reserve_bytes,
+        tmp_size_bytes: config.sandbox.tmp_size_bytes,
         ..flotilla_worker::config::WorkerConfig::default()
     };
-    flotilla_worker::actor::start(settings, execution)
-        .await
-        .context("starting the worker")
+    flotilla_worker::actor::start_with_lease_check(
+        settings,
+        execution,
+        Some(worker_policy_check(config.policy.clone())),
+    )
+    .await
+    .context("starting the worker")
+}
+
+/// The worker's own application of the operator's policy to a lease (it never trusts the
+/// cluster to have checked): the sandbox request, every repository of the spec and the lease's
+/// own repository; for a local repository, its canonical path (symbolic links resolved) must lie
+/// under `policy.file_roots`. Errors name the field (`spec.sandbox.driver: ...`).
+pub fn worker_policy_check(
+    policy: flotilla_scheduler::ExecutionPolicy,
+) -> flotilla_worker::actor::LeaseCheck {
+    std::sync::Arc::new(move |lease: &flotilla_proto::v1::Lease| {
+        let wire = lease.spec.clone().unwrap_or_default();
+        let sandbox = wire.sandbox.clone().unwrap_or_default();
+        let sandbox = flotilla_scheduler::spec::SandboxSpec {
+            driver: if sandbox.driver.is_empty() {
+                "bwrap".into()
+            } else {
+                sandbox.driver
+            },
+            timeout_ms: sandbox.timeout_ms,
+            memory_limit_bytes: sandbox.memory_limit_bytes,
+            pids_limit: sandbox.pids_limit,
+            network: sandbox.network,
+            cpu_limit_millicores: sandbox.cpu_limit_millicores,
+            disk_limit_bytes: sandbox.disk_limit_bytes,
+        };
+        policy
+            .check_sandbox(&sandbox, "spec.sandbox")
+            .map_err(|error| error.to_string())?;
+        for (index, url) in wire.repositories.iter().enumerate() {
+            policy
+                .check_repository(url)
+                .map_err(|message| format!("spec.repositories[{index}]: {message}"))?;
+        }
+        policy
+            .check_repository(&lease.repository)
+            .map_err(|message| format!("lease.repository: {message}"))?;
+        let local = lease.repository.strip_prefix("file://").or_else(|| {
+            lease
+                .repository
+                .starts_with('/')
+                .then_some(lease.repository.as_str())
+        });
+        // A path that does not resolve (missing) is left to the clone, which fails retryably
+        // as before; one that resolves must stay under the roots.
+        if let Some(canonical) = local.and_then(|path| std::fs::canonicalize(path).ok()) {
+            policy
+                .check_local_path(&canonical)
+                .map_err(|message| format!("lease.repository: {message}"))?;
+        }
+        Ok(())
+    })
 }
 
 /// Gets the node's own worker a token: once the cluster is bootstrapped, creates a `worker` token
@@ -468,5 +542,55 @@ async fn leader_housekeeping_loop(
                 ),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod worker_policy_tests {
+    use super::*;
+    use flotilla_proto::v1;
+
+    fn lease(repository: &str, driver: &str) -> v1::Lease {
+        v1::Lease {
+            repository: repository.into(),
+            spec: Some(v1::FleetSpec {
+                repositories: vec![repository.into()],
+                sandbox: Some(v1::SandboxSpec {
+                    driver: driver.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_worker_applies_its_own_policy_to_leases() {
+        let root = tempfile::tempdir().unwrap();
+        let allowed = root.path().join("allowed");
+        let outside = root.path().join("outside");
+        std::fs::create_dir_all(allowed.join("repo")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, allowed.join("link")).unwrap();
+        let policy = flotilla_scheduler::ExecutionPolicy {
+            file_roots: vec![std::fs::canonicalize(&allowed).unwrap()],
+            ..Default::default()
+        };
+        let check = worker_policy_check(policy);
+        let inside = allowed.join("repo");
+        assert_eq!(check(&lease(inside.to_str().unwrap(), "bwrap")), Ok(()));
+        let error = check(&lease(inside.to_str().unwrap(), "none")).unwrap_err();
+        assert!(error.starts_with("spec.sandbox.driver:"), "{error}");
+        let error = check(&lease(outside.to_str().unwrap(), "")).unwrap_err();
+        assert!(error.starts_with("spec.repositories[0]:"), "{error}");
+        // A symbolic link under the root that leads outside it: refused by its canonical path.
+        let link = allowed.join("link");
+        let error = check(&lease(link.to_str().unwrap(), "")).unwrap_err();
+        assert!(error.starts_with("lease.repository:"), "{error}");
+        assert!(
+            error.contains("outside the operator's file roots"),
+            "{error}"
+        );
     }
 }

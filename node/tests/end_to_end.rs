@@ -553,6 +553,8 @@ async fn a_lost_lease_reply_costs_neither_an_attempt_nor_a_lease_ttl() {
         },
         flotilla_worker::config::WorkerConfig {
             work_directory: root.path().join("worker"),
+            // This test binary is not the node binary: use the node binary's sandbox init.
+            sandbox_init_path: Some(env!("CARGO_BIN_EXE_flotilla").into()),
             ..Default::default()
         },
     )

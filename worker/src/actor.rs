@@ -126,6 +126,9 @@ pub enum WorkerError {
         /// What is wrong.
         message: String,
     },
+    /// The sandbox capability probe ([`crate::probe`]) found a required mechanism missing.
+    #[error("the sandbox capability probe refuses to start the worker: {0}")]
+    Refused(String),
     /// The supervising actor could not be spawned.
     #[error("spawning the worker actor: {0}")]
     Spawn(String),
@@ -264,15 +267,30 @@ pub type Executor = Arc<
         + Sync,
 >;
 
+/// The worker's own check of a lease against its operator's policy, applied before anything
+/// runs: `Err(message)` (naming the spec field, e.g. `spec.sandbox.driver: ...`) refuses the
+/// lease as a non-retryable `infrastructure` failure.
+pub type LeaseCheck = Arc<dyn Fn(&v1::Lease) -> Result<(), String> + Send + Sync>;
+
 /// The production executor: [`crate::execute::execute_attempt`] with `execution`'s settings.
 pub fn sandbox_executor(execution: WorkerConfig) -> Executor {
+    sandbox_executor_with_check(execution, None)
+}
+
+/// [`sandbox_executor`] that first applies `check` (when given) to every lease; a refused lease
+/// never reaches git or the sandbox.
+pub fn sandbox_executor_with_check(execution: WorkerConfig, check: Option<LeaseCheck>) -> Executor {
     // Holds the mirror cache for the worker's lifetime, so that its index is built once.
     let mirrors = crate::git::mirror_cache(&execution);
     let execution = Arc::new(execution);
     Arc::new(move |lease, cancelled, deadline| {
         let execution = execution.clone();
         let _mirrors = mirrors.clone();
+        let refusal = check.as_ref().and_then(|check| check(&lease).err());
         Box::pin(async move {
+            if let Some(message) = refusal {
+                return crate::execute::refused_by_policy(&execution, &lease, &message);
+            }
             crate::execute::execute_attempt(&execution, &lease, cancelled, deadline).await
         })
     })
@@ -281,12 +299,28 @@ pub fn sandbox_executor(execution: WorkerConfig) -> Executor {
 /// Starts the worker: its supervising actor, the lease poller and the heartbeat ticker.
 ///
 /// # Errors
-/// [`WorkerError`] for invalid settings or when the actor cannot be spawned.
+/// [`WorkerError`] for invalid settings, when the capability probe refuses this host
+/// ([`WorkerError::Refused`]), or when the actor cannot be spawned.
 pub async fn start(
     settings: WorkerSettings,
     execution: WorkerConfig,
 ) -> Result<WorkerHandle, WorkerError> {
-    start_with_executor(settings, sandbox_executor(execution)).await
+    start_with_lease_check(settings, execution, None).await
+}
+
+/// [`start`] with the operator's policy check applied to every lease (see [`LeaseCheck`]).
+///
+/// # Errors
+/// As [`start`].
+pub async fn start_with_lease_check(
+    settings: WorkerSettings,
+    execution: WorkerConfig,
+    check: Option<LeaseCheck>,
+) -> Result<WorkerHandle, WorkerError> {
+    if let Err(reason) = crate::probe::check_worker_start(&execution).await {
+        return Err(WorkerError::Refused(reason));
+    }
+    start_with_executor(settings, sandbox_executor_with_check(execution, check)).await
 }
 
 /// [`start`] with an explicit [`Executor`].

@@ -1,4 +1,6 @@
-//! Resource limits: one cgroup per sandboxed command, with a memory and a pids limit.
+//! Resource limits: one cgroup per sandboxed command, with a memory, a pids and a CPU limit, under
+//! a parent cgroup whose totals the operator sets ([`ParentLimits`]), so the worker's commands
+//! together can never take more than that from the host (and the voter it may share it with).
 //!
 //! Supports cgroup v2 (the unified hierarchy at `<mount>/`, when `cgroup.controllers` lists
 //! `memory` and/or `pids`) and v1 (`<mount>/memory/`, `<mount>/pids/`). The worker creates
@@ -7,8 +9,10 @@
 //! to `cgroup.procs` in a `pre_exec` hook). Afterwards every process left in the cgroup is killed
 //! and the cgroup removed.
 //!
-//! When neither version is usable (not root, read-only mount, no controllers), commands run
-//! without limits and a warning is logged once per (mount, parent) pair.
+//! Fail closed: when a limit the command needs cannot be applied (no usable cgroup, a controller
+//! missing, a limit file that cannot be written), [`InvocationCgroup::create`] fails and the
+//! sandbox refuses to run the command. The capability probe ([`crate::probe`]) refuses to start
+//! the worker in that case unless the operator set `allow_without_cgroup_limits`.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -30,6 +34,8 @@ pub enum CgroupSupport {
         memory: bool,
         /// Whether the pids controller is enabled for the children.
         pids: bool,
+        /// Whether the cpu controller is enabled for the children.
+        cpu: bool,
     },
     /// cgroup v1: one parent per available controller hierarchy.
     V1 {
@@ -37,6 +43,8 @@ pub enum CgroupSupport {
         memory_parent_directory: Option<PathBuf>,
         /// E.g. `/sys/fs/cgroup/pids/flotilla`, `None` without a pids hierarchy.
         pids_parent_directory: Option<PathBuf>,
+        /// E.g. `/sys/fs/cgroup/cpu/flotilla`, `None` without a cpu hierarchy.
+        cpu_parent_directory: Option<PathBuf>,
     },
     /// No limits can be applied; `reason` says why.
     Unavailable {
@@ -58,6 +66,27 @@ impl CgroupSupport {
         }
     }
 
+    /// Whether CPU limits are applied.
+    pub fn limits_cpu(&self) -> bool {
+        match self {
+            CgroupSupport::V2 { cpu, .. } => *cpu,
+            CgroupSupport::V1 {
+                cpu_parent_directory,
+                ..
+            } => cpu_parent_directory.is_some(),
+            CgroupSupport::Unavailable { .. } => false,
+        }
+    }
+
+    /// `"v2"`, `"v1"` or `"unavailable"`.
+    pub fn version_name(&self) -> &'static str {
+        match self {
+            CgroupSupport::V2 { .. } => "v2",
+            CgroupSupport::V1 { .. } => "v1",
+            CgroupSupport::Unavailable { .. } => "unavailable",
+        }
+    }
+
     /// Whether pids limits are applied.
     pub fn limits_pids(&self) -> bool {
         match self {
@@ -69,6 +98,37 @@ impl CgroupSupport {
             CgroupSupport::Unavailable { .. } => false,
         }
     }
+}
+
+/// The CPU period of a CPU quota (cgroup v2 `cpu.max`, v1 `cpu.cfs_period_us`), microseconds.
+pub const CPU_PERIOD_MICROSECONDS: u64 = 100_000;
+
+/// The totals of the parent cgroup, which every sandboxed command of this worker shares; 0
+/// leaves that total unlimited (not recommended on a host shared with a voter).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ParentLimits {
+    /// Memory of all commands together, bytes.
+    pub memory_limit_bytes: u64,
+    /// Processes and threads of all commands together.
+    pub pids_limit: u32,
+    /// CPU of all commands together, thousandths of a CPU.
+    pub cpu_limit_millicores: u64,
+}
+
+/// The limits of one sandboxed command; 0 for `cpu_limit_millicores` means no CPU quota.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommandLimits {
+    /// Memory (and memory + swap) limit, bytes; must be > 0.
+    pub memory_limit_bytes: u64,
+    /// Processes and threads; must be > 0.
+    pub pids_limit: u32,
+    /// CPU quota in thousandths of a CPU (1000 = one CPU), 0 for none.
+    pub cpu_limit_millicores: u64,
+}
+
+/// The CPU quota in microseconds per [`CPU_PERIOD_MICROSECONDS`] for `millicores`.
+pub fn cpu_quota_microseconds(millicores: u64) -> u64 {
+    (millicores.saturating_mul(CPU_PERIOD_MICROSECONDS) / 1000).max(1000)
 }
 
 fn valid_parent_name(name: &str) -> bool {
@@ -94,23 +154,106 @@ fn write_file(path: &Path, value: &str) -> std::io::Result<()> {
 }
 
 /// Detects cgroup support under `mount_directory` and prepares `<parent_name>` (creating it and,
-/// for v2, enabling the memory and pids controllers for its children). Never fails: problems give
-/// [`CgroupSupport::Unavailable`].
-pub fn detect_cgroup_support(mount_directory: &Path, parent_name: &str) -> CgroupSupport {
+/// for v2, enabling the memory, pids and cpu controllers for its children), then writes the
+/// parent's totals (`parent_limits`). Never fails: problems give [`CgroupSupport::Unavailable`]
+/// (a total that cannot be written makes the whole support unavailable: fail closed).
+pub fn detect_cgroup_support(
+    mount_directory: &Path,
+    parent_name: &str,
+    parent_limits: &ParentLimits,
+) -> CgroupSupport {
     if !valid_parent_name(parent_name) {
         return CgroupSupport::Unavailable {
             reason: format!("invalid cgroup parent name {parent_name:?}"),
         };
     }
-    if let Some(controllers) = read_trimmed(&mount_directory.join("cgroup.controllers")) {
-        return detect_v2(mount_directory, parent_name, &controllers);
+    let support = match read_trimmed(&mount_directory.join("cgroup.controllers")) {
+        // A v2 hierarchy with no controllers (a hybrid host's `unified`) is not used.
+        Some(controllers) if !controllers.is_empty() => {
+            detect_v2(mount_directory, parent_name, &controllers)
+        }
+        _ => detect_v1(mount_directory, parent_name),
+    };
+    match write_parent_limits(&support, parent_limits) {
+        Ok(()) => support,
+        Err(reason) => CgroupSupport::Unavailable { reason },
     }
-    detect_v1(mount_directory, parent_name)
+}
+
+fn write_parent_limits(support: &CgroupSupport, limits: &ParentLimits) -> Result<(), String> {
+    let write = |path: PathBuf, value: String| {
+        write_file(&path, &value)
+            .map_err(|error| format!("cannot write {value} to {}: {error}", path.display()))
+    };
+    match support {
+        CgroupSupport::Unavailable { .. } => Ok(()),
+        CgroupSupport::V2 {
+            parent_directory,
+            memory,
+            pids,
+            cpu,
+        } => {
+            if *memory && limits.memory_limit_bytes > 0 {
+                write(
+                    parent_directory.join("memory.max"),
+                    limits.memory_limit_bytes.to_string(),
+                )?;
+            }
+            if *pids && limits.pids_limit > 0 {
+                write(
+                    parent_directory.join("pids.max"),
+                    limits.pids_limit.to_string(),
+                )?;
+            }
+            if *cpu && limits.cpu_limit_millicores > 0 {
+                write(
+                    parent_directory.join("cpu.max"),
+                    format!(
+                        "{} {CPU_PERIOD_MICROSECONDS}",
+                        cpu_quota_microseconds(limits.cpu_limit_millicores)
+                    ),
+                )?;
+            }
+            Ok(())
+        }
+        CgroupSupport::V1 {
+            memory_parent_directory,
+            pids_parent_directory,
+            cpu_parent_directory,
+        } => {
+            if let Some(directory) = memory_parent_directory
+                && limits.memory_limit_bytes > 0
+            {
+                write(
+                    directory.join("memory.limit_in_bytes"),
+                    limits.memory_limit_bytes.to_string(),
+                )?;
+            }
+            if let Some(directory) = pids_parent_directory
+                && limits.pids_limit > 0
+            {
+                write(directory.join("pids.max"), limits.pids_limit.to_string())?;
+            }
+            if let Some(directory) = cpu_parent_directory
+                && limits.cpu_limit_millicores > 0
+            {
+                write(
+                    directory.join("cpu.cfs_period_us"),
+                    CPU_PERIOD_MICROSECONDS.to_string(),
+                )?;
+                write(
+                    directory.join("cpu.cfs_quota_us"),
+                    cpu_quota_microseconds(limits.cpu_limit_millicores).to_string(),
+                )?;
+            }
+            Ok(())
+        }
+    }
 }
 
 fn detect_v2(mount_directory: &Path, parent_name: &str, controllers: &str) -> CgroupSupport {
     let available: Vec<&str> = controllers.split_whitespace().collect();
-    let wanted: Vec<&str> = ["memory", "pids"]
+    let wanted: Vec<&str> = ["memory", "pids", "cpu"]
         .into_iter()
         .filter(|controller| available.contains(controller))
         .collect();
@@ -158,6 +301,7 @@ fn detect_v2(mount_directory: &Path, parent_name: &str, controllers: &str) -> Cg
         parent_directory: directory,
         memory: wanted.contains(&"memory"),
         pids: wanted.contains(&"pids"),
+        cpu: wanted.contains(&"cpu"),
     }
 }
 
@@ -186,6 +330,7 @@ fn detect_v1(mount_directory: &Path, parent_name: &str) -> CgroupSupport {
     };
     let memory_parent_directory = prepare("memory");
     let pids_parent_directory = prepare("pids");
+    let cpu_parent_directory = prepare("cpu");
     if memory_parent_directory.is_none() && pids_parent_directory.is_none() {
         return CgroupSupport::Unavailable {
             reason: problems.join("; "),
@@ -197,16 +342,25 @@ fn detect_v1(mount_directory: &Path, parent_name: &str) -> CgroupSupport {
     CgroupSupport::V1 {
         memory_parent_directory,
         pids_parent_directory,
+        cpu_parent_directory,
     }
 }
 
-/// [`detect_cgroup_support`], computed once per (mount directory, parent name) in this process;
-/// logs a warning the first time limits are unavailable.
-pub fn cgroup_support(mount_directory: &Path, parent_name: &str) -> Arc<CgroupSupport> {
-    type Cache = Mutex<HashMap<(PathBuf, String), Arc<CgroupSupport>>>;
+/// [`detect_cgroup_support`], computed once per (mount directory, parent name, totals) in this
+/// process; logs a warning the first time limits are unavailable.
+pub fn cgroup_support(
+    mount_directory: &Path,
+    parent_name: &str,
+    parent_limits: &ParentLimits,
+) -> Arc<CgroupSupport> {
+    type Cache = Mutex<HashMap<(PathBuf, String, ParentLimits), Arc<CgroupSupport>>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-    let key = (mount_directory.to_path_buf(), parent_name.to_owned());
+    let key = (
+        mount_directory.to_path_buf(),
+        parent_name.to_owned(),
+        *parent_limits,
+    );
     let mut entries = match cache.lock() {
         Ok(entries) => entries,
         Err(poisoned) => poisoned.into_inner(),
@@ -214,10 +368,14 @@ pub fn cgroup_support(mount_directory: &Path, parent_name: &str) -> Arc<CgroupSu
     if let Some(support) = entries.get(&key) {
         return Arc::clone(support);
     }
-    let support = Arc::new(detect_cgroup_support(mount_directory, parent_name));
+    let support = Arc::new(detect_cgroup_support(
+        mount_directory,
+        parent_name,
+        parent_limits,
+    ));
     match support.as_ref() {
         CgroupSupport::Unavailable { reason } => {
-            tracing::warn!(%reason, "cgroups are not usable: sandboxed commands run without memory and pids limits");
+            tracing::warn!(%reason, "cgroups are not usable: sandboxed commands are refused");
         }
         other => tracing::info!(support = ?other, "cgroup resource limits available"),
     }
@@ -254,16 +412,37 @@ fn unique_suffix() -> String {
 }
 
 impl InvocationCgroup {
-    /// Creates the cgroup(s) `<parent>/<label>-<pid>-<counter>` and sets the limits. Returns
-    /// `Ok(None)` when `support` is unavailable.
+    /// Creates the cgroup(s) `<parent>/<label>-<pid>-<counter>` and sets `limits` (memory and
+    /// pids always, CPU when `limits.cpu_limit_millicores > 0`).
     ///
-    /// Errors: a directory or limit file cannot be written (what was created is removed).
+    /// Errors (fail closed; what was created is removed): `support` is unavailable, a needed
+    /// controller is missing, or a directory or limit file cannot be written. The message says
+    /// which.
     pub(crate) fn create(
         support: &CgroupSupport,
         label: &str,
-        memory_limit_bytes: u64,
-        pids_limit: u32,
-    ) -> std::io::Result<Option<Self>> {
+        limits: &CommandLimits,
+    ) -> std::io::Result<Self> {
+        let missing = |what: &str| {
+            std::io::Error::other(format!(
+                "the {what} limit cannot be applied: no {what} cgroup controller ({support:?})"
+            ))
+        };
+        if let CgroupSupport::Unavailable { reason } = support {
+            return Err(std::io::Error::other(format!(
+                "cgroups are not usable: {reason}"
+            )));
+        }
+        if !support.limits_memory() {
+            return Err(missing("memory"));
+        }
+        if !support.limits_pids() {
+            return Err(missing("pids"));
+        }
+        let cpu = limits.cpu_limit_millicores > 0;
+        if cpu && !support.limits_cpu() {
+            return Err(missing("cpu"));
+        }
         let label: String = label
             .chars()
             .map(|character| {
@@ -276,87 +455,121 @@ impl InvocationCgroup {
             .take(64)
             .collect();
         let name = format!("{label}-{}", unique_suffix());
-        let cgroup = match support {
-            CgroupSupport::Unavailable { .. } => return Ok(None),
+        let (cgroup, pids_directory, cpu_directory) = match support {
+            CgroupSupport::Unavailable { .. } => unreachable!("checked above"),
             CgroupSupport::V2 {
                 parent_directory, ..
             } => {
                 let directory = parent_directory.join(&name);
-                InvocationCgroup {
-                    version: Version::V2,
-                    directories: vec![directory.clone()],
-                    memory_directory: support.limits_memory().then_some(directory),
-                    removed: false,
-                }
+                (
+                    InvocationCgroup {
+                        version: Version::V2,
+                        directories: vec![directory.clone()],
+                        memory_directory: Some(directory.clone()),
+                        removed: false,
+                    },
+                    directory.clone(),
+                    directory,
+                )
             }
             CgroupSupport::V1 {
                 memory_parent_directory,
                 pids_parent_directory,
+                cpu_parent_directory,
             } => {
-                let memory_directory = memory_parent_directory
-                    .as_ref()
-                    .map(|parent| parent.join(&name));
-                let pids_directory = pids_parent_directory
-                    .as_ref()
-                    .map(|parent| parent.join(&name));
-                InvocationCgroup {
-                    version: Version::V1,
-                    directories: memory_directory
-                        .iter()
-                        .chain(pids_directory.iter())
-                        .cloned()
-                        .collect(),
-                    memory_directory,
-                    removed: false,
-                }
+                let (Some(memory_parent), Some(pids_parent)) =
+                    (memory_parent_directory, pids_parent_directory)
+                else {
+                    return Err(missing("memory or pids"));
+                };
+                let memory_directory = memory_parent.join(&name);
+                let pids_directory = pids_parent.join(&name);
+                let mut directories = vec![memory_directory.clone(), pids_directory.clone()];
+                let cpu_directory = match cpu_parent_directory {
+                    Some(parent) if cpu => {
+                        directories.push(parent.join(&name));
+                        parent.join(&name)
+                    }
+                    _ => PathBuf::new(),
+                };
+                (
+                    InvocationCgroup {
+                        version: Version::V1,
+                        directories,
+                        memory_directory: Some(memory_directory),
+                        removed: false,
+                    },
+                    pids_directory,
+                    cpu_directory,
+                )
             }
+        };
+        let write_limit = |path: PathBuf, value: String| {
+            write_file(&path, &value).map_err(|error| {
+                std::io::Error::new(
+                    error.kind(),
+                    format!("cannot write {value} to {}: {error}", path.display()),
+                )
+            })
         };
         // On error, `cgroup` is dropped, which removes the directories that exist.
         for directory in &cgroup.directories {
-            std::fs::create_dir(directory)?;
+            std::fs::create_dir(directory).map_err(|error| {
+                std::io::Error::new(
+                    error.kind(),
+                    format!("cannot create cgroup {}: {error}", directory.display()),
+                )
+            })?;
         }
+        let memory_directory = cgroup
+            .memory_directory
+            .clone()
+            .unwrap_or_else(|| unreachable!("set above"));
+        let memory = limits.memory_limit_bytes.to_string();
         match cgroup.version {
             Version::V2 => {
-                let directory = &cgroup.directories[0];
-                if support.limits_memory() {
-                    write_file(
-                        &directory.join("memory.max"),
-                        &memory_limit_bytes.to_string(),
+                write_limit(memory_directory.join("memory.max"), memory)?;
+                // No swap, so the memory limit is the limit; absent without swap accounting.
+                let _ = write_file(&memory_directory.join("memory.swap.max"), "0");
+                // On OOM, kill the whole sandbox rather than one process of it.
+                let _ = write_file(&memory_directory.join("memory.oom.group"), "1");
+                if cpu {
+                    write_limit(
+                        cpu_directory.join("cpu.max"),
+                        format!(
+                            "{} {CPU_PERIOD_MICROSECONDS}",
+                            cpu_quota_microseconds(limits.cpu_limit_millicores)
+                        ),
                     )?;
-                    // No swap, so the memory limit is the limit; absent without swap accounting.
-                    let _ = write_file(&directory.join("memory.swap.max"), "0");
-                    // On OOM, kill the whole sandbox rather than one process of it.
-                    let _ = write_file(&directory.join("memory.oom.group"), "1");
-                }
-                if support.limits_pids() {
-                    write_file(&directory.join("pids.max"), &pids_limit.to_string())?;
                 }
             }
             Version::V1 => {
-                if let Some(directory) = &cgroup.memory_directory {
-                    write_file(
-                        &directory.join("memory.limit_in_bytes"),
-                        &memory_limit_bytes.to_string(),
-                    )?;
-                    // Memory + swap limit, where swap accounting exists.
-                    let memsw = directory.join("memory.memsw.limit_in_bytes");
-                    if memsw.exists() {
-                        let _ = write_file(&memsw, &memory_limit_bytes.to_string());
-                    }
+                write_limit(
+                    memory_directory.join("memory.limit_in_bytes"),
+                    memory.clone(),
+                )?;
+                // Memory + swap limit, where swap accounting exists.
+                let memsw = memory_directory.join("memory.memsw.limit_in_bytes");
+                if memsw.exists() {
+                    write_limit(memsw, memory)?;
                 }
-                if let CgroupSupport::V1 {
-                    pids_parent_directory: Some(parent),
-                    ..
-                } = support
-                {
-                    write_file(
-                        &parent.join(&name).join("pids.max"),
-                        &pids_limit.to_string(),
+                if cpu {
+                    write_limit(
+                        cpu_directory.join("cpu.cfs_period_us"),
+                        CPU_PERIOD_MICROSECONDS.to_string(),
+                    )?;
+                    write_limit(
+                        cpu_directory.join("cpu.cfs_quota_us"),
+                        cpu_quota_microseconds(limits.cpu_limit_millicores).to_string(),
                     )?;
                 }
             }
         }
-        Ok(Some(cgroup))
+        write_limit(
+            pids_directory.join("pids.max"),
+            limits.pids_limit.to_string(),
+        )?;
+        Ok(cgroup)
     }
 
     /// The `cgroup.procs` files a new process must write `0` into to enter the cgroup(s), as C
@@ -531,9 +744,18 @@ mod tests {
 
     #[tokio::test]
     async fn invocation_cgroup_is_created_and_removed() {
-        let support = cgroup_support(Path::new("/sys/fs/cgroup"), "flotilla");
-        let cgroup = match InvocationCgroup::create(&support, "unit", 64 << 20, 32) {
-            Ok(Some(cgroup)) => cgroup,
+        let support = cgroup_support(
+            Path::new("/sys/fs/cgroup"),
+            "flotilla",
+            &ParentLimits::default(),
+        );
+        let limits = CommandLimits {
+            memory_limit_bytes: 64 << 20,
+            pids_limit: 32,
+            cpu_limit_millicores: 500,
+        };
+        let cgroup = match InvocationCgroup::create(&support, "unit", &limits) {
+            Ok(cgroup) => cgroup,
             other => panic!(
                 "this test needs usable cgroups (root, cgroup v2 or v1), as deploy/env.sh sets \
                  up; found {support:?}, creating one gave {other:?}"

@@ -165,6 +165,63 @@ pub struct WorkerConfig {
     /// Push credentials: a static token per repository URL prefix, minted (read) per attempt
     /// and handed to host git through a transient credential helper. Default none.
     pub static_push_tokens: Vec<crate::credentials::StaticToken>,
+    /// First host uid (and gid) a sandbox runs as: the sandbox of a command runs as
+    /// `sandbox_uid_base + slot` (slot 0 .. `sandbox_uid_count - 1`, one per concurrently running
+    /// command), never as root. Must be > 0 and the range must not contain a real user. Default
+    /// 200 000 (outside the usual ranges and subuid allocations start at 100 000 with 65 536 each:
+    /// choose a range no `/etc/subuid` entry uses).
+    pub sandbox_uid_base: u32,
+    /// Number of sandbox uids (the most commands that can run at once). Default 1024.
+    pub sandbox_uid_count: u32,
+    /// The sandbox init executable ([`crate::sandbox_init`]), bound read-only into every sandbox
+    /// and run as its first program with `sandbox-init` as its first argument. Default (`None`):
+    /// this process's own executable (the `flotilla` node binary has the hidden `sandbox-init`
+    /// subcommand).
+    pub sandbox_init_path: Option<PathBuf>,
+    /// Run sandboxes without Landlock when the kernel lacks it (ABI < 6). Default false: the worker
+    /// refuses to start.
+    pub allow_without_landlock: bool,
+    /// Run commands without cgroup limits when cgroups are unusable. Default false: the worker
+    /// refuses to start, and a command whose limits cannot be applied is refused.
+    pub allow_without_cgroup_limits: bool,
+    /// Run attempts without a disk quota when loop-mounted workspaces are unavailable. Default
+    /// false: the worker refuses to start.
+    pub allow_without_disk_quota: bool,
+    /// Highest memory limit a fleet may ask for, bytes. Default 64 GiB.
+    pub memory_limit_max_bytes: u64,
+    /// Highest pids limit a fleet may ask for (also capped by the kernel's `pid_max`). Default
+    /// 32 768.
+    pub pids_limit_max: u32,
+    /// CPU quota of a sandboxed command when the fleet gives none, thousandths of a CPU (1000 =
+    /// one CPU); 0: no per-command quota (the parent total still applies). Default 2000.
+    pub default_cpu_limit_millicores: u64,
+    /// Highest CPU quota a fleet may ask for, thousandths of a CPU. Default 64 000.
+    pub cpu_limit_max_millicores: u64,
+    /// Memory of all sandboxed commands together (the parent cgroup's limit), bytes; 0: no total.
+    /// Default 0 (set it on hosts shared with a voter: e.g. host memory minus what the node
+    /// needs).
+    pub total_memory_limit_bytes: u64,
+    /// Processes and threads of all sandboxed commands together; 0: no total. Default 16 384.
+    pub total_pids_limit: u32,
+    /// CPU of all sandboxed commands together, thousandths of a CPU; 0: no total. Default 0 (set
+    /// it to the host's CPUs minus what the node needs).
+    pub total_cpu_limit_millicores: u64,
+    /// Size of each attempt's workspace file system (the disk quota), bytes: the clone lives in
+    /// an ext4 file system on a sparse loop-mounted image under `attempts/`, so an agent can
+    /// fill at most this. Default 10 GiB.
+    pub default_disk_limit_bytes: u64,
+    /// Highest disk quota a fleet may ask for, bytes. Default 200 GiB.
+    pub disk_limit_max_bytes: u64,
+    /// Free space kept on the work directory's file system: an attempt whose disk quota does not
+    /// fit in the free space above this reserve is refused (retryable). Default 2 GiB.
+    pub disk_reserve_bytes: u64,
+    /// Size of each sandbox's `/tmp` and `/dev/shm` (one tmpfs, `noexec`; its pages count
+    /// against the command's memory limit), bytes. Default 1 GiB.
+    pub tmp_size_bytes: u64,
+    /// Where the worker mounts each sandbox's staging tmpfs (`/tmp`, `/dev/shm` and the bind
+    /// mounts bubblewrap takes from there); made mode 0711. Must be reachable by the sandbox uids
+    /// (every parent searchable by others). Default `/run/flotilla-sandbox`.
+    pub sandbox_staging_directory: PathBuf,
 }
 
 impl Default for WorkerConfig {
@@ -197,6 +254,24 @@ impl Default for WorkerConfig {
             mirror_cache_max_bytes: 20 * 1024 * MEBIBYTE,
             egress: EgressConfig::default(),
             static_push_tokens: Vec::new(),
+            sandbox_uid_base: 200_000,
+            sandbox_uid_count: 1024,
+            sandbox_init_path: None,
+            allow_without_landlock: false,
+            allow_without_cgroup_limits: false,
+            allow_without_disk_quota: false,
+            memory_limit_max_bytes: 64 * 1024 * MEBIBYTE,
+            pids_limit_max: 32_768,
+            default_cpu_limit_millicores: 2_000,
+            cpu_limit_max_millicores: 64_000,
+            total_memory_limit_bytes: 0,
+            total_pids_limit: 16_384,
+            total_cpu_limit_millicores: 0,
+            default_disk_limit_bytes: 10 * 1024 * MEBIBYTE,
+            disk_limit_max_bytes: 200 * 1024 * MEBIBYTE,
+            disk_reserve_bytes: 2 * 1024 * MEBIBYTE,
+            tmp_size_bytes: 1024 * MEBIBYTE,
+            sandbox_staging_directory: PathBuf::from("/run/flotilla-sandbox"),
         }
     }
 }
@@ -224,6 +299,64 @@ impl WorkerConfig {
     /// `<work_directory>/attempts`: one directory per attempt.
     pub fn attempts_directory(&self) -> PathBuf {
         self.work_directory.join("attempts")
+    }
+
+    /// The sandbox init executable: [`WorkerConfig::sandbox_init_path`] or this process's
+    /// executable.
+    ///
+    /// Errors: the current executable cannot be determined.
+    pub fn sandbox_init_executable(&self) -> std::io::Result<PathBuf> {
+        match &self.sandbox_init_path {
+            Some(path) => Ok(path.clone()),
+            None => std::env::current_exe(),
+        }
+    }
+
+    /// The parent cgroup's totals ([`WorkerConfig::total_memory_limit_bytes`] and friends).
+    pub fn parent_limits(&self) -> crate::cgroup::ParentLimits {
+        crate::cgroup::ParentLimits {
+            memory_limit_bytes: self.total_memory_limit_bytes,
+            pids_limit: self.total_pids_limit,
+            cpu_limit_millicores: self.total_cpu_limit_millicores,
+        }
+    }
+
+    /// Checks the sandbox settings: `sandbox_uid_base` > 0, `sandbox_uid_count` > 0, the range
+    /// fits in a u32 below 2^32 - 1 (the "no uid" value), the limits' maxima are > 0.
+    ///
+    /// Errors: a message naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.sandbox_uid_base == 0 {
+            return Err("sandbox_uid_base: must not be 0 (root)".to_owned());
+        }
+        if self.sandbox_uid_count == 0 {
+            return Err("sandbox_uid_count: must be at least 1".to_owned());
+        }
+        if self
+            .sandbox_uid_base
+            .checked_add(self.sandbox_uid_count)
+            .is_none_or(|end| end == u32::MAX)
+        {
+            return Err(
+                "sandbox_uid_count: sandbox_uid_base + sandbox_uid_count must stay below 4294967295"
+                    .to_owned(),
+            );
+        }
+        for (field, value) in [
+            ("memory_limit_max_bytes", self.memory_limit_max_bytes),
+            ("pids_limit_max", u64::from(self.pids_limit_max)),
+            (
+                "default_memory_limit_bytes",
+                self.default_memory_limit_bytes,
+            ),
+            ("default_pids_limit", u64::from(self.default_pids_limit)),
+            ("tmp_size_bytes", self.tmp_size_bytes),
+        ] {
+            if value == 0 {
+                return Err(format!("{field}: must be greater than 0"));
+            }
+        }
+        Ok(())
     }
 
     /// `<work_directory>/logs`: one log file per attempt.

@@ -47,8 +47,12 @@ use crate::egress::{EgressAttachment, EgressProxy, EgressReport};
 use crate::git::{self, CommitSummary, Git, GitError};
 use crate::lease::LeaseDeadline;
 use crate::publish::{self, AttemptIdentity, PublishError, PublishTarget, Withdrawal};
+use crate::quota::{QuotaError, WorkspaceVolume};
 use crate::redact::Redactor;
-use crate::sandbox::{SandboxCommand, SandboxDriver, SandboxError, SandboxOutcome, run_sandboxed};
+use crate::sandbox::{
+    SandboxCommand, SandboxDriver, SandboxError, SandboxOutcome, resolve_limit_values,
+    run_sandboxed,
+};
 
 /// Outcome: files changed, verification passed, committed (and pushed when the fleet asks).
 pub const OUTCOME_CHANGED: &str = "changed";
@@ -187,6 +191,24 @@ fn command_failure(
 
 fn sandbox_failure(log: &mut AttemptLog, label: &str, error: &SandboxError) -> RunResult {
     infrastructure(log, format!("{label}: {error}"), error.is_retryable())
+}
+
+/// The result for a lease this worker's operator policy refuses (`message` names the field): a
+/// non-retryable `infrastructure` failure, written to the attempt's log too. Nothing is cloned
+/// or run.
+pub fn refused_by_policy(config: &WorkerConfig, lease: &Lease, message: &str) -> RunResult {
+    let log_path = attempt_log_path(config, &lease.run_id, lease.attempt);
+    let mut log = match AttemptLog::create(&log_path, config.log_max_bytes, config.log_tail_bytes) {
+        Ok(log) => log,
+        Err(_) => AttemptLog::discard(config.log_tail_bytes),
+    };
+    let mut result = infrastructure(
+        &mut log,
+        format!("refused by this worker's policy: {message}"),
+        false,
+    );
+    result.log_tail = log.tail();
+    result
 }
 
 /// Runs one attempt of `lease` (see the module documentation) and returns its result; never
@@ -435,6 +457,8 @@ struct SandboxSettings {
     timeout_ms: u64,
     memory_limit_bytes: u64,
     pids_limit: u32,
+    cpu_limit_millicores: u64,
+    disk_limit_bytes: u64,
     network: bool,
 }
 
@@ -445,19 +469,32 @@ impl SandboxSettings {
         } else {
             spec.timeout_ms
         };
+        let limits = resolve_limit_values(
+            config,
+            spec.memory_limit_bytes,
+            spec.pids_limit,
+            u64::from(spec.cpu_limit_millicores),
+        )?;
+        let disk_limit_bytes = if spec.disk_limit_bytes == 0 {
+            config.default_disk_limit_bytes
+        } else {
+            spec.disk_limit_bytes
+        };
+        if disk_limit_bytes > config.disk_limit_max_bytes {
+            return Err(SandboxError::LimitOutOfRange {
+                field: "sandbox.disk_limit_bytes",
+                value: disk_limit_bytes,
+                maximum: config.disk_limit_max_bytes,
+                reason: "worker setting disk_limit_max_bytes".to_owned(),
+            });
+        }
         Ok(SandboxSettings {
             driver: SandboxDriver::from_name(&spec.driver)?,
             timeout_ms: timeout_ms.min(config.timeout_max_ms),
-            memory_limit_bytes: if spec.memory_limit_bytes == 0 {
-                config.default_memory_limit_bytes
-            } else {
-                spec.memory_limit_bytes
-            },
-            pids_limit: if spec.pids_limit == 0 {
-                config.default_pids_limit
-            } else {
-                spec.pids_limit
-            },
+            memory_limit_bytes: limits.memory_limit_bytes,
+            pids_limit: limits.pids_limit,
+            cpu_limit_millicores: limits.cpu_limit_millicores,
+            disk_limit_bytes,
             network: spec.network,
         })
     }
@@ -515,6 +552,36 @@ pub fn push_lease_margin_ms(config: &WorkerConfig, lease: &Lease) -> u64 {
         lease.lease_ttl_ms / 3
     } else {
         config.push_lease_margin_ms
+    }
+}
+
+/// The attempt's workspace volume ([`crate::quota`]) at `directory`, `None` when the host has no
+/// disk quota method and the operator allowed that (`allow_without_disk_quota`).
+///
+/// Errors: the message and whether it is retryable (no space: yes; no quota method: yes, another
+/// worker may have one; creation failure: yes).
+async fn workspace_volume(
+    config: &WorkerConfig,
+    directory: &Path,
+    size_bytes: u64,
+) -> Result<Option<WorkspaceVolume>, (String, bool)> {
+    static SUPPORT: std::sync::OnceLock<Result<&'static str, String>> = std::sync::OnceLock::new();
+    let support = SUPPORT.get_or_init(crate::probe::disk_quota_support);
+    if let Err(problem) = support {
+        if config.allow_without_disk_quota {
+            return Ok(None);
+        }
+        return Err((
+            format!("no disk quota can be applied ({problem}); refusing to run without one"),
+            true,
+        ));
+    }
+    match WorkspaceVolume::create(config, directory, size_bytes).await {
+        Ok(volume) => Ok(Some(volume)),
+        // Both retryable: space may free up, and another worker may succeed.
+        Err(error @ (QuotaError::NoSpace { .. } | QuotaError::Create { .. })) => {
+            Err((error.to_string(), true))
+        }
     }
 }
 
@@ -605,6 +672,11 @@ async fn run_pipeline(
             true,
         );
     }
+    // The disk quota: the attempt directory is its own size-limited file system.
+    let _volume = match workspace_volume(config, directory, settings.disk_limit_bytes).await {
+        Ok(volume) => volume,
+        Err(result) => return infrastructure(log, result.0, result.1),
+    };
     let repository_directory = directory.join("repo");
     let prepared = git::prepare_repository(
         &git,
@@ -808,6 +880,7 @@ async fn run_prepared(
         timeout_ms: settings.timeout_ms,
         memory_limit_bytes: settings.memory_limit_bytes,
         pids_limit: settings.pids_limit,
+        cpu_limit_millicores: settings.cpu_limit_millicores,
     };
     let agent_command = SandboxCommand {
         environment: command_environment(lease, spec, &agent.task, true),

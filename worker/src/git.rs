@@ -17,6 +17,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -34,6 +35,11 @@ use crate::mirror_cache::{MirrorCache, MirrorUse};
 pub const HARDENED_GIT_OPTIONS: &[&str] = &[
     "core.hooksPath=/dev/null",
     "core.fsmonitor=false",
+    // The workspace is owned by the sandbox's uid, not the worker's: git would refuse it as of
+    // "dubious ownership". Only worker-made repositories are ever opened, and every option that
+    // makes git run a program is pinned here or comes from no file the agent can write (the
+    // agent cannot write `.git`, and no global or system configuration is read).
+    "safe.directory=*",
     "core.untrackedCache=false",
     "protocol.ext.allow=never",
     "protocol.file.allow=always",
@@ -254,6 +260,9 @@ impl Git {
         }
         process
             .env("GIT_CONFIG_NOSYSTEM", "1")
+            // No global configuration either (a filter driver defined there, e.g. git-lfs's,
+            // would run for a path the agent's `.gitattributes` names).
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
             .env("GIT_TERMINAL_PROMPT", "0")
             // Only known transports (file, git, http(s), ssh): no arbitrary remote helpers.
             .env("GIT_PROTOCOL_FROM_USER", "0")
@@ -870,6 +879,61 @@ pub async fn has_changes(
     Ok(!output.stdout.is_empty())
 }
 
+/// Removes from the index every gitlink (mode 160000) that `git add -A` staged and HEAD does not
+/// have: a nested `.git` the agent made (possibly a `gitdir:` file pointing at another host
+/// repository) would otherwise commit that repository's current commit id. Gitlinks HEAD
+/// already has (real submodules) are kept. The nested directory's files are not committed.
+///
+/// Errors: the git commands fail.
+async fn drop_new_gitlinks(
+    git: &Git,
+    directory: &Path,
+    cancel: &CancellationToken,
+) -> Result<(), GitError> {
+    let raw = git
+        .run(
+            directory,
+            [
+                "diff",
+                "--cached",
+                "--raw",
+                "-z",
+                "--no-renames",
+                "--no-abbrev",
+            ],
+            cancel,
+        )
+        .await?;
+    // Records: ":<old mode> <new mode> <old id> <new id> <status>\0<path>\0".
+    let mut fields = raw.stdout.split(|byte| *byte == 0);
+    let mut gitlinks: Vec<OsString> = Vec::new();
+    while let Some(header) = fields.next() {
+        if header.is_empty() {
+            continue;
+        }
+        let Some(path) = fields.next() else { break };
+        let header = String::from_utf8_lossy(header);
+        let mut parts = header.trim_start_matches(':').split(' ');
+        let old_mode = parts.next().unwrap_or_default();
+        let new_mode = parts.next().unwrap_or_default();
+        if new_mode == "160000" && old_mode != "160000" {
+            gitlinks.push(OsStr::from_bytes(path).to_owned());
+        }
+    }
+    if gitlinks.is_empty() {
+        return Ok(());
+    }
+    tracing::warn!(
+        ?gitlinks,
+        "dropping gitlinks of nested .git directories from the commit"
+    );
+    let mut arguments: Vec<OsString> =
+        vec!["update-index".into(), "--force-remove".into(), "--".into()];
+    arguments.extend(gitlinks);
+    git.run(directory, arguments, cancel).await?;
+    Ok(())
+}
+
 /// Stages everything (`git add -A`, `.gitignore` respected) and, if anything changed, commits it
 /// on the checked-out branch with `message` (then `trailers`, when not empty, as the message's
 /// last paragraph) and the configured author/committer, returning the commit, its diffstat and
@@ -888,6 +952,7 @@ pub async fn commit_changes(
         return Ok(None);
     }
     git.run(directory, ["add", "-A"], cancel).await?;
+    drop_new_gitlinks(git, directory, cancel).await?;
     let staged = git
         .run_unchecked(
             directory,

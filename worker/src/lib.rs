@@ -20,8 +20,14 @@
 //! - [`egress`]: the sandbox's network: an empty namespace without network, or the attempt's
 //!   own namespace whose only way out is a per-attempt `CONNECT` proxy enforcing the operator's
 //!   host allowlist and address rules, recording each connection.
-//! - [`cgroup`]: cgroup v2/v1 detection and one cgroup per sandboxed command (memory and pids
-//!   limits, OOM detection, kill-all).
+//! - [`cgroup`]: cgroup v2/v1 detection and one cgroup per sandboxed command (memory, pids and
+//!   CPU limits, fail closed, OOM detection, kill-all) under a parent with operator-set totals.
+//! - [`isolation`]: the unprivileged sandbox uids, the workspace handed to them, the per-command
+//!   staging tmpfs (`noexec` `/tmp`, `/dev/shm`, binds).
+//! - [`sandbox_init`]: the init bubblewrap runs first inside the sandbox (Landlock, seccomp,
+//!   start marker, exec); [`seccomp`]: its filter.
+//! - [`quota`]: the disk quota (a loop-mounted ext4 volume per attempt).
+//! - [`probe`]: the capability probe the worker runs at start.
 //! - [`git`]: host-side git, hardened: per-URL mirror, per-attempt clone, commit, diffstat,
 //!   patch.
 //! - [`mirror_cache`]: the bounded cache of mirrors (least recently used evicted) and their
@@ -56,8 +62,9 @@
 //!
 //! # Requirements
 //!
-//! Linux; `bwrap` for the default driver; `git`; root (or a delegated cgroup) for resource
-//! limits — without usable cgroups, commands run without limits and a warning is logged once.
+//! Linux; root; `bwrap` 0.8+ for the default driver; Landlock ABI 6+; cgroups with memory, pids
+//! (and cpu) controllers; `mkfs.ext4` and loop devices for the disk quota; `git`. The capability
+//! probe ([`probe`]) refuses to start without them unless the operator allowed the gap.
 
 #![warn(missing_docs)]
 
@@ -70,8 +77,13 @@ pub mod credentials;
 pub mod egress;
 pub mod execute;
 pub mod git;
+pub mod isolation;
 pub mod lease;
 pub mod mirror_cache;
+pub mod probe;
 pub mod publish;
+pub mod quota;
 pub mod redact;
 pub mod sandbox;
+pub mod sandbox_init;
+pub mod seccomp;

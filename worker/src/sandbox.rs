@@ -18,8 +18,10 @@
 //!   `.git` read-only on top, so the agent cannot plant hooks or configuration that host-side git
 //!   would run. Git commands inside the sandbox can read the repository but not write it.
 //! - Toolchains ([`WorkerConfig::toolchain_mounts`]) are bound read-only.
-//! - Environment: `--clearenv`, then only `PATH=/opt/cargo/bin:/usr/local/bin:/usr/bin:/bin`,
+//! - Environment: bubblewrap is spawned with an empty environment (so `/proc/1/environ` inside
+//!   is empty), then `--clearenv` and only `PATH=/opt/cargo/bin:/usr/local/bin:/usr/bin:/bin`,
 //!   `HOME=/tmp`, `RUSTUP_HOME=/opt/rustup`, `CARGO_HOME=/tmp/cargo-home`, `LANG=C.UTF-8`,
+//!   `GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0=/workspace`,
 //!   `CARGO_NET_OFFLINE=true` when the network is off, then the command's own variables
 //!   ([`SandboxCommand::environment`]: the fleet's `env`, the agent's secrets and the
 //!   `FLOTILLA_*` variables). bwrap receives its options through `--args <fd>` from an
@@ -60,10 +62,12 @@ use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::attempt_log::{AttemptLog, TailBuffer};
-use crate::cgroup::{InvocationCgroup, cgroup_support};
+use crate::cgroup::{CommandLimits, InvocationCgroup, cgroup_support};
 use crate::config::{Mount, SANDBOX_RUSTUP_HOME, WorkerConfig};
 use crate::egress::EgressAttachment;
 use crate::egress::namespace::enter_namespace;
+use crate::isolation::{SandboxUser, StagingMount, give_workspace_to};
+use crate::sandbox_init::{InitInvocation, LandlockPolicy, init_arguments};
 
 /// Where the repository is mounted inside the sandbox (and the working directory).
 pub const SANDBOX_WORKSPACE: &str = "/workspace";
@@ -171,6 +175,38 @@ pub enum SandboxError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A limit is above what this worker (or the kernel) accepts; the command never ran.
+    #[error("{field}: {value} is above the maximum {maximum} ({reason})")]
+    LimitOutOfRange {
+        /// The spec field, e.g. `sandbox.pids_limit`.
+        field: &'static str,
+        /// The requested value.
+        value: u64,
+        /// The highest accepted value.
+        maximum: u64,
+        /// Where the maximum comes from (a worker configuration key or a kernel file).
+        reason: String,
+    },
+    /// The command's resource limits (cgroup) cannot be applied, so it is refused (fail closed):
+    /// a problem of this worker's host, which another worker may not have.
+    #[error("the resource limits cannot be applied, refusing to run without them: {reason}")]
+    Limits {
+        /// Why.
+        reason: String,
+    },
+    /// A required isolation mechanism is missing on this host (e.g. Landlock), and the operator
+    /// did not allow running without it.
+    #[error("refusing to run: {reason}")]
+    Unenforceable {
+        /// Why.
+        reason: String,
+    },
+    /// Every sandbox uid of [`WorkerConfig::sandbox_uid_count`] is in use.
+    #[error("no free sandbox uid (sandbox_uid_count {count} in use)")]
+    NoSandboxUser {
+        /// The size of the uid range.
+        count: u32,
+    },
 }
 
 impl SandboxError {
@@ -183,6 +219,7 @@ impl SandboxError {
                 | SandboxError::InvalidEnvironment { .. }
                 | SandboxError::InvalidCommand { .. }
                 | SandboxError::NoEgressNamespace
+                | SandboxError::LimitOutOfRange { .. }
         )
     }
 }
@@ -247,6 +284,8 @@ pub struct SandboxCommand {
     pub memory_limit_bytes: u64,
     /// cgroup pids limit; 0: [`WorkerConfig::default_pids_limit`].
     pub pids_limit: u32,
+    /// CPU quota, thousandths of a CPU; 0: [`WorkerConfig::default_cpu_limit_millicores`].
+    pub cpu_limit_millicores: u64,
 }
 
 /// What happened to a sandboxed command that started.
@@ -263,7 +302,8 @@ pub struct SandboxOutcome {
     pub cancelled: bool,
     /// The kernel's OOM killer killed a process of the command (memory limit reached).
     pub oom_killed: bool,
-    /// Whether a cgroup (memory and/or pids limit) was applied.
+    /// Whether a cgroup (memory, pids and, when set, CPU limit) was applied (always, unless the
+    /// operator set [`WorkerConfig::allow_without_cgroup_limits`] and cgroups are unusable).
     pub limits_applied: bool,
     /// From just before the spawn to the end of output capture, in milliseconds.
     pub duration_ms: u64,
@@ -329,6 +369,15 @@ pub fn sandbox_environment(
             environment.push(("HOME".to_owned(), "/tmp".to_owned()));
             environment.push(("RUSTUP_HOME".to_owned(), SANDBOX_RUSTUP_HOME.to_owned()));
             environment.push(("CARGO_HOME".to_owned(), "/tmp/cargo-home".to_owned()));
+            // The workspace is the sandbox uid's, its `.git` the worker's (read-only, shown as
+            // the overflow uid): git inside needs `safe.directory` for it (as command-line
+            // configuration, which git honours for that key).
+            environment.push(("GIT_CONFIG_COUNT".to_owned(), "1".to_owned()));
+            environment.push(("GIT_CONFIG_KEY_0".to_owned(), "safe.directory".to_owned()));
+            environment.push((
+                "GIT_CONFIG_VALUE_0".to_owned(),
+                SANDBOX_WORKSPACE.to_owned(),
+            ));
         }
         SandboxDriver::None => {
             let path: Vec<String> = SANDBOX_PATH
@@ -386,20 +435,65 @@ fn push_arguments(arguments: &mut Vec<OsString>, items: &[&str]) {
     arguments.extend(items.iter().map(OsString::from));
 }
 
+fn push_bind(arguments: &mut Vec<OsString>, source: &Path, target: &Path) {
+    arguments.push(OsString::from("--bind"));
+    arguments.push(source.as_os_str().to_owned());
+    arguments.push(target.as_os_str().to_owned());
+}
+
 fn push_read_only_bind(arguments: &mut Vec<OsString>, source: &Path, target: &Path) {
     arguments.push(OsString::from("--ro-bind"));
     arguments.push(source.as_os_str().to_owned());
     arguments.push(target.as_os_str().to_owned());
 }
 
-/// The bubblewrap arguments for `command` with `environment` (from [`sandbox_environment`]), up to
-/// and including `--`, followed by the start wrapper and the command line. Probes the host for
-/// which system directories and `/etc` entries exist.
+/// Where the sandbox init is bound inside the sandbox.
+pub const SANDBOX_INIT_PATH: &str = "/.flotilla/sandbox-init";
+
+/// The host paths bubblewrap binds from the staging tree ([`StagingMount`], made by the worker as
+/// root, reachable by the sandbox uid): the workspace, its `.git`, the per-command `/tmp` and
+/// `/dev/shm`, the init, the toolchains. Plus whether the init applies Landlock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BubblewrapMounts {
+    /// The workspace (bound read-write at [`SANDBOX_WORKSPACE`]).
+    pub workspace: PathBuf,
+    /// Its `.git` (bound read-only on top), if present.
+    pub git: Option<PathBuf>,
+    /// The tmpfs directory bound at `/tmp`.
+    pub tmp: PathBuf,
+    /// The tmpfs directory bound at `/dev/shm`.
+    pub shm: PathBuf,
+    /// The init executable (bound read-only at [`SANDBOX_INIT_PATH`]).
+    pub init: PathBuf,
+    /// Toolchain mounts: staged source and target.
+    pub toolchains: Vec<(PathBuf, PathBuf)>,
+    /// Whether the init applies Landlock (`false` only with `allow_without_landlock` on a kernel
+    /// without it).
+    pub landlock: bool,
+}
+
+/// The bubblewrap arguments for `command` with `environment` (from [`sandbox_environment`]) and
+/// `mounts`, up to and including `--`, followed by the init's invocation and the command line.
+/// Probes the host for which system directories and `/etc` entries exist.
 pub fn bubblewrap_arguments(
-    config: &WorkerConfig,
     command: &SandboxCommand,
     environment: &[(String, String)],
+    mounts: &BubblewrapMounts,
 ) -> Vec<OsString> {
+    let (mut options, command_part) = bubblewrap_parts(command, environment, mounts);
+    options.extend(command_part);
+    options
+}
+
+/// [`bubblewrap_arguments`] in two parts: bubblewrap's options (the environment among them,
+/// given to bubblewrap through an unlinked file with `--args`, so no value is on a command
+/// line), and `--` with the init's invocation and the command (which bubblewrap wants on its
+/// real command line).
+fn bubblewrap_parts(
+    command: &SandboxCommand,
+    environment: &[(String, String)],
+    mounts: &BubblewrapMounts,
+) -> (Vec<OsString>, Vec<OsString>) {
     let mut arguments = Vec::new();
     push_arguments(
         &mut arguments,
@@ -407,6 +501,9 @@ pub fn bubblewrap_arguments(
             "--die-with-parent",
             "--new-session",
             "--unshare-all",
+            "--unshare-user",
+            "--disable-userns",
+            "--assert-userns-disabled",
             "--cap-drop",
             "ALL",
         ],
@@ -418,6 +515,7 @@ pub fn bubblewrap_arguments(
     }
     push_arguments(&mut arguments, &["--hostname", "flotilla-sandbox"]);
     push_read_only_bind(&mut arguments, Path::new("/usr"), Path::new("/usr"));
+    let mut execute_roots = vec![PathBuf::from("/usr")];
     for name in ROOT_LIBRARY_DIRECTORIES {
         let host = Path::new("/").join(name);
         let Ok(metadata) = std::fs::symlink_metadata(&host) else {
@@ -431,12 +529,12 @@ pub fn bubblewrap_arguments(
             }
         } else if metadata.is_dir() {
             push_read_only_bind(&mut arguments, &host, &host);
+            execute_roots.push(host);
         }
     }
-    push_arguments(
-        &mut arguments,
-        &["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"],
-    );
+    push_arguments(&mut arguments, &["--proc", "/proc", "--dev", "/dev"]);
+    push_bind(&mut arguments, &mounts.tmp, Path::new("/tmp"));
+    push_bind(&mut arguments, &mounts.shm, Path::new("/dev/shm"));
     let network_entries: &[&str] = if command.network {
         ETC_NETWORK_ENTRIES
     } else {
@@ -448,24 +546,24 @@ pub fn bubblewrap_arguments(
             push_read_only_bind(&mut arguments, &host, &host);
         }
     }
-    for mount in &config.toolchain_mounts {
-        if mount.source.exists() {
-            push_read_only_bind(&mut arguments, &mount.source, &mount.target);
-        } else {
-            tracing::warn!(source = %mount.source.display(), "toolchain mount source does not exist; skipped");
-        }
+    for (source, target) in &mounts.toolchains {
+        push_read_only_bind(&mut arguments, source, target);
+        execute_roots.push(target.clone());
     }
-    arguments.push(OsString::from("--bind"));
-    arguments.push(command.workspace_directory.as_os_str().to_owned());
-    arguments.push(OsString::from(SANDBOX_WORKSPACE));
-    let git_directory = command.workspace_directory.join(".git");
-    if std::fs::symlink_metadata(&git_directory).is_ok() {
+    push_read_only_bind(&mut arguments, &mounts.init, Path::new(SANDBOX_INIT_PATH));
+    push_bind(
+        &mut arguments,
+        &mounts.workspace,
+        Path::new(SANDBOX_WORKSPACE),
+    );
+    if let Some(git) = &mounts.git {
         push_read_only_bind(
             &mut arguments,
-            &git_directory,
+            git,
             &Path::new(SANDBOX_WORKSPACE).join(".git"),
         );
     }
+    execute_roots.push(PathBuf::from(SANDBOX_WORKSPACE));
     // The root tmpfs (where bubblewrap created the mount points) becomes read-only too.
     push_arguments(
         &mut arguments,
@@ -480,18 +578,114 @@ pub fn bubblewrap_arguments(
     for (name, value) in environment {
         push_arguments(&mut arguments, &["--setenv", name, value]);
     }
-    push_arguments(
-        &mut arguments,
-        &[
-            "--",
-            "/bin/sh",
-            "-c",
-            START_WRAPPER,
-            "flotilla-sandbox",
-            &command.command_line,
+    let split = arguments.len();
+    arguments.push(OsString::from("--"));
+    arguments.push(OsString::from(SANDBOX_INIT_PATH));
+    let invocation = InitInvocation {
+        landlock: LandlockPolicy {
+            enabled: mounts.landlock,
+            execute_roots,
+            write_roots: vec![PathBuf::from(SANDBOX_WORKSPACE)],
+            write_noexec_roots: vec![PathBuf::from("/tmp"), PathBuf::from("/dev/shm")],
+            device_roots: vec![PathBuf::from("/dev")],
+        },
+        seccomp: true,
+        command: vec![
+            OsString::from("/bin/sh"),
+            OsString::from("-c"),
+            OsString::from(&command.command_line),
         ],
-    );
-    arguments
+    };
+    arguments.extend(init_arguments(&invocation));
+    let command_part = arguments.split_off(split);
+    (arguments, command_part)
+}
+
+/// The limits of `command` with the worker's defaults filled in, checked against the worker's
+/// maxima and the kernel's (`/proc/sys/kernel/pid_max`).
+///
+/// Errors: [`SandboxError::LimitOutOfRange`] naming the spec field.
+pub fn resolve_limits(
+    config: &WorkerConfig,
+    command: &SandboxCommand,
+) -> Result<CommandLimits, SandboxError> {
+    resolve_limit_values(
+        config,
+        command.memory_limit_bytes,
+        command.pids_limit,
+        command.cpu_limit_millicores,
+    )
+}
+
+/// [`resolve_limits`] for the three values (0: the worker's default).
+///
+/// Errors: [`SandboxError::LimitOutOfRange`] naming the spec field.
+pub fn resolve_limit_values(
+    config: &WorkerConfig,
+    memory_limit_bytes: u64,
+    pids_limit: u32,
+    cpu_limit_millicores: u64,
+) -> Result<CommandLimits, SandboxError> {
+    let memory_limit_bytes = if memory_limit_bytes == 0 {
+        config.default_memory_limit_bytes
+    } else {
+        memory_limit_bytes
+    };
+    let pids_limit = if pids_limit == 0 {
+        config.default_pids_limit
+    } else {
+        pids_limit
+    };
+    let cpu_limit_millicores = if cpu_limit_millicores == 0 {
+        config.default_cpu_limit_millicores
+    } else {
+        cpu_limit_millicores
+    };
+    if memory_limit_bytes > config.memory_limit_max_bytes {
+        return Err(SandboxError::LimitOutOfRange {
+            field: "sandbox.memory_limit_bytes",
+            value: memory_limit_bytes,
+            maximum: config.memory_limit_max_bytes,
+            reason: "worker setting memory_limit_max_bytes".to_owned(),
+        });
+    }
+    let (pids_maximum, pids_reason) = match kernel_pid_max() {
+        Some(kernel) if kernel < u64::from(config.pids_limit_max) => {
+            (kernel, "kernel /proc/sys/kernel/pid_max".to_owned())
+        }
+        _ => (
+            u64::from(config.pids_limit_max),
+            "worker setting pids_limit_max".to_owned(),
+        ),
+    };
+    if u64::from(pids_limit) > pids_maximum {
+        return Err(SandboxError::LimitOutOfRange {
+            field: "sandbox.pids_limit",
+            value: u64::from(pids_limit),
+            maximum: pids_maximum,
+            reason: pids_reason,
+        });
+    }
+    if cpu_limit_millicores > config.cpu_limit_max_millicores {
+        return Err(SandboxError::LimitOutOfRange {
+            field: "sandbox.cpu_limit_millicores",
+            value: cpu_limit_millicores,
+            maximum: config.cpu_limit_max_millicores,
+            reason: "worker setting cpu_limit_max_millicores".to_owned(),
+        });
+    }
+    Ok(CommandLimits {
+        memory_limit_bytes,
+        pids_limit,
+        cpu_limit_millicores,
+    })
+}
+
+/// The kernel's `pid_max`, if readable.
+pub fn kernel_pid_max() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
 }
 
 /// Sends SIGKILL to the process group `process_group_id` (ignored when `None`).
@@ -590,39 +784,118 @@ pub async fn run_sandboxed(
         }
     }
     let timeout_ms = command.timeout_ms.clamp(1, config.timeout_max_ms.max(1));
-    let memory_limit_bytes = if command.memory_limit_bytes == 0 {
-        config.default_memory_limit_bytes
-    } else {
-        command.memory_limit_bytes
-    };
-    let pids_limit = if command.pids_limit == 0 {
-        config.default_pids_limit
-    } else {
-        command.pids_limit
-    };
+    let limits = resolve_limits(config, command)?;
+    let memory_limit_bytes = limits.memory_limit_bytes;
 
-    let support = cgroup_support(&config.cgroup_mount_directory, &config.cgroup_parent_name);
-    let mut cgroup = match InvocationCgroup::create(
-        &support,
-        &command.label,
-        memory_limit_bytes,
-        pids_limit,
-    ) {
-        Ok(cgroup) => cgroup,
-        Err(error) => {
-            tracing::warn!(%error, "cannot create the command's cgroup; running without limits");
+    let support = cgroup_support(
+        &config.cgroup_mount_directory,
+        &config.cgroup_parent_name,
+        &config.parent_limits(),
+    );
+    let mut cgroup = match InvocationCgroup::create(&support, &command.label, &limits) {
+        Ok(cgroup) => Some(cgroup),
+        Err(error) if config.allow_without_cgroup_limits => {
+            tracing::warn!(%error, "cannot apply the command's limits; running without them (allow_without_cgroup_limits)");
             None
+        }
+        Err(error) => {
+            let reason = error.to_string();
+            log.note(&format!(
+                "{}: refused: the resource limits cannot be applied: {reason}",
+                command.label
+            ));
+            return Err(SandboxError::Limits { reason });
         }
     };
     let procs_files: Vec<CString> = match cgroup.as_ref().map(InvocationCgroup::procs_files) {
         Some(Ok(files)) => files,
         Some(Err(error)) => {
+            if !config.allow_without_cgroup_limits {
+                return Err(SandboxError::Limits {
+                    reason: format!("unusable cgroup path: {error}"),
+                });
+            }
             tracing::warn!(%error, "unusable cgroup path; running without limits");
             cgroup = None;
             Vec::new()
         }
         None => Vec::new(),
     };
+
+    // The bubblewrap sandbox's host side: an unprivileged uid owning the workspace, a noexec
+    // tmpfs for /tmp and /dev/shm, descriptors for the binds.
+    let mut sandbox_user: Option<SandboxUser> = None;
+    let mut staging_guard: Option<StagingMount> = None;
+    let mut mounts: Option<BubblewrapMounts> = None;
+    if driver == SandboxDriver::Bubblewrap {
+        let user = SandboxUser::acquire(config).ok_or(SandboxError::NoSandboxUser {
+            count: config.sandbox_uid_count,
+        })?;
+        give_workspace_to(&command.workspace_directory, user.uid).map_err(|source| {
+            SandboxError::Prepare {
+                path: command.workspace_directory.clone(),
+                source,
+            }
+        })?;
+        let mut staging =
+            StagingMount::create(config, user.uid).map_err(|source| SandboxError::Prepare {
+                path: config.sandbox_staging_directory.clone(),
+                source,
+            })?;
+        let mut stage = |path: &Path| -> Result<PathBuf, SandboxError> {
+            staging.stage(path).map_err(|source| SandboxError::Prepare {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let init_path =
+            config
+                .sandbox_init_executable()
+                .map_err(|source| SandboxError::Prepare {
+                    path: PathBuf::from("sandbox_init_path"),
+                    source,
+                })?;
+        let workspace = stage(&command.workspace_directory)?;
+        let git_directory = command.workspace_directory.join(".git");
+        let git = if std::fs::symlink_metadata(&git_directory).is_ok() {
+            Some(stage(&git_directory)?)
+        } else {
+            None
+        };
+        let mut toolchains = Vec::new();
+        for mount in &config.toolchain_mounts {
+            if mount.source.exists() {
+                toolchains.push((stage(&mount.source)?, mount.target.clone()));
+            } else {
+                tracing::warn!(source = %mount.source.display(), "toolchain mount source does not exist; skipped");
+            }
+        }
+        let init = stage(&init_path)?;
+        let landlock = match crate::probe::landlock_abi() {
+            abi if abi >= crate::probe::LANDLOCK_REQUIRED_ABI => true,
+            _ if config.allow_without_landlock => false,
+            abi => {
+                return Err(SandboxError::Unenforceable {
+                    reason: format!(
+                        "the kernel's Landlock ABI is {abi}, at least {} is required (allow_without_landlock is off)",
+                        crate::probe::LANDLOCK_REQUIRED_ABI
+                    ),
+                });
+            }
+        };
+        mounts = Some(BubblewrapMounts {
+            workspace,
+            git,
+            tmp: staging.tmp(),
+            shm: staging.shm(),
+            init,
+            toolchains,
+            landlock,
+        });
+        sandbox_user = Some(user);
+        staging_guard = Some(staging);
+    }
+    let sandbox_uid: Option<libc::uid_t> = sandbox_user.as_ref().map(|user| user.uid);
 
     let (output_write, mut output_read) = create_pipe()?;
     let (marker_write, marker_read) = create_pipe()?;
@@ -636,20 +909,22 @@ pub async fn run_sandboxed(
     };
     let mut process = tokio::process::Command::new(&program);
     let mut arguments_fd: Option<OwnedFd> = None;
-    match driver {
-        SandboxDriver::Bubblewrap => {
-            // Options (the environment among them) through the file; bwrap wants the command
-            // itself (`--` and the last five arguments) on its real command line.
-            let mut options = bubblewrap_arguments(config, command, &environment);
-            let command_arguments = options.split_off(options.len().saturating_sub(6));
+    match (driver, &mounts) {
+        (SandboxDriver::Bubblewrap, Some(mounts)) => {
+            // bubblewrap itself (pid 1 inside) gets an empty environment: the command's comes
+            // from --setenv, so /proc/1/environ holds nothing of the worker's. Its options (the
+            // environment among them) come through an unlinked file (`--args`), so no value is
+            // on a command line; the command itself stays on bwrap's real command line.
+            let (options, command_arguments) = bubblewrap_parts(command, &environment, mounts);
             let file = arguments_file(&options)?;
             process
+                .env_clear()
                 .arg("--args")
                 .arg(file.as_raw_fd().to_string())
                 .args(command_arguments);
             arguments_fd = Some(file);
         }
-        SandboxDriver::None => {
+        _ => {
             process
                 .args([
                     "-c",
@@ -671,8 +946,8 @@ pub async fn run_sandboxed(
     let marker_fd = marker_write.as_raw_fd();
     let inherited_arguments_fd = arguments_fd.as_ref().map_or(-1, AsRawFd::as_raw_fd);
     // SAFETY: the hook runs in the forked child before exec and only makes async-signal-safe
-    // system calls (setns, open, write, close, dup2, fcntl) on data prepared before the fork; it does not
-    // allocate (`last_os_error` only reads errno).
+    // system calls (setns, open, write, close, dup2, fcntl, setgroups, setgid, setuid) on data
+    // prepared before the fork; it does not allocate (`last_os_error` only reads errno).
     unsafe {
         process.pre_exec(move || {
             if let Some(fd) = network_namespace_fd {
@@ -710,6 +985,14 @@ pub async fn run_sandboxed(
                 {
                     return Err(std::io::Error::last_os_error());
                 }
+            }
+            // Drop root: bubblewrap (and so everything in the sandbox) runs as the sandbox uid.
+            if let Some(uid) = sandbox_uid
+                && (libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(uid) != 0
+                    || libc::setuid(uid) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
@@ -834,6 +1117,10 @@ pub async fn run_sandboxed(
         }
     }
 
+    // Every process of the sandbox is gone: detach its staging tree, free its uid.
+    drop(staging_guard);
+    drop(sandbox_user);
+
     let outcome = SandboxOutcome {
         exit_code,
         signal,
@@ -896,6 +1183,7 @@ pub async fn measure_sandbox_start(
         timeout_ms: 60_000,
         memory_limit_bytes: 0,
         pids_limit: 0,
+        cpu_limit_millicores: 0,
     };
     let mut log = AttemptLog::discard(4096);
     let started = Instant::now();
@@ -938,6 +1226,7 @@ mod tests {
             timeout_ms: 1000,
             memory_limit_bytes: 0,
             pids_limit: 0,
+            cpu_limit_millicores: 0,
         }
     }
 
@@ -961,12 +1250,27 @@ mod tests {
         ));
     }
 
+    fn mounts() -> BubblewrapMounts {
+        BubblewrapMounts {
+            workspace: PathBuf::from("/staging/ws"),
+            git: Some(PathBuf::from("/staging/git")),
+            tmp: PathBuf::from("/staging/tmp"),
+            shm: PathBuf::from("/staging/shm"),
+            init: PathBuf::from("/staging/init"),
+            toolchains: vec![(
+                PathBuf::from("/staging/cargo"),
+                PathBuf::from(SANDBOX_CARGO_BIN),
+            )],
+            landlock: true,
+        }
+    }
+
     #[test]
     fn bubblewrap_arguments_isolate() {
         let config = WorkerConfig::default();
         let offline = command(false);
         let environment = sandbox_environment(&config, SandboxDriver::Bubblewrap, &offline);
-        let arguments: Vec<String> = bubblewrap_arguments(&config, &offline, &environment)
+        let arguments: Vec<String> = bubblewrap_arguments(&offline, &environment, &mounts())
             .into_iter()
             .map(|argument| argument.to_string_lossy().into_owned())
             .collect();
@@ -976,6 +1280,18 @@ mod tests {
         assert!(joined.contains("--clearenv"));
         assert!(joined.contains("--cap-drop ALL"));
         assert!(joined.contains("--remount-ro /"));
+        assert!(joined.contains("--disable-userns --assert-userns-disabled"));
+        assert!(joined.contains("--bind /staging/ws /workspace"));
+        assert!(joined.contains("--ro-bind /staging/git /workspace/.git"));
+        assert!(joined.contains("--bind /staging/tmp /tmp"));
+        assert!(joined.contains("--bind /staging/shm /dev/shm"));
+        assert!(joined.contains("--ro-bind /staging/cargo /opt/cargo/bin"));
+        assert!(joined.contains(&format!(
+            "-- {SANDBOX_INIT_PATH} sandbox-init --landlock required"
+        )));
+        assert!(joined.contains("--exec /opt/cargo/bin"));
+        assert!(joined.contains("--write /workspace"));
+        assert!(joined.contains("--write-noexec /tmp --write-noexec /dev/shm"));
         assert!(joined.contains("--setenv FLOTILLA_TASK do it"));
         assert!(joined.contains("--setenv CARGO_NET_OFFLINE true"));
         assert!(!joined.contains("resolv.conf"));
@@ -988,7 +1304,7 @@ mod tests {
 
         let online = command(true);
         let environment = sandbox_environment(&config, SandboxDriver::Bubblewrap, &online);
-        let joined = bubblewrap_arguments(&config, &online, &environment)
+        let joined = bubblewrap_arguments(&online, &environment, &mounts())
             .into_iter()
             .map(|argument| argument.to_string_lossy().into_owned())
             .collect::<Vec<_>>()

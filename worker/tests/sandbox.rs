@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{RemoveOnDrop, processes_with_command_line, run, sandbox_command, test_config};
 use flotilla_worker::attempt_log::AttemptLog;
-use flotilla_worker::cgroup::cgroup_support;
+use flotilla_worker::cgroup::{ParentLimits, cgroup_support};
 use flotilla_worker::sandbox::{SandboxDriver, SandboxError, measure_sandbox_start, run_sandboxed};
 use tokio_util::sync::CancellationToken;
 
@@ -213,6 +213,7 @@ async fn assert_timeout_kills_tree(
     if !cgroups {
         // No cgroup file system there: limits are unavailable, the run goes on without them.
         config.cgroup_mount_directory = directory.path().join("no-cgroups");
+        config.allow_without_cgroup_limits = true;
     }
     let mut command = sandbox_command(&workspace, &format!("sleep {first} & sleep {second}; wait"));
     command.timeout_ms = 1_500;
@@ -229,7 +230,11 @@ async fn assert_timeout_kills_tree(
     let (result, log) = running.await.unwrap();
     let outcome = result.unwrap();
     assert!(outcome.timed_out, "{outcome:?}");
-    let support = cgroup_support(Path::new("/sys/fs/cgroup"), "flotilla");
+    let support = cgroup_support(
+        Path::new("/sys/fs/cgroup"),
+        "flotilla",
+        &ParentLimits::default(),
+    );
     let expected = cgroups && (support.limits_memory() || support.limits_pids());
     assert_eq!(outcome.limits_applied, expected);
     assert!(!outcome.succeeded());
@@ -308,7 +313,11 @@ async fn cancellation_kills_the_command() {
 
 #[tokio::test]
 async fn memory_hog_is_oom_killed_and_reported() {
-    let support = cgroup_support(Path::new("/sys/fs/cgroup"), "flotilla");
+    let support = cgroup_support(
+        Path::new("/sys/fs/cgroup"),
+        "flotilla",
+        &ParentLimits::default(),
+    );
     assert!(
         support.limits_memory(),
         "this test needs a usable memory cgroup (root, cgroup v2 or v1 memory controller), \
@@ -332,7 +341,11 @@ async fn memory_hog_is_oom_killed_and_reported() {
 
 #[tokio::test]
 async fn pids_limit_is_enforced() {
-    let support = cgroup_support(Path::new("/sys/fs/cgroup"), "flotilla");
+    let support = cgroup_support(
+        Path::new("/sys/fs/cgroup"),
+        "flotilla",
+        &ParentLimits::default(),
+    );
     assert!(
         support.limits_pids(),
         "this test needs a usable pids cgroup (root, cgroup v2 or v1 pids controller), \
@@ -421,10 +434,11 @@ async fn log_file_is_capped_but_tail_follows() {
 #[tokio::test]
 async fn sandbox_start_failures_are_errors_not_command_failures() {
     let (directory, workspace) = workspace();
-    // bubblewrap cannot bind a dangling `.git`: the sandbox never starts.
-    std::fs::remove_dir_all(workspace.join(".git")).unwrap();
-    std::os::unix::fs::symlink("/nonexistent/flotilla", workspace.join(".git")).unwrap();
-    let config = test_config(directory.path());
+    // The init is not an executable: the sandbox never starts (no start marker).
+    let not_executable = directory.path().join("not-an-init");
+    std::fs::write(&not_executable, "just text\n").unwrap();
+    let mut config = test_config(directory.path());
+    config.sandbox_init_path = Some(not_executable);
     let (result, _log) = run(
         &config,
         SandboxDriver::Bubblewrap,
@@ -545,4 +559,156 @@ async fn sandbox_start_percentiles() {
             samples[samples.len() - 1]
         );
     }
+}
+
+#[tokio::test]
+async fn the_agent_runs_as_the_unprivileged_sandbox_uid_and_owns_the_workspace() {
+    let (directory, workspace) = workspace();
+    let config = test_config(directory.path());
+    let script = r#"
+echo "uid=$(id -u)"
+echo "gid=$(id -g)"
+echo "owner=$(stat -c %u /workspace/file.txt)"
+echo "no_new_privs=$(grep NoNewPrivs /proc/self/status | tr -dc 0-9)"
+echo "seccomp=$(grep '^Seccomp:' /proc/self/status | tr -dc 0-9)"
+echo "capabilities=$(grep CapEff /proc/self/status | cut -f2)"
+git -C /workspace status --short >/dev/null 2>&1; echo "git=$?"
+"#;
+    std::process::Command::new("git")
+        .args(["init", "-q"])
+        .current_dir(&workspace)
+        .status()
+        .unwrap();
+    let command = sandbox_command(&workspace, script);
+    let (result, _log) = run(&config, SandboxDriver::Bubblewrap, &command).await;
+    let outcome = result.unwrap();
+    assert!(outcome.succeeded(), "{outcome:?}");
+    let output = outcome.log_tail.as_str();
+    let uid: u32 = line_value(output, "uid").unwrap().parse().unwrap();
+    assert!(
+        (config.sandbox_uid_base..config.sandbox_uid_base + config.sandbox_uid_count)
+            .contains(&uid),
+        "{output}"
+    );
+    assert_eq!(line_value(output, "gid"), Some(uid.to_string().as_str()));
+    assert_eq!(line_value(output, "owner"), Some(uid.to_string().as_str()));
+    assert_eq!(line_value(output, "no_new_privs"), Some("1"));
+    assert_eq!(line_value(output, "seccomp"), Some("2"), "{output}");
+    assert_eq!(line_value(output, "capabilities"), Some("0000000000000000"));
+    assert_eq!(line_value(output, "git"), Some("0"), "{output}");
+    // On the host the workspace (not its .git) belongs to that uid.
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(workspace.join("file.txt")).unwrap().uid(),
+        uid
+    );
+    assert_eq!(std::fs::metadata(workspace.join(".git")).unwrap().uid(), 0);
+}
+
+#[tokio::test]
+async fn commands_are_refused_when_limits_cannot_be_applied_or_are_out_of_range() {
+    let (directory, workspace) = workspace();
+    // No cgroup file system there, and no permission to run without limits: refused.
+    let mut config = test_config(directory.path());
+    config.cgroup_mount_directory = directory.path().join("no-cgroups");
+    let (result, log) = run(
+        &config,
+        SandboxDriver::Bubblewrap,
+        &sandbox_command(&workspace, "touch /workspace/ran"),
+    )
+    .await;
+    match result {
+        Err(error @ SandboxError::Limits { .. }) => {
+            assert!(error.is_retryable());
+            assert!(
+                error.to_string().contains("cgroups are not usable"),
+                "{error}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(!workspace.join("ran").exists(), "the command ran");
+    assert!(log.tail().contains("refused"), "{}", log.tail());
+
+    // Above the kernel's pid_max: rejected up front, naming the field.
+    let config = test_config(directory.path());
+    let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut command = sandbox_command(&workspace, "touch /workspace/ran");
+    command.pids_limit = pid_max.saturating_add(1).max(config.pids_limit_max + 1);
+    let (result, _log) = run(&config, SandboxDriver::Bubblewrap, &command).await;
+    match result {
+        Err(error @ SandboxError::LimitOutOfRange { .. }) => {
+            assert!(!error.is_retryable());
+            assert!(
+                error.to_string().starts_with("sandbox.pids_limit:"),
+                "{error}"
+            );
+        }
+        other => panic!("expected an out-of-range limit, got {other:?}"),
+    }
+    let mut command = sandbox_command(&workspace, "touch /workspace/ran");
+    command.memory_limit_bytes = config.memory_limit_max_bytes + 1;
+    let (result, _log) = run(&config, SandboxDriver::Bubblewrap, &command).await;
+    assert!(
+        matches!(&result, Err(SandboxError::LimitOutOfRange { field, .. }) if *field == "sandbox.memory_limit_bytes"),
+        "{result:?}"
+    );
+    assert!(!workspace.join("ran").exists(), "the command ran");
+}
+
+#[tokio::test]
+async fn cpu_quota_is_written_to_the_command_cgroup() {
+    let (directory, workspace) = workspace();
+    let config = test_config(directory.path());
+    let mut command = sandbox_command(&workspace, "cat /proc/self/cgroup");
+    command.cpu_limit_millicores = 500;
+    let (result, _log) = run(&config, SandboxDriver::Bubblewrap, &command).await;
+    let outcome = result.unwrap();
+    assert!(outcome.succeeded(), "{outcome:?}");
+    // The command's cgroup path as the kernel reports it (the cgroup namespace shows "/" for
+    // it inside, so look at the parent from the host): while it ran, the quota was 50 ms per
+    // 100 ms. Check it on a command that reads its own quota through a host path instead.
+    let support = cgroup_support(
+        Path::new("/sys/fs/cgroup"),
+        "flotilla",
+        &ParentLimits::default(),
+    );
+    assert!(support.limits_cpu(), "{support:?}");
+    let cpu_parent = match support.as_ref() {
+        flotilla_worker::cgroup::CgroupSupport::V1 {
+            cpu_parent_directory: Some(parent),
+            ..
+        } => parent.clone(),
+        flotilla_worker::cgroup::CgroupSupport::V2 {
+            parent_directory, ..
+        } => parent_directory.clone(),
+        other => panic!("no cpu controller: {other:?}"),
+    };
+    // Run a command that sleeps; read its cgroup's quota from the host while it runs.
+    let mut command = sandbox_command(&workspace, "sleep 5");
+    command.label = "cpu-quota".to_owned();
+    command.cpu_limit_millicores = 500;
+    let running =
+        tokio::spawn(async move { run(&config, SandboxDriver::Bubblewrap, &command).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut quota = None;
+    while quota.is_none() && Instant::now() < deadline {
+        for entry in std::fs::read_dir(&cpu_parent).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("cpu-quota-") {
+                let v1 = std::fs::read_to_string(entry.path().join("cpu.cfs_quota_us"));
+                let v2 = std::fs::read_to_string(entry.path().join("cpu.max"));
+                quota = v1.or(v2).ok().map(|text| text.trim().to_owned());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (result, _log) = running.await.unwrap();
+    assert!(result.unwrap().succeeded());
+    let quota = quota.expect("the command's cgroup never appeared");
+    assert!(quota == "50000" || quota == "50000 100000", "{quota}");
 }

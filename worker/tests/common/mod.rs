@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 pub fn test_config(work_directory: &Path) -> WorkerConfig {
     WorkerConfig {
         work_directory: work_directory.to_path_buf(),
+        sandbox_init_path: Some(PathBuf::from(env!("CARGO_BIN_EXE_flotilla-sandbox-init"))),
         ..WorkerConfig::default()
     }
 }
@@ -35,6 +36,7 @@ pub fn sandbox_command(workspace: &Path, command_line: &str) -> SandboxCommand {
         timeout_ms: 20_000,
         memory_limit_bytes: 0,
         pids_limit: 0,
+        cpu_limit_millicores: 0,
     }
 }
 
