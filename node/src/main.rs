@@ -474,6 +474,18 @@ async fn run_worker(arguments: WorkerArguments, transport: TransportFlags) -> an
         "worker id {:?} must be 1-64 characters of [A-Za-z0-9._-]",
         config.worker_id()
     );
+    // The transport first: without TLS or an explicit --insecure nothing else matters.
+    let tls = match TransportFlags::client_transport(&config.tls)? {
+        cli::ClientTransport::Insecure => None,
+        cli::ClientTransport::Tls(tls) => {
+            flotilla::tls::check_worker_certificate(
+                &config.tls,
+                &config.cluster_id,
+                &config.worker_id(),
+            )?;
+            Some(tls)
+        }
+    };
     if let Some(path) = arguments.token_file {
         config.worker.token_file = path;
     }
@@ -488,17 +500,6 @@ async fn run_worker(arguments: WorkerArguments, transport: TransportFlags) -> an
     let token = flotilla_worker::client_auth::BearerToken::new(&token)
         .map_err(|error| anyhow::anyhow!("worker.token_file {}: {error}", token_file.display()))?;
     let _telemetry = telemetry::init(&config.telemetry)?;
-    let tls = match TransportFlags::client_transport(&config.tls)? {
-        cli::ClientTransport::Insecure => None,
-        cli::ClientTransport::Tls(tls) => {
-            flotilla::tls::check_worker_certificate(
-                &config.tls,
-                &config.cluster_id,
-                &config.worker_id(),
-            )?;
-            Some(tls)
-        }
-    };
     let worker = server::start_worker(&config, arguments.endpoints, token, tls).await?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

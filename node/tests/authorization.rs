@@ -19,11 +19,7 @@ use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 
 async fn channel(node: &Node) -> Channel {
-    tonic::transport::Endpoint::from_shared(node.address.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
+    common::channel(&node.address).await
 }
 
 /// Calls `path` with an empty request (every field at its default), with `token` or none;
@@ -114,7 +110,7 @@ async fn every_method_is_denied_without_a_token_and_allowed_exactly_by_the_roles
     for (path, requirement) in METHOD_REQUIREMENTS {
         let permission = match requirement {
             // Node methods are for nodes (insecure mode here: no identities); open ones for all.
-            Requirement::Node | Requirement::Open => continue,
+            Requirement::Node | Requirement::RaftTransport | Requirement::Open => continue,
             Requirement::Authenticated => None,
             Requirement::Permission(permission) => Some(*permission),
         };
@@ -413,6 +409,7 @@ async fn projects_bound_tokens_and_workers_report_only_on_leases_they_hold() {
     let cli = |arguments: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
             .env("FLOTILLA_TOKEN", ADMIN_TOKEN)
+            .env("FLOTILLA_CA_FILE", common::ca_file())
             .args(["--address", &node.address])
             .args(arguments)
             .output()
@@ -433,6 +430,7 @@ async fn projects_bound_tokens_and_workers_report_only_on_leases_they_hold() {
     assert!(lines >= before.records.len(), "{lines}");
     let denied = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
         .env("FLOTILLA_TOKEN", &viewer_a)
+        .env("FLOTILLA_CA_FILE", common::ca_file())
         .args(["--address", &node.address, "audit", "verify"])
         .output()
         .unwrap();

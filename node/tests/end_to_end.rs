@@ -153,7 +153,25 @@ async fn a_fleet_runs_every_repository_to_a_correct_result_and_survives_restart(
         restarted.patch_sha256,
         flotilla_scheduler::artifact::sha256_hex(run.patch.as_bytes())
     );
-    let mut cluster = common::cluster_client(&node.address).await;
+    // Artifact transfer is node to node: only a node certificate of the cluster may ask.
+    let without_node_certificate = common::cluster_client(&node.address)
+        .await
+        .get_artifact(v1::GetArtifactRequest {
+            run_id: run.id.clone(),
+            attempt: 1,
+            kind: v1::ArtifactKind::Patch as i32,
+        })
+        .await
+        .expect_err("a client without a node certificate");
+    assert_eq!(
+        without_node_certificate.code(),
+        tonic::Code::PermissionDenied
+    );
+    let mut cluster = flotilla_proto::v1::cluster_service_client::ClusterServiceClient::new(
+        common::tls_channel(&node.address, Some(common::node_certificate(1)))
+            .await
+            .expect("node certificate channel"),
+    );
     let artifact = |attempt, kind: v1::ArtifactKind| v1::GetArtifactRequest {
         run_id: run.id.clone(),
         attempt,

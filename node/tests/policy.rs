@@ -202,11 +202,7 @@ impl tonic::codec::Codec for RawBytesCodec {
 async fn an_undecodable_request_is_an_invalid_argument_naming_the_message() {
     let root = tempfile::tempdir().unwrap();
     let node = Node::start(&root.path().join("node"), &["--no-worker"]).await;
-    let channel = tonic::transport::Endpoint::from_shared(node.address.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = common::channel(&node.address).await;
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     // Field 1 (spec) as a length-delimited value claiming 100 bytes, followed by 2.

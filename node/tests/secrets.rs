@@ -20,6 +20,8 @@ fn flotilla(address: &str, arguments: &[&str], stdin: Option<&str>) -> (i32, Str
     let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
         .args(["--address", address])
         .args(arguments)
+        .env("FLOTILLA_CA_FILE", common::ca_file())
+        .env("FLOTILLA_TOKEN", common::ADMIN_TOKEN)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -170,7 +170,8 @@ async fn a_worker_certificate_acts_only_as_its_own_worker() {
     let channel = tls_channel(&node.address, Some(worker_certificate("w1")))
         .await
         .unwrap();
-    let mut workers = WorkerServiceClient::new(channel);
+    // An admin token (which may act as any worker id): the certificate alone says w1.
+    let mut workers = WorkerServiceClient::new(common::with_token(channel, common::ADMIN_TOKEN));
     let lease_as = |worker_id: &str| v1::LeaseRunsRequest {
         worker_id: worker_id.into(),
         free_slots: 1,
@@ -331,7 +332,16 @@ async fn an_explicitly_insecure_node_serves_plaintext() {
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let listed = loop {
-        let output = flotilla(&["--insecure", "--address", &address, "fleet", "list"]);
+        let token_file = root.path().join("data").join("bootstrap-token");
+        let output = flotilla(&[
+            "--insecure",
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "--address",
+            &address,
+            "fleet",
+            "list",
+        ]);
         if output.status.success() {
             break output;
         }

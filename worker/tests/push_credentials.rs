@@ -339,14 +339,18 @@ async fn a_push_gets_the_brokers_token_through_the_helper_and_nowhere_else() {
             .is_none(),
         "the credential helper's directory was not removed"
     );
-    let clone_config = std::fs::read_to_string(
-        flotilla_worker::execute::attempt_directory(&right, "fl-7-0", 2).join("repo/.git/config"),
-    )
-    .unwrap();
-    assert!(
-        !clone_config.contains(TOKEN) && !clone_config.contains("credential"),
-        "{clone_config}"
-    );
+    // The clone's .git/config never holds the token. With the disk quota the attempt's volume
+    // is unmounted when the attempt ends, so the clone is gone (and the scan above saw every
+    // file that remains); without it the file is still there to read.
+    let clone_config_path =
+        flotilla_worker::execute::attempt_directory(&right, "fl-7-0", 2).join("repo/.git/config");
+    match std::fs::read_to_string(&clone_config_path) {
+        Ok(clone_config) => assert!(
+            !clone_config.contains(TOKEN) && !clone_config.contains("credential"),
+            "{clone_config}"
+        ),
+        Err(error) => assert_eq!(error.kind(), std::io::ErrorKind::NotFound, "{error}"),
+    }
 
     assert_eq!(
         result.credential_events.len(),

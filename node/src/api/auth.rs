@@ -10,7 +10,9 @@
 //!   permission (else PERMISSION_DENIED naming it). The token's [`Caller`] goes into the request
 //!   extensions; handlers then check the project of the fleet concerned
 //!   ([`Caller::require`]) and a worker token's worker id ([`Caller::require_worker`]).
-//! - [`Requirement::Node`]: a cluster node's identity ([`authorize_node`]), for Raft and
+//! - [`Requirement::RaftTransport`]: Raft, checked by the raft transport itself (node certificate
+//!   of the cluster, cluster id).
+//! - [`Requirement::Node`]: a cluster node's identity ([`authorize_node`]), for
 //!   node-to-node artifact transfer.
 //! - [`Requirement::Open`]: gRPC reflection (the schema is public).
 //!
@@ -42,6 +44,11 @@ pub enum Requirement {
     Permission(Permission),
     /// A cluster node's identity (mTLS), see [`authorize_node`].
     Node,
+    /// Raft transport: passed through, because the raft crate's own transport check
+    /// (`flotilla_raft::security`, configured from `node/src/tls.rs`) is the one implementation
+    /// of it: a node certificate of this cluster's trust domain with TLS, the cluster id on
+    /// every message always.
+    RaftTransport,
 }
 
 /// Every gRPC method served, with what it needs. Anything else is denied.
@@ -141,14 +148,20 @@ pub const METHOD_REQUIREMENTS: &[(&str, Requirement)] = &[
     ("/flotilla.v1.ClusterService/GetArtifact", Requirement::Node),
     (
         "/flotilla.raft.v1.RaftService/AppendEntries",
-        Requirement::Node,
+        Requirement::RaftTransport,
     ),
-    ("/flotilla.raft.v1.RaftService/Vote", Requirement::Node),
+    (
+        "/flotilla.raft.v1.RaftService/Vote",
+        Requirement::RaftTransport,
+    ),
     (
         "/flotilla.raft.v1.RaftService/InstallSnapshot",
-        Requirement::Node,
+        Requirement::RaftTransport,
     ),
-    ("/flotilla.raft.v1.RaftService/PreVote", Requirement::Node),
+    (
+        "/flotilla.raft.v1.RaftService/PreVote",
+        Requirement::RaftTransport,
+    ),
     (
         "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
         Requirement::Open,
@@ -321,6 +334,7 @@ impl AuthLayer {
         let permission = match requirement {
             Requirement::Open => return Ok(None),
             // Transport identities come from mutual TLS (node/src/tls.rs).
+            Requirement::RaftTransport => return Ok(None),
             Requirement::Node => {
                 return authorize_node(peer_identity, self.insecure).map(|()| None);
             }

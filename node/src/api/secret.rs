@@ -38,6 +38,17 @@ pub struct SecretsApi {
     settings: SecretsSection,
 }
 
+/// The project a secret request is about: the one it names, else the caller's own project (a
+/// project-scoped token), else [`DEFAULT_PROJECT`]; validated.
+fn requested_project(who: &super::auth::Caller, named: &str) -> Result<String, Status> {
+    if named.is_empty()
+        && let Some(own) = &who.token.project
+    {
+        return Ok(own.clone());
+    }
+    project_of(named).map(str::to_owned)
+}
+
 /// The project named by a request (`""` is [`DEFAULT_PROJECT`]), validated.
 fn project_of(project: &str) -> Result<&str, Status> {
     if project.is_empty() {
@@ -109,7 +120,7 @@ impl SecretService for SecretsApi {
         let who = caller(&request)?;
         let auth = authorization(&request);
         let original = request.into_inner();
-        let project = project_of(&original.project)?.to_owned();
+        let project = requested_project(&who, &original.project)?;
         who.require(Permission::ProjectSettings, &project)?;
         validate_secret_name(&original.name)?;
         validate_value(&original.value, self.settings.max_value_bytes)
@@ -175,7 +186,7 @@ impl SecretService for SecretsApi {
         let who = caller(&request)?;
         let auth = authorization(&request);
         let original = request.into_inner();
-        let project = project_of(&original.project)?.to_owned();
+        let project = requested_project(&who, &original.project)?;
         who.require(Permission::ProjectSettings, &project)?;
         if let Some(channel) = self.api.read_barrier().await? {
             return self
@@ -212,7 +223,7 @@ impl SecretService for SecretsApi {
         let who = caller(&request)?;
         let auth = authorization(&request);
         let original = request.into_inner();
-        let project = project_of(&original.project)?.to_owned();
+        let project = requested_project(&who, &original.project)?;
         who.require(Permission::ProjectSettings, &project)?;
         validate_secret_name(&original.name)?;
         let command = Command::DeleteSecret {
