@@ -50,15 +50,14 @@ fn write_config(root: &Path, key_file: &Path, previous: &[&Path]) -> PathBuf {
         .iter()
         .map(|p| format!("{:?}", p.display().to_string()))
         .collect();
-    std::fs::write(
+    common::write_config(
         &path,
-        format!(
+        &format!(
             "[secrets]\nkey_file = {:?}\nprevious_key_files = [{}]\nmax_secrets_per_project = 3\n",
             key_file.display().to_string(),
             previous.join(", ")
         ),
-    )
-    .unwrap();
+    );
     path
 }
 
@@ -151,7 +150,10 @@ async fn secrets_are_injected_by_name_redacted_and_never_stored_in_plaintext() {
     assert_eq!(secret["value_size_bytes"], VALUE.len());
     assert_eq!(secret["key_id"], first_key_id.as_str());
     assert!(!stdout.contains(VALUE));
-    let mut secrets = SecretServiceClient::connect(address.clone()).await.unwrap();
+    let mut secrets = SecretServiceClient::new(common::with_token(
+        common::channel(&address).await,
+        common::ADMIN_TOKEN,
+    ));
     let info = secrets
         .set_secret(v1::SetSecretRequest {
             project: String::new(),

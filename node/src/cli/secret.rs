@@ -9,8 +9,8 @@ use std::path::Path;
 
 use flotilla_proto::v1::secret_service_client::SecretServiceClient;
 use flotilla_proto::v1::{self};
+use flotilla_worker::client_auth::AuthChannel;
 use serde_json::json;
-use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
 use super::{CliError, Output, connect_channel, exit_code};
@@ -22,8 +22,10 @@ const MAX_VALUE_READ_BYTES: u64 = 1024 * 1024;
 ///
 /// # Errors
 /// [`exit_code::UNAVAILABLE`] when no address answers.
-pub async fn connect(addresses: &str) -> Result<SecretServiceClient<Channel>, CliError> {
-    Ok(SecretServiceClient::new(connect_channel(addresses).await?))
+pub async fn connect(addresses: &str) -> Result<SecretServiceClient<AuthChannel>, CliError> {
+    Ok(SecretServiceClient::new(
+        super::bearer().channel(connect_channel(addresses).await?),
+    ))
 }
 
 fn info_json(info: &v1::SecretInfo) -> serde_json::Value {
@@ -67,7 +69,7 @@ fn read_value(file: Option<&Path>) -> Result<Zeroizing<Vec<u8>>, CliError> {
 /// # Errors
 /// The server's answer as a [`CliError`].
 pub async fn set(
-    client: &mut SecretServiceClient<Channel>,
+    client: &mut SecretServiceClient<AuthChannel>,
     project: &str,
     name: &str,
     value_file: Option<&Path>,
@@ -97,7 +99,7 @@ pub async fn set(
 /// # Errors
 /// The server's answer as a [`CliError`].
 pub async fn list(
-    client: &mut SecretServiceClient<Channel>,
+    client: &mut SecretServiceClient<AuthChannel>,
     project: &str,
     output: Output,
 ) -> Result<i32, CliError> {
@@ -133,7 +135,7 @@ pub async fn list(
 /// # Errors
 /// The server's answer as a [`CliError`].
 pub async fn delete(
-    client: &mut SecretServiceClient<Channel>,
+    client: &mut SecretServiceClient<AuthChannel>,
     project: &str,
     name: &str,
     output: Output,
@@ -159,7 +161,7 @@ pub async fn delete(
 /// # Errors
 /// The server's answer as a [`CliError`].
 pub async fn rotate(
-    client: &mut SecretServiceClient<Channel>,
+    client: &mut SecretServiceClient<AuthChannel>,
     batch: u32,
     output: Output,
 ) -> Result<i32, CliError> {
