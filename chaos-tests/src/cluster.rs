@@ -141,11 +141,15 @@ impl Cluster {
         let directory = temporary.path().to_path_buf();
         let config = directory.join("flotilla.toml");
         // The chaos agents (`sh` one-liners) run unconfined on repositories under the scenario
-        // directory: the operator's policy allows exactly that.
+        // directory: the operator's policy allows exactly that. Processes started with
+        // `ip netns exec` get a fresh /sys without the cgroup hierarchies, so the worker's
+        // capability probe must be told that running without cgroup limits is accepted (no
+        // agent here runs sandboxed).
         std::fs::write(
             &config,
             format!(
-                "{}\n[policy]\nallowed_drivers = [\"none\"]\nfile_roots = [{:?}]\n",
+                "{}\n[policy]\nallowed_drivers = [\"none\"]\nfile_roots = [{:?}]\n\n\
+                 [sandbox]\nallow_without_cgroup_limits = true\n",
                 config_text(),
                 directory.canonicalize()?.display().to_string()
             ),
