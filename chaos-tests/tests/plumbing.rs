@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use flotilla_chaos_tests::cluster::channel;
+use flotilla_chaos_tests::cluster::{ADMIN_TOKEN, channel};
 use flotilla_chaos_tests::net::{Network, run};
 use flotilla_chaos_tests::process::{Process, flotilla_binary};
 use flotilla_proto::v1;
@@ -34,6 +34,12 @@ async fn namespaces_partitions_and_cleanup() {
     let address = format!("{}:7600", server.address);
     let url = format!("https://{address}");
     let data = directory.path().join("data");
+    // The harness's admin token, bootstrapped by the server and sent by every client.
+    let token_file = directory.path().join("admin-token");
+    std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).expect("token file");
+    let ca_file = flotilla_chaos_tests::pki::ca_directory(&binary)
+        .expect("CA")
+        .join("ca.pem");
     let mut arguments: Vec<String> = [
         "server",
         "--node-id",
@@ -45,6 +51,8 @@ async fn namespaces_partitions_and_cleanup() {
         "--http-listen-address",
         "",
         "--no-worker",
+        "--bootstrap-token-file",
+        token_file.to_str().unwrap(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -87,6 +95,10 @@ async fn namespaces_partitions_and_cleanup() {
         std::process::Command::new("ip")
             .args(["netns", "exec", namespace])
             .arg(&binary)
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--ca-file")
+            .arg(&ca_file)
             .args(["--address", &url, "fleet", "list"])
             .output()
             .expect("run client")
