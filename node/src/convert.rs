@@ -2,7 +2,10 @@
 //! validation of every field that arrives over the wire. Errors name the field's path.
 
 use flotilla_proto::v1;
-use flotilla_scheduler::command::{CredentialEvent, MAX_CREDENTIAL_EVENTS};
+use flotilla_scheduler::command::{
+    CredentialEvent, MAX_CREDENTIAL_EVENTS, MAX_SANDBOX_DENIAL_TEXT_BYTES,
+    MAX_SANDBOX_DENIALS_PER_RESULT, SandboxDenial,
+};
 use flotilla_scheduler::command::{
     EgressConnection, MAX_EGRESS_CONNECTIONS_PER_RESULT, MAX_EGRESS_REASON_BYTES,
 };
@@ -258,6 +261,29 @@ pub fn attempt_result_from_wire(
             ));
         }
     }
+    if result.sandbox_denials.len() > MAX_SANDBOX_DENIALS_PER_RESULT {
+        return Err(FieldError::new(
+            "result.sandbox_denials",
+            format!("more than {MAX_SANDBOX_DENIALS_PER_RESULT} entries"),
+        ));
+    }
+    for (index, denial) in result.sandbox_denials.iter().enumerate() {
+        let field = |name: &str| format!("result.sandbox_denials[{index}].{name}");
+        if !matches!(denial.mechanism.as_str(), "seccomp" | "cgroup") {
+            return Err(FieldError::new(
+                field("mechanism"),
+                "must be seccomp or cgroup",
+            ));
+        }
+        for (name, text) in [("action", &denial.action), ("command", &denial.command)] {
+            if text.is_empty() || text.len() > MAX_SANDBOX_DENIAL_TEXT_BYTES {
+                return Err(FieldError::new(
+                    field(name),
+                    format!("must be 1 to {MAX_SANDBOX_DENIAL_TEXT_BYTES} bytes"),
+                ));
+            }
+        }
+    }
     if outcome == Outcome::Changed && result.commit.is_empty() {
         return Err(FieldError::new(
             "result.commit",
@@ -302,7 +328,41 @@ pub fn attempt_result_from_wire(
                 error: event.error,
             })
             .collect(),
+        sandbox_denials: result
+            .sandbox_denials
+            .into_iter()
+            .map(|denial| SandboxDenial {
+                mechanism: denial.mechanism,
+                action: denial.action,
+                command: denial.command,
+                count: denial.count,
+            })
+            .collect(),
     })
+}
+
+/// Wire form of a sandbox denial.
+pub fn sandbox_denial_to_wire(denial: &SandboxDenial) -> v1::SandboxDenial {
+    v1::SandboxDenial {
+        mechanism: denial.mechanism.clone(),
+        action: denial.action.clone(),
+        command: denial.command.clone(),
+        count: denial.count,
+    }
+}
+
+/// Wire form of an egress connection record.
+pub fn egress_connection_to_wire(connection: &EgressConnection) -> v1::EgressConnection {
+    v1::EgressConnection {
+        host: connection.host.clone(),
+        port: u32::from(connection.port),
+        address: connection.address.clone(),
+        bytes_up: connection.bytes_up,
+        bytes_down: connection.bytes_down,
+        allowed: connection.allowed,
+        reason: connection.reason.clone(),
+        duration_ms: connection.duration_ms,
+    }
 }
 
 /// Wire form of a credential event.
@@ -438,6 +498,18 @@ pub fn run_to_wire(fleet: &Fleet, run: &Run) -> v1::Run {
                     .iter()
                     .flat_map(|r| &r.credential_events)
                     .map(credential_event_to_wire)
+                    .collect(),
+                sandbox_denials: attempt
+                    .result
+                    .iter()
+                    .flat_map(|r| &r.sandbox_denials)
+                    .map(sandbox_denial_to_wire)
+                    .collect(),
+                egress_connections: attempt
+                    .result
+                    .iter()
+                    .flat_map(|r| &r.egress_connections)
+                    .map(egress_connection_to_wire)
                     .collect(),
             })
             .collect(),
@@ -696,6 +768,69 @@ mod tests {
             }),
             "result.outcome: lease_expired is decided by the cluster, not reported"
         );
+    }
+
+    #[test]
+    fn sandbox_denials_are_checked_and_carried_over() {
+        let limits = ResultLimits {
+            max_log_tail_bytes: 4,
+            max_patch_bytes: 4,
+            max_diffstat_entries: 1,
+            max_error_bytes: 8,
+        };
+        let denial = v1::SandboxDenial {
+            mechanism: "seccomp".into(),
+            action: "ptrace".into(),
+            command: "agent".into(),
+            count: 3,
+        };
+        let result = |denials: Vec<v1::SandboxDenial>| v1::RunResult {
+            outcome: "agent_failed".into(),
+            sandbox_denials: denials,
+            ..Default::default()
+        };
+        let converted =
+            attempt_result_from_wire(Some(result(vec![denial.clone()])), &limits).unwrap();
+        assert_eq!(
+            converted.sandbox_denials,
+            vec![SandboxDenial {
+                mechanism: "seccomp".into(),
+                action: "ptrace".into(),
+                command: "agent".into(),
+                count: 3,
+            }]
+        );
+        assert_eq!(
+            sandbox_denial_to_wire(&converted.sandbox_denials[0]),
+            denial
+        );
+        let error = |denials| {
+            attempt_result_from_wire(Some(result(denials)), &limits)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            error(vec![denial.clone(); MAX_SANDBOX_DENIALS_PER_RESULT + 1]),
+            format!("result.sandbox_denials: more than {MAX_SANDBOX_DENIALS_PER_RESULT} entries")
+        );
+        let forged = v1::SandboxDenial {
+            mechanism: "agent".into(),
+            ..denial.clone()
+        };
+        assert_eq!(
+            error(vec![denial.clone(), forged]),
+            "result.sandbox_denials[1].mechanism: must be seccomp or cgroup"
+        );
+        let long = v1::SandboxDenial {
+            action: "a".repeat(MAX_SANDBOX_DENIAL_TEXT_BYTES + 1),
+            ..denial.clone()
+        };
+        assert!(error(vec![long]).starts_with("result.sandbox_denials[0].action: must be 1 to"));
+        let unnamed = v1::SandboxDenial {
+            command: String::new(),
+            ..denial
+        };
+        assert!(error(vec![unnamed]).starts_with("result.sandbox_denials[0].command:"));
     }
 
     #[test]

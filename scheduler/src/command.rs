@@ -328,6 +328,33 @@ pub struct AttemptResult {
     /// [`MAX_CREDENTIAL_EVENTS`]), for the audit log.
     #[serde(default)]
     pub credential_events: Vec<CredentialEvent>,
+    /// What the sandbox refused, as the kernel reported it to the worker (at most
+    /// [`MAX_SANDBOX_DENIALS_PER_RESULT`]), for the audit log.
+    #[serde(default)]
+    pub sandbox_denials: Vec<SandboxDenial>,
+}
+
+/// Most sandbox denial entries one result carries (one per mechanism, action and command; the
+/// worker folds further ones into `other`).
+pub const MAX_SANDBOX_DENIALS_PER_RESULT: usize = 64;
+
+/// Longest sandbox denial action or command label, in bytes.
+pub const MAX_SANDBOX_DENIAL_TEXT_BYTES: usize = 128;
+
+/// One kind of action a sandbox refused during an attempt, and how often, as the worker
+/// observed it from the kernel (never as the agent reported it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxDenial {
+    /// `seccomp` (a denied system call, from the filter's user notification) or `cgroup` (a
+    /// limit reached, from the cgroup's event counters).
+    pub mechanism: String,
+    /// What was refused: `ptrace`, `socket(AF_NETLINK)`, `clone(CLONE_NEWUSER)`, `pids.max`,
+    /// `memory.oom_kill`, ... At most [`MAX_SANDBOX_DENIAL_TEXT_BYTES`].
+    pub action: String,
+    /// The sandboxed command (`agent`, `verify-1`). At most [`MAX_SANDBOX_DENIAL_TEXT_BYTES`].
+    pub command: String,
+    /// How many times.
+    pub count: u64,
 }
 
 /// Most credential events one result carries.
@@ -373,6 +400,7 @@ impl AttemptResult {
             egress_connections: Vec::new(),
             egress_connections_dropped: 0,
             credential_events: Vec::new(),
+            sandbox_denials: Vec::new(),
         }
     }
 }

@@ -1414,8 +1414,9 @@ fn truncate_message(mut message: String) -> String {
 }
 
 /// What the worker reported that belongs in the audit trail, as a suffix of the result's
-/// record: egress requests allowed and denied (with the denied hosts, at most 8), and push
-/// credentials minted and revoked (broker and credential id, never a token). Empty when none.
+/// record: egress requests allowed and denied (with the denied hosts, at most 8), push
+/// credentials minted and revoked (broker and credential id, never a token), and what the
+/// sandbox refused (`sandbox denied seccomp ptrace x6 (agent), ...`). Empty when none.
 fn worker_facts(result: &AttemptResult) -> String {
     let mut facts = Vec::new();
     let denied: Vec<&str> = result
@@ -1444,6 +1445,19 @@ fn worker_facts(result: &AttemptResult) -> String {
             "credential {} by {} {}",
             event.kind, event.broker, event.credential_id
         ));
+    }
+    if !result.sandbox_denials.is_empty() {
+        let listed: Vec<String> = result
+            .sandbox_denials
+            .iter()
+            .map(|denial| {
+                format!(
+                    "{} {} x{} ({})",
+                    denial.mechanism, denial.action, denial.count, denial.command
+                )
+            })
+            .collect();
+        facts.push(format!("sandbox denied {}", listed.join(", ")));
     }
     if facts.is_empty() {
         String::new()

@@ -986,3 +986,34 @@ fn a_fleet_names_only_secrets_that_exist_in_its_project() {
     let text = serde_json::to_string(&harness.state).unwrap();
     assert!(text.contains("\"api-token\""));
 }
+
+#[test]
+fn the_audit_record_of_a_result_names_what_the_sandbox_refused() {
+    use crate::command::SandboxDenial;
+    let mut h = Harness::new();
+    h.submit(&["file:///a"], 1, "");
+    h.lease("w1", 1);
+    let denial = |mechanism: &str, action: &str, count| SandboxDenial {
+        mechanism: mechanism.into(),
+        action: action.into(),
+        command: "agent".into(),
+        count,
+    };
+    let result = AttemptResult {
+        sandbox_denials: vec![
+            denial("seccomp", "ptrace", 6),
+            denial("cgroup", "pids.max", 120),
+        ],
+        ..outcome(Outcome::AgentFailed, false)
+    };
+    h.report("w1", "fl-1-0", 1, result);
+    let record = h.state.audit().records().back().expect("a record");
+    assert_eq!(record.action, "report_result");
+    assert!(
+        record.target.ends_with(
+            "agent_failed; sandbox denied seccomp ptrace x6 (agent), cgroup pids.max x120 (agent)"
+        ),
+        "{}",
+        record.target
+    );
+}

@@ -655,6 +655,44 @@ impl InvocationCgroup {
         })
     }
 
+    /// How often the command hit its limits, from the event counters: `pids.max` (v1 and v2
+    /// `pids.events` `max`: forks refused), `memory.max` (v2 `memory.events` `max`, v1
+    /// `memory.failcnt`: usage reached the limit) and `memory.oom_kill` (processes the OOM killer
+    /// killed). Counters that cannot be read are left out.
+    pub(crate) fn limit_events(&self) -> Vec<(&'static str, u64)> {
+        let counter = |path: PathBuf, key: &str| -> Option<u64> {
+            let text = std::fs::read_to_string(path).ok()?;
+            text.lines().find_map(|line| {
+                let mut fields = line.split_whitespace();
+                (fields.next() == Some(key))
+                    .then(|| fields.next().and_then(|value| value.parse().ok()))
+                    .flatten()
+            })
+        };
+        let mut events = Vec::new();
+        let pids = self
+            .directories
+            .iter()
+            .find_map(|directory| counter(directory.join("pids.events"), "max"));
+        if let Some(count) = pids {
+            events.push(("pids.max", count));
+        }
+        if let Some(directory) = &self.memory_directory {
+            let reached = match self.version {
+                Version::V2 => counter(directory.join("memory.events"), "max"),
+                Version::V1 => read_trimmed(&directory.join("memory.failcnt"))
+                    .and_then(|value| value.parse().ok()),
+            };
+            if let Some(count) = reached {
+                events.push(("memory.max", count));
+            }
+        }
+        if let Some(count) = self.oom_kill_count() {
+            events.push(("memory.oom_kill", count));
+        }
+        events
+    }
+
     /// Whether the memory limit was ever hit (v1 `memory.failcnt`, v2 `memory.events` `max`).
     pub(crate) fn memory_limit_hit(&self) -> bool {
         let Some(directory) = self.memory_directory.as_ref() else {

@@ -34,7 +34,7 @@
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 
-use flotilla_proto::v1::{FleetSpec, Lease, RunResult, SandboxSpec};
+use flotilla_proto::v1::{FleetSpec, Lease, RunResult, SandboxDenial, SandboxSpec};
 use futures::FutureExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -271,6 +271,7 @@ pub async fn execute_attempt_with_token(
     );
     log.set_redactor(&redactor);
     let mut push_credentials = PushCredentials::new(config, lease);
+    let mut denials = Vec::new();
     let directory = attempt_directory(config, &lease.run_id, lease.attempt);
     let pipeline = AssertUnwindSafe(run_pipeline(
         config,
@@ -281,6 +282,7 @@ pub async fn execute_attempt_with_token(
         &mut log,
         &redactor,
         &mut push_credentials,
+        &mut denials,
     ))
     .catch_unwind();
     let mut result = match pipeline.await {
@@ -309,6 +311,7 @@ pub async fn execute_attempt_with_token(
         "attempt finished"
     );
     result.credential_events = push_credentials.revoke().await;
+    result.sandbox_denials = denials;
     log.finish();
     result.log_tail = log.tail();
     redact_result(&redactor, &mut result);
@@ -604,6 +607,7 @@ async fn run_pipeline(
     log: &mut AttemptLog,
     redactor: &Redactor,
     push_credentials: &mut PushCredentials,
+    denials: &mut Vec<SandboxDenial>,
 ) -> RunResult {
     // Validate the lease.
     let Some(spec) = lease.spec.as_ref() else {
@@ -750,6 +754,7 @@ async fn run_pipeline(
         egress,
         redactor,
         push_credentials,
+        denials,
     )
     .await;
     if let Some(proxy) = proxy {
@@ -800,6 +805,36 @@ async fn run_pipeline(
             failure.egress_connections = result.egress_connections;
             failure.egress_connections_dropped = result.egress_connections_dropped;
             failure
+        }
+    }
+}
+
+/// Most sandbox denial entries one result carries (one per mechanism, action and command); the
+/// server refuses more.
+pub const MAX_SANDBOX_DENIALS_PER_RESULT: usize = 64;
+
+/// Adds the denials of `outcome` (command `label`) to the attempt's, at most
+/// [`MAX_SANDBOX_DENIALS_PER_RESULT`] entries (further ones are counted under `other`).
+fn record_denials(denials: &mut Vec<SandboxDenial>, label: &str, outcome: &SandboxOutcome) {
+    for denial in &outcome.denials {
+        let same = |entry: &SandboxDenial, action: &str| {
+            entry.mechanism == denial.mechanism && entry.action == action && entry.command == label
+        };
+        let known = denials.iter().any(|entry| same(entry, &denial.action));
+        // The last free entry is kept for `other`.
+        let action = if known || denials.len() < MAX_SANDBOX_DENIALS_PER_RESULT - 1 {
+            denial.action.as_str()
+        } else {
+            "other"
+        };
+        match denials.iter_mut().find(|entry| same(entry, action)) {
+            Some(entry) => entry.count = entry.count.saturating_add(denial.count),
+            None => denials.push(SandboxDenial {
+                mechanism: denial.mechanism.to_owned(),
+                action: action.to_owned(),
+                command: label.to_owned(),
+                count: denial.count,
+            }),
         }
     }
 }
@@ -857,6 +892,7 @@ async fn run_prepared(
     egress: Option<EgressAttachment>,
     redactor: &Redactor,
     push_credentials: &mut PushCredentials,
+    denials: &mut Vec<SandboxDenial>,
 ) -> RunResult {
     macro_rules! phase_span {
         ($name:literal) => {
@@ -892,6 +928,7 @@ async fn run_prepared(
     match outcome {
         Err(error) => return sandbox_failure(log, "agent", &error),
         Ok(outcome) => {
+            record_denials(denials, "agent", &outcome);
             if let Some(result) = command_failure(
                 log,
                 "agent",
@@ -979,6 +1016,7 @@ async fn run_prepared(
                 return with_summary(sandbox_failure(log, &label, &error), summary.as_ref());
             }
             Ok(outcome) => {
+                record_denials(denials, &label, &outcome);
                 if let Some(result) = command_failure(
                     log,
                     &label,

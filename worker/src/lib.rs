@@ -25,7 +25,8 @@
 //! - [`isolation`]: the unprivileged sandbox uids, the workspace handed to them, the per-command
 //!   staging tmpfs (`noexec` `/tmp`, `/dev/shm`, binds).
 //! - [`sandbox_init`]: the init bubblewrap runs first inside the sandbox (Landlock, seccomp,
-//!   start marker, exec); [`seccomp`]: its filter.
+//!   start marker, exec); [`seccomp`]: its filter; [`denial`]: what the kernel refused, recorded
+//!   from the worker's side (the seccomp supervisor, cgroup limit events).
 //! - [`quota`]: the disk quota (a loop-mounted ext4 volume per attempt).
 //! - [`probe`]: the capability probe the worker runs at start.
 //! - [`git`]: host-side git, hardened: per-URL mirror, per-attempt clone, commit, diffstat,
@@ -74,6 +75,7 @@ pub mod cgroup;
 pub mod client_auth;
 pub mod config;
 pub mod credentials;
+pub mod denial;
 pub mod egress;
 pub mod execute;
 pub mod git;

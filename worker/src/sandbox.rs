@@ -64,10 +64,11 @@ use tokio_util::sync::CancellationToken;
 use crate::attempt_log::{AttemptLog, TailBuffer};
 use crate::cgroup::{CommandLimits, InvocationCgroup, cgroup_support};
 use crate::config::{Mount, SANDBOX_RUSTUP_HOME, WorkerConfig};
+use crate::denial::{Denial, Denials, LISTENER_SOCKET_FD, Supervisor, cgroup_denials};
 use crate::egress::EgressAttachment;
 use crate::egress::namespace::enter_namespace;
 use crate::isolation::{SandboxUser, StagingMount, give_workspace_to};
-use crate::sandbox_init::{InitInvocation, LandlockPolicy, init_arguments};
+use crate::sandbox_init::{InitInvocation, LandlockPolicy, SeccompMode, init_arguments};
 
 /// Where the repository is mounted inside the sandbox (and the working directory).
 pub const SANDBOX_WORKSPACE: &str = "/workspace";
@@ -309,6 +310,9 @@ pub struct SandboxOutcome {
     pub duration_ms: u64,
     /// The last bytes (at most the log's tail capacity) of the command's output.
     pub log_tail: String,
+    /// What the sandbox refused, as the kernel reported it: denied system calls (bubblewrap
+    /// driver, through the seccomp supervisor of [`crate::denial`]) and reached cgroup limits.
+    pub denials: Vec<Denial>,
 }
 
 impl SandboxOutcome {
@@ -589,7 +593,7 @@ fn bubblewrap_parts(
             write_noexec_roots: vec![PathBuf::from("/tmp"), PathBuf::from("/dev/shm")],
             device_roots: vec![PathBuf::from("/dev")],
         },
-        seccomp: true,
+        seccomp: SeccompMode::Notify,
         command: vec![
             OsString::from("/bin/sh"),
             OsString::from("-c"),
@@ -724,6 +728,23 @@ fn arguments_file(arguments: &[OsString]) -> Result<OwnedFd, SandboxError> {
     }
     // SAFETY: `duplicate` is a fresh descriptor owned by nobody else.
     Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(duplicate) })
+}
+
+/// The seccomp listener's socket pair: the worker's end, running a [`Supervisor`], and the
+/// sandbox's end as a descriptor numbered 10 or above, close-on-exec until the child's
+/// `pre_exec` hook moves it to [`LISTENER_SOCKET_FD`].
+fn listener_socket() -> Result<(Supervisor, OwnedFd), SandboxError> {
+    let error = |source| SandboxError::Pipe { source };
+    let (worker_end, sandbox_end) = std::os::unix::net::UnixStream::pair().map_err(error)?;
+    // SAFETY: fcntl(2) on a descriptor we own; the result is a new descriptor we then own.
+    let duplicate = unsafe { libc::fcntl(sandbox_end.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
+    if duplicate < 0 {
+        return Err(error(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `duplicate` is a fresh descriptor owned by nobody else.
+    let sandbox_end = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(duplicate) };
+    let supervisor = Supervisor::start(worker_end).map_err(error)?;
+    Ok((supervisor, sandbox_end))
 }
 
 fn create_pipe() -> Result<(OwnedFd, tokio::net::unix::pipe::Receiver), SandboxError> {
@@ -909,6 +930,8 @@ pub async fn run_sandboxed(
     };
     let mut process = tokio::process::Command::new(&program);
     let mut arguments_fd: Option<OwnedFd> = None;
+    let mut supervisor: Option<Supervisor> = None;
+    let mut listener_fd: Option<OwnedFd> = None;
     match (driver, &mounts) {
         (SandboxDriver::Bubblewrap, Some(mounts)) => {
             // bubblewrap itself (pid 1 inside) gets an empty environment: the command's comes
@@ -917,6 +940,9 @@ pub async fn run_sandboxed(
             // on a command line; the command itself stays on bwrap's real command line.
             let (options, command_arguments) = bubblewrap_parts(command, &environment, mounts);
             let file = arguments_file(&options)?;
+            let (started_supervisor, sandbox_end) = listener_socket()?;
+            supervisor = Some(started_supervisor);
+            listener_fd = Some(sandbox_end);
             process
                 .env_clear()
                 .arg("--args")
@@ -945,6 +971,7 @@ pub async fn run_sandboxed(
         .kill_on_drop(true);
     let marker_fd = marker_write.as_raw_fd();
     let inherited_arguments_fd = arguments_fd.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+    let inherited_listener_fd = listener_fd.as_ref().map_or(-1, AsRawFd::as_raw_fd);
     // SAFETY: the hook runs in the forked child before exec and only makes async-signal-safe
     // system calls (setns, open, write, close, dup2, fcntl, setgroups, setgid, setuid) on data
     // prepared before the fork; it does not allocate (`last_os_error` only reads errno).
@@ -972,6 +999,12 @@ pub async fn run_sandboxed(
                     return Err(std::io::Error::last_os_error());
                 }
             } else if libc::dup2(marker_fd, START_MARKER_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // After the marker: the marker's original number may be LISTENER_SOCKET_FD.
+            if inherited_listener_fd >= 0
+                && libc::dup2(inherited_listener_fd, LISTENER_SOCKET_FD) < 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             if inherited_arguments_fd >= 0 {
@@ -1006,6 +1039,7 @@ pub async fn run_sandboxed(
     drop(process);
     drop(marker_write);
     drop(arguments_fd);
+    drop(listener_fd);
     let mut child = match spawned {
         Ok(child) => child,
         Err(source) => {
@@ -1106,7 +1140,9 @@ pub async fn run_sandboxed(
     let signal = status.signal();
     let mut oom_killed = false;
     let limits_applied = cgroup.is_some();
+    let mut denials = Denials::default();
     if let Some(cgroup) = cgroup {
+        denials = cgroup_denials(&cgroup.limit_events());
         let killed = signal == Some(libc::SIGKILL) || exit_code == Some(128 + libc::SIGKILL);
         oom_killed = match cgroup.oom_kill_count() {
             Some(count) => count > 0,
@@ -1117,7 +1153,13 @@ pub async fn run_sandboxed(
         }
     }
 
-    // Every process of the sandbox is gone: detach its staging tree, free its uid.
+    // Every process of the sandbox is gone: collect the supervisor's count, detach the staging
+    // tree, free the uid.
+    if let Some(supervisor) = supervisor {
+        for denial in supervisor.finish().await.to_vec() {
+            denials.record(denial.mechanism, &denial.action, denial.count);
+        }
+    }
     drop(staging_guard);
     drop(sandbox_user);
 
@@ -1130,6 +1172,7 @@ pub async fn run_sandboxed(
         limits_applied,
         duration_ms,
         log_tail: command_tail.to_text(),
+        denials: denials.to_vec(),
     };
     if !sandbox_started && !timed_out && !cancelled {
         let status_text = outcome.describe();
@@ -1152,6 +1195,18 @@ pub async fn run_sandboxed(
         command.label,
         outcome.describe()
     ));
+    if !outcome.denials.is_empty() {
+        let listed: Vec<String> = outcome
+            .denials
+            .iter()
+            .map(|denial| format!("{} {} x{}", denial.mechanism, denial.action, denial.count))
+            .collect();
+        log.note(&format!(
+            "{}: the sandbox refused: {}",
+            command.label,
+            listed.join(", ")
+        ));
+    }
     Ok(outcome)
 }
 

@@ -7,6 +7,9 @@
 //!    socket scoping (Landlock ABI ≥ 6), all as a hard requirement: a kernel that cannot enforce
 //!    every requested right makes the init fail, never run degraded;
 //! 3. installs the seccomp filter of [`crate::seccomp`] (denied system calls fail with `EPERM`);
+//!    with `--seccomp notify` the deny list notifies instead, and the init sends the listener
+//!    descriptor on the socket at descriptor [`crate::denial::LISTENER_SOCKET_FD`] and closes
+//!    both (the worker's supervisor then records each denial and answers `EPERM`);
 //! 4. writes one byte to file descriptor 3 (the start marker of [`crate::sandbox`]), closes it,
 //!    and executes the command.
 //!
@@ -14,7 +17,7 @@
 //!
 //! ```text
 //! <init> [sandbox-init] [--landlock required|off] [--exec DIR]... [--write DIR]...
-//!        [--write-noexec DIR]... [--device DIR]... [--seccomp on|off] -- PROGRAM ARG...
+//!        [--write-noexec DIR]... [--device DIR]... [--seccomp on|notify|off] -- PROGRAM ARG...
 //! ```
 //!
 //! `--write` roots get every file-system right, execution included (the workspace);
@@ -27,6 +30,7 @@
 //! `flotilla-sandbox-init` binary of this crate (for its tests).
 
 use std::ffi::{CString, OsString};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
@@ -60,13 +64,35 @@ pub struct LandlockPolicy {
     pub device_roots: Vec<PathBuf>,
 }
 
+/// How the init installs the seccomp filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeccompMode {
+    /// No filter (only when the operator allowed it).
+    Off,
+    /// Denied system calls fail with `EPERM`, unrecorded (`on`).
+    Errno,
+    /// Denied system calls are sent to the worker's supervisor, which records them and answers
+    /// `EPERM` (`notify`; see [`crate::denial`]).
+    Notify,
+}
+
+impl SeccompMode {
+    fn name(self) -> &'static str {
+        match self {
+            SeccompMode::Off => "off",
+            SeccompMode::Errno => "on",
+            SeccompMode::Notify => "notify",
+        }
+    }
+}
+
 /// The init's parsed command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InitInvocation {
     /// The Landlock rules.
     pub landlock: LandlockPolicy,
-    /// Whether the seccomp filter is installed.
-    pub seccomp: bool,
+    /// How the seccomp filter is installed.
+    pub seccomp: SeccompMode,
     /// The program and its arguments.
     pub command: Vec<OsString>,
 }
@@ -94,7 +120,7 @@ pub fn init_arguments(invocation: &InitInvocation) -> Vec<OsString> {
         }
     }
     arguments.push("--seccomp".into());
-    arguments.push(if invocation.seccomp { "on" } else { "off" }.into());
+    arguments.push(invocation.seccomp.name().into());
     arguments.push("--".into());
     arguments.extend(invocation.command.iter().cloned());
     arguments
@@ -117,7 +143,7 @@ pub fn parse_arguments(arguments: &[OsString]) -> Result<InitInvocation, String>
             enabled: true,
             ..LandlockPolicy::default()
         },
-        seccomp: true,
+        seccomp: SeccompMode::Errno,
         command: Vec::new(),
     };
     while index < arguments.len() {
@@ -139,9 +165,10 @@ pub fn parse_arguments(arguments: &[OsString]) -> Result<InitInvocation, String>
             }
             "--seccomp" => {
                 invocation.seccomp = match value.to_str() {
-                    Some("on") => true,
-                    Some("off") => false,
-                    _ => return Err("--seccomp must be on or off".to_owned()),
+                    Some("on") => SeccompMode::Errno,
+                    Some("notify") => SeccompMode::Notify,
+                    Some("off") => SeccompMode::Off,
+                    _ => return Err("--seccomp must be on, notify or off".to_owned()),
                 }
             }
             "--exec" => invocation.landlock.execute_roots.push(value.into()),
@@ -229,6 +256,66 @@ pub fn apply_landlock(policy: &LandlockPolicy) -> Result<(), LandlockError> {
     Ok(())
 }
 
+/// Installs the filters of [`crate::seccomp::sandbox_filters`]; in [`SeccompMode::Notify`] the
+/// deny list as a listener filter whose descriptor goes to the worker. Fails the init on any
+/// error.
+fn install_seccomp(mode: SeccompMode) {
+    let mut filters = match crate::seccomp::sandbox_filters() {
+        Ok(filters) => filters.into_iter(),
+        Err(error) => fail(&format!("cannot build the seccomp filter: {error}")),
+    };
+    if mode == SeccompMode::Notify
+        && let Some(deny) = filters.next()
+    {
+        let notifying = crate::seccomp::with_user_notification(deny);
+        let listener = match crate::seccomp::install_with_listener(&notifying) {
+            Ok(listener) => listener,
+            Err(error) => fail(&format!(
+                "cannot install the seccomp listener filter: {error}"
+            )),
+        };
+        // SAFETY: the worker opened LISTENER_SOCKET_FD for this process; it is closed below and
+        // not used after.
+        let socket = unsafe { BorrowedFd::borrow_raw(crate::denial::LISTENER_SOCKET_FD) };
+        let sent = send_descriptor(socket, listener.as_fd());
+        // SAFETY: closing a descriptor number this process owns.
+        unsafe {
+            libc::close(crate::denial::LISTENER_SOCKET_FD);
+        }
+        if let Err(error) = sent {
+            fail(&format!(
+                "cannot send the seccomp listener to the worker: {error}"
+            ));
+        }
+    }
+    for filter in filters {
+        if let Err(error) = seccompiler::apply_filter(&filter) {
+            fail(&format!("cannot install the seccomp filter: {error}"));
+        }
+    }
+}
+
+/// Sends `descriptor` on `socket` (one data byte and `SCM_RIGHTS`).
+fn send_descriptor(socket: BorrowedFd<'_>, descriptor: BorrowedFd<'_>) -> std::io::Result<()> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let descriptors = [descriptor];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut ancillary = SendAncillaryBuffer::new(&mut space);
+    if !ancillary.push(SendAncillaryMessage::ScmRights(&descriptors)) {
+        return Err(std::io::Error::from(std::io::ErrorKind::OutOfMemory));
+    }
+    let sent = rustix::net::sendmsg(
+        socket,
+        &[std::io::IoSlice::new(b"l")],
+        &mut ancillary,
+        SendFlags::NOSIGNAL,
+    )?;
+    if sent != 1 {
+        return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
+    }
+    Ok(())
+}
+
 fn fail(message: &str) -> ! {
     eprintln!("flotilla-sandbox-init: {message}");
     std::process::exit(INIT_FAILURE_EXIT_CODE);
@@ -268,16 +355,8 @@ pub fn main() -> ! {
     let mut argv_pointers: Vec<*const libc::c_char> =
         argv.iter().map(|argument| argument.as_ptr()).collect();
     argv_pointers.push(std::ptr::null());
-    if invocation.seccomp {
-        let filters = match crate::seccomp::sandbox_filters() {
-            Ok(filters) => filters,
-            Err(error) => fail(&format!("cannot build the seccomp filter: {error}")),
-        };
-        for filter in &filters {
-            if let Err(error) = seccompiler::apply_filter(filter) {
-                fail(&format!("cannot install the seccomp filter: {error}"));
-            }
-        }
+    if invocation.seccomp != SeccompMode::Off {
+        install_seccomp(invocation.seccomp);
     }
     // SAFETY: write/close on a descriptor number; a missing descriptor only gives EBADF.
     unsafe {
@@ -310,7 +389,7 @@ mod tests {
                 write_noexec_roots: vec!["/tmp".into()],
                 device_roots: vec!["/dev".into()],
             },
-            seccomp: true,
+            seccomp: SeccompMode::Notify,
             command: vec!["/bin/sh".into(), "-c".into(), "echo -- hi".into()],
         };
         let arguments = init_arguments(&invocation);

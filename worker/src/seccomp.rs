@@ -98,7 +98,7 @@ pub const DENIED_SYSTEM_CALLS: &[(&str, libc::c_long)] = &[
 ];
 
 /// The `CLONE_NEW*` flags refused in `clone`'s flags.
-const CLONE_NAMESPACE_FLAGS: &[u64] = &[
+pub const CLONE_NAMESPACE_FLAGS: &[u64] = &[
     libc::CLONE_NEWUSER as u64,
     libc::CLONE_NEWNS as u64,
     libc::CLONE_NEWNET as u64,
@@ -187,6 +187,50 @@ pub fn sandbox_filters() -> Result<Vec<BpfProgram>, SeccompError> {
     Ok(vec![deny, clone3])
 }
 
+/// `filter` with every `EPERM` return turned into `SECCOMP_RET_USER_NOTIF`: the denied system
+/// calls then wait for the supervisor of [`crate::denial`], which records and refuses them.
+/// Other returns (allow, the foreign-architecture kill) are unchanged.
+pub fn with_user_notification(mut filter: BpfProgram) -> BpfProgram {
+    const RETURN_CONSTANT: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    let errno_eperm = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+    for instruction in &mut filter {
+        if instruction.code == RETURN_CONSTANT && instruction.k == errno_eperm {
+            instruction.k = libc::SECCOMP_RET_USER_NOTIF;
+        }
+    }
+    filter
+}
+
+/// Installs `filter` on the calling thread with `SECCOMP_FILTER_FLAG_NEW_LISTENER` and returns
+/// the listener descriptor (close-on-exec). `no_new_privs` must be set.
+///
+/// Errors: the kernel's (`EBUSY` when a listener filter is installed already, `EINVAL` for a
+/// bad program).
+pub fn install_with_listener(filter: &BpfProgram) -> std::io::Result<std::os::fd::OwnedFd> {
+    let length = u16::try_from(filter.len())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let program = libc::sock_fprog {
+        len: length,
+        filter: filter.as_ptr().cast_mut().cast(),
+    };
+    // SAFETY: `program` points at `filter`, alive for the call; the kernel copies it.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+            &program as *const libc::sock_fprog,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = libc::c_int::try_from(fd)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +240,33 @@ mod tests {
         let filters = sandbox_filters().unwrap();
         assert_eq!(filters.len(), 2);
         assert!(filters.iter().all(|filter| !filter.is_empty()));
+    }
+
+    #[test]
+    fn user_notification_replaces_only_eperm() {
+        let filters = sandbox_filters().unwrap();
+        let notify = with_user_notification(filters[0].clone());
+        let returns = |program: &BpfProgram, value: u32| {
+            program
+                .iter()
+                .filter(|instruction| {
+                    instruction.code == (libc::BPF_RET | libc::BPF_K) as u16
+                        && instruction.k == value
+                })
+                .count()
+        };
+        let eperm = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+        assert!(returns(&filters[0], eperm) > 0);
+        assert_eq!(returns(&notify, eperm), 0);
+        assert_eq!(
+            returns(&notify, libc::SECCOMP_RET_USER_NOTIF),
+            returns(&filters[0], eperm)
+        );
+        assert_eq!(
+            returns(&notify, libc::SECCOMP_RET_ALLOW),
+            returns(&filters[0], libc::SECCOMP_RET_ALLOW)
+        );
+        // The clone3 filter's ENOSYS stays.
+        assert_eq!(with_user_notification(filters[1].clone()), filters[1]);
     }
 }

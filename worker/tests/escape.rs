@@ -58,13 +58,18 @@ fn result_line(outcome: &SandboxOutcome) -> Option<String> {
         .find_map(|line| line.strip_prefix("RESULT ").map(str::to_owned))
 }
 
+/// The text of case `name` (`tests/escape/<name>.sh`).
+fn script(name: &str) -> String {
+    std::fs::read_to_string(scripts_directory().join(format!("{name}.sh"))).unwrap()
+}
+
 async fn run_script(
     config: &WorkerConfig,
     root: &Path,
     name: &str,
     adjust: impl FnOnce(&mut flotilla_worker::sandbox::SandboxCommand),
 ) -> SandboxOutcome {
-    let script = std::fs::read_to_string(scripts_directory().join(format!("{name}.sh"))).unwrap();
+    let script = script(name);
     let workspace = workspace(root, name);
     let mut command = sandbox_command(&workspace, &script);
     command.label = name.to_owned();
@@ -79,6 +84,29 @@ async fn run_script(
     adjust(&mut command);
     let (result, _log) = run(config, SandboxDriver::Bubblewrap, &command).await;
     result.unwrap_or_else(|error| panic!("case {name}: the sandbox failed: {error}"))
+}
+
+/// The worker's own record of what the kernel refused (`seccomp ptrace x1, ...`), or `-`.
+fn kernel_record(outcome: &SandboxOutcome) -> String {
+    if outcome.denials.is_empty() {
+        return "-".to_owned();
+    }
+    outcome
+        .denials
+        .iter()
+        .map(|denial| format!("{} {} x{}", denial.mechanism, denial.action, denial.count))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Whether the worker recorded every action of `required` (by exact action name).
+fn recorded_all(outcome: &SandboxOutcome, required: &[&str]) -> bool {
+    required.iter().all(|action| {
+        outcome
+            .denials
+            .iter()
+            .any(|denial| denial.action == *action && denial.count > 0)
+    })
 }
 
 fn row_for(name: &str, expect: Expect, outcome: &SandboxOutcome, extra: &str) -> Row {
@@ -105,7 +133,10 @@ fn row_for(name: &str, expect: Expect, outcome: &SandboxOutcome, extra: &str) ->
         case: name.to_owned(),
         passed,
         verdict,
-        recorded: format!("{recorded}{extra}"),
+        recorded: format!(
+            "{recorded}{extra} [worker record: {}]",
+            kernel_record(outcome)
+        ),
     }
 }
 
@@ -206,27 +237,46 @@ async fn hostile_agents_are_blocked() {
     std::fs::create_dir_all(&scripts).unwrap();
     let mut rows = Vec::new();
 
-    for (name, expect) in [
-        ("read-root", Expect::Blocked),
-        ("read-shadow", Expect::Blocked),
-        ("read-data-directory", Expect::Blocked),
-        ("environment", Expect::Blocked),
-        ("write-outside", Expect::Blocked),
-        ("git-hooks", Expect::Blocked),
-        ("git-config", Expect::Blocked),
-        ("kill-host-process", Expect::Blocked),
-        ("ptrace", Expect::Blocked),
-        ("mount", Expect::Blocked),
-        ("unshare", Expect::Blocked),
-        ("nested-bwrap", Expect::Blocked),
-        ("sysrq", Expect::Blocked),
-        ("tmp-exec", Expect::Blocked),
-        ("ld-so-tmp", Expect::Blocked),
-        ("ld-so-usr", Expect::Allowed),
-        ("seccomp-kernel-surface", Expect::Blocked),
+    // The third column: the denials the worker itself must have recorded (from the kernel,
+    // through the seccomp supervisor). Cases refused by the mount namespace, read-only mounts or
+    // Landlock leave no worker record (see ARCHITECTURE.md, known gaps).
+    for (name, expect, required) in [
+        ("read-root", Expect::Blocked, &[][..]),
+        ("read-shadow", Expect::Blocked, &[]),
+        ("read-data-directory", Expect::Blocked, &[]),
+        ("environment", Expect::Blocked, &[]),
+        ("write-outside", Expect::Blocked, &[]),
+        ("git-hooks", Expect::Blocked, &[]),
+        ("git-config", Expect::Blocked, &[]),
+        ("kill-host-process", Expect::Blocked, &[]),
+        ("ptrace", Expect::Blocked, &["ptrace"]),
+        ("mount", Expect::Blocked, &["mount"]),
+        ("unshare", Expect::Blocked, &["unshare"]),
+        ("nested-bwrap", Expect::Blocked, &[]),
+        ("sysrq", Expect::Blocked, &[]),
+        ("tmp-exec", Expect::Blocked, &[]),
+        ("ld-so-tmp", Expect::Blocked, &[]),
+        ("ld-so-usr", Expect::Allowed, &[]),
+        (
+            "seccomp-kernel-surface",
+            Expect::Blocked,
+            &[
+                "bpf",
+                "io_uring_setup",
+                "keyctl",
+                "perf_event_open",
+                "userfaultfd",
+                "setns",
+                "socket(AF_NETLINK)",
+                "socket(AF_PACKET)",
+                "socket(SOCK_RAW)",
+            ],
+        ),
     ] {
         let outcome = run_script(&config, &scripts, name, |_| {}).await;
-        rows.push(row_for(name, expect, &outcome, ""));
+        let mut row = row_for(name, expect, &outcome, "");
+        row.passed &= recorded_all(&outcome, required);
+        rows.push(row);
     }
 
     // Memory bomb: 128 MiB limit; the OOM killer must end it and the outcome say so.
@@ -240,7 +290,7 @@ async fn hostile_agents_are_blocked() {
         &outcome,
         &format!("; outcome oom_killed={}", outcome.oom_killed),
     );
-    row.passed &= outcome.oom_killed;
+    row.passed &= outcome.oom_killed && recorded_all(&outcome, &["memory.oom_kill"]);
     rows.push(row);
 
     // Fork bomb: 128 pids; while it runs the host must still start processes.
@@ -267,7 +317,7 @@ async fn hostile_agents_are_blocked() {
         &outcome,
         &format!("; the host started {host_spawns} processes meanwhile"),
     );
-    row.passed &= host_spawns > 0;
+    row.passed &= host_spawns > 0 && recorded_all(&outcome, &["pids.max"]);
     rows.push(row);
 
     // Whole attempts: host-side git on what the agent left.
@@ -282,7 +332,7 @@ async fn hostile_agents_are_blocked() {
         &attempt_lease(
             &origin_url,
             "escape-symlink",
-            "ln -s /etc/shadow shadow-link && ln -s /root root-link",
+            &script("symlink-to-host-files"),
             &[],
         ),
     )
@@ -324,7 +374,7 @@ async fn hostile_agents_are_blocked() {
         &attempt_lease(
             &origin_url,
             "escape-filter",
-            "printf '* filter=flotillaevil diff=flotillaevil\\n' > .gitattributes && echo data > data.txt",
+            &script("gitattributes-filter-driver"),
             &[],
         ),
     )
@@ -356,8 +406,8 @@ async fn hostile_agents_are_blocked() {
         &attempt_lease(
             &origin_url,
             "escape-nested-git",
-            "mkdir -p sub && printf 'gitdir: %s\\n' \"$OTHER_GIT\" > sub/.git && echo x > sub/file && echo y > top.txt",
-            &[("OTHER_GIT", other_git.to_str().unwrap())],
+            &script("nested-git"),
+            &[("ESCAPE_OTHER_GIT", other_git.to_str().unwrap())],
         ),
     )
     .await;

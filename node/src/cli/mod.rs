@@ -857,9 +857,22 @@ pub async fn show_run(
             .attempts
             .iter()
             .map(|a| {
+                let denials: Vec<_> = a
+                    .sandbox_denials
+                    .iter()
+                    .map(|d| json!({"mechanism": d.mechanism, "action": d.action, "command": d.command, "count": d.count}))
+                    .collect();
+                let egress: Vec<_> = a
+                    .egress_connections
+                    .iter()
+                    .map(|c| json!({"host": c.host, "port": c.port, "address": c.address, "allowed": c.allowed,
+                                    "reason": c.reason, "bytes_up": c.bytes_up, "bytes_down": c.bytes_down,
+                                    "duration_ms": c.duration_ms}))
+                    .collect();
                 json!({"number": a.number, "worker_id": a.worker_id, "started_at_ms": a.started_at_ms,
                        "finished_at_ms": a.finished_at_ms, "outcome": a.outcome, "exit_code": a.exit_code,
-                       "error": a.error, "log_tail": a.log_tail})
+                       "error": a.error, "log_tail": a.log_tail, "sandbox_denials": denials,
+                       "egress_connections": egress})
             })
             .collect();
         let diffstat: Vec<_> = run
@@ -914,6 +927,30 @@ pub async fn show_run(
             attempt.exit_code,
             printable(&attempt.error)
         );
+        for denial in &attempt.sandbox_denials {
+            outln!(
+                "  sandbox refused ({}, {}): {} x{}",
+                printable(&denial.mechanism),
+                printable(&denial.command),
+                printable(&denial.action),
+                denial.count
+            );
+        }
+        for connection in &attempt.egress_connections {
+            outln!(
+                "  egress {}:{} {} ({}, {} bytes up, {} down)",
+                printable(&connection.host),
+                connection.port,
+                if connection.allowed {
+                    "allowed"
+                } else {
+                    "denied"
+                },
+                printable(&connection.reason),
+                connection.bytes_up,
+                connection.bytes_down
+            );
+        }
         if !attempt.log_tail.is_empty() {
             outln!(
                 "--- log tail ---\n{}\n----------------",
