@@ -21,7 +21,7 @@ export FLOTILLA_CA_FILE="$tls/ca.pem"
 
 binary() {
   flotilla_build_environment
-  if [ ! -x "$CARGO_TARGET_DIR/debug/flotilla" ] || [ -n "$(find node worker raft scheduler proto -newer "$CARGO_TARGET_DIR/debug/flotilla" -name '*.rs' -print -quit)" ]; then
+  if [ ! -x "$CARGO_TARGET_DIR/debug/flotilla" ] || [ -n "$(find node worker raft scheduler proto address -newer "$CARGO_TARGET_DIR/debug/flotilla" -name '*.rs' -print -quit)" ]; then
     flotilla_install_dependencies
     cargo build --locked --bin flotilla >&2
   fi

@@ -324,41 +324,7 @@ impl ExecutionPolicy {
     }
 }
 
-/// Whether `address` is one a repository fetch or an egress connection must never reach
-/// without an operator's explicit exception: loopback, private (RFC 1918, RFC 4193 unique
-/// local), link-local (including cloud metadata at 169.254.169.254), shared address space
-/// (RFC 6598, 100.64.0.0/10), unspecified, broadcast, multicast, documentation, benchmarking
-/// and the IPv4-mapped and IPv4-compatible IPv6 forms of those.
-pub fn is_internal_address(address: IpAddr) -> bool {
-    match address {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || v4.is_documentation()
-                || a == 0
-                || (a == 100 && (64..128).contains(&b))
-                || (a == 198 && (b == 18 || b == 19))
-                || a >= 240
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4() {
-                return is_internal_address(IpAddr::V4(v4));
-            }
-            let first = v6.segments()[0];
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80
-                || first == 0x2001 && v6.segments()[1] == 0x0db8
-        }
-    }
-}
+pub use flotilla_address::is_internal_address;
 
 fn is_normal_absolute(path: &Path) -> bool {
     path.is_absolute()
