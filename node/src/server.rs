@@ -162,8 +162,12 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     }
     // Default deny: every method passes the permission table (api::auth). Node-only methods
     // need a node certificate; only an insecure (plaintext) node has none to check.
-    let auth_layer =
-        crate::api::auth::AuthLayer::new(node.clone(), clock.clone(), node_tls.is_none());
+    let auth_layer = crate::api::auth::AuthLayer::new(
+        node.clone(),
+        clock.clone(),
+        &config.cluster_id,
+        node_tls.is_none(),
+    );
     let router = server
         .layer(auth_layer)
         .add_service(

@@ -265,34 +265,45 @@ pub fn forwarded<T>(message: T, authorization: &Option<MetadataValue<Ascii>>) ->
     request
 }
 
-/// Checks that the peer is a cluster node.
+/// Checks that the peer is a node of this cluster.
 ///
-/// `peer_identity` is the peer's certificate identity (`spiffe://<cluster_id>/node/<node_id>`),
-/// from mutual TLS. With mutual TLS a missing or non-node identity is PERMISSION_DENIED. In
+/// `peer_identity` is the peer's certificate identity (`spiffe://<cluster_id>/node/<node_id>`,
+/// parsed by [`crate::tls::parse_spiffe_id`]), from mutual TLS; `cluster_id` is this node's. With
+/// mutual TLS a missing identity, a non-node identity or a node of another cluster (a
+/// certificate of the same CA issued for another trust domain) is PERMISSION_DENIED. In
 /// insecure mode (`insecure`: plaintext, no certificates) there is no identity to check: the
 /// call is allowed, so an insecure cluster trusts every host that reaches its port with Raft and
 /// artifact transfer (development only; see ARCHITECTURE.md).
 ///
 /// # Errors
 /// PERMISSION_DENIED naming what was presented.
-pub fn authorize_node(peer_identity: Option<&str>, insecure: bool) -> Result<(), Status> {
-    match peer_identity {
-        Some(identity) if is_node_identity(identity) => Ok(()),
-        None if insecure => Ok(()),
-        Some(identity) => Err(Status::permission_denied(format!(
+pub fn authorize_node(
+    peer_identity: Option<&str>,
+    cluster_id: &str,
+    insecure: bool,
+) -> Result<(), Status> {
+    let parsed = peer_identity.and_then(crate::tls::parse_spiffe_id);
+    match (peer_identity, parsed) {
+        (
+            Some(_),
+            Some(crate::tls::PeerIdentity::Node {
+                cluster_id: peer_cluster,
+                ..
+            }),
+        ) if peer_cluster == cluster_id => Ok(()),
+        (None, _) if insecure => Ok(()),
+        (Some(identity), Some(crate::tls::PeerIdentity::Node { .. })) => {
+            Err(Status::permission_denied(format!(
+                "only nodes of cluster {cluster_id:?} may call this method (peer identity {identity:?} belongs to another cluster)"
+            )))
+        }
+        (Some(identity), _) => Err(Status::permission_denied(format!(
             "only cluster nodes may call this method (peer identity {identity:?} is not a node)"
         ))),
-        None => Err(Status::permission_denied(
+        (None, _) => Err(Status::permission_denied(
             "only cluster nodes may call this method (no peer certificate)",
         )),
     }
-}
-
-fn is_node_identity(identity: &str) -> bool {
-    identity
-        .strip_prefix("spiffe://")
-        .and_then(|rest| rest.split_once("/node/"))
-        .is_some_and(|(cluster, node)| !cluster.is_empty() && node.parse::<u64>().is_ok())
 }
 
 /// The tower layer that enforces [`METHOD_REQUIREMENTS`]; see the module docs.
@@ -300,16 +311,23 @@ fn is_node_identity(identity: &str) -> bool {
 pub struct AuthLayer {
     node: Arc<RaftNode>,
     clock: Arc<LeaderClock>,
+    cluster_id: Arc<str>,
     insecure: bool,
 }
 
 impl AuthLayer {
-    /// Checks tokens against `node`'s state at `clock`'s replicated time. `insecure`: no
-    /// transport identities (see [`authorize_node`]).
-    pub fn new(node: Arc<RaftNode>, clock: Arc<LeaderClock>, insecure: bool) -> Self {
+    /// Checks tokens against `node`'s state at `clock`'s replicated time, and node identities
+    /// against `cluster_id`. `insecure`: no transport identities (see [`authorize_node`]).
+    pub fn new(
+        node: Arc<RaftNode>,
+        clock: Arc<LeaderClock>,
+        cluster_id: &str,
+        insecure: bool,
+    ) -> Self {
         AuthLayer {
             node,
             clock,
+            cluster_id: Arc::from(cluster_id),
             insecure,
         }
     }
@@ -336,7 +354,8 @@ impl AuthLayer {
             // Transport identities come from mutual TLS (node/src/tls.rs).
             Requirement::RaftTransport => return Ok(None),
             Requirement::Node => {
-                return authorize_node(peer_identity, self.insecure).map(|()| None);
+                return authorize_node(peer_identity, &self.cluster_id, self.insecure)
+                    .map(|()| None);
             }
             Requirement::Authenticated => None,
             Requirement::Permission(permission) => Some(permission),
@@ -518,14 +537,26 @@ mod tests {
 
     #[test]
     fn node_methods_need_a_node_identity_unless_insecure() {
-        assert!(authorize_node(Some("spiffe://c1/node/3"), false).is_ok());
-        assert!(authorize_node(None, true).is_ok());
-        for identity in ["spiffe://c1/worker/w1", "spiffe://c1/node/x", "node/1"] {
-            let status = authorize_node(Some(identity), true).unwrap_err();
-            assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert!(authorize_node(Some("spiffe://c1/node/3"), "c1", false).is_ok());
+        assert!(authorize_node(None, "c1", true).is_ok());
+        for identity in [
+            "spiffe://c1/worker/w1",
+            "spiffe://c1/node/x",
+            "spiffe://c1/node/0",
+            "node/1",
+            "spiffe://c2/node/3",
+        ] {
+            let status = authorize_node(Some(identity), "c1", true).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::PermissionDenied, "{identity}");
         }
+        assert!(
+            authorize_node(Some("spiffe://c2/node/3"), "c1", false)
+                .unwrap_err()
+                .message()
+                .contains("another cluster")
+        );
         assert_eq!(
-            authorize_node(None, false).unwrap_err().code(),
+            authorize_node(None, "c1", false).unwrap_err().code(),
             tonic::Code::PermissionDenied
         );
     }
