@@ -10,6 +10,8 @@
 //! Run `cargo test -p flotilla --test escape_fleet -- --nocapture` to see the table. The
 //! stand-in "outside" host is a network namespace the test creates; nothing leaves the machine.
 
+#[path = "../../worker/tests/common/bait.rs"]
+mod bait;
 mod common;
 #[allow(dead_code)]
 #[path = "../../worker/tests/common/netns.rs"]
@@ -150,7 +152,8 @@ struct Row {
 }
 
 /// The origin-side verdict of a host-side git case.
-fn origin_verdict(name: &str, origin: &Path, marker: &Path, other_commit: &str) -> (bool, String) {
+fn origin_verdict(name: &str, origin: &Path, bait: &bait::Bait) -> (bool, String) {
+    let (marker, other_commit) = (&bait.marker, &bait.other_commit);
     let tree = git(origin, &["ls-tree", "-r", branch(false)]);
     match name {
         "symlink-to-host-files" => {
@@ -173,7 +176,7 @@ fn origin_verdict(name: &str, origin: &Path, marker: &Path, other_commit: &str) 
         "nested-git" => {
             let gitlink = tree.lines().any(|line| line.starts_with("160000 "));
             let log = git(origin, &["log", "-p", branch(false)]);
-            let disclosed = log.contains(other_commit);
+            let disclosed = log.contains(other_commit.as_str());
             (
                 !gitlink && !disclosed && tree.contains("\ttop.txt"),
                 format!(
@@ -191,26 +194,7 @@ async fn hostile_fleets_are_blocked_and_recorded() {
     let server = outside.serve();
     let root = tempfile::tempdir().unwrap();
 
-    // The host-side git cases' bait: a global git configuration defining the filter driver, and
-    // another repository for the nested .git to point at.
-    let global = root.path().join("xdg");
-    let marker = root.path().join("filter-ran");
-    std::fs::create_dir_all(global.join("git")).unwrap();
-    std::fs::write(
-        global.join("git/config"),
-        format!(
-            "[filter \"flotillaevil\"]\n\tclean = touch {0}; cat\n\tsmudge = touch {0}; cat\n[diff \"flotillaevil\"]\n\ttextconv = touch {0}; cat\n",
-            marker.display()
-        ),
-    )
-    .unwrap();
-    let other = root.path().join("other");
-    std::fs::create_dir_all(&other).unwrap();
-    git(&other, &["init", "-q", "-b", "main"]);
-    std::fs::write(other.join("private.txt"), "private\n").unwrap();
-    git(&other, &["add", "private.txt"]);
-    git(&other, &["commit", "-q", "-m", "private"]);
-    let other_commit = git(&other, &["rev-parse", "HEAD"]).trim().to_owned();
+    let bait = bait::create(root.path());
 
     let mut origins: BTreeMap<String, &Case> = BTreeMap::new();
     for case in CASES {
@@ -222,7 +206,7 @@ async fn hostile_fleets_are_blocked_and_recorded() {
     std::fs::create_dir_all(&data).unwrap();
     let config = data.join("escape.toml");
     common::write_config(&config, &egress_config(&outside));
-    let global_text = global.display().to_string();
+    let global_text = bait.global.display().to_string();
     let node = Node::start_with_environment(
         &data,
         common::free_port(),
@@ -247,7 +231,7 @@ async fn hostile_fleets_are_blocked_and_recorded() {
         ("ESCAPE_OUTSIDE_PORT".to_owned(), server.port.to_string()),
         (
             "ESCAPE_OTHER_GIT".to_owned(),
-            other.join(".git").display().to_string(),
+            bait.other_git.display().to_string(),
         ),
     ]);
     let mut fleets = Vec::new();
@@ -315,12 +299,7 @@ async fn hostile_fleets_are_blocked_and_recorded() {
         let line = result_line(&attempt.log_tail);
         let (mut passed, verdict, mut recorded) = match (case.verdict, line) {
             (Verdict::Origin, _) => {
-                let (passed, text) = origin_verdict(
-                    case.name,
-                    &bare_path(&run.repository),
-                    &marker,
-                    &other_commit,
-                );
+                let (passed, text) = origin_verdict(case.name, &bare_path(&run.repository), &bait);
                 let verdict = if passed { "blocked" } else { "NOT BLOCKED" };
                 (passed, verdict.to_owned(), text)
             }

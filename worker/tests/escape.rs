@@ -11,7 +11,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{git, make_origin, run, sandbox_command, test_config};
+use common::{make_origin, run, sandbox_command, test_config};
 use flotilla_proto::v1::{AgentSpec, FleetSpec, Lease, RunResult, SandboxSpec};
 use flotilla_worker::config::WorkerConfig;
 use flotilla_worker::execute::execute_attempt_with_token;
@@ -354,20 +354,11 @@ async fn hostile_agents_are_blocked() {
 
     // A .gitattributes filter driver whose definition sits in a global git configuration the
     // worker's user would read: host git must not run it.
-    let global = root.path().join("xdg");
-    let marker = root.path().join("filter-ran");
-    std::fs::create_dir_all(global.join("git")).unwrap();
-    std::fs::write(
-        global.join("git/config"),
-        format!(
-            "[filter \"flotillaevil\"]\n\tclean = touch {0}; cat\n\tsmudge = touch {0}; cat\n[diff \"flotillaevil\"]\n\ttextconv = touch {0}; cat\n",
-            marker.display()
-        ),
-    )
-    .unwrap();
+    let bait = common::bait::create(root.path());
+    let (global, marker) = (&bait.global, &bait.marker);
     // SAFETY: as above (single test, set before the git children are spawned).
     unsafe {
-        std::env::set_var("XDG_CONFIG_HOME", &global);
+        std::env::set_var("XDG_CONFIG_HOME", global);
     }
     let result = attempt(
         &config,
@@ -393,14 +384,8 @@ async fn hostile_agents_are_blocked() {
 
     // A nested .git file pointing at another host repository: its commit must not appear as a
     // gitlink in the result.
-    let other = root.path().join("other");
-    std::fs::create_dir_all(&other).unwrap();
-    git(&other, &["init", "-q", "-b", "main"]);
-    std::fs::write(other.join("private.txt"), "private\n").unwrap();
-    git(&other, &["add", "private.txt"]);
-    git(&other, &["commit", "-q", "-m", "private"]);
-    let other_commit = git(&other, &["rev-parse", "HEAD"]);
-    let other_git = other.join(".git");
+    let other_commit = bait.other_commit.clone();
+    let other_git = bait.other_git.clone();
     let result = attempt(
         &config,
         &attempt_lease(

@@ -2,6 +2,7 @@
 //! process scans.
 #![allow(dead_code)]
 
+pub mod bait;
 pub mod netns;
 
 use std::path::{Path, PathBuf};
