@@ -174,12 +174,29 @@ pub async fn check_history(cluster: &Cluster, ledger: &Ledger) -> Result<History
         if !listed.contains_key(fleet_id) {
             continue;
         }
-        let fleet = read(&format!("GetFleet {fleet_id}"), || {
+        let mut fleet = read(&format!("GetFleet {fleet_id}"), || {
             let mut client = client.clone();
             let fleet_id = fleet_id.clone();
             async move { client.get_fleet(v1::GetFleetRequest { fleet_id }).await }
         })
         .await?;
+        // A fleet response holds the first page of runs; ListRuns has the rest.
+        let mut page_token = std::mem::take(&mut fleet.runs_next_page_token);
+        while !page_token.is_empty() {
+            let page = read(&format!("ListRuns {fleet_id}"), || {
+                let mut client = client.clone();
+                let request = v1::ListRunsRequest {
+                    fleet_id: fleet_id.clone(),
+                    page_size: 1000,
+                    page_token: page_token.clone(),
+                    ..Default::default()
+                };
+                async move { client.list_runs(request).await }
+            })
+            .await?;
+            fleet.runs.extend(page.runs);
+            page_token = page.next_page_token;
+        }
         check_fleet(&fleet, *runs, &mut violations);
         history.fleets += 1;
         let runs = get_runs(&client, &fleet).await?;

@@ -12,7 +12,7 @@ use flotilla_scheduler::command::{
 use flotilla_scheduler::spec as scheduler_spec;
 use flotilla_scheduler::{
     AgentSpec, AttemptResult, FieldError, FileStat, Fleet, FleetEvent, FleetSpec, FleetState,
-    Outcome, RetryPolicy, Run, RunCounts, RunState, SandboxSpec, SpecLimits,
+    LeaseGrant, Outcome, RetryPolicy, Run, RunCounts, RunState, SandboxSpec, SpecLimits,
 };
 
 /// Limits on what a worker may report, in bytes unless named otherwise.
@@ -116,9 +116,18 @@ pub fn fleet_spec_from_wire(
 /// The wire form of a stored spec.
 pub fn fleet_spec_to_wire(spec: &FleetSpec) -> v1::FleetSpec {
     v1::FleetSpec {
+        repositories: spec.repositories.clone(),
+        ..execution_spec_to_wire(spec)
+    }
+}
+
+/// Wire form of `spec` without its repository list (what a lease and a fleet response carry),
+/// at a cost independent of the number of repositories.
+pub fn execution_spec_to_wire(spec: &FleetSpec) -> v1::FleetSpec {
+    v1::FleetSpec {
         name: spec.name.clone(),
         project: spec.project.clone(),
-        repositories: spec.repositories.clone(),
+        repositories: Vec::new(),
         agent: Some(v1::AgentSpec {
             command: spec.agent.command.clone(),
             task: spec.agent.task.clone(),
@@ -142,6 +151,25 @@ pub fn fleet_spec_to_wire(spec: &FleetSpec) -> v1::FleetSpec {
         push: spec.push,
         retry_backoff_initial_ms: spec.retry.backoff_initial_ms,
         retry_backoff_max_ms: spec.retry.backoff_max_ms,
+    }
+}
+
+/// Wire form of a lease grant, without secrets (the leader adds them): the run's repository,
+/// branch and attempt, and the fleet's execution spec without its repository list, so the
+/// lease's size does not grow with the fleet. `lease_ttl_ms` is the node's lease time to live.
+pub fn lease_to_wire(grant: &LeaseGrant, lease_ttl_ms: u64) -> v1::Lease {
+    v1::Lease {
+        run_id: grant.run_id.clone(),
+        fleet_id: grant.fleet_id.clone(),
+        fleet_name: grant.spec.name.clone(),
+        repository: grant.repository.clone(),
+        attempt: grant.attempt,
+        branch: grant.branch.clone(),
+        spec: Some(execution_spec_to_wire(&grant.spec)),
+        lease_ttl_ms,
+        trace_parent: grant.trace_parent.clone(),
+        fleet_created_at_ms: grant.fleet_created_at_ms,
+        ..v1::Lease::default()
     }
 }
 
@@ -412,29 +440,152 @@ pub fn counts_to_wire(counts: &RunCounts) -> v1::RunCounts {
     }
 }
 
-/// Wire form of a fleet; `with_runs` adds a summary of every run.
-pub fn fleet_to_wire(fleet: &Fleet, with_runs: bool) -> v1::Fleet {
-    let id = fleet.id();
+/// Most runs a fleet response carries ([`FleetView::Detail`]); the rest come from `ListRuns`.
+pub const FLEET_RUNS_FIRST_PAGE: usize = 1000;
+
+/// Default and largest `ListRuns` page size.
+pub const LIST_RUNS_DEFAULT_PAGE_SIZE: usize = 100;
+/// Largest `ListRuns` page size.
+pub const LIST_RUNS_MAX_PAGE_SIZE: usize = 1000;
+
+/// How much of a fleet a response carries. Neither view grows with the number of runs beyond
+/// [`FLEET_RUNS_FIRST_PAGE`] summaries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FleetView {
+    /// Counts and state only (`ListFleets`).
+    Summary,
+    /// Also the execution spec (without repositories) and the first page of runs (`GetFleet`,
+    /// `SubmitFleet`, `CancelFleet`).
+    Detail,
+}
+
+/// Wire form of a fleet in `view`.
+pub fn fleet_to_wire(fleet: &Fleet, view: FleetView) -> v1::Fleet {
+    let (runs, runs_next_page_token, spec) = match view {
+        FleetView::Summary => (Vec::new(), String::new(), None),
+        FleetView::Detail => {
+            let (runs, next) = list_runs(fleet, &RunFilter::default(), FLEET_RUNS_FIRST_PAGE);
+            (runs, next, Some(execution_spec_to_wire(&fleet.spec)))
+        }
+    };
     v1::Fleet {
-        runs: if with_runs {
-            fleet
-                .runs
-                .iter()
-                .map(|run| run_summary_to_wire(fleet, run))
-                .collect()
-        } else {
-            Vec::new()
-        },
-        id,
+        runs,
+        runs_next_page_token,
+        id: fleet.id(),
         name: fleet.spec.name.clone(),
         state: fleet_state_to_wire(fleet.state) as i32,
         counts: Some(counts_to_wire(&fleet.counts)),
         created_at_ms: fleet.created_at_ms,
         finished_at_ms: fleet.finished_at_ms,
-        spec: Some(fleet_spec_to_wire(&fleet.spec)),
+        spec,
         idempotency_key: fleet.idempotency_key.clone(),
         last_sequence: fleet.last_sequence(),
     }
+}
+
+/// Which runs `ListRuns` returns: after a run index, in some states, with a repository
+/// substring.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunFilter {
+    /// Only runs with a higher index (from the page token).
+    pub after_index: Option<u32>,
+    /// Only runs in these states; empty: any.
+    pub states: Vec<RunState>,
+    /// Only runs whose repository URL contains this; empty: any.
+    pub repository_contains: String,
+}
+
+/// Longest `repository_contains`, in bytes.
+pub const MAX_REPOSITORY_FILTER_BYTES: usize = 2048;
+
+/// Converts and validates a `ListRuns` request for fleet number `fleet_number`: the page size
+/// (0 means [`LIST_RUNS_DEFAULT_PAGE_SIZE`]) and the filter.
+///
+/// Errors: the field (`page_size`, `page_token`, `states[i]`, `repository_contains`) and why.
+pub fn run_filter_from_wire(
+    request: &v1::ListRunsRequest,
+    fleet_number: u64,
+) -> Result<(RunFilter, usize), FieldError> {
+    let page_size = match request.page_size as usize {
+        0 => LIST_RUNS_DEFAULT_PAGE_SIZE,
+        n @ 1..=LIST_RUNS_MAX_PAGE_SIZE => n,
+        _ => {
+            return Err(FieldError::new(
+                "page_size",
+                format!("must be between 0 and {LIST_RUNS_MAX_PAGE_SIZE}"),
+            ));
+        }
+    };
+    let after_index = if request.page_token.is_empty() {
+        None
+    } else {
+        match flotilla_scheduler::state::parse_run_id(&request.page_token) {
+            Some((number, index)) if number == fleet_number => Some(index),
+            _ => {
+                return Err(FieldError::new(
+                    "page_token",
+                    "not a token from a previous response for this fleet",
+                ));
+            }
+        }
+    };
+    let mut states = Vec::with_capacity(request.states.len());
+    for (index, state) in request.states.iter().enumerate() {
+        let state = match v1::RunState::try_from(*state) {
+            Ok(v1::RunState::Pending) => RunState::Pending,
+            Ok(v1::RunState::Running) => RunState::Running,
+            Ok(v1::RunState::Changed) => RunState::Changed,
+            Ok(v1::RunState::Unchanged) => RunState::Unchanged,
+            Ok(v1::RunState::Failed) => RunState::Failed,
+            Ok(v1::RunState::Cancelled) => RunState::Cancelled,
+            _ => {
+                return Err(FieldError::new(
+                    format!("states[{index}]"),
+                    format!("{state} is not a run state"),
+                ));
+            }
+        };
+        states.push(state);
+    }
+    if request.repository_contains.len() > MAX_REPOSITORY_FILTER_BYTES {
+        return Err(FieldError::new(
+            "repository_contains",
+            format!("longer than {MAX_REPOSITORY_FILTER_BYTES} bytes"),
+        ));
+    }
+    Ok((
+        RunFilter {
+            after_index,
+            states,
+            repository_contains: request.repository_contains.clone(),
+        },
+        page_size,
+    ))
+}
+
+/// Up to `page_size` summaries of `fleet`'s runs that match `filter`, in run order, and the
+/// next page's token (empty when no run after the page matches).
+pub fn list_runs(
+    fleet: &Fleet,
+    filter: &RunFilter,
+    page_size: usize,
+) -> (Vec<v1::RunSummary>, String) {
+    let start = filter.after_index.map_or(0, |index| index as usize + 1);
+    let mut matching = fleet.runs.iter().skip(start).filter(|run| {
+        (filter.states.is_empty() || filter.states.contains(&run.state))
+            && run.repository.contains(filter.repository_contains.as_str())
+    });
+    let runs: Vec<v1::RunSummary> = matching
+        .by_ref()
+        .take(page_size)
+        .map(|run| run_summary_to_wire(fleet, run))
+        .collect();
+    let next = if runs.len() == page_size && matching.next().is_some() {
+        runs.last().map(|run| run.id.clone()).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    (runs, next)
 }
 
 fn run_summary_to_wire(fleet: &Fleet, run: &Run) -> v1::RunSummary {
@@ -611,6 +762,189 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    /// A state holding one fleet of `runs` repositories (URLs about 60 bytes long, as a real
+    /// organisation's are), submitted as the node would (validated with `max_runs_per_fleet`
+    /// raised to `runs`).
+    fn state_with_fleet(runs: usize) -> flotilla_scheduler::State {
+        use flotilla_scheduler::{Command, Request, Response, State};
+        let limits = SpecLimits {
+            max_runs_per_fleet: runs,
+            ..SpecLimits::default()
+        };
+        let wire = v1::FleetSpec {
+            repositories: (0..runs)
+                .map(|index| {
+                    format!("https://git.example.org/organisation/repository-{index:06}.git")
+                })
+                .collect(),
+            max_parallelism: 64,
+            ..wire_spec()
+        };
+        let spec = fleet_spec_from_wire(Some(wire), &limits).unwrap();
+        let mut state = State::new();
+        let response = state.apply(&Request {
+            now_ms: 1_000,
+            command: Command::SubmitFleet {
+                spec,
+                idempotency_key: String::new(),
+                trace_parent: String::new(),
+                max_events: 0,
+            },
+            principal: Default::default(),
+        });
+        assert!(
+            matches!(response, Response::FleetSubmitted { .. }),
+            "{response:?}"
+        );
+        state
+    }
+
+    #[test]
+    fn a_lease_reply_does_not_grow_with_the_fleet() {
+        use flotilla_scheduler::{Command, Request, Response};
+        use prost::Message;
+        let runs = 100_000;
+        let mut state = state_with_fleet(runs);
+        let Response::Leased(grants) = state.apply(&Request {
+            now_ms: 2_000,
+            command: Command::AcquireLeases {
+                worker_id: "w1".into(),
+                free_slots: 32,
+                lease_ttl_ms: 30_000,
+                held: Vec::new(),
+            },
+            principal: Default::default(),
+        }) else {
+            panic!("no leases");
+        };
+        assert_eq!(grants.len(), 32);
+        assert!(
+            grants
+                .iter()
+                .all(|grant| grant.spec.repositories.is_empty())
+        );
+        let reply = v1::LeaseRunsResponse {
+            leases: grants
+                .iter()
+                .map(|grant| lease_to_wire(grant, 30_000))
+                .collect(),
+        };
+        let size_bytes = reply.encoded_len();
+        println!("a 32-lease reply of a {runs}-run fleet: {size_bytes} bytes");
+        assert!(
+            size_bytes < 64 * 1024,
+            "a 32-lease reply of a {runs}-run fleet is {size_bytes} bytes"
+        );
+        assert_eq!(
+            reply.leases[5].repository,
+            "https://git.example.org/organisation/repository-000005.git"
+        );
+        assert_eq!(
+            reply.leases[5]
+                .spec
+                .as_ref()
+                .unwrap()
+                .agent
+                .as_ref()
+                .unwrap()
+                .command,
+            "cargo fmt"
+        );
+    }
+
+    #[test]
+    fn fleet_responses_carry_a_bounded_first_page_and_list_runs_pages_the_rest() {
+        use prost::Message;
+        let state = state_with_fleet(2_500);
+        let fleet = state.fleet("fl-1").unwrap();
+        let detail = fleet_to_wire(fleet, FleetView::Detail);
+        assert_eq!(detail.runs.len(), FLEET_RUNS_FIRST_PAGE);
+        assert_eq!(detail.runs_next_page_token, "fl-1-999");
+        assert!(detail.spec.as_ref().unwrap().repositories.is_empty());
+        assert_eq!(detail.counts.unwrap().total, 2_500);
+        let summary = fleet_to_wire(fleet, FleetView::Summary);
+        assert!(summary.runs.is_empty() && summary.spec.is_none());
+        assert!(summary.encoded_len() < 512, "{}", summary.encoded_len());
+
+        // Every run exactly once, in order, over pages of 1000 from the first page's token.
+        let mut seen = detail.runs.len();
+        let mut token = detail.runs_next_page_token.clone();
+        while !token.is_empty() {
+            let request = v1::ListRunsRequest {
+                fleet_id: "fl-1".into(),
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            };
+            let (filter, page_size) = run_filter_from_wire(&request, 1).unwrap();
+            let (runs, next) = list_runs(fleet, &filter, page_size);
+            assert_eq!(runs[0].id, format!("fl-1-{seen}"));
+            seen += runs.len();
+            token = next;
+        }
+        assert_eq!(seen, 2_500);
+
+        // Filters: a repository substring, and states.
+        let request = v1::ListRunsRequest {
+            fleet_id: "fl-1".into(),
+            repository_contains: "repository-0012".into(),
+            ..Default::default()
+        };
+        let (filter, page_size) = run_filter_from_wire(&request, 1).unwrap();
+        assert_eq!(page_size, LIST_RUNS_DEFAULT_PAGE_SIZE);
+        let (runs, next) = list_runs(fleet, &filter, page_size);
+        assert_eq!(runs.len(), 100);
+        assert_eq!(runs[99].id, "fl-1-1299");
+        assert!(next.is_empty(), "exactly 100 match: no further page");
+        let failed = v1::ListRunsRequest {
+            fleet_id: "fl-1".into(),
+            states: vec![v1::RunState::Failed as i32],
+            ..Default::default()
+        };
+        let (filter, page_size) = run_filter_from_wire(&failed, 1).unwrap();
+        assert_eq!(
+            list_runs(fleet, &filter, page_size),
+            (Vec::new(), String::new())
+        );
+
+        // Bad requests name the field.
+        let error = |request: v1::ListRunsRequest| {
+            run_filter_from_wire(&request, 1).unwrap_err().to_string()
+        };
+        let base = v1::ListRunsRequest {
+            fleet_id: "fl-1".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            error(v1::ListRunsRequest {
+                page_size: 1001,
+                ..base.clone()
+            }),
+            "page_size: must be between 0 and 1000"
+        );
+        assert_eq!(
+            error(v1::ListRunsRequest {
+                page_token: "fl-2-5".into(),
+                ..base.clone()
+            }),
+            "page_token: not a token from a previous response for this fleet"
+        );
+        assert_eq!(
+            error(v1::ListRunsRequest {
+                states: vec![0],
+                ..base.clone()
+            }),
+            "states[0]: 0 is not a run state"
+        );
+        assert!(
+            error(v1::ListRunsRequest {
+                repository_contains: "x".repeat(MAX_REPOSITORY_FILTER_BYTES + 1),
+                ..base
+            })
+            .starts_with("repository_contains:")
+        );
     }
 
     #[test]

@@ -306,6 +306,22 @@ enum RunCommands {
         #[arg(long)]
         patch: bool,
     },
+    /// Lists a fleet's runs (all of them, page by page through ListRuns), optionally only some
+    /// states or repositories.
+    List {
+        /// Fleet id (fl-N).
+        fleet_id: String,
+        /// Only runs in this state (pending, running, changed, unchanged, failed, cancelled);
+        /// repeatable.
+        #[arg(long = "state")]
+        states: Vec<String>,
+        /// Only runs whose repository URL contains this text.
+        #[arg(long, default_value = "")]
+        repository: String,
+        /// Most runs to show; 0: every matching run.
+        #[arg(long, default_value_t = 0)]
+        limit: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -593,6 +609,12 @@ async fn run_client(address: &str, output: Output, command: Commands) -> Result<
         Commands::Run(RunCommands::Show { run_id, patch }) => {
             cli::show_run(&mut client, &run_id, patch, output).await
         }
+        Commands::Run(RunCommands::List {
+            fleet_id,
+            states,
+            repository,
+            limit,
+        }) => cli::list_runs(&mut client, &fleet_id, &states, &repository, limit, output).await,
         Commands::Server(_)
         | Commands::Secret(_)
         | Commands::Quickstart(_)

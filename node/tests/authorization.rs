@@ -219,6 +219,17 @@ async fn projects_bound_tokens_and_workers_report_only_on_leases_they_hold() {
             .code(),
         Code::PermissionDenied
     );
+    assert_eq!(
+        fleets(&submitter_b)
+            .list_runs(v1::ListRunsRequest {
+                fleet_id: fleet_a.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
     let cancel = |id: &str| v1::CancelFleetRequest {
         fleet_id: id.into(),
     };

@@ -74,6 +74,89 @@ async fn submit_watch_and_inspect_through_the_cli() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_fleet_is_shown_by_its_first_page_and_listed_page_by_page() {
+    let root = tempfile::tempdir().unwrap();
+    let node = Node::start(&root.path().join("node"), &["--no-worker"]).await;
+    let repositories: Vec<String> = (0..1_200)
+        .map(|index| format!("file:///srv/big/r-{index:05}.git"))
+        .collect();
+    let spec = root.path().join("big.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name: big\ntargets:\n  repositories: [{}]\nagent: {{command: \"true\"}}\n",
+            repositories.join(", ")
+        ),
+    )
+    .unwrap();
+    let (code, stdout, stderr) =
+        flotilla(&node.address, &["fleet", "submit", spec.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let fleet_id = stdout.trim().to_owned();
+
+    let (code, stdout, _) = flotilla(
+        &node.address,
+        &["--output", "json", "fleet", "status", &fleet_id],
+    );
+    assert_eq!(code, 0);
+    let fleet: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(fleet["counts"]["total"], 1_200);
+    assert_eq!(fleet["runs"].as_array().unwrap().len(), 1_000);
+    assert_eq!(fleet["runs_next_page_token"], format!("{fleet_id}-999"));
+    let (code, stdout, _) = flotilla(&node.address, &["fleet", "status", &fleet_id]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains(&format!(
+            "(the first 1000 of 1200 runs; `flotilla run list {fleet_id}` lists them all)"
+        )),
+        "{stdout}"
+    );
+
+    let (code, stdout, _) = flotilla(
+        &node.address,
+        &["--output", "json", "run", "list", &fleet_id],
+    );
+    assert_eq!(code, 0);
+    let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let runs = listed["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 1_200);
+    assert_eq!(runs[1_199]["repository"], repositories[1_199]);
+    assert!(runs.iter().all(|run| run["state"] == "pending"));
+
+    let (code, stdout, _) = flotilla(
+        &node.address,
+        &["run", "list", &fleet_id, "--repository", "r-00119.git"],
+    );
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("r-00119") && stdout.ends_with("1 runs\n"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = flotilla(
+        &node.address,
+        &[
+            "run", "list", &fleet_id, "--state", "failed", "--state", "changed",
+        ],
+    );
+    assert_eq!(code, 0);
+    assert!(stdout.ends_with("0 runs\n"), "{stdout}");
+    let (code, stdout, _) = flotilla(
+        &node.address,
+        &[
+            "run", "list", &fleet_id, "--state", "pending", "--limit", "5",
+        ],
+    );
+    assert_eq!(code, 0);
+    assert!(stdout.ends_with("5 runs\n"), "{stdout}");
+    let (code, _, stderr) = flotilla(
+        &node.address,
+        &["run", "list", &fleet_id, "--state", "done"],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--state \"done\""), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gives_one_clear_line_and_its_exit_code() {
     let root = tempfile::tempdir().unwrap();
     let node = Node::start(&root.path().join("node"), &["--no-worker"]).await;
@@ -287,6 +370,12 @@ impl v1::fleet_service_server::FleetService for PointsToTheLeader {
         &self,
         _: tonic::Request<v1::GetRunRequest>,
     ) -> Result<tonic::Response<v1::Run>, tonic::Status> {
+        self.answer()
+    }
+    async fn list_runs(
+        &self,
+        _: tonic::Request<v1::ListRunsRequest>,
+    ) -> Result<tonic::Response<v1::ListRunsResponse>, tonic::Status> {
         self.answer()
     }
     async fn cancel_fleet(

@@ -418,7 +418,8 @@ pub struct LeaseGrant {
     pub attempt: u32,
     /// The branch to commit on.
     pub branch: String,
-    /// The fleet's spec.
+    /// The fleet's spec without its repository list ([`FleetSpec::without_repositories`]), so a
+    /// grant's size does not grow with the fleet.
     pub spec: FleetSpec,
     /// When the lease ends unless renewed, in milliseconds since the Unix epoch.
     pub expires_at_ms: u64,

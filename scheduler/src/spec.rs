@@ -65,6 +65,27 @@ pub struct FleetSpec {
     pub push: bool,
 }
 
+impl FleetSpec {
+    /// This spec without its repository list: what one run needs to execute (a lease carries
+    /// it; the run's own repository travels beside it). Costs the size of everything but the
+    /// repositories, never the fleet's size.
+    pub fn without_repositories(&self) -> FleetSpec {
+        FleetSpec {
+            name: self.name.clone(),
+            project: self.project.clone(),
+            repositories: Vec::new(),
+            agent: self.agent.clone(),
+            verify: self.verify.clone(),
+            sandbox: self.sandbox.clone(),
+            branch_template: self.branch_template.clone(),
+            commit_message: self.commit_message.clone(),
+            max_parallelism: self.max_parallelism,
+            retry: self.retry.clone(),
+            push: self.push,
+        }
+    }
+}
+
 /// The command run in each repository.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentSpec {

@@ -1294,7 +1294,7 @@ fn lease_grant(fleet: &Fleet, index: u32, expires_at_ms: u64, redelivered: bool)
         repository: run.repository.clone(),
         attempt: run.attempt(),
         branch: run.branch.clone(),
-        spec: fleet.spec.clone(),
+        spec: fleet.spec.without_repositories(),
         expires_at_ms,
         trace_parent: fleet.trace_parent.clone(),
         fleet_created_at_ms: fleet.created_at_ms,

@@ -86,6 +86,10 @@ pub const METHOD_REQUIREMENTS: &[(&str, Requirement)] = &[
         Requirement::Permission(Permission::FleetRead),
     ),
     (
+        "/flotilla.v1.FleetService/ListRuns",
+        Requirement::Permission(Permission::FleetRead),
+    ),
+    (
         "/flotilla.v1.FleetService/GetRun",
         Requirement::Permission(Permission::FleetRead),
     ),

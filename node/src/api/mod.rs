@@ -296,13 +296,17 @@ impl Api {
         }
     }
 
-    fn fleet_or_not_found(&self, fleet_id: &str, with_runs: bool) -> Result<v1::Fleet, Status> {
+    fn fleet_or_not_found(
+        &self,
+        fleet_id: &str,
+        view: convert::FleetView,
+    ) -> Result<v1::Fleet, Status> {
         self.node
             .state
             .read(|state| {
                 state
                     .fleet(fleet_id)
-                    .map(|f| convert::fleet_to_wire(f, with_runs))
+                    .map(|f| convert::fleet_to_wire(f, view))
             })
             .ok_or_else(|| {
                 Status::not_found(format!("fleet_id: no fleet {:?}", shorten(fleet_id, 128)))
@@ -369,7 +373,7 @@ impl FleetService for Api {
                 if created {
                     metrics::counter!("flotilla_fleets_submitted_total").increment(1);
                 }
-                let fleet = self.fleet_or_not_found(&fleet_id, true)?;
+                let fleet = self.fleet_or_not_found(&fleet_id, convert::FleetView::Detail)?;
                 Ok(GrpcResponse::new(v1::SubmitFleetResponse {
                     fleet: Some(fleet),
                     created,
@@ -399,7 +403,7 @@ impl FleetService for Api {
                 )
                 .await;
         }
-        let fleet = self.fleet_or_not_found(&fleet_id, true)?;
+        let fleet = self.fleet_or_not_found(&fleet_id, convert::FleetView::Detail)?;
         self.require_on_fleet(&who, Permission::FleetRead, &fleet_id)?;
         Ok(GrpcResponse::new(fleet))
     }
@@ -447,7 +451,7 @@ impl FleetService for Api {
                 .fleets_before(before, usize::MAX)
                 .filter(|f| who.may(Permission::FleetRead, &f.spec.project))
                 .take(page_size)
-                .map(|f| convert::fleet_to_wire(f, false))
+                .map(|f| convert::fleet_to_wire(f, convert::FleetView::Summary))
                 .collect()
         });
         let next_page_token = if fleets.len() == page_size {
@@ -470,7 +474,7 @@ impl FleetService for Api {
         let who = caller(&request)?;
         let message = request.into_inner();
         validate_fleet_id(&message.fleet_id)?;
-        self.fleet_or_not_found(&message.fleet_id, false)?;
+        self.fleet_or_not_found(&message.fleet_id, convert::FleetView::Summary)?;
         self.require_on_fleet(&who, Permission::FleetRead, &message.fleet_id)?;
         let permit = self
             .watch_streams
@@ -528,6 +532,45 @@ impl FleetService for Api {
         Ok(GrpcResponse::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(receiver),
         )))
+    }
+
+    async fn list_runs(
+        &self,
+        request: GrpcRequest<v1::ListRunsRequest>,
+    ) -> Result<GrpcResponse<v1::ListRunsResponse>, Status> {
+        let who = caller(&request)?;
+        let auth = authorization(&request);
+        let original = request.into_inner();
+        validate_fleet_id(&original.fleet_id)?;
+        let fleet_number = flotilla_scheduler::state::parse_fleet_id(&original.fleet_id)
+            .ok_or_else(|| invalid(FieldError::new("fleet_id", "not a fleet id (fl-<n>)")))?;
+        let (filter, page_size) =
+            convert::run_filter_from_wire(&original, fleet_number).map_err(invalid)?;
+        if let Some(leader) = self.read_barrier().await? {
+            return self
+                .forward(
+                    self.fleet_client(leader)
+                        .list_runs(forwarded(original, &auth)),
+                    0,
+                )
+                .await;
+        }
+        self.require_on_fleet(&who, Permission::FleetRead, &original.fleet_id)?;
+        let page = self.node.state.read(|state| {
+            state
+                .fleet(&original.fleet_id)
+                .map(|fleet| convert::list_runs(fleet, &filter, page_size))
+        });
+        let (runs, next_page_token) = page.ok_or_else(|| {
+            Status::not_found(format!(
+                "fleet_id: no fleet {:?}",
+                shorten(&original.fleet_id, 128)
+            ))
+        })?;
+        Ok(GrpcResponse::new(v1::ListRunsResponse {
+            runs,
+            next_page_token,
+        }))
     }
 
     async fn get_run(
@@ -628,7 +671,7 @@ impl FleetService for Api {
             }
             Proposal::Applied(Response::FleetCancelled) => {
                 info!(fleet.id = %original.fleet_id, "fleet cancelled");
-                self.fleet_or_not_found(&original.fleet_id, true)
+                self.fleet_or_not_found(&original.fleet_id, convert::FleetView::Detail)
                     .map(GrpcResponse::new)
             }
             Proposal::Applied(Response::Rejected { reason }) => {
@@ -769,19 +812,8 @@ impl WorkerService for Api {
                         let leases = grants
                             .into_iter()
                             .map(|g| {
-                                let mut lease = v1::Lease {
-                                    run_id: g.run_id.clone(),
-                                    fleet_id: g.fleet_id.clone(),
-                                    fleet_name: g.spec.name.clone(),
-                                    repository: g.repository.clone(),
-                                    attempt: g.attempt,
-                                    branch: g.branch.clone(),
-                                    spec: Some(convert::fleet_spec_to_wire(&g.spec)),
-                                    lease_ttl_ms: self.limits.lease_ttl_ms,
-                                    trace_parent: g.trace_parent.clone(),
-                                    fleet_created_at_ms: g.fleet_created_at_ms,
-                                    ..v1::Lease::default()
-                                };
+                                let mut lease =
+                                    convert::lease_to_wire(&g, self.limits.lease_ttl_ms);
                                 secret::inject_secrets(self, &g, &mut lease);
                                 lease
                             })

@@ -472,12 +472,46 @@ fn fleet_json(fleet: &v1::Fleet) -> serde_json::Value {
         "created_at_ms": fleet.created_at_ms, "finished_at_ms": fleet.finished_at_ms,
         "wall_time_ms": fleet.finished_at_ms.saturating_sub(fleet.created_at_ms),
         "idempotency_key": fleet.idempotency_key,
-        "runs": fleet.runs.iter().map(|r| json!({
-            "id": r.id, "repository": r.repository, "state": run_state_name(r.state), "attempt": r.attempt,
-            "branch": r.branch, "files_changed": r.files_changed, "insertions": r.insertions,
-            "deletions": r.deletions, "error": r.error,
-        })).collect::<Vec<_>>(),
+        "runs": fleet.runs.iter().map(run_summary_json).collect::<Vec<_>>(),
+        "runs_next_page_token": fleet.runs_next_page_token,
     })
+}
+
+fn run_summary_json(r: &v1::RunSummary) -> serde_json::Value {
+    json!({
+        "id": r.id, "repository": r.repository, "state": run_state_name(r.state), "attempt": r.attempt,
+        "branch": r.branch, "files_changed": r.files_changed, "insertions": r.insertions,
+        "deletions": r.deletions, "error": r.error,
+    })
+}
+
+/// The human table of run summaries (state, repository, files, +, -, branch or error).
+fn print_run_table(runs: &[v1::RunSummary]) {
+    outln!(
+        "{:<10} {:<32} {:>6} {:>8} {:>8}  BRANCH / ERROR",
+        "STATE",
+        "REPOSITORY",
+        "FILES",
+        "+",
+        "-"
+    );
+    for run in runs {
+        let detail = if run.branch.is_empty() {
+            run.error.clone()
+        } else {
+            run.branch.clone()
+        };
+        let detail: String = detail.chars().take(100).collect();
+        outln!(
+            "{:<10} {:<32} {:>6} {:>8} {:>8}  {}",
+            run_state_name(run.state),
+            printable(&short_repository(&run.repository)),
+            run.files_changed,
+            run.insertions,
+            run.deletions,
+            printable(&detail)
+        );
+    }
 }
 
 fn event_json(event: &v1::FleetEvent) -> serde_json::Value {
@@ -520,29 +554,13 @@ pub fn print_fleet(fleet: &v1::Fleet, output: Output) {
         fleet_state_name(fleet.state)
     );
     if !fleet.runs.is_empty() {
-        outln!(
-            "{:<10} {:<32} {:>6} {:>8} {:>8}  BRANCH / ERROR",
-            "STATE",
-            "REPOSITORY",
-            "FILES",
-            "+",
-            "-"
-        );
-        for run in &fleet.runs {
-            let detail = if run.branch.is_empty() {
-                run.error.clone()
-            } else {
-                run.branch.clone()
-            };
-            let detail: String = detail.chars().take(100).collect();
+        print_run_table(&fleet.runs);
+        if !fleet.runs_next_page_token.is_empty() {
             outln!(
-                "{:<10} {:<32} {:>6} {:>8} {:>8}  {}",
-                run_state_name(run.state),
-                short_repository(&run.repository),
-                run.files_changed,
-                run.insertions,
-                run.deletions,
-                detail
+                "(the first {} of {} runs; `flotilla run list {}` lists them all)",
+                fleet.runs.len(),
+                c.total,
+                fleet.id
             );
         }
     }
@@ -966,6 +984,83 @@ pub async fn show_run(
                 run.branch
             );
         }
+    }
+    Ok(exit_code::OK)
+}
+
+/// The wire value of a run state name (`failed`, ...), as `run list --state` takes it.
+fn run_state_from_name(name: &str) -> Option<v1::RunState> {
+    [
+        v1::RunState::Pending,
+        v1::RunState::Running,
+        v1::RunState::Changed,
+        v1::RunState::Unchanged,
+        v1::RunState::Failed,
+        v1::RunState::Cancelled,
+    ]
+    .into_iter()
+    .find(|state| run_state_name(*state as i32) == name)
+}
+
+/// `run list`: every run of a fleet matching `states` and `repository`, page by page (at most
+/// `limit`, 0: all).
+///
+/// # Errors
+/// An unknown state name (usage error) or an RPC failure.
+pub async fn list_runs(
+    client: &mut Client,
+    fleet_id: &str,
+    states: &[String],
+    repository: &str,
+    limit: u64,
+    output: Output,
+) -> Result<i32, CliError> {
+    let mut wire_states = Vec::with_capacity(states.len());
+    for name in states {
+        match run_state_from_name(name) {
+            Some(state) => wire_states.push(state as i32),
+            None => {
+                errln!(
+                    "--state {name:?}: must be pending, running, changed, unchanged, failed or cancelled"
+                );
+                return Ok(exit_code::USAGE);
+            }
+        }
+    }
+    let mut runs: Vec<v1::RunSummary> = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let request = v1::ListRunsRequest {
+            fleet_id: fleet_id.to_string(),
+            page_size: 1000,
+            page_token: page_token.clone(),
+            states: wire_states.clone(),
+            repository_contains: repository.to_string(),
+        };
+        let page = client
+            .call("", |mut fleets| {
+                let request = request.clone();
+                async move { fleets.list_runs(request).await }
+            })
+            .await?;
+        runs.extend(page.runs);
+        if limit > 0 && runs.len() as u64 >= limit {
+            runs.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+            break;
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    if output == Output::Json {
+        outln!(
+            "{}",
+            json!({"fleet_id": fleet_id, "runs": runs.iter().map(run_summary_json).collect::<Vec<_>>()})
+        );
+    } else {
+        print_run_table(&runs);
+        outln!("{} runs", runs.len());
     }
     Ok(exit_code::OK)
 }
