@@ -18,6 +18,7 @@
 pub mod artifact;
 pub mod audit;
 pub mod command;
+pub mod lease;
 pub mod placement;
 pub mod policy;
 pub mod secret;

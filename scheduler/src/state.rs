@@ -18,6 +18,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use crate::lease::LeaseIndex;
+
+/// The version of the derived lease index a state keeps (see `State::lease_index_version`).
+const LEASE_INDEX_VERSION: u32 = 1;
+
 use crate::artifact::{ArtifactKey, ArtifactKind, Effect, sha256_hex};
 use crate::audit::{AuditEntry, AuditLog, AuditOutcome};
 use crate::command::{AttemptResult, Command, LeaseGrant, Outcome, Request, Response};
@@ -235,12 +240,36 @@ pub struct Fleet {
     last_sequence: u64,
     /// Indices of pending runs, in order.
     pending: BTreeSet<u32>,
+    /// The running runs by lease expiry and by worker ([`LeaseIndex`]).
+    #[serde(default)]
+    leases: LeaseIndex,
     /// Who submitted it ([`Principal::Unknown`] for fleets submitted before principals).
     #[serde(default)]
     pub submitted_by: Principal,
 }
 
 impl Fleet {
+    /// Sets run `index`'s lease, keeping [`Fleet::leases`] in step (every change of a run's
+    /// lease goes through here or [`Fleet::extend_lease`]).
+    fn set_lease(&mut self, index: u32, lease: Option<Lease>) {
+        let run = &mut self.runs[index as usize];
+        if let Some(old) = run.lease.take() {
+            self.leases.remove(index, &old);
+        }
+        if let Some(new) = &lease {
+            self.leases.insert(index, new);
+        }
+        self.runs[index as usize].lease = lease;
+    }
+
+    /// Extends run `index`'s lease, if it has one, to at least `expires_at_ms`.
+    fn extend_lease(&mut self, index: u32, expires_at_ms: u64) {
+        if let Some(mut lease) = self.runs[index as usize].lease.clone() {
+            lease.expires_at_ms = lease.expires_at_ms.max(expires_at_ms);
+            self.set_lease(index, Some(lease));
+        }
+    }
+
     /// The fleet's id: `fl-<number>`.
     pub fn id(&self) -> String {
         fleet_id(self.number)
@@ -326,6 +355,10 @@ pub struct State {
     /// Per-project secrets, as envelopes ([`crate::secret`]).
     #[serde(default)]
     secrets: Secrets,
+    /// 1 once every fleet's [`LeaseIndex`] is built; 0 in a state written before the index
+    /// existed, whose first apply builds them.
+    #[serde(default)]
+    lease_index_version: u32,
 }
 
 /// `fl-<number>`.
@@ -362,6 +395,7 @@ impl State {
     pub fn new() -> Self {
         State {
             next_fleet_number: 1,
+            lease_index_version: LEASE_INDEX_VERSION,
             ..State::default()
         }
     }
@@ -388,6 +422,12 @@ impl State {
     ) -> Response {
         // Leader clocks may step back across a leader change; the state's clock does not.
         self.now_ms = self.now_ms.max(request.now_ms);
+        if self.lease_index_version != LEASE_INDEX_VERSION {
+            for fleet in self.fleets.values_mut() {
+                fleet.leases = LeaseIndex::rebuild(&fleet.runs);
+            }
+            self.lease_index_version = LEASE_INDEX_VERSION;
+        }
         let response = self.apply_command(request, effects);
         let entry = audit_entry(&request.command, &response);
         self.audit
@@ -712,6 +752,7 @@ impl State {
             created_at_ms: now_ms,
             finished_at_ms: 0,
             pending: (0..runs.len() as u32).collect(),
+            leases: LeaseIndex::default(),
             runs,
             counts,
             events: VecDeque::new(),
@@ -757,14 +798,10 @@ impl State {
             if fleet.counts.running == 0 {
                 continue;
             }
-            for run in &fleet.runs {
-                if run
-                    .lease
-                    .as_ref()
-                    .is_some_and(|lease| lease.worker_id == worker_id)
-                    && !listed.contains(&(run_id(fleet.number, run.index).as_str(), run.attempt()))
-                {
-                    unlisted.push((fleet.number, run.index));
+            for index in self.lease_index(fleet).of_worker(worker_id) {
+                let attempt = fleet.runs[index as usize].attempt();
+                if !listed.contains(&(run_id(fleet.number, index).as_str(), attempt)) {
+                    unlisted.push((fleet.number, index));
                 }
             }
         }
@@ -806,11 +843,8 @@ impl State {
             };
             let attempt = fleet.runs[index as usize].attempt();
             if (grants.len() as u32) < free_slots {
-                let run = &mut fleet.runs[index as usize];
-                if let Some(lease) = run.lease.as_mut() {
-                    lease.expires_at_ms = lease.expires_at_ms.max(expires_at_ms);
-                }
-                let expires = run
+                fleet.extend_lease(index, expires_at_ms);
+                let expires = fleet.runs[index as usize]
                     .lease
                     .as_ref()
                     .map_or(expires_at_ms, |l| l.expires_at_ms);
@@ -898,10 +932,13 @@ impl State {
                 finished_at_ms: 0,
                 result: None,
             });
-            run.lease = Some(Lease {
-                worker_id: worker_id.to_string(),
-                expires_at_ms,
-            });
+            fleet.set_lease(
+                index,
+                Some(Lease {
+                    worker_id: worker_id.to_string(),
+                    expires_at_ms,
+                }),
+            );
             grants.push(lease_grant(fleet, index, expires_at_ms, false));
             set_run_state(fleet, index, RunState::Running);
             push_event(
@@ -924,17 +961,17 @@ impl State {
         let expires_at_ms = now_ms.saturating_add(lease_ttl_ms);
         let mut lost = Vec::new();
         for (id, attempt) in leases {
-            match self.run_mut(id) {
-                Some(run)
-                    if run.state == RunState::Running
-                        && run.attempt() == *attempt
-                        && run.lease.as_ref().is_some_and(|l| l.worker_id == worker_id) =>
-                {
-                    if let Some(lease) = run.lease.as_mut() {
-                        lease.expires_at_ms = lease.expires_at_ms.max(expires_at_ms);
-                    }
-                }
-                _ => lost.push((id.clone(), *attempt)),
+            let held = parse_run_id(id).and_then(|(number, index)| {
+                let fleet = self.fleets.get_mut(&number)?;
+                let run = fleet.runs.get(index as usize)?;
+                (run.state == RunState::Running
+                    && run.attempt() == *attempt
+                    && run.lease.as_ref().is_some_and(|l| l.worker_id == worker_id))
+                .then_some((fleet, index))
+            });
+            match held {
+                Some((fleet, index)) => fleet.extend_lease(index, expires_at_ms),
+                None => lost.push((id.clone(), *attempt)),
             }
         }
         Response::Heartbeat { lost }
@@ -1037,11 +1074,11 @@ impl State {
                             false,
                         ));
                     }
-                    run.lease = None;
                     format!("attempt {} cancelled", run.attempt())
                 }
                 _ => continue,
             };
+            fleet.set_lease(index, None);
             set_run_state(fleet, index, RunState::Cancelled);
             push_event(fleet, now_ms, Some(index), message);
         }
@@ -1059,16 +1096,7 @@ impl State {
             let Some(fleet) = self.fleets.get_mut(&number) else {
                 continue;
             };
-            let expired: Vec<u32> = fleet
-                .runs
-                .iter()
-                .filter(|run| {
-                    run.lease
-                        .as_ref()
-                        .is_some_and(|l| l.expires_at_ms <= now_ms)
-                })
-                .map(|run| run.index)
-                .collect();
+            let expired = fleet.leases.expired(now_ms);
             for index in expired {
                 count += 1;
                 let result = AttemptResult::failure(
@@ -1143,11 +1171,6 @@ impl State {
         });
     }
 
-    fn run_mut(&mut self, id: &str) -> Option<&mut Run> {
-        let (number, index) = parse_run_id(id)?;
-        self.fleets.get_mut(&number)?.runs.get_mut(index as usize)
-    }
-
     /// The fleet with id `fl-<n>`.
     pub fn fleet(&self, id: &str) -> Option<&Fleet> {
         self.fleets.get(&parse_fleet_id(id)?)
@@ -1180,9 +1203,18 @@ impl State {
         self.active_fleets
             .iter()
             .filter_map(|number| self.fleets.get(number))
-            .flat_map(|fleet| fleet.runs.iter())
-            .filter_map(|run| run.lease.as_ref().map(|l| l.expires_at_ms))
+            .filter_map(|fleet| self.lease_index(fleet).next_expiry_ms())
             .min()
+    }
+
+    /// `fleet`'s lease index: the kept one, or (in a state loaded from before the index existed
+    /// and not applied to since) one built for this read.
+    fn lease_index<'a>(&self, fleet: &'a Fleet) -> std::borrow::Cow<'a, LeaseIndex> {
+        if self.lease_index_version == LEASE_INDEX_VERSION {
+            std::borrow::Cow::Borrowed(&fleet.leases)
+        } else {
+            std::borrow::Cow::Owned(LeaseIndex::rebuild(&fleet.runs))
+        }
     }
 
     /// Whether some pending run of an active fleet could be leased at `now_ms`.
@@ -1215,6 +1247,14 @@ impl State {
     /// A description of the first violated invariant.
     pub fn check_invariants(&self) -> Result<(), String> {
         for fleet in self.fleets.values() {
+            if self.lease_index_version == LEASE_INDEX_VERSION
+                && fleet.leases != LeaseIndex::rebuild(&fleet.runs)
+            {
+                return Err(format!(
+                    "fleet {} lease index out of sync with its runs",
+                    fleet.number
+                ));
+            }
             let mut counts = RunCounts::default();
             for run in &fleet.runs {
                 *counts.slot(run.state) += 1;
@@ -1319,7 +1359,7 @@ fn finish_attempt(fleet: &mut Fleet, index: u32, now_ms: u64, result: AttemptRes
         current.finished_at_ms = now_ms;
         current.result = Some(result);
     }
-    run.lease = None;
+    fleet.set_lease(index, None);
     let next_state = match outcome {
         Outcome::Changed => RunState::Changed,
         Outcome::Unchanged => RunState::Unchanged,
@@ -1329,7 +1369,7 @@ fn finish_attempt(fleet: &mut Fleet, index: u32, now_ms: u64, result: AttemptRes
     };
     let message = if next_state == RunState::Pending {
         let backoff_ms = fleet.spec.retry.backoff_ms(attempt + 1);
-        run.not_before_ms = now_ms.saturating_add(backoff_ms);
+        fleet.runs[index as usize].not_before_ms = now_ms.saturating_add(backoff_ms);
         fleet.pending.insert(index);
         format!(
             "attempt {attempt} {}: {error}; retry in {backoff_ms} ms",

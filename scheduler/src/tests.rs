@@ -1017,3 +1017,178 @@ fn the_audit_record_of_a_result_names_what_the_sandbox_refused() {
         record.target
     );
 }
+
+#[test]
+fn a_state_from_before_the_lease_index_rebuilds_it_and_still_expires_leases() {
+    let mut h = Harness::new();
+    h.submit(&["file:///a", "file:///b", "file:///c"], 3, "");
+    assert_eq!(h.lease("w1", 2).len(), 2);
+    assert_eq!(h.lease("w2", 1).len(), 1);
+    // The state as written before the lease index existed: no index, version 0.
+    let mut value = serde_json::to_value(&h.state).unwrap();
+    let object = value.as_object_mut().unwrap();
+    assert!(object.remove("lease_index_version").is_some());
+    for fleet in object["fleets"].as_object_mut().unwrap().values_mut() {
+        assert!(fleet.as_object_mut().unwrap().remove("leases").is_some());
+    }
+    let old: State = serde_json::from_value(value).unwrap();
+    // Reads before any apply build what they need.
+    assert_eq!(old.leases_of("w1").len(), 2);
+    assert_eq!(old.next_lease_expiry_ms(), h.state.next_lease_expiry_ms());
+    h.state = old;
+    h.now_ms += 10_000;
+    assert_eq!(
+        h.apply(Command::ExpireLeases),
+        Response::LeasesExpired { count: 3 }
+    );
+    h.state.check_invariants().unwrap();
+    assert!(h.state.leases_of("w1").is_empty());
+}
+
+/// One step of the randomized state-machine test.
+#[derive(Clone, Debug)]
+enum Step {
+    Submit {
+        runs: usize,
+        parallelism: u32,
+    },
+    Lease {
+        worker: u8,
+        slots: u32,
+        forget: bool,
+    },
+    Heartbeat {
+        worker: u8,
+    },
+    Report {
+        worker: u8,
+        pick: usize,
+        outcome: u8,
+    },
+    Expire,
+    Cancel {
+        fleet: u64,
+    },
+    Advance {
+        ms: u64,
+    },
+}
+
+fn step_strategy() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    prop_oneof![
+        1 => (1usize..6, 1u32..4).prop_map(|(runs, parallelism)| Step::Submit { runs, parallelism }),
+        4 => (0u8..3, 1u32..4, any::<bool>()).prop_map(|(worker, slots, forget)| Step::Lease { worker, slots, forget }),
+        2 => (0u8..3).prop_map(|worker| Step::Heartbeat { worker }),
+        4 => (0u8..3, any::<usize>(), 0u8..5).prop_map(|(worker, pick, outcome)| Step::Report { worker, pick, outcome }),
+        1 => Just(Step::Expire),
+        1 => (1u64..4).prop_map(|fleet| Step::Cancel { fleet }),
+        2 => (1u64..20_000).prop_map(|ms| Step::Advance { ms }),
+    ]
+}
+
+/// The command of `step` against `state` at `now_ms` (`None` for a pure time step).
+fn step_command(state: &State, step: &Step) -> Option<Command> {
+    let worker = |id: u8| format!("w{id}");
+    Some(match step {
+        Step::Submit { runs, parallelism } => {
+            let urls: Vec<String> = (0..*runs).map(|i| format!("file:///r{i}")).collect();
+            let refs: Vec<&str> = urls.iter().map(String::as_str).collect();
+            let mut s = spec(&refs);
+            s.max_parallelism = *parallelism;
+            s.retry.max_attempts = 2;
+            Command::SubmitFleet {
+                spec: s,
+                idempotency_key: String::new(),
+                trace_parent: String::new(),
+                max_events: 8,
+            }
+        }
+        Step::Lease {
+            worker: id,
+            slots,
+            forget,
+        } => Command::AcquireLeases {
+            worker_id: worker(*id),
+            free_slots: *slots,
+            lease_ttl_ms: 5_000,
+            // A worker that lost a reply lists nothing: its leases are sent again.
+            held: if *forget {
+                Vec::new()
+            } else {
+                state.leases_of(&worker(*id))
+            },
+        },
+        Step::Heartbeat { worker: id } => Command::Heartbeat {
+            worker_id: worker(*id),
+            leases: state.leases_of(&worker(*id)),
+            lease_ttl_ms: 5_000,
+        },
+        Step::Report {
+            worker: id,
+            pick,
+            outcome,
+        } => {
+            let held = state.leases_of(&worker(*id));
+            let (run_id, attempt) = held.get(pick % held.len().max(1))?.clone();
+            let outcome = [
+                Outcome::Changed,
+                Outcome::Unchanged,
+                Outcome::AgentFailed,
+                Outcome::Infrastructure,
+                Outcome::TimedOut,
+            ][*outcome as usize];
+            let result = if outcome == Outcome::Changed {
+                changed()
+            } else {
+                AttemptResult::failure(outcome, "x", true)
+            };
+            Command::ReportResult {
+                worker_id: worker(*id),
+                run_id,
+                attempt,
+                result,
+            }
+        }
+        Step::Expire => Command::ExpireLeases,
+        Step::Cancel { fleet } => Command::CancelFleet {
+            fleet_id: format!("fl-{fleet}"),
+        },
+        Step::Advance { .. } => return None,
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// Any sequence of commands keeps every invariant (the lease index among them), and
+    /// replaying the same entries on a fresh state gives the same state, byte for byte.
+    #[test]
+    fn random_command_sequences_keep_the_invariants_and_replay_identically(
+        steps in proptest::collection::vec(step_strategy(), 1..80)
+    ) {
+        let mut state = State::new();
+        let mut now_ms = 1_000;
+        let mut log = Vec::new();
+        for step in &steps {
+            if let Step::Advance { ms } = step {
+                now_ms += ms;
+            }
+            let Some(command) = step_command(&state, step) else { continue };
+            let request = Request { now_ms, command, principal: Default::default() };
+            state.apply(&request);
+            if let Err(violation) = state.check_invariants() {
+                proptest::prop_assert!(false, "after {:?}: {}", request.command, violation);
+            }
+            log.push(request);
+        }
+        let mut replayed = State::new();
+        for request in &log {
+            replayed.apply(request);
+        }
+        proptest::prop_assert_eq!(
+            serde_json::to_string(&replayed).unwrap(),
+            serde_json::to_string(&state).unwrap()
+        );
+    }
+}
