@@ -13,7 +13,7 @@ use flotilla_proto::v1::fleet_service_server::FleetServiceServer;
 use flotilla_proto::v1::token_service_server::TokenServiceServer;
 use flotilla_proto::v1::worker_service_server::WorkerServiceServer;
 use flotilla_raft::{RaftNode, RaftNodeConfig};
-use flotilla_scheduler::{Command, Principal, Request};
+use flotilla_scheduler::{Principal, Request};
 use flotilla_worker::client_auth::BearerToken;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -472,15 +472,11 @@ async fn provision_worker_token(
     }
 }
 
-/// The leader's periodic duties, every `limits.lease_check_interval_ms`, decided and stamped with
-/// replicated time ([`crate::clock`]):
-/// - proposes `ExpireLeases` when some lease has passed its expiry, but not during the grace
-///   period after this node became leader, so workers that were talking to the old leader have
-///   time to heartbeat to the new one (cf. Nomad's `heartbeat_grace`);
-/// - proposes `CompactFleets` when an ended fleet is older than `limits.fleet_retention_ms`;
-/// - proposes `BootstrapToken` with this node's bootstrap token while the cluster has none.
-///
-/// Only checks local state first, so an idle cluster writes nothing.
+/// The leader's periodic duties, every `limits.lease_check_interval_ms`: the pure
+/// [`flotilla_scheduler::engine::tick`] decides (bootstrap token, lease expiry after the grace
+/// period of a new leader, compaction) from the state, replicated time ([`crate::clock`]) and
+/// how long this node has led (monotonic); this loop only proposes what it returns. An idle
+/// cluster writes nothing.
 async fn leader_housekeeping_loop(
     node: Arc<RaftNode>,
     clock: Arc<crate::clock::LeaderClock>,
@@ -489,6 +485,11 @@ async fn leader_housekeeping_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let bootstrap = crate::api::token::bootstrap_command(&bootstrap_token).ok();
+    let settings = flotilla_scheduler::engine::EngineSettings {
+        lease_grace_after_election_ms: limits.lease_grace_after_election_ms,
+        fleet_retention_ms: limits.fleet_retention_ms,
+        compaction_batch_fleets: limits.compaction_batch_fleets,
+    };
     let mut ticker = tokio::time::interval(Duration::from_millis(limits.lease_check_interval_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Monotonic: the grace period is a duration of this node's leadership.
@@ -507,27 +508,14 @@ async fn leader_housekeeping_loop(
         }
         let since = *leader_since.get_or_insert_with(tokio::time::Instant::now);
         let now = crate::clock::replicated_now_ms(&clock, &node);
-        let (expiry_due, compaction_due, bootstrapped) = node.state.read(|s| {
-            (
-                s.next_lease_expiry_ms().is_some_and(|expiry| expiry <= now),
-                s.has_compactable_fleets(now, limits.fleet_retention_ms),
-                s.tokens_bootstrapped(),
-            )
-        });
-        let mut commands = Vec::new();
-        if !bootstrapped && let Some(command) = &bootstrap {
-            commands.push(command.clone());
-        }
-        let grace = Duration::from_millis(limits.lease_grace_after_election_ms);
-        if expiry_due && since.elapsed() >= grace {
-            commands.push(Command::ExpireLeases);
-        }
-        if compaction_due {
-            commands.push(Command::CompactFleets {
-                retention_ms: limits.fleet_retention_ms,
-                max_fleets: limits.compaction_batch_fleets,
-            });
-        }
+        let tick = flotilla_scheduler::engine::Tick {
+            now_ms: now,
+            leadership_ms: u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
+            bootstrap: bootstrap.as_ref(),
+        };
+        let commands = node
+            .state
+            .read(|state| flotilla_scheduler::engine::tick(state, &settings, &tick));
         let timeout = Duration::from_millis(limits.proposal_timeout_ms);
         for command in commands {
             let write = node.write(Request {

@@ -18,6 +18,7 @@
 pub mod artifact;
 pub mod audit;
 pub mod command;
+pub mod engine;
 pub mod lease;
 pub mod placement;
 pub mod policy;
