@@ -319,6 +319,52 @@ impl SpecFile {
 mod tests {
     use super::*;
 
+    /// A 100,000-repository spec file (about 6.5 MB) parses, converts within limits raised to
+    /// 100,000 runs, fits a submission request under the default 16 MiB request limit, and
+    /// round-trips through the state's form unchanged.
+    #[test]
+    fn a_spec_of_100000_repositories_round_trips_within_limits() {
+        use prost::Message;
+        let repositories: String = (0..100_000)
+            .map(|index| {
+                format!("    - https://git.example.org/organisation/repository-{index:06}.git\n")
+            })
+            .collect();
+        let text = format!(
+            "name: big\ntargets:\n  repositories:\n{repositories}agent: {{command: \"true\"}}\n"
+        );
+        let path = Path::new("big.yaml");
+        let wire = parse(path, &text).unwrap().into_wire(path).unwrap();
+        assert_eq!(wire.repositories.len(), 100_000);
+        let limits = flotilla_scheduler::SpecLimits {
+            max_runs_per_fleet: 100_000,
+            ..Default::default()
+        };
+        let spec = crate::convert::fleet_spec_from_wire(Some(wire.clone()), &limits).unwrap();
+        let request = v1::SubmitFleetRequest {
+            spec: Some(wire),
+            idempotency_key: String::new(),
+        };
+        let size_bytes = request.encoded_len();
+        assert!(
+            size_bytes < crate::config::LimitsSection::default().max_request_bytes,
+            "{size_bytes}"
+        );
+        let back = crate::convert::fleet_spec_from_wire(
+            Some(crate::convert::fleet_spec_to_wire(&spec)),
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(back, spec);
+        // Beyond the default limit of 10,000 runs it is refused, naming the setting.
+        let error = crate::convert::fleet_spec_from_wire(
+            Some(crate::convert::fleet_spec_to_wire(&spec)),
+            &flotilla_scheduler::SpecLimits::default(),
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("max_runs_per_fleet"), "{error}");
+    }
+
     fn check(file_name: &str, text: &str, expected: &str) {
         let directory = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(directory.path().join("repos/a/.git")).unwrap();
