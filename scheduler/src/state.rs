@@ -20,8 +20,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::lease::LeaseIndex;
 
-/// The version of the derived lease index a state keeps (see `State::lease_index_version`).
-const LEASE_INDEX_VERSION: u32 = 1;
+/// The version of the derived indexes a state keeps (see `State::index_version`): 1 the lease
+/// index, 2 also the pending runs by `not_before_ms`.
+const INDEX_VERSION: u32 = 2;
 
 use crate::artifact::{ArtifactKey, ArtifactKind, Effect, sha256_hex};
 use crate::audit::{AuditEntry, AuditLog, AuditOutcome};
@@ -243,12 +244,27 @@ pub struct Fleet {
     /// The running runs by lease expiry and by worker ([`LeaseIndex`]).
     #[serde(default)]
     leases: LeaseIndex,
+    /// The pending runs as `(not_before_ms, run index)`: derived from `pending` and each run's
+    /// `not_before_ms`, so "may any pending run be leased now" is one lookup.
+    #[serde(default)]
+    pending_by_time: BTreeSet<(u64, u32)>,
     /// Who submitted it ([`Principal::Unknown`] for fleets submitted before principals).
     #[serde(default)]
     pub submitted_by: Principal,
 }
 
 impl Fleet {
+    /// Rebuilds the derived indexes ([`Fleet::leases`], [`Fleet::pending_by_time`]) from the
+    /// runs.
+    fn rebuild_indexes(&mut self) {
+        self.leases = LeaseIndex::rebuild(&self.runs);
+        self.pending_by_time = self
+            .pending
+            .iter()
+            .map(|index| (self.runs[*index as usize].not_before_ms, *index))
+            .collect();
+    }
+
     /// Sets run `index`'s lease, keeping [`Fleet::leases`] in step (every change of a run's
     /// lease goes through here or [`Fleet::extend_lease`]).
     fn set_lease(&mut self, index: u32, lease: Option<Lease>) {
@@ -355,10 +371,11 @@ pub struct State {
     /// Per-project secrets, as envelopes ([`crate::secret`]).
     #[serde(default)]
     secrets: Secrets,
-    /// 1 once every fleet's [`LeaseIndex`] is built; 0 in a state written before the index
-    /// existed, whose first apply builds them.
+    /// [`INDEX_VERSION`] once every fleet's derived indexes ([`LeaseIndex`], pending runs by
+    /// time) are built; lower in a state written before they existed, whose first apply builds
+    /// them.
     #[serde(default)]
-    lease_index_version: u32,
+    index_version: u32,
 }
 
 /// `fl-<number>`.
@@ -395,7 +412,7 @@ impl State {
     pub fn new() -> Self {
         State {
             next_fleet_number: 1,
-            lease_index_version: LEASE_INDEX_VERSION,
+            index_version: INDEX_VERSION,
             ..State::default()
         }
     }
@@ -422,11 +439,11 @@ impl State {
     ) -> Response {
         // Leader clocks may step back across a leader change; the state's clock does not.
         self.now_ms = self.now_ms.max(request.now_ms);
-        if self.lease_index_version != LEASE_INDEX_VERSION {
+        if self.index_version != INDEX_VERSION {
             for fleet in self.fleets.values_mut() {
-                fleet.leases = LeaseIndex::rebuild(&fleet.runs);
+                fleet.rebuild_indexes();
             }
-            self.lease_index_version = LEASE_INDEX_VERSION;
+            self.index_version = INDEX_VERSION;
         }
         let response = self.apply_command(request, effects);
         let entry = audit_entry(&request.command, &response);
@@ -753,6 +770,7 @@ impl State {
             finished_at_ms: 0,
             pending: (0..runs.len() as u32).collect(),
             leases: LeaseIndex::default(),
+            pending_by_time: (0..runs.len() as u32).map(|index| (0, index)).collect(),
             runs,
             counts,
             events: VecDeque::new(),
@@ -1210,7 +1228,7 @@ impl State {
     /// `fleet`'s lease index: the kept one, or (in a state loaded from before the index existed
     /// and not applied to since) one built for this read.
     fn lease_index<'a>(&self, fleet: &'a Fleet) -> std::borrow::Cow<'a, LeaseIndex> {
-        if self.lease_index_version == LEASE_INDEX_VERSION {
+        if self.index_version == INDEX_VERSION {
             std::borrow::Cow::Borrowed(&fleet.leases)
         } else {
             std::borrow::Cow::Owned(LeaseIndex::rebuild(&fleet.runs))
@@ -1224,10 +1242,17 @@ impl State {
             .filter_map(|number| self.fleets.get(number))
             .any(|fleet| {
                 fleet.counts.running < fleet.spec.max_parallelism
-                    && fleet
-                        .pending
-                        .iter()
-                        .any(|index| fleet.runs[*index as usize].not_before_ms <= now_ms)
+                    && if self.index_version == INDEX_VERSION {
+                        fleet
+                            .pending_by_time
+                            .first()
+                            .is_some_and(|(not_before_ms, _)| *not_before_ms <= now_ms)
+                    } else {
+                        fleet
+                            .pending
+                            .iter()
+                            .any(|index| fleet.runs[*index as usize].not_before_ms <= now_ms)
+                    }
             })
     }
 
@@ -1247,13 +1272,21 @@ impl State {
     /// A description of the first violated invariant.
     pub fn check_invariants(&self) -> Result<(), String> {
         for fleet in self.fleets.values() {
-            if self.lease_index_version == LEASE_INDEX_VERSION
-                && fleet.leases != LeaseIndex::rebuild(&fleet.runs)
-            {
-                return Err(format!(
-                    "fleet {} lease index out of sync with its runs",
-                    fleet.number
-                ));
+            if self.index_version == INDEX_VERSION {
+                let mut rebuilt = fleet.clone();
+                rebuilt.rebuild_indexes();
+                if fleet.leases != rebuilt.leases {
+                    return Err(format!(
+                        "fleet {} lease index out of sync with its runs",
+                        fleet.number
+                    ));
+                }
+                if fleet.pending_by_time != rebuilt.pending_by_time {
+                    return Err(format!(
+                        "fleet {} pending-by-time index out of sync with its runs",
+                        fleet.number
+                    ));
+                }
             }
             let mut counts = RunCounts::default();
             for run in &fleet.runs {
@@ -1369,8 +1402,10 @@ fn finish_attempt(fleet: &mut Fleet, index: u32, now_ms: u64, result: AttemptRes
     };
     let message = if next_state == RunState::Pending {
         let backoff_ms = fleet.spec.retry.backoff_ms(attempt + 1);
-        fleet.runs[index as usize].not_before_ms = now_ms.saturating_add(backoff_ms);
+        let not_before_ms = now_ms.saturating_add(backoff_ms);
+        fleet.runs[index as usize].not_before_ms = not_before_ms;
         fleet.pending.insert(index);
+        fleet.pending_by_time.insert((not_before_ms, index));
         format!(
             "attempt {attempt} {}: {error}; retry in {backoff_ms} ms",
             outcome.as_str()
@@ -1398,6 +1433,8 @@ fn set_run_state(fleet: &mut Fleet, index: u32, state: RunState) {
     run.state = state;
     if previous == RunState::Pending && state != RunState::Pending {
         fleet.pending.remove(&index);
+        let not_before_ms = fleet.runs[index as usize].not_before_ms;
+        fleet.pending_by_time.remove(&(not_before_ms, index));
     }
 }
 

@@ -1019,7 +1019,7 @@ fn the_audit_record_of_a_result_names_what_the_sandbox_refused() {
 }
 
 #[test]
-fn a_state_from_before_the_lease_index_rebuilds_it_and_still_expires_leases() {
+fn a_state_from_before_the_derived_indexes_rebuilds_them_and_still_expires_and_leases() {
     let mut h = Harness::new();
     h.submit(&["file:///a", "file:///b", "file:///c"], 3, "");
     assert_eq!(h.lease("w1", 2).len(), 2);
@@ -1027,9 +1027,11 @@ fn a_state_from_before_the_lease_index_rebuilds_it_and_still_expires_leases() {
     // The state as written before the lease index existed: no index, version 0.
     let mut value = serde_json::to_value(&h.state).unwrap();
     let object = value.as_object_mut().unwrap();
-    assert!(object.remove("lease_index_version").is_some());
+    assert!(object.remove("index_version").is_some());
     for fleet in object["fleets"].as_object_mut().unwrap().values_mut() {
-        assert!(fleet.as_object_mut().unwrap().remove("leases").is_some());
+        let fleet = fleet.as_object_mut().unwrap();
+        assert!(fleet.remove("leases").is_some());
+        assert!(fleet.remove("pending_by_time").is_some());
     }
     let old: State = serde_json::from_value(value).unwrap();
     // Reads before any apply build what they need.
