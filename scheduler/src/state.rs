@@ -18,19 +18,18 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::lease::LeaseIndex;
-
-/// The version of the derived indexes a state keeps (see `State::index_version`): 1 the lease
-/// index, 2 also the pending runs by `not_before_ms`.
-const INDEX_VERSION: u32 = 2;
-
 use crate::artifact::{ArtifactKey, ArtifactKind, Effect, sha256_hex};
 use crate::audit::{AuditEntry, AuditLog, AuditOutcome};
 use crate::command::{AttemptResult, Command, LeaseGrant, Outcome, Request, Response};
+use crate::lease::LeaseIndex;
 use crate::placement::{self, FleetSlots};
 use crate::secret::Secrets;
 use crate::spec::{self, FleetSpec};
 use crate::token::{self, AuthenticationError, Principal, Role, Token};
+
+/// The version of the derived indexes a state keeps (see `State::index_version`): 1 the lease
+/// index, 2 also the pending runs by `not_before_ms`.
+const INDEX_VERSION: u32 = 2;
 
 /// Per fleet, for placement: `(fleet_number, available_slots, [(run_index, not_before_ms)])`.
 type FleetCandidates = (u64, u32, Vec<(u32, u64)>);
