@@ -112,17 +112,23 @@ pub fn node_arguments(
         arguments.extend(signing(ca, directory));
         flotilla_cert(binary, &arguments)?;
     }
-    Ok(vec![
+    Ok(tls_flags(
+        ca,
+        &certificate,
+        &directory.join(format!("node-{node_id}-key.pem")),
+    ))
+}
+
+/// `--ca-file`, `--certificate-file` and `--key-file` for a certificate of the CA in `ca`.
+fn tls_flags(ca: &Path, certificate: &Path, key: &Path) -> Vec<String> {
+    vec![
         "--ca-file".into(),
         ca.join("ca.pem").display().to_string(),
         "--certificate-file".into(),
         certificate.display().to_string(),
         "--key-file".into(),
-        directory
-            .join(format!("node-{node_id}-key.pem"))
-            .display()
-            .to_string(),
-    ])
+        key.display().to_string(),
+    ]
 }
 
 /// The `flotilla worker` TLS flags for `worker_id`, its certificate made in `directory`.
@@ -138,15 +144,9 @@ pub fn worker_arguments(binary: &Path, directory: &Path, worker_id: &str) -> Res
         arguments.extend(signing(ca, directory));
         flotilla_cert(binary, &arguments)?;
     }
-    Ok(vec![
-        "--ca-file".into(),
-        ca.join("ca.pem").display().to_string(),
-        "--certificate-file".into(),
-        certificate.display().to_string(),
-        "--key-file".into(),
-        directory
-            .join(format!("worker-{worker_id}-key.pem"))
-            .display()
-            .to_string(),
-    ])
+    Ok(tls_flags(
+        ca,
+        &certificate,
+        &directory.join(format!("worker-{worker_id}-key.pem")),
+    ))
 }

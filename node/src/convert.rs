@@ -443,7 +443,7 @@ pub fn counts_to_wire(counts: &RunCounts) -> v1::RunCounts {
 /// Most runs a fleet response carries ([`FleetView::Detail`]); the rest come from `ListRuns`.
 pub const FLEET_RUNS_FIRST_PAGE: usize = 1000;
 
-/// Default and largest `ListRuns` page size.
+/// `ListRuns` page size when the request gives 0.
 pub const LIST_RUNS_DEFAULT_PAGE_SIZE: usize = 100;
 /// Largest `ListRuns` page size.
 pub const LIST_RUNS_MAX_PAGE_SIZE: usize = 1000;

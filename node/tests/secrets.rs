@@ -4,6 +4,8 @@
 //! node's data directory.
 
 mod common;
+#[path = "../../worker/tests/common/files.rs"]
+mod files;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -59,28 +61,6 @@ fn write_config(root: &Path, key_file: &Path, previous: &[&Path]) -> PathBuf {
         ),
     );
     path
-}
-
-/// Every file under `directory` holding `needle`.
-fn files_containing(directory: &Path, needle: &[u8]) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![directory.to_path_buf()];
-    while let Some(path) = stack.pop() {
-        let Ok(metadata) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        if metadata.is_dir() {
-            for entry in std::fs::read_dir(&path).unwrap().flatten() {
-                stack.push(entry.path());
-            }
-        } else if metadata.is_file()
-            && let Ok(bytes) = std::fs::read(&path)
-            && bytes.windows(needle.len()).any(|w| w == needle)
-        {
-            found.push(path);
-        }
-    }
-    found
 }
 
 async fn run_with_secret(
@@ -331,6 +311,6 @@ async fn secrets_are_injected_by_name_redacted_and_never_stored_in_plaintext() {
 
     // The value is nowhere in the node's files: Raft log, snapshots, state, attempt logs.
     node.kill();
-    let leaked = files_containing(&data, VALUE.as_bytes());
+    let leaked = files::files_containing(&data, VALUE.as_bytes());
     assert!(leaked.is_empty(), "plaintext value in {leaked:?}");
 }

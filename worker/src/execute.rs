@@ -375,26 +375,18 @@ impl PushCredentials {
             match self.broker.mint(&self.request).await {
                 Ok(None) => {}
                 Ok(Some(credential)) => {
+                    // Minted: recorded whatever happens next (a failed helper revokes it).
+                    self.events.push(credentials::event(
+                        "mint",
+                        &broker,
+                        &repository,
+                        Some(&credential),
+                        "",
+                    ));
                     match CredentialHelper::create(&self.helper_parent, &credential) {
-                        Ok(helper) => {
-                            self.events.push(credentials::event(
-                                "mint",
-                                &broker,
-                                &repository,
-                                Some(&credential),
-                                "",
-                            ));
-                            self.minted = Some((credential, helper));
-                        }
+                        Ok(helper) => self.minted = Some((credential, helper)),
                         Err(error) => {
                             let message = format!("credential helper: {error}");
-                            self.events.push(credentials::event(
-                                "mint",
-                                &broker,
-                                &repository,
-                                Some(&credential),
-                                "",
-                            ));
                             self.revoke_one(credential).await;
                             return Err((message, true));
                         }

@@ -11,6 +11,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::bait::kernel_denials;
 use common::{make_origin, run, sandbox_command, test_config};
 use flotilla_proto::v1::{AgentSpec, FleetSpec, Lease, RunResult, SandboxSpec};
 use flotilla_worker::config::WorkerConfig;
@@ -240,42 +241,28 @@ async fn hostile_agents_are_blocked() {
     // The third column: the denials the worker itself must have recorded (from the kernel,
     // through the seccomp supervisor). Cases refused by the mount namespace, read-only mounts or
     // Landlock leave no worker record (see ARCHITECTURE.md, known gaps).
-    for (name, expect, required) in [
-        ("read-root", Expect::Blocked, &[][..]),
-        ("read-shadow", Expect::Blocked, &[]),
-        ("read-data-directory", Expect::Blocked, &[]),
-        ("environment", Expect::Blocked, &[]),
-        ("write-outside", Expect::Blocked, &[]),
-        ("git-hooks", Expect::Blocked, &[]),
-        ("git-config", Expect::Blocked, &[]),
-        ("kill-host-process", Expect::Blocked, &[]),
-        ("ptrace", Expect::Blocked, &["ptrace"]),
-        ("mount", Expect::Blocked, &["mount"]),
-        ("unshare", Expect::Blocked, &["unshare"]),
-        ("nested-bwrap", Expect::Blocked, &[]),
-        ("sysrq", Expect::Blocked, &[]),
-        ("tmp-exec", Expect::Blocked, &[]),
-        ("ld-so-tmp", Expect::Blocked, &[]),
-        ("ld-so-usr", Expect::Allowed, &[]),
-        (
-            "seccomp-kernel-surface",
-            Expect::Blocked,
-            &[
-                "bpf",
-                "io_uring_setup",
-                "keyctl",
-                "perf_event_open",
-                "userfaultfd",
-                "setns",
-                "socket(AF_NETLINK)",
-                "socket(AF_PACKET)",
-                "socket(SOCK_RAW)",
-            ],
-        ),
+    for (name, expect) in [
+        ("read-root", Expect::Blocked),
+        ("read-shadow", Expect::Blocked),
+        ("read-data-directory", Expect::Blocked),
+        ("environment", Expect::Blocked),
+        ("write-outside", Expect::Blocked),
+        ("git-hooks", Expect::Blocked),
+        ("git-config", Expect::Blocked),
+        ("kill-host-process", Expect::Blocked),
+        ("ptrace", Expect::Blocked),
+        ("mount", Expect::Blocked),
+        ("unshare", Expect::Blocked),
+        ("nested-bwrap", Expect::Blocked),
+        ("sysrq", Expect::Blocked),
+        ("tmp-exec", Expect::Blocked),
+        ("ld-so-tmp", Expect::Blocked),
+        ("ld-so-usr", Expect::Allowed),
+        ("seccomp-kernel-surface", Expect::Blocked),
     ] {
         let outcome = run_script(&config, &scripts, name, |_| {}).await;
         let mut row = row_for(name, expect, &outcome, "");
-        row.passed &= recorded_all(&outcome, required);
+        row.passed &= recorded_all(&outcome, kernel_denials(name));
         rows.push(row);
     }
 
@@ -290,7 +277,7 @@ async fn hostile_agents_are_blocked() {
         &outcome,
         &format!("; outcome oom_killed={}", outcome.oom_killed),
     );
-    row.passed &= outcome.oom_killed && recorded_all(&outcome, &["memory.oom_kill"]);
+    row.passed &= outcome.oom_killed && recorded_all(&outcome, kernel_denials("memory-bomb"));
     rows.push(row);
 
     // Fork bomb: 128 pids; while it runs the host must still start processes.
@@ -317,7 +304,7 @@ async fn hostile_agents_are_blocked() {
         &outcome,
         &format!("; the host started {host_spawns} processes meanwhile"),
     );
-    row.passed &= host_spawns > 0 && recorded_all(&outcome, &["pids.max"]);
+    row.passed &= host_spawns > 0 && recorded_all(&outcome, kernel_denials("fork-bomb"));
     rows.push(row);
 
     // Whole attempts: host-side git on what the agent left.
@@ -354,7 +341,7 @@ async fn hostile_agents_are_blocked() {
 
     // A .gitattributes filter driver whose definition sits in a global git configuration the
     // worker's user would read: host git must not run it.
-    let bait = common::bait::create(root.path());
+    let bait = common::bait::create(root.path(), common::git);
     let (global, marker) = (&bait.global, &bait.marker);
     // SAFETY: as above (single test, set before the git children are spawned).
     unsafe {

@@ -179,28 +179,6 @@ fn scan_processes(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Scan> {
     })
 }
 
-/// Every file under `directory` (recursively) whose bytes contain `needle`.
-fn files_containing(directory: &Path, needle: &[u8]) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![directory.to_path_buf()];
-    while let Some(path) = stack.pop() {
-        let Ok(metadata) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        if metadata.is_dir() {
-            for entry in std::fs::read_dir(&path).unwrap().flatten() {
-                stack.push(entry.path());
-            }
-        } else if metadata.is_file()
-            && let Ok(bytes) = std::fs::read(&path)
-            && bytes.windows(needle.len()).any(|w| w == needle)
-        {
-            found.push(path);
-        }
-    }
-    found
-}
-
 fn lease(repository: &str, attempt: u32) -> Lease {
     Lease {
         run_id: "fl-7-0".to_owned(),
@@ -330,7 +308,7 @@ async fn a_push_gets_the_brokers_token_through_the_helper_and_nowhere_else() {
         "token in a process: {:?}",
         scan.leaks
     );
-    let leaked = files_containing(&work, TOKEN.as_bytes());
+    let leaked = common::files::files_containing(&work, TOKEN.as_bytes());
     assert!(leaked.is_empty(), "token in files: {leaked:?}");
     assert!(
         std::fs::read_dir(right.credentials_directory())

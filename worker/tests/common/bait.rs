@@ -1,10 +1,10 @@
-//! Bait for the host-side git escape cases, shared by `worker/tests/escape.rs` and
-//! `node/tests/escape_fleet.rs`: a global git configuration that defines a filter and a diff
-//! driver (host git must never run them), and another host repository for a nested `.git` to
-//! point at (its commit must never leave as a gitlink).
+//! What the two escape suites (`worker/tests/escape.rs`, `node/tests/escape_fleet.rs`) share:
+//! the bait for the host-side git cases — a global git configuration that defines a filter and a
+//! diff driver (host git must never run them), and another host repository for a nested `.git`
+//! to point at (its commit must never leave as a gitlink) — and the denials the worker must
+//! record for each case ([`kernel_denials`]).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// The bait under one root.
 pub struct Bait {
@@ -19,23 +19,9 @@ pub struct Bait {
     pub other_commit: String,
 }
 
-fn git(directory: &Path, arguments: &[&str]) -> String {
-    let output = Command::new("git")
-        .arg("-C")
-        .arg(directory)
-        .args(arguments)
-        .env("GIT_AUTHOR_NAME", "Test")
-        .env("GIT_AUTHOR_EMAIL", "test@example.com")
-        .env("GIT_COMMITTER_NAME", "Test")
-        .env("GIT_COMMITTER_EMAIL", "test@example.com")
-        .output()
-        .expect("git");
-    assert!(output.status.success(), "git {arguments:?}: {output:?}");
-    String::from_utf8_lossy(&output.stdout).trim().to_owned()
-}
-
-/// Creates the bait under `root` (`xdg/`, `filter-ran`, `other/`).
-pub fn create(root: &Path) -> Bait {
+/// Creates the bait under `root` (`xdg/`, `filter-ran`, `other/`), running git with the
+/// calling test crate's own `git(directory, arguments) -> stdout` helper.
+pub fn create(root: &Path, git: fn(&Path, &[&str]) -> String) -> Bait {
     let global = root.join("xdg");
     let marker = root.join("filter-ran");
     std::fs::create_dir_all(global.join("git")).expect("bait directory");
@@ -53,11 +39,37 @@ pub fn create(root: &Path) -> Bait {
     std::fs::write(other.join("private.txt"), "private\n").expect("private file");
     git(&other, &["add", "private.txt"]);
     git(&other, &["commit", "-q", "-m", "private"]);
-    let other_commit = git(&other, &["rev-parse", "HEAD"]);
+    let other_commit = git(&other, &["rev-parse", "HEAD"]).trim().to_owned();
     Bait {
         global,
         marker,
         other_git: other.join(".git"),
         other_commit,
+    }
+}
+
+/// The sandbox denials (actions) the worker must record, from the kernel, when the case
+/// `tests/escape/<case>.sh` runs; empty for cases refused by mechanisms that report no event
+/// (mount namespace, read-only binds, file permissions, Landlock).
+pub fn kernel_denials(case: &str) -> &'static [&'static str] {
+    match case {
+        "ptrace" => &["ptrace"],
+        "mount" => &["mount"],
+        "unshare" => &["unshare"],
+        "nested-bwrap" => &["clone(CLONE_NEWUSER|CLONE_NEWNS)"],
+        "seccomp-kernel-surface" => &[
+            "bpf",
+            "io_uring_setup",
+            "keyctl",
+            "perf_event_open",
+            "userfaultfd",
+            "setns",
+            "socket(AF_NETLINK)",
+            "socket(AF_PACKET)",
+            "socket(SOCK_RAW)",
+        ],
+        "memory-bomb" => &["memory.oom_kill"],
+        "fork-bomb" => &["pids.max"],
+        _ => &[],
     }
 }

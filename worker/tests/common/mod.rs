@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod bait;
+pub mod files;
 pub mod netns;
 
 use std::path::{Path, PathBuf};
