@@ -255,7 +255,27 @@ async fn start_cluster_with(
         .collect();
     assert!(nodes[0].node.initialize_cluster(voters).await.unwrap());
     let members: Vec<&RaftNode> = nodes.iter().map(|test_node| &test_node.node).collect();
-    wait_for_agreed_leader(&members, 0).await;
+    let (leader_id, _) = wait_for_agreed_leader(&members, 0).await;
+    // Until the leader has applied the initial membership, a membership change is refused
+    // ("already undergoing a configuration change"): tests start from a settled cluster.
+    let leader = members
+        .iter()
+        .find(|node| node.node_id == leader_id)
+        .expect("the leader is a member");
+    let deadline = tokio::time::Instant::now() + WAIT_TIMEOUT;
+    loop {
+        let metrics = leader.raft.metrics().borrow().clone();
+        if metrics.last_applied.is_some()
+            && metrics.last_applied >= *metrics.membership_config.log_id()
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leader did not apply the initial membership within {WAIT_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     nodes
 }
 
