@@ -1,8 +1,9 @@
 //! Benchmarks against real local clusters (they measure and print; they assert nothing):
 //!
 //! - [`writes`] (`flotilla bench writes`): committed Raft writes per second through the public API
-//!   of a 3-node cluster (`WorkerService.Heartbeat` without leases: one log entry, committed and
-//!   applied before the reply), with 1 and 64 concurrent clients, and in the same run the same
+//!   of a 3-node cluster (`FleetService.CancelFleet` of a fleet id that does not exist: one log
+//!   entry, committed and applied, where the state machine refuses it, before the NOT_FOUND
+//!   reply; heartbeats are no longer log entries), with 1 and 64 concurrent clients, and in the same run the same
 //!   for a 3-member etcd cluster (`KV.Put` of a small key) as the baseline;
 //! - [`failover`] (`flotilla bench failover`): with a worker leasing runs continuously, `kill -9`
 //!   of the leader, then the time until the survivors report a new leader and until the first
@@ -678,10 +679,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// One measured client's connection and the write it repeats.
 enum Writer {
-    /// `WorkerService.Heartbeat` with `worker_id` = `bench-<n>` and no leases.
+    /// `FleetService.CancelFleet` of `fl-<large n>`, a fleet that does not exist.
     Flotilla {
-        client: WorkerServiceClient<AuthChannel>,
-        worker_id: String,
+        client: FleetServiceClient<AuthChannel>,
+        fleet_id: String,
     },
     /// `KV.Put` of `bench/<n>` = 16 bytes.
     Etcd {
@@ -710,8 +711,8 @@ impl Writer {
         let channel = connect(url).await?;
         Ok(match system {
             System::Flotilla => Writer::Flotilla {
-                client: WorkerServiceClient::new(bench_bearer().channel(channel)),
-                worker_id: format!("bench-{client}"),
+                client: FleetServiceClient::new(bench_bearer().channel(channel)),
+                fleet_id: format!("fl-{}", 1_000_000_000 + client),
             },
             System::Etcd => Writer::Etcd {
                 grpc: tonic::client::Grpc::new(channel),
@@ -722,13 +723,22 @@ impl Writer {
 
     async fn write(&mut self) -> Result<(), tonic::Status> {
         match self {
-            Writer::Flotilla { client, worker_id } => {
-                client
-                    .heartbeat(v1::HeartbeatRequest {
-                        worker_id: worker_id.clone(),
-                        leases: Vec::new(),
+            Writer::Flotilla { client, fleet_id } => {
+                // Committed and applied; the state machine refuses it: NOT_FOUND is success.
+                let result = client
+                    .cancel_fleet(v1::CancelFleetRequest {
+                        fleet_id: fleet_id.clone(),
                     })
-                    .await?;
+                    .await;
+                match result {
+                    Err(status) if status.code() == tonic::Code::NotFound => {}
+                    Err(status) => return Err(status),
+                    Ok(_) => {
+                        return Err(tonic::Status::internal(format!(
+                            "CancelFleet {fleet_id}: the fleet exists"
+                        )));
+                    }
+                }
             }
             Writer::Etcd { grpc, key } => {
                 let response: etcd::PutResponse = etcd::unary(
@@ -910,7 +920,7 @@ async fn writes_inner(clients: &[u32], duration: Duration, keep: bool) -> anyhow
 fn print_writes(results: &[Measurement], duration: Duration) {
     println!(
         "committed writes, 3 voters on 127.0.0.1, fsync on, {:.1} s per measurement \
-         (flotilla: WorkerService.Heartbeat; etcd: KV.Put of a 16-byte value)",
+         (flotilla: FleetService.CancelFleet of a missing fleet; etcd: KV.Put of a 16-byte value)",
         duration.as_secs_f64()
     );
     println!(
@@ -1362,5 +1372,213 @@ async fn failover_inner(trials: u32, keep: bool) -> anyhow::Result<i32> {
     );
     drop(worker);
     drop(cluster);
+    Ok(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// bench heartbeats
+// ---------------------------------------------------------------------------------------------
+
+/// Upper bound of `--workers`.
+const MAX_SIMULATED_WORKERS: u32 = 4096;
+/// Connections the simulated workers share (HTTP/2 multiplexes their calls).
+const HEARTBEAT_CONNECTIONS: usize = 16;
+
+/// `flotilla bench heartbeats`: `workers` simulated workers (`sim-<n>`, admin token) each lease
+/// one run of a fleet on a local 3-node cluster, then heartbeat it every `interval_ms` for
+/// `duration_ms`. Prints the heartbeats answered per second, their latency, the leases
+/// reported lost, and the Raft log entries the leader wrote meanwhile (heartbeats are not log
+/// entries, so nothing else writes in that window: any entry is attributable to heartbeats).
+pub async fn heartbeats(
+    workers: u32,
+    interval_ms: u64,
+    duration_ms: u64,
+    keep: bool,
+) -> anyhow::Result<i32> {
+    anyhow::ensure!(
+        (1..=MAX_SIMULATED_WORKERS).contains(&workers),
+        "--workers must be between 1 and {MAX_SIMULATED_WORKERS}"
+    );
+    anyhow::ensure!(
+        (100..=60_000).contains(&interval_ms),
+        "--interval-ms must be between 100 and 60000"
+    );
+    anyhow::ensure!(
+        (1_000..=600_000).contains(&duration_ms),
+        "--duration-ms must be between 1000 and 600000"
+    );
+    interruptible(heartbeats_inner(
+        workers,
+        Duration::from_millis(interval_ms),
+        Duration::from_millis(duration_ms),
+        keep,
+    ))
+    .await
+}
+
+/// Leases one run as `worker_id`, retrying until `deadline`.
+async fn lease_one(
+    channel: Channel,
+    worker_id: &str,
+    deadline: Instant,
+) -> anyhow::Result<v1::HeldLease> {
+    let mut client = WorkerServiceClient::new(bench_bearer().channel(channel));
+    loop {
+        anyhow::ensure!(Instant::now() < deadline, "{worker_id}: no lease in time");
+        let response = client
+            .lease_runs(v1::LeaseRunsRequest {
+                worker_id: worker_id.to_owned(),
+                free_slots: 1,
+                wait_ms: 1_000,
+                held: Vec::new(),
+            })
+            .await;
+        if let Ok(response) = response
+            && let Some(lease) = response.into_inner().leases.into_iter().next()
+        {
+            return Ok(v1::HeldLease {
+                run_id: lease.run_id,
+                attempt: lease.attempt,
+            });
+        }
+    }
+}
+
+#[derive(Default)]
+struct HeartbeatTally {
+    latencies_ms: Vec<f64>,
+    lost: u64,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+async fn heartbeats_inner(
+    workers: u32,
+    interval: Duration,
+    duration: Duration,
+    keep: bool,
+) -> anyhow::Result<i32> {
+    let directory = ScratchDirectory::new("flotilla-bench-heartbeats-", keep)?;
+    let root = directory.path();
+    let repositories = tiny_repositories(&root.join("git"), workers as usize)?;
+    let config = root.join("flotilla.toml");
+    // Leases outlive three intervals, as the server's own rule for worker heartbeats wants.
+    let lease_ttl_ms = (interval.as_millis() as u64 * 3).max(3_000);
+    std::fs::write(
+        &config,
+        format!(
+            "[limits]\nlease_ttl_ms = {lease_ttl_ms}\nlease_grace_after_election_ms = \
+             {lease_ttl_ms}\nmax_lease_polls = {}\n\n[policy]\nallowed_drivers = [\"none\"]\n\
+             file_roots = [{:?}]\n",
+            workers.max(1024),
+            root.join("git").canonicalize()?.display().to_string()
+        ),
+    )?;
+    let mut cluster = FlotillaCluster::start(&root.join("cluster"), Some(&config))?;
+    let leader = cluster.wait_for_leader(STARTUP_TIMEOUT).await?;
+    let channel = cluster.channel(leader.node_id);
+    let mut spec = failover_spec("heartbeats", &repositories);
+    spec.max_parallelism = workers;
+    fleet_client(channel.clone())
+        .submit_fleet(v1::SubmitFleetRequest {
+            spec: Some(spec),
+            idempotency_key: "heartbeats".into(),
+        })
+        .await
+        .context("submit the benchmark fleet")?;
+    let channels = (0..HEARTBEAT_CONNECTIONS)
+        .map(|_| poll_channel(&cluster.url(leader.node_id)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    let mut leasing = JoinSet::new();
+    for worker in 0..workers {
+        let channel = channels[worker as usize % channels.len()].clone();
+        leasing.spawn(async move {
+            let worker_id = format!("sim-{worker}");
+            let lease = lease_one(channel, &worker_id, deadline).await?;
+            anyhow::Ok((worker_id, lease))
+        });
+    }
+    let mut leases = Vec::new();
+    while let Some(joined) = leasing.join_next().await {
+        leases.push(joined??);
+    }
+    eprintln!("{workers} simulated workers hold one lease each; heartbeating for {duration:?}");
+    let before = cluster.wait_for_leader(STARTUP_TIMEOUT).await?;
+    let started = Instant::now();
+    let end = started + duration;
+    let mut beating = JoinSet::new();
+    for (index, (worker_id, lease)) in leases.into_iter().enumerate() {
+        let mut client = WorkerServiceClient::new(
+            bench_bearer().channel(channels[index % channels.len()].clone()),
+        );
+        // Spread over one interval, as independent workers are.
+        let offset = interval.mul_f64(index as f64 / f64::from(workers));
+        beating.spawn(async move {
+            let mut tally = HeartbeatTally::default();
+            let mut next = started + offset;
+            while next < end {
+                tokio::time::sleep_until(next.into()).await;
+                let sent = Instant::now();
+                let response = client
+                    .heartbeat(v1::HeartbeatRequest {
+                        worker_id: worker_id.clone(),
+                        leases: vec![lease.clone()],
+                    })
+                    .await;
+                match response {
+                    Ok(response) => {
+                        tally.latencies_ms.push(sent.elapsed().as_secs_f64() * 1e3);
+                        tally.lost += response.into_inner().lost.len() as u64;
+                    }
+                    Err(status) => {
+                        tally.errors += 1;
+                        tally.first_error.get_or_insert_with(|| status.to_string());
+                    }
+                }
+                next += interval;
+            }
+            tally
+        });
+    }
+    let mut total = HeartbeatTally::default();
+    while let Some(joined) = beating.join_next().await {
+        let tally = joined?;
+        total.latencies_ms.extend(tally.latencies_ms);
+        total.lost += tally.lost;
+        total.errors += tally.errors;
+        if total.first_error.is_none() {
+            total.first_error = tally.first_error;
+        }
+    }
+    let elapsed = started.elapsed();
+    let after = cluster.wait_for_leader(STARTUP_TIMEOUT).await?;
+    drop(cluster);
+    total.latencies_ms.sort_by(f64::total_cmp);
+    let answered = total.latencies_ms.len();
+    let written = after.last_log_index.saturating_sub(before.last_log_index);
+    println!(
+        "heartbeats, 3 voters on 127.0.0.1, fsync on: {workers} simulated workers (one lease \
+         each, {HEARTBEAT_CONNECTIONS} connections), every {} ms, {:.1} s",
+        interval.as_millis(),
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "answered {answered} ({:.1}/s), p50 {:.2} ms, p99 {:.2} ms, errors {}, leases lost {}",
+        answered as f64 / elapsed.as_secs_f64(),
+        median(&total.latencies_ms),
+        percentile(&total.latencies_ms, 0.99),
+        total.errors,
+        total.lost
+    );
+    println!(
+        "raft log entries written meanwhile: {written} ({:.2}/s); leader term {} -> {}",
+        written as f64 / elapsed.as_secs_f64(),
+        before.term,
+        after.term
+    );
+    if let Some(error) = total.first_error {
+        println!("first error: {error}");
+    }
     Ok(0)
 }

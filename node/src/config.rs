@@ -248,10 +248,11 @@ pub struct LimitsSection {
     pub watch_buffer_events: usize,
     /// Most concurrent WatchFleet streams on this node.
     pub max_watch_streams: usize,
-    /// Time-to-live of a lease without heartbeat.
+    /// Time-to-live of a lease without heartbeat, in milliseconds (deadlines kept in the leader's
+    /// memory, not in the log).
     pub lease_ttl_ms: u64,
-    /// After this node becomes leader, leases are not expired for this long (grace for workers
-    /// to find the new leader).
+    /// After this node becomes leader, the leases it finds are not expired for this long, in
+    /// milliseconds (grace for workers to find the new leader).
     pub lease_grace_after_election_ms: u64,
     /// How often the leader looks for expired leases and compactable fleets.
     pub lease_check_interval_ms: u64,

@@ -4,7 +4,8 @@
 //! - [`server`]: starts a node; [`api`]: the fleet and worker gRPC services; [`artifacts`]:
 //!   patches and log tails, local or from a peer; [`cluster`]:
 //!   membership, status and state digests; [`http`]: metrics, health, dashboard;
-//! - [`clock`]: replicated time, the one clock of stamps and leader decisions;
+//! - [`clock`]: replicated time, the one clock of stamps and leader decisions; [`leases`]: lease
+//!   deadlines in the leader's memory, moved by heartbeats (no log writes);
 //! - [`config`]: server configuration; [`spec_file`]: fleet spec files; [`convert`]: wire <-> state;
 //! - [`cli`]: client commands; [`leader_hint`]: the leader's address in UNAVAILABLE answers;
 //!   [`quickstart`]: the main job end to end and `bench sandbox`;
@@ -29,6 +30,7 @@ pub mod config;
 pub mod convert;
 pub mod http;
 pub mod leader_hint;
+pub mod leases;
 pub mod quickstart;
 pub mod secrets;
 pub mod server;

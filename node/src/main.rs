@@ -374,8 +374,8 @@ enum BenchCommands {
         #[arg(long, default_value_t = 200)]
         count: u32,
     },
-    /// Committed writes per second: a local 3-node cluster (WorkerService.Heartbeat, one Raft
-    /// entry each) against a local 3-member etcd cluster (KV.Put), same clients, same machine.
+    /// Committed writes per second: a local 3-node cluster (CancelFleet of a missing fleet, one
+    /// Raft entry each) against a local 3-member etcd cluster (KV.Put), same clients, same machine.
     Writes {
         /// Concurrent clients, one measurement per value, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "1,64")]
@@ -393,6 +393,22 @@ enum BenchCommands {
         /// Leader kills.
         #[arg(long, default_value_t = 20)]
         trials: u32,
+        /// Keep the temporary directory (data, process logs) instead of removing it.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Heartbeats out of the log: simulated workers, one lease each, heartbeat a local 3-node
+    /// cluster; prints heartbeats answered and the Raft log entries written meanwhile.
+    Heartbeats {
+        /// Simulated workers (1-4096).
+        #[arg(long, default_value_t = 1000)]
+        workers: u32,
+        /// Each worker's heartbeat interval.
+        #[arg(long, default_value_t = 5_000)]
+        interval_ms: u64,
+        /// Length of the measurement.
+        #[arg(long, default_value_t = 30_000)]
+        duration_ms: u64,
         /// Keep the temporary directory (data, process logs) instead of removing it.
         #[arg(long)]
         keep: bool,
@@ -684,6 +700,12 @@ fn main() {
             Commands::Bench(BenchCommands::Failover { trials, keep }) => {
                 flotilla::bench::failover(trials, keep).await
             }
+            Commands::Bench(BenchCommands::Heartbeats {
+                workers,
+                interval_ms,
+                duration_ms,
+                keep,
+            }) => flotilla::bench::heartbeats(workers, interval_ms, duration_ms, keep).await,
             command => match client_transport(&transport).map_err(|error| CliError {
                 message: format!("{error:#}"),
                 code: exit_code::USAGE,

@@ -13,7 +13,7 @@ use flotilla_proto::v1::fleet_service_server::FleetServiceServer;
 use flotilla_proto::v1::token_service_server::TokenServiceServer;
 use flotilla_proto::v1::worker_service_server::WorkerServiceServer;
 use flotilla_raft::{RaftNode, RaftNodeConfig};
-use flotilla_scheduler::{Principal, Request};
+use flotilla_scheduler::{Command, Principal, Request};
 use flotilla_worker::client_auth::BearerToken;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -137,7 +137,11 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         Some(key_id) => info!(%key_id, "secrets enabled"),
         None => info!("secrets disabled: no secrets.key_file"),
     }
+    let leases = Arc::new(crate::leases::LeaderLeases::new(
+        config.limits.lease_grace_after_election_ms,
+    ));
     let api = Api::new(node.clone(), &config.limits, clock.clone())
+        .with_leases(leases.clone())
         .with_policy(config.policy.clone())
         .with_transport(&config.cluster_id, peer_tls.clone())
         .with_keyring(keyring.clone());
@@ -232,6 +236,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     tasks.push(tokio::spawn(leader_housekeeping_loop(
         node.clone(),
         clock,
+        leases,
         config.limits.clone(),
         bootstrap_token.clone(),
         shutdown_receiver.clone(),
@@ -473,51 +478,57 @@ async fn provision_worker_token(
 }
 
 /// The leader's periodic duties, every `limits.lease_check_interval_ms`: the pure
-/// [`flotilla_scheduler::engine::tick`] decides (bootstrap token, lease expiry after the grace
-/// period of a new leader, compaction) from the state, replicated time ([`crate::clock`]) and
-/// how long this node has led (monotonic); this loop only proposes what it returns. An idle
-/// cluster writes nothing.
+/// [`flotilla_scheduler::engine::tick`] decides (bootstrap token, expiry of the leases whose
+/// deadline in `leases` passed, compaction) from the state, replicated time ([`crate::clock`])
+/// and this node's monotonic clock; this loop only proposes what it returns. An idle cluster
+/// writes nothing, and heartbeats never write.
 async fn leader_housekeeping_loop(
     node: Arc<RaftNode>,
     clock: Arc<crate::clock::LeaderClock>,
+    leases: Arc<crate::leases::LeaderLeases>,
     limits: crate::config::LimitsSection,
     bootstrap_token: String,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let bootstrap = crate::api::token::bootstrap_command(&bootstrap_token).ok();
     let settings = flotilla_scheduler::engine::EngineSettings {
-        lease_grace_after_election_ms: limits.lease_grace_after_election_ms,
+        lease_ttl_ms: limits.lease_ttl_ms,
         fleet_retention_ms: limits.fleet_retention_ms,
         compaction_batch_fleets: limits.compaction_batch_fleets,
     };
     let mut ticker = tokio::time::interval(Duration::from_millis(limits.lease_check_interval_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Monotonic: the grace period is a duration of this node's leadership.
-    let mut leader_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
         }
-        if node
-            .current_leader()
-            .is_none_or(|(leader_id, _)| leader_id != node.node_id)
-        {
-            leader_since = None;
+        let (leader, term) = {
+            let metrics = node.raft.metrics();
+            let metrics = metrics.borrow();
+            (metrics.current_leader, metrics.current_term)
+        };
+        if leader != Some(node.node_id) {
+            leases.clear();
             continue;
         }
-        let since = *leader_since.get_or_insert_with(tokio::time::Instant::now);
         let now = crate::clock::replicated_now_ms(&clock, &node);
         let tick = flotilla_scheduler::engine::Tick {
             now_ms: now,
-            leadership_ms: u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
+            monotonic_ms: leases.monotonic_ms(),
             bootstrap: bootstrap.as_ref(),
         };
-        let commands = node
-            .state
-            .read(|state| flotilla_scheduler::engine::tick(state, &settings, &tick));
+        // The state's lock first, then the tracker's, as the heartbeat handler takes them.
+        let commands = node.state.read(|state| {
+            leases.with_term(term, |liveness| {
+                flotilla_scheduler::engine::tick(state, &settings, &tick, liveness)
+            })
+        });
         let timeout = Duration::from_millis(limits.proposal_timeout_ms);
         for command in commands {
+            if let Command::ExpireSilentLeases { leases: silent } = &command {
+                warn!(count = silent.len(), "expiring leases no heartbeat renewed");
+            }
             let write = node.write(Request {
                 now_ms: now,
                 command,

@@ -74,7 +74,9 @@ pub enum Command {
         #[serde(default)]
         held: Vec<(String, u32)>,
     },
-    /// Renews the leases that `worker_id` still holds until `now_ms + lease_ttl_ms`.
+    /// Renews the leases that `worker_id` still holds until `now_ms + lease_ttl_ms`. No longer
+    /// proposed (heartbeats are tracked in the leader's memory, [`crate::liveness`]); applied
+    /// as before when a log written by an earlier version is replayed.
     Heartbeat {
         /// The worker.
         worker_id: String,
@@ -101,7 +103,18 @@ pub enum Command {
         fleet_id: String,
     },
     /// Ends every lease whose expiry is at or before `now_ms`; the runs are retried or failed.
+    /// No longer proposed (expiry is decided from heartbeats in the leader's memory,
+    /// [`Command::ExpireSilentLeases`]); applied as before when an earlier log is replayed.
     ExpireLeases,
+    /// Ends the listed leases, from which the leader heard no heartbeat within
+    /// `lease_ttl_ms` ([`crate::liveness`]); their runs are retried or failed as any
+    /// `lease_expired` attempt. A pair that is no longer the run's current, running attempt is
+    /// skipped (its result or another expiry came first). Rejected with more than
+    /// [`crate::liveness::MAX_EXPIRED_LEASES_PER_COMMAND`] pairs.
+    ExpireSilentLeases {
+        /// `(run_id, attempt)` of each lease to end.
+        leases: Vec<(String, u32)>,
+    },
     /// Creates an API token. The node generated the secret; only its SHA-256 is here.
     /// Rejected when the accessor id exists, the fields are inconsistent (a project-scoped role
     /// without a project, a worker token without a worker id), or [`crate::token::MAX_TOKENS`]
@@ -461,7 +474,7 @@ pub enum Response {
     ResultAccepted,
     /// `CancelFleet` applied (also when the fleet had already finished).
     FleetCancelled,
-    /// `ExpireLeases`: how many leases ended.
+    /// `ExpireLeases` or `ExpireSilentLeases`: how many leases ended.
     LeasesExpired {
         /// Count of expired leases.
         count: u32,

@@ -1,25 +1,26 @@
 //! The leader's periodic decisions as a pure function (in the manner of openraft's `Engine`):
 //! [`tick`] looks at the state and the leader's situation and returns the commands the leader
-//! should propose. No I/O, no clock: the node calls it on a timer with replicated time and
-//! proposes what it returns; tests call it with tables of inputs.
+//! should propose. No I/O, no clock: the node calls it on a timer with replicated time and its
+//! monotonic clock, and proposes what it returns; tests call it with tables of inputs.
 //!
 //! Decisions:
 //! - `BootstrapToken` with the leader's bootstrap token while the cluster has no token yet;
-//! - `ExpireLeases` when some lease has passed its expiry, but only after the leader has led for
-//!   [`EngineSettings::lease_grace_after_election_ms`], so that workers that were talking to the
-//!   previous leader have time to heartbeat to this one (cf. Nomad's `heartbeat_grace`);
+//! - `ExpireSilentLeases` for the leases whose deadline in the leader's memory passed
+//!   ([`crate::liveness`]: heartbeats move deadlines without log writes; a new leader gives the
+//!   leases it finds a grace period, cf. Nomad's `heartbeat_grace`);
 //! - `CompactFleets` when an ended fleet is older than [`EngineSettings::fleet_retention_ms`].
 //!
-//! An idle state yields no command, so an idle cluster writes nothing.
+//! An idle state yields no command, so an idle cluster writes nothing; heartbeats never write.
 
 use crate::command::Command;
+use crate::liveness::LeaseLiveness;
 use crate::state::State;
 
 /// The operator settings the engine decides with (node `[limits]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EngineSettings {
-    /// How long a new leader waits before expiring leases, in milliseconds.
-    pub lease_grace_after_election_ms: u64,
+    /// A lease's life without a heartbeat, in milliseconds (`limits.lease_ttl_ms`).
+    pub lease_ttl_ms: u64,
     /// How long an ended fleet is kept, in milliseconds.
     pub fleet_retention_ms: u64,
     /// Most fleets one `CompactFleets` removes.
@@ -31,25 +32,30 @@ pub struct EngineSettings {
 pub struct Tick<'a> {
     /// Replicated time, in milliseconds since the Unix epoch (the stamp the commands get).
     pub now_ms: u64,
-    /// How long this node has been leader, in milliseconds of its monotonic clock.
-    pub leadership_ms: u64,
+    /// The leader's monotonic clock, in milliseconds (the clock of its [`LeaseLiveness`]).
+    pub monotonic_ms: u64,
     /// The `BootstrapToken` command of this node's bootstrap token, if it has one.
     pub bootstrap: Option<&'a Command>,
 }
 
 /// The commands the leader should propose now, in order (see the module documentation).
-pub fn tick(state: &State, settings: &EngineSettings, tick: &Tick<'_>) -> Vec<Command> {
+/// Updates `liveness` to the state's leases first ([`LeaseLiveness::reconcile`]).
+pub fn tick(
+    state: &State,
+    settings: &EngineSettings,
+    tick: &Tick<'_>,
+    liveness: &mut LeaseLiveness,
+) -> Vec<Command> {
     let mut commands = Vec::new();
     if !state.tokens_bootstrapped()
         && let Some(bootstrap) = tick.bootstrap
     {
         commands.push(bootstrap.clone());
     }
-    let expiry_due = state
-        .next_lease_expiry_ms()
-        .is_some_and(|expiry_ms| expiry_ms <= tick.now_ms);
-    if expiry_due && tick.leadership_ms >= settings.lease_grace_after_election_ms {
-        commands.push(Command::ExpireLeases);
+    liveness.reconcile(state, tick.monotonic_ms, settings.lease_ttl_ms);
+    let silent = liveness.due(tick.monotonic_ms);
+    if !silent.is_empty() {
+        commands.push(Command::ExpireSilentLeases { leases: silent });
     }
     if state.has_compactable_fleets(tick.now_ms, settings.fleet_retention_ms) {
         commands.push(Command::CompactFleets {
@@ -67,7 +73,7 @@ mod tests {
     use crate::spec::tests::spec;
 
     const SETTINGS: EngineSettings = EngineSettings {
-        lease_grace_after_election_ms: 3_000,
+        lease_ttl_ms: 5_000,
         fleet_retention_ms: 60_000,
         compaction_batch_fleets: 10,
     };
@@ -123,53 +129,109 @@ mod tests {
         state
     }
 
-    /// Checks one tick: the names of the commands returned.
-    fn check(state: &State, now_ms: u64, leadership_ms: u64, bootstrap: bool, expected: &[&str]) {
+    /// Checks one tick of a leader that took office (and ticked first) at monotonic time 0 with
+    /// a grace period of 3 s, and then heard heartbeats (monotonic time, run id) in `heard`: the names of the commands
+    /// returned at replicated time `now_ms` and monotonic time `monotonic_ms`.
+    fn check(
+        state: &State,
+        now_ms: u64,
+        monotonic_ms: u64,
+        heard: &[(u64, &str)],
+        bootstrap: bool,
+        expected: &[&str],
+    ) {
         let token = Command::BootstrapToken {
             accessor_id: "0".repeat(16),
             secret_sha256: "0".repeat(64),
         };
+        let mut liveness = LeaseLiveness::new(0, 3_000);
+        // The leader's first tick, at monotonic 0.
+        liveness.reconcile(state, 0, SETTINGS.lease_ttl_ms);
+        for (at_ms, run_id) in heard {
+            liveness.heard(run_id, 1, *at_ms, SETTINGS.lease_ttl_ms);
+        }
         let commands = tick(
             state,
             &SETTINGS,
             &Tick {
                 now_ms,
-                leadership_ms,
+                monotonic_ms,
                 bootstrap: bootstrap.then_some(&token),
             },
+            &mut liveness,
         );
-        let names: Vec<&str> = commands
+        liveness.check_invariants().unwrap();
+        let names: Vec<String> = commands
             .iter()
             .map(|command| match command {
-                Command::BootstrapToken { .. } => "bootstrap",
-                Command::ExpireLeases => "expire",
-                Command::CompactFleets { .. } => "compact",
-                _ => "other",
+                Command::BootstrapToken { .. } => "bootstrap".to_owned(),
+                Command::ExpireSilentLeases { leases } => format!("expire {leases:?}"),
+                Command::CompactFleets { .. } => "compact".to_owned(),
+                _ => "other".to_owned(),
             })
             .collect();
         assert_eq!(
             names, expected,
-            "now {now_ms}, leadership {leadership_ms}, bootstrap {bootstrap}"
+            "now {now_ms}, monotonic {monotonic_ms}, heard {heard:?}, bootstrap {bootstrap}"
         );
     }
 
     #[test]
     fn the_leader_decides_expiry_compaction_and_bootstrap() {
         let running = state(false);
-        // The lease expires at 6000.
-        check(&running, 5_999, 10_000, false, &[]);
-        check(&running, 6_000, 10_000, false, &["expire"]);
-        // Not within the grace period of a new leader.
-        check(&running, 6_000, 2_999, false, &[]);
-        check(&running, 6_000, 3_000, false, &["expire"]);
+        let expire = r#"expire [("fl-1-0", 1)]"#;
+        // A lease the leader found at its first tick lives ttl (5 s) from then, and at least
+        // the grace period (3 s): silent from 5000.
+        check(&running, 9_000, 4_999, &[], false, &[]);
+        check(&running, 9_000, 5_000, &[], false, &[expire]);
+        // Heartbeats move the deadline; replicated time plays no part in it.
+        check(&running, 99_000, 9_999, &[(5_000, "fl-1-0")], false, &[]);
+        check(
+            &running,
+            1_000,
+            10_000,
+            &[(5_000, "fl-1-0")],
+            false,
+            &[expire],
+        );
+        // A heartbeat for a lease the state does not hold is forgotten at the tick.
+        check(
+            &running,
+            1_000,
+            10_000,
+            &[(9_000, "fl-1-1")],
+            false,
+            &[expire],
+        );
         // Bootstrap first while the cluster has no token; never without one to propose.
-        check(&running, 6_000, 10_000, true, &["bootstrap", "expire"]);
-        check(&running, 1_000, 0, true, &["bootstrap"]);
+        check(&running, 6_000, 6_000, &[], true, &["bootstrap", expire]);
+        check(&running, 1_000, 0, &[], true, &["bootstrap"]);
 
         let finished = state(true);
         // Ended at 2000: compacted once retention (60 s) has passed; nothing else to do.
-        check(&finished, 61_999, 10_000, false, &[]);
-        check(&finished, 62_000, 10_000, false, &["compact"]);
-        check(&finished, 62_000, 0, false, &["compact"]);
+        check(&finished, 61_999, 99_000, &[], false, &[]);
+        check(&finished, 62_000, 99_000, &[], false, &["compact"]);
+        check(&finished, 62_000, 0, &[], false, &["compact"]);
+    }
+
+    #[test]
+    fn the_grace_period_of_a_new_leader_outlasts_a_short_ttl() {
+        let running = state(false);
+        let settings = EngineSettings {
+            lease_ttl_ms: 1_000,
+            ..SETTINGS
+        };
+        // Leader since monotonic 500 with a grace of 3 s: the lease it found is silent from
+        // 3500, not from its first tick + ttl (1600).
+        let mut liveness = LeaseLiveness::new(500, 3_000);
+        for (monotonic_ms, expected) in [(600, 0), (3_499, 0), (3_500, 1)] {
+            let tick_at = Tick {
+                now_ms: 1_000,
+                monotonic_ms,
+                bootstrap: None,
+            };
+            let commands = tick(&running, &settings, &tick_at, &mut liveness);
+            assert_eq!(commands.len(), expected, "at {monotonic_ms}: {commands:?}");
+        }
     }
 }

@@ -79,6 +79,11 @@ impl LeaseIndex {
             .collect()
     }
 
+    /// Indices of every leased run, earliest expiry first.
+    pub fn indices(&self) -> impl Iterator<Item = u32> + '_ {
+        self.by_expiry.iter().map(|(_, index)| *index)
+    }
+
     /// Indices of the runs `worker_id` holds, in run order.
     pub fn of_worker(&self, worker_id: &str) -> impl Iterator<Item = u32> + '_ {
         self.by_worker

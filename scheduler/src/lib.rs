@@ -6,6 +6,7 @@
 //! - [`command`]: the commands in the Raft log ([`Request`] = leader time + [`Command`]) and
 //!   what applying one returns ([`Response`]);
 //! - [`state`]: fleets, runs, attempts, leases, events, and [`State::apply`];
+//! - [`liveness`]: lease deadlines in the leader's memory (heartbeats are not log entries);
 //! - [`placement`]: which pending runs go to a worker with free slots;
 //! - [`token`]: API tokens, roles, permissions and principals;
 //! - [`audit`]: the hash-chained audit log, one record per applied command.
@@ -20,6 +21,7 @@ pub mod audit;
 pub mod command;
 pub mod engine;
 pub mod lease;
+pub mod liveness;
 pub mod placement;
 pub mod policy;
 pub mod secret;

@@ -128,12 +128,16 @@ impl RunCounts {
     }
 }
 
-/// A lease: the worker that runs the current attempt and until when.
+/// A lease: the worker that runs the current attempt, and the deadline it was granted with.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     /// The worker holding it.
     pub worker_id: String,
-    /// Expiry, in milliseconds since the Unix epoch (leader time).
+    /// The deadline of the grant (or of its redelivery), in milliseconds since the Unix epoch
+    /// (leader time). Heartbeats do not move it: they renew the lease in the leader's memory
+    /// ([`crate::liveness`]), and only [`Command::ExpireSilentLeases`] ends it. (A log from an
+    /// earlier version renews it with [`Command::Heartbeat`] and ends it at this time with
+    /// [`Command::ExpireLeases`].)
     pub expires_at_ms: u64,
 }
 
@@ -489,6 +493,7 @@ impl State {
             } => self.report_result(now_ms, worker_id, run_id, *attempt, result, effects),
             Command::CancelFleet { fleet_id } => self.cancel_fleet(now_ms, fleet_id),
             Command::ExpireLeases => self.expire_leases(now_ms),
+            Command::ExpireSilentLeases { leases } => self.expire_silent_leases(now_ms, leases),
             Command::CompactFleets {
                 retention_ms,
                 max_fleets,
@@ -1130,6 +1135,44 @@ impl State {
         Response::LeasesExpired { count }
     }
 
+    fn expire_silent_leases(&mut self, now_ms: u64, leases: &[(String, u32)]) -> Response {
+        if leases.len() > crate::liveness::MAX_EXPIRED_LEASES_PER_COMMAND {
+            return Response::Rejected {
+                reason: format!(
+                    "{} leases; at most {} per command",
+                    leases.len(),
+                    crate::liveness::MAX_EXPIRED_LEASES_PER_COMMAND
+                ),
+            };
+        }
+        let mut count = 0;
+        for (id, attempt) in leases {
+            let Some((number, index)) = parse_run_id(id) else {
+                continue;
+            };
+            let Some(fleet) = self.fleets.get_mut(&number) else {
+                continue;
+            };
+            let current = fleet.runs.get(index as usize).is_some_and(|run| {
+                run.state == RunState::Running && run.attempt() == *attempt && run.lease.is_some()
+            });
+            if !current {
+                continue;
+            }
+            count += 1;
+            let result = AttemptResult::failure(
+                Outcome::LeaseExpired,
+                "lease expired: the leader heard no heartbeat for it within lease_ttl_ms",
+                true,
+            );
+            finish_attempt(fleet, index, now_ms, result);
+            if fleet.state != FleetState::Running {
+                self.active_fleets.remove(&number);
+            }
+        }
+        Response::LeasesExpired { count }
+    }
+
     fn compact_fleets(
         &mut self,
         now_ms: u64,
@@ -1213,6 +1256,42 @@ impl State {
     /// The fleet created by `idempotency_key`, if any.
     pub fn fleet_by_idempotency_key(&self, idempotency_key: &str) -> Option<&Fleet> {
         self.fleets.get(self.idempotency_keys.get(idempotency_key)?)
+    }
+
+    /// Every lease as `(run_id, attempt, worker_id)`, by fleet, then earliest grant deadline
+    /// first. O(leases), never a walk over every run.
+    pub fn leases(&self) -> Vec<(String, u32, String)> {
+        let mut leases = Vec::new();
+        for fleet in self
+            .active_fleets
+            .iter()
+            .filter_map(|number| self.fleets.get(number))
+        {
+            for index in self.lease_index(fleet).indices() {
+                let Some(run) = fleet.runs.get(index as usize) else {
+                    continue;
+                };
+                if let Some(lease) = &run.lease {
+                    leases.push((
+                        run_id(fleet.number, index),
+                        run.attempt(),
+                        lease.worker_id.clone(),
+                    ));
+                }
+            }
+        }
+        leases
+    }
+
+    /// The worker holding the lease of run `run_id`'s attempt `attempt`, if that attempt is the
+    /// run's current one and running.
+    pub fn lease_holder(&self, run_id: &str, attempt: u32) -> Option<&str> {
+        let (number, index) = parse_run_id(run_id)?;
+        let run = self.fleets.get(&number)?.runs.get(index as usize)?;
+        if run.state != RunState::Running || run.attempt() != attempt {
+            return None;
+        }
+        run.lease.as_ref().map(|lease| lease.worker_id.as_str())
     }
 
     /// Earliest lease expiry among running runs, for the leader's expiry timer.
@@ -1575,6 +1654,15 @@ fn audit_entry(command: &Command, response: &Response) -> AuditEntry {
         ),
         Command::CancelFleet { fleet_id } => ("cancel_fleet", format!("fleet {fleet_id}")),
         Command::ExpireLeases => ("expire_leases", String::new()),
+        Command::ExpireSilentLeases { leases } => (
+            "expire_silent_leases",
+            leases
+                .iter()
+                .take(16)
+                .map(|(run_id, attempt)| format!("{run_id}#{attempt}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
         Command::CompactFleets { .. } => ("compact_fleets", String::new()),
         Command::CreateToken {
             accessor_id,

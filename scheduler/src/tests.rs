@@ -345,6 +345,45 @@ fn heartbeats_renew_leases_and_report_lost_ones() {
 }
 
 #[test]
+fn silent_leases_end_by_name_and_stale_pairs_are_skipped() {
+    let mut h = Harness::new();
+    h.submit(&["file:///a", "file:///b", "file:///c"], 3, "");
+    h.lease("w1", 3);
+    assert_eq!(h.state.lease_holder("fl-1-0", 1), Some("w1"));
+    assert_eq!(h.state.lease_holder("fl-1-0", 2), None);
+    assert_eq!(h.state.leases().len(), 3);
+    h.report("w1", "fl-1-2", 1, outcome(Outcome::Unchanged, false));
+    // The granted deadline (leader time) plays no part: the lease ends when the leader says.
+    let response = h.apply(Command::ExpireSilentLeases {
+        leases: vec![
+            ("fl-1-0".into(), 1),
+            // Stale attempt, finished run, unknown fleet, not a run id: skipped.
+            ("fl-1-1".into(), 2),
+            ("fl-1-2".into(), 1),
+            ("fl-9-0".into(), 1),
+            ("nonsense".into(), 1),
+        ],
+    });
+    assert_eq!(response, Response::LeasesExpired { count: 1 });
+    assert_eq!(h.run_state("fl-1-0"), RunState::Pending);
+    assert_eq!(h.run_state("fl-1-1"), RunState::Running);
+    let fleet = h.state.fleet("fl-1").unwrap();
+    let attempt = fleet.runs[0].attempts.last().unwrap();
+    assert_eq!(
+        attempt.result.as_ref().unwrap().outcome,
+        Outcome::LeaseExpired
+    );
+    h.state.check_invariants().unwrap();
+    let too_many =
+        vec![("fl-1-1".to_owned(), 1); crate::liveness::MAX_EXPIRED_LEASES_PER_COMMAND + 1];
+    assert!(matches!(
+        h.apply(Command::ExpireSilentLeases { leases: too_many }),
+        Response::Rejected { .. }
+    ));
+    assert_eq!(h.run_state("fl-1-1"), RunState::Running);
+}
+
+#[test]
 fn cancel_ends_pending_and_running_runs() {
     let mut h = Harness::new();
     h.submit(&["file:///a", "file:///b", "file:///c"], 1, "");
@@ -1068,6 +1107,12 @@ enum Step {
         outcome: u8,
     },
     Expire,
+    /// A heartbeat as the leader handles it now: deadlines in memory, no command.
+    Hear {
+        worker: u8,
+    },
+    /// The leader's engine tick (expiry of silent leases, compaction).
+    Tick,
     Cancel {
         fleet: u64,
     },
@@ -1084,6 +1129,8 @@ fn step_strategy() -> impl proptest::strategy::Strategy<Value = Step> {
         2 => (0u8..3).prop_map(|worker| Step::Heartbeat { worker }),
         4 => (0u8..3, any::<usize>(), 0u8..5).prop_map(|(worker, pick, outcome)| Step::Report { worker, pick, outcome }),
         1 => Just(Step::Expire),
+        2 => (0u8..3).prop_map(|worker| Step::Hear { worker }),
+        2 => Just(Step::Tick),
         1 => (1u64..4).prop_map(|fleet| Step::Cancel { fleet }),
         2 => (1u64..20_000).prop_map(|ms| Step::Advance { ms }),
     ]
@@ -1156,33 +1203,74 @@ fn step_command(state: &State, step: &Step) -> Option<Command> {
         Step::Cancel { fleet } => Command::CancelFleet {
             fleet_id: format!("fl-{fleet}"),
         },
-        Step::Advance { .. } => return None,
+        Step::Advance { .. } | Step::Hear { .. } | Step::Tick => return None,
     })
 }
 
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
 
-    /// Any sequence of commands keeps every invariant (the lease index among them), and
-    /// replaying the same entries on a fresh state gives the same state, byte for byte.
+    /// Any sequence of commands, including the engine's decisions from heartbeats heard in
+    /// the leader's memory, keeps every invariant (the lease index and the liveness tracker
+    /// among them), and replaying the same entries on a fresh state gives the same state, byte
+    /// for byte.
     #[test]
     fn random_command_sequences_keep_the_invariants_and_replay_identically(
         steps in proptest::collection::vec(step_strategy(), 1..80)
     ) {
+        use crate::engine::{EngineSettings, Tick};
         let mut state = State::new();
         let mut now_ms = 1_000;
         let mut log = Vec::new();
+        let settings = EngineSettings {
+            lease_ttl_ms: 5_000,
+            fleet_retention_ms: 30_000,
+            compaction_batch_fleets: 2,
+        };
+        // The test's one clock serves as replicated and monotonic time.
+        let mut liveness = crate::liveness::LeaseLiveness::new(now_ms, 2_000);
         for step in &steps {
-            if let Step::Advance { ms } = step {
-                now_ms += ms;
+            let commands = match step {
+                Step::Advance { ms } => {
+                    now_ms += ms;
+                    continue;
+                }
+                Step::Hear { worker } => {
+                    for (run_id, attempt) in state.leases_of(&format!("w{worker}")) {
+                        liveness.heard(&run_id, attempt, now_ms, settings.lease_ttl_ms);
+                    }
+                    continue;
+                }
+                Step::Tick => {
+                    let at = Tick { now_ms, monotonic_ms: now_ms, bootstrap: None };
+                    let commands = crate::engine::tick(&state, &settings, &at, &mut liveness);
+                    proptest::prop_assert_eq!(liveness.len(), state.leases().len());
+                    for command in &commands {
+                        if let Command::ExpireSilentLeases { leases } = command {
+                            for (run_id, attempt) in leases {
+                                let deadline = liveness.deadline_ms(run_id, *attempt);
+                                proptest::prop_assert!(deadline.is_some_and(|d| d <= now_ms));
+                            }
+                        }
+                    }
+                    commands
+                }
+                _ => match step_command(&state, step) {
+                    Some(command) => vec![command],
+                    None => continue,
+                },
+            };
+            for command in commands {
+                let request = Request { now_ms, command, principal: Default::default() };
+                state.apply(&request);
+                if let Err(violation) = state.check_invariants() {
+                    proptest::prop_assert!(false, "after {:?}: {}", request.command, violation);
+                }
+                log.push(request);
             }
-            let Some(command) = step_command(&state, step) else { continue };
-            let request = Request { now_ms, command, principal: Default::default() };
-            state.apply(&request);
-            if let Err(violation) = state.check_invariants() {
-                proptest::prop_assert!(false, "after {:?}: {}", request.command, violation);
+            if let Err(violation) = liveness.check_invariants() {
+                proptest::prop_assert!(false, "liveness: {}", violation);
             }
-            log.push(request);
         }
         let mut replayed = State::new();
         for request in &log {

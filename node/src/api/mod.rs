@@ -88,6 +88,8 @@ pub struct Api {
     peer_tls: Option<tonic::transport::ClientTlsConfig>,
     /// Key-encryption keys, to decrypt the secrets a lease reply carries.
     keyring: Arc<crate::secrets::Keyring>,
+    /// Lease deadlines of this node's leadership, moved by heartbeats (no log writes).
+    leases: Arc<crate::leases::LeaderLeases>,
 }
 
 enum Proposal {
@@ -121,7 +123,17 @@ impl Api {
             cluster_id: Arc::from(flotilla_raft::node::DEFAULT_CLUSTER_ID),
             peer_tls: None,
             keyring: Arc::new(crate::secrets::Keyring::disabled()),
+            leases: Arc::new(crate::leases::LeaderLeases::new(
+                limits.lease_grace_after_election_ms,
+            )),
         }
+    }
+
+    /// This API sharing `leases` (the tracker the housekeeping loop's engine reads).
+    #[must_use]
+    pub fn with_leases(mut self, leases: Arc<crate::leases::LeaderLeases>) -> Self {
+        self.leases = leases;
+        self
     }
 
     /// This API decrypting secrets for lease replies with `keyring` (without one, a lease of a
@@ -801,6 +813,11 @@ impl WorkerService for Api {
                             .await;
                     }
                     Proposal::Applied(Response::Leased(grants)) if !grants.is_empty() => {
+                        self.leases.granted(
+                            &self.node,
+                            grants.iter().map(|g| (g.run_id.as_str(), g.attempt)),
+                            self.limits.lease_ttl_ms,
+                        );
                         let redelivered = grants.iter().filter(|g| g.redelivered).count() as u64;
                         metrics::counter!("flotilla_leases_granted_total")
                             .increment(grants.len() as u64 - redelivered);
@@ -865,37 +882,54 @@ impl WorkerService for Api {
                 format!("more than {MAX_HEARTBEAT_LEASES} entries"),
             )));
         }
-        let command = Command::Heartbeat {
-            worker_id: original.worker_id.clone(),
-            leases: original
-                .leases
-                .iter()
-                .map(|l| (l.run_id.clone(), l.attempt))
-                .collect(),
-            lease_ttl_ms: self.limits.lease_ttl_ms,
+        // Not a log entry: the leader confirms its leadership (one read-index round shared by
+        // concurrent heartbeats), then moves the deadlines in its memory (crate::leases).
+        let term = match self.leases.confirm_leadership(&self.node).await {
+            Ok(term) => term,
+            Err(ReadError::ForwardToLeader {
+                leader_address: Some(address),
+                ..
+            }) => {
+                let channel = self.channel_to(&address)?;
+                return self
+                    .forward(
+                        self.worker_client(channel)
+                            .heartbeat(forwarded(original, &auth)),
+                        0,
+                    )
+                    .await;
+            }
+            Err(ReadError::ForwardToLeader { .. }) => {
+                return Err(Status::unavailable("no leader is known yet; retry shortly"));
+            }
+            Err(error) => {
+                return Err(Status::unavailable(format!(
+                    "leadership not confirmed: {error}; retry"
+                )));
+            }
         };
-        match self.propose(command, who.principal()).await? {
-            Proposal::Forward(channel) => {
-                self.forward(
-                    self.worker_client(channel)
-                        .heartbeat(forwarded(original, &auth)),
-                    0,
-                )
-                .await
-            }
-            Proposal::Applied(Response::Heartbeat { lost }) => {
-                Ok(GrpcResponse::new(v1::HeartbeatResponse {
-                    lost: lost
-                        .into_iter()
-                        .map(|(run_id, attempt)| v1::HeldLease { run_id, attempt })
-                        .collect(),
-                    lease_ttl_ms: self.limits.lease_ttl_ms,
-                }))
-            }
-            Proposal::Applied(other) => {
-                Err(Status::internal(format!("unexpected response {other:?}")))
-            }
-        }
+        let now_ms = self.leases.monotonic_ms();
+        let lease_ttl_ms = self.limits.lease_ttl_ms;
+        let lost = self.node.state.read(|state| {
+            self.leases.with_term(term, |liveness| {
+                let mut lost = Vec::new();
+                for lease in &original.leases {
+                    if state.lease_holder(&lease.run_id, lease.attempt)
+                        == Some(original.worker_id.as_str())
+                    {
+                        liveness.heard(&lease.run_id, lease.attempt, now_ms, lease_ttl_ms);
+                    } else {
+                        lost.push(lease.clone());
+                    }
+                }
+                lost
+            })
+        });
+        metrics::counter!("flotilla_heartbeats_total").increment(1);
+        Ok(GrpcResponse::new(v1::HeartbeatResponse {
+            lost,
+            lease_ttl_ms,
+        }))
     }
 
     async fn report_result(
