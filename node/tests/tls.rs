@@ -22,7 +22,7 @@ fn pre_vote(cluster_id: &str) -> tonic::Request<RaftMessage> {
         last_log_id: None,
     };
     let mut request = tonic::Request::new(RaftMessage {
-        data: serde_json::to_vec(&request).unwrap(),
+        data: flotilla_raft::codec::encode(&request).unwrap(),
     });
     request.metadata_mut().insert(
         flotilla_raft::CLUSTER_ID_METADATA,
@@ -159,7 +159,7 @@ async fn raft_service_takes_only_node_certificates_of_its_cluster() {
     let answer = raft_pre_vote(&node, Some(common::node_certificate(2)), "flotilla")
         .await
         .unwrap();
-    let decoded: serde_json::Value = serde_json::from_slice(&answer.data).unwrap();
+    let decoded: serde_json::Value = flotilla_raft::codec::decode(&answer.data).unwrap();
     assert!(decoded.get("Ok").is_some(), "{decoded}");
 }
 

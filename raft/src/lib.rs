@@ -7,7 +7,8 @@
 //! - [`log_store`]: the log and vote in RocksDB ([`LogStore`]);
 //! - [`state_machine`]: [`flotilla_scheduler::State`] in memory, snapshots in RocksDB
 //!   ([`StateMachineStore`]), and the [`StateHandle`] the rest of the node reads it through;
-//! - [`storage`]: the shared RocksDB database ([`open_storage`]);
+//! - [`storage`]: the shared RocksDB database ([`open_storage`]); [`codec`]: the one encoding
+//!   of entries, metadata, snapshots and RPCs (a version byte, then MessagePack);
 //! - [`network`]: openraft's network over gRPC ([`GrpcNetworkFactory`]);
 //! - [`service`]: the gRPC service that receives it ([`RaftGrpcService`]);
 //! - [`pre_vote`]: the pre-vote the election timer asks for before it campaigns;
@@ -73,6 +74,7 @@
 
 #![warn(missing_docs)]
 
+pub mod codec;
 mod election;
 pub mod log_store;
 pub mod network;

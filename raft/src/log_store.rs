@@ -21,8 +21,8 @@ use rocksdb::{DB, Direction, IteratorMode, WriteBatch};
 use tokio::sync::watch;
 
 use crate::storage::{
-    Database, Durability, LOGS_COLUMN_FAMILY, META_COLUMN_FAMILY, column_family, read_json,
-    to_json, write_batch,
+    Database, Durability, LOGS_COLUMN_FAMILY, META_COLUMN_FAMILY, column_family, encode_value,
+    read_value, write_batch,
 };
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
@@ -120,11 +120,11 @@ impl LogStore {
             return Ok(None);
         };
         let (_, value) = item.map_err(|error| AnyError::new(&error))?;
-        let entry: Entry = serde_json::from_slice(&value).map_err(|error| AnyError::new(&error))?;
+        let entry: Entry = crate::codec::decode(&value).map_err(|error| AnyError::new(&error))?;
         Ok(Some(entry.log_id))
     }
 
-    /// Writes `value` as JSON under `key` in the meta column family.
+    /// Writes `value` ([`crate::codec`]) under `key` in the meta column family.
     async fn write_meta<T: serde::Serialize>(
         &self,
         key: &[u8],
@@ -133,7 +133,7 @@ impl LogStore {
     ) -> Result<(), AnyError> {
         let meta = column_family(&self.database, META_COLUMN_FAMILY)?;
         let mut batch = WriteBatch::default();
-        batch.put_cf(meta, key, to_json(value)?);
+        batch.put_cf(meta, key, encode_value(value)?);
         write_batch(&self.database, batch, durability).await
     }
 }
@@ -165,7 +165,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             if !range.contains(&index) {
                 break;
             }
-            let entry: Entry = serde_json::from_slice(&value)
+            let entry: Entry = crate::codec::decode(&value)
                 .map_err(|error| StorageIOError::read_log_at_index(index, AnyError::new(&error)))?;
             entries.push(entry);
         }
@@ -178,7 +178,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged_log_id: Option<LogId> =
-            read_json(&self.database, META_COLUMN_FAMILY, LAST_PURGED_KEY)
+            read_value(&self.database, META_COLUMN_FAMILY, LAST_PURGED_KEY)
                 .map_err(StorageIOError::read_logs)?;
         let last_log_id = self
             .last_entry_log_id()
@@ -202,7 +202,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        Ok(read_json(&self.database, META_COLUMN_FAMILY, VOTE_KEY)
+        Ok(read_value(&self.database, META_COLUMN_FAMILY, VOTE_KEY)
             .map_err(StorageIOError::read_vote)?)
     }
 
@@ -216,7 +216,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
         let committed: Option<Option<LogId>> =
-            read_json(&self.database, META_COLUMN_FAMILY, COMMITTED_KEY)
+            read_value(&self.database, META_COLUMN_FAMILY, COMMITTED_KEY)
                 .map_err(StorageIOError::read)?;
         let committed = committed.flatten();
         self.publish_committed(committed);
@@ -236,7 +236,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(StorageIOError::write_logs)?;
         let mut batch = WriteBatch::default();
         for entry in entries {
-            let value = to_json(&entry)
+            let value = encode_value(&entry)
                 .map_err(|error| StorageIOError::write_log_entry(entry.log_id, error))?;
             batch.put_cf(logs, index_key(entry.log_id.index), value);
         }
@@ -271,7 +271,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         batch.put_cf(
             meta,
             LAST_PURGED_KEY,
-            to_json(&log_id).map_err(StorageIOError::write_logs)?,
+            encode_value(&log_id).map_err(StorageIOError::write_logs)?,
         );
         delete_indexes(&mut batch, &self.database, 0, log_id.index)
             .map_err(StorageIOError::write_logs)?;
@@ -279,5 +279,59 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .await
             .map_err(StorageIOError::write_logs)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+
+    /// A log and vote written by an earlier version (JSON without a version byte) still read;
+    /// what this version writes starts with the version byte.
+    #[tokio::test]
+    async fn entries_and_votes_written_as_json_by_earlier_versions_still_read() {
+        let directory = tempfile::tempdir().unwrap();
+        let (mut log_store, _state_machine) = crate::open_storage(directory.path()).unwrap();
+        let legacy_entry = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Normal(flotilla_scheduler::Request::new(
+                5,
+                flotilla_scheduler::Command::ExpireLeases,
+                flotilla_scheduler::Principal::default(),
+            )),
+        };
+        let database = Arc::clone(&log_store.database);
+        let logs = column_family(&database, LOGS_COLUMN_FAMILY).unwrap();
+        let meta = column_family(&database, META_COLUMN_FAMILY).unwrap();
+        database
+            .put_cf(
+                logs,
+                index_key(1),
+                serde_json::to_vec(&legacy_entry).unwrap(),
+            )
+            .unwrap();
+        database
+            .put_cf(
+                meta,
+                VOTE_KEY,
+                serde_json::to_vec(&Vote::new(1, 1)).unwrap(),
+            )
+            .unwrap();
+
+        assert_eq!(log_store.read_vote().await.unwrap(), Some(Vote::new(1, 1)));
+        let entries = log_store.try_get_log_entries(1..2).await.unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].log_id, legacy_entry.log_id);
+        assert_eq!(
+            log_store.get_log_state().await.unwrap().last_log_id,
+            Some(legacy_entry.log_id)
+        );
+
+        log_store.save_vote(&Vote::new(2, 1)).await.unwrap();
+        let raw = database.get_cf(meta, VOTE_KEY).unwrap().unwrap();
+        assert_eq!(raw[0], crate::codec::FORMAT_VERSION_MESSAGEPACK);
+        assert_eq!(log_store.read_vote().await.unwrap(), Some(Vote::new(2, 1)));
     }
 }

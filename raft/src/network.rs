@@ -1,6 +1,7 @@
 //! openraft's network ([`RaftNetworkFactory`], [`RaftNetwork`]) over tonic: each RPC is one
-//! `flotilla.raft.v1.RaftService` call whose [`RaftMessage`] carries the JSON of the openraft
-//! request, and whose response carries the JSON of `Result<response, openraft RaftError>`. The
+//! `flotilla.raft.v1.RaftService` call whose [`RaftMessage`] carries the openraft request in
+//! [`crate::codec`]'s encoding (a version byte, then MessagePack), and whose response carries
+//! `Result<response, openraft RaftError>` in the same encoding. The
 //! election timer's pre-votes ([`GrpcNetworkFactory::pre_vote`], see [`crate::pre_vote`]) use
 //! the same channels.
 //!
@@ -57,7 +58,7 @@ use crate::security::{CLUSTER_ID_METADATA, TransportSecurity};
 use crate::types::{NodeId, TypeConfig};
 
 /// Default largest gRPC message sent or accepted between nodes: 64 MiB. Bounds an
-/// AppendEntries batch and a snapshot chunk (whose bytes grow up to 4× as JSON numbers).
+/// AppendEntries batch and a snapshot chunk (whose bytes grow up to 2× as MessagePack integers).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Default time allowed to establish a TCP + HTTP/2 connection to a peer, in milliseconds.
@@ -409,7 +410,7 @@ impl From<tonic::Status> for Failure {
 }
 
 impl GrpcConnection {
-    /// Sends `request` as JSON to `method`, waits at most `timeout`, and decodes the reply as
+    /// Sends `request` ([`crate::codec`]) to `method`, waits at most `timeout`, and decodes the reply as
     /// `Result<Response, E>`. `entries` is the number of log entries sent (for the payload hint).
     async fn call<Request, Response, E>(
         &mut self,
@@ -423,12 +424,12 @@ impl GrpcConnection {
         Response: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let result = match serde_json::to_vec(request) {
+        let result = match crate::codec::encode(request) {
             // tonic's own check of the limit fails the HTTP/2 stream mid-body, which the caller
             // sees as a protocol error: check it here, so the caller learns what happened.
             Ok(data) if data.len() + PROTOBUF_ENVELOPE_BYTES > self.config.max_message_bytes => {
                 Err(Failure::TooLarge(AnyError::error(format!(
-                    "the {method:?} message is {} bytes of JSON, more than \
+                    "the {method:?} message is {} bytes, more than \
                      network.max_message_bytes ({})",
                     data.len(),
                     self.config.max_message_bytes
@@ -455,7 +456,7 @@ impl GrpcConnection {
         }
         let action = method.rpc_type();
         let failure = match result {
-            Ok(data) => match serde_json::from_slice::<Result<Response, E>>(&data) {
+            Ok(data) => match crate::codec::decode::<Result<Response, E>>(&data) {
                 Ok(Ok(response)) => return Ok(response),
                 Ok(Err(remote)) => {
                     return Err(RPCError::RemoteError(RemoteError::new_with_node(
@@ -616,7 +617,7 @@ mod tests {
             );
         }
         assert!(matches!(
-            Failure::from(tonic::Status::invalid_argument("data: not JSON")),
+            Failure::from(tonic::Status::invalid_argument("data: not decodable")),
             Failure::Network(_)
         ));
     }

@@ -56,8 +56,9 @@ pub const DEFAULT_LEARNER_CATCH_UP_TIMEOUT_MS: u64 = 60_000;
 /// Name of the RocksDB directory inside [`RaftNodeConfig::data_directory`].
 pub const DATABASE_DIRECTORY_NAME: &str = "raft";
 
-/// JSON spells each snapshot byte as a decimal number and a comma: at most 4 bytes per byte.
-const JSON_BYTES_PER_SNAPSHOT_BYTE: u64 = 4;
+/// MessagePack ([`crate::codec`]) spells each snapshot byte as an integer: at most 2 bytes per
+/// byte (`0xcc` and the byte, for bytes of 128 and more).
+const ENCODED_BYTES_PER_SNAPSHOT_BYTE: u64 = 2;
 /// Room for the rest of an InstallSnapshot request (vote, snapshot meta and membership).
 const INSTALL_SNAPSHOT_ENVELOPE_BYTES: u64 = 64 * 1024;
 
@@ -106,7 +107,7 @@ pub struct RaftNodeConfig {
     /// Largest number of entries per AppendEntries RPC (at least 1). Default
     /// [`DEFAULT_MAX_PAYLOAD_ENTRIES`].
     pub max_payload_entries: u64,
-    /// Snapshot chunk size, in bytes; its JSON must fit in `network.max_message_bytes`. Default
+    /// Snapshot chunk size, in bytes; its encoding must fit in `network.max_message_bytes`. Default
     /// [`DEFAULT_SNAPSHOT_CHUNK_BYTES`].
     pub snapshot_chunk_bytes: u64,
     /// Time allowed per InstallSnapshot RPC, in milliseconds. Default
@@ -208,11 +209,11 @@ impl RaftNodeConfig {
         }
         let largest_chunk_message_bytes = self
             .snapshot_chunk_bytes
-            .saturating_mul(JSON_BYTES_PER_SNAPSHOT_BYTE)
+            .saturating_mul(ENCODED_BYTES_PER_SNAPSHOT_BYTE)
             .saturating_add(INSTALL_SNAPSHOT_ENVELOPE_BYTES);
         if largest_chunk_message_bytes > self.network.max_message_bytes as u64 {
             return invalid(format!(
-                "snapshot_chunk_bytes: {} bytes may encode to {largest_chunk_message_bytes} bytes of JSON, more than \
+                "snapshot_chunk_bytes: {} bytes may encode to {largest_chunk_message_bytes} bytes, more than \
                  network.max_message_bytes ({})",
                 self.snapshot_chunk_bytes, self.network.max_message_bytes
             ));

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::types::NodeId;
 
-/// Asks a voter whether it would grant `candidate_id` its vote. Sent as JSON in a
+/// Asks a voter whether it would grant `candidate_id` its vote. Sent ([`crate::codec`]) in a
 /// `flotilla.raft.v1.RaftService/PreVote` message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PreVoteRequest {

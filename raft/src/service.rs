@@ -1,9 +1,9 @@
 //! The receiving side of the node-to-node transport: `flotilla.raft.v1.RaftService` handing
 //! each RPC to the local openraft node, and answering pre-votes (see [`crate::pre_vote`]).
 //!
-//! Each request's `data` is the JSON of the openraft request (for `PreVote`, of a
-//! [`PreVoteRequest`]); each reply's `data` is the JSON of `Result<response, openraft
-//! RaftError>`, so openraft-level errors (a higher vote, a snapshot mismatch, a stopped node)
+//! Each request's `data` is the openraft request (for `PreVote`, a [`PreVoteRequest`]) in
+//! [`crate::codec`]'s encoding; each reply's `data` is `Result<response, openraft
+//! RaftError>` in the same encoding, so openraft-level errors (a higher vote, a snapshot mismatch, a stopped node)
 //! reach the sender as values, and gRPC errors mean transport problems only: undecodable bytes
 //! are `INVALID_ARGUMENT` naming the field. Every request must first name this node's cluster
 //! and pass the node's peer check (see [`crate::security`]).
@@ -139,16 +139,16 @@ impl RaftGrpcService {
     }
 }
 
-/// Decodes the JSON in `message.data` as a `kind`.
+/// Decodes `message.data` ([`crate::codec`]) as a `kind`.
 fn decode<T: DeserializeOwned>(message: RaftMessage, kind: &str) -> Result<T, Status> {
-    serde_json::from_slice(&message.data).map_err(|error| {
-        Status::invalid_argument(format!("data: not the JSON of a {kind}: {error}"))
+    crate::codec::decode(&message.data).map_err(|error| {
+        Status::invalid_argument(format!("data: not the encoding of a {kind}: {error}"))
     })
 }
 
-/// Encodes `result` as the JSON reply.
+/// Encodes `result` ([`crate::codec`]) as the reply.
 fn encode<T: Serialize>(result: &T) -> Result<Response<RaftMessage>, Status> {
-    serde_json::to_vec(result)
+    crate::codec::encode(result)
         .map(|data| Response::new(RaftMessage { data }))
         .map_err(|error| Status::internal(format!("cannot encode the Raft reply: {error}")))
 }

@@ -8,7 +8,8 @@
 //! persisted snapshot, and openraft re-applies the committed entries after it (the log store
 //! persists the committed log id).
 //!
-//! Snapshot format: the JSON of a [`SnapshotPayload`].
+//! Snapshot format: a [`SnapshotPayload`] in [`crate::codec`]'s encoding (legacy JSON snapshots
+//! still load).
 //!
 //! Applying is deterministic: it reads no clock and no randomness; time comes from
 //! [`flotilla_scheduler::Request::now_ms`].
@@ -26,15 +27,16 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::storage::{
-    ARTIFACTS_COLUMN_FAMILY, Database, SNAPSHOTS_COLUMN_FAMILY, column_family, read_json, to_json,
+    ARTIFACTS_COLUMN_FAMILY, Database, SNAPSHOTS_COLUMN_FAMILY, column_family, encode_value,
+    read_value,
 };
 use crate::types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
 
-/// Key of the latest snapshot's [`SnapshotMeta`] (JSON) in the snapshots column family.
+/// Key of the latest snapshot's [`SnapshotMeta`] ([`crate::codec`]) in the snapshots column family.
 const SNAPSHOT_META_KEY: &[u8] = b"meta";
-/// Key of the latest snapshot's data (JSON of a [`SnapshotPayload`]) in the snapshots column
+/// Key of the latest snapshot's data (an encoded [`SnapshotPayload`]) in the snapshots column
 /// family.
 const SNAPSHOT_DATA_KEY: &[u8] = b"data";
 
@@ -238,7 +240,7 @@ struct SnapshotWriter {
 /// Reads the persisted snapshot, if any.
 fn read_snapshot(database: &DB) -> Result<Option<(SnapshotMeta, Vec<u8>)>, AnyError> {
     let Some(meta) =
-        read_json::<SnapshotMeta>(database, SNAPSHOTS_COLUMN_FAMILY, SNAPSHOT_META_KEY)?
+        read_value::<SnapshotMeta>(database, SNAPSHOTS_COLUMN_FAMILY, SNAPSHOT_META_KEY)?
     else {
         return Ok(None);
     };
@@ -259,7 +261,7 @@ impl SnapshotWriter {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let persisted: Option<SnapshotMeta> =
-            read_json(database, SNAPSHOTS_COLUMN_FAMILY, SNAPSHOT_META_KEY)?;
+            read_value(database, SNAPSHOTS_COLUMN_FAMILY, SNAPSHOT_META_KEY)?;
         if let Some(persisted) = persisted
             && persisted.last_log_id > meta.last_log_id
         {
@@ -272,7 +274,7 @@ impl SnapshotWriter {
         }
         let snapshots = column_family(database, SNAPSHOTS_COLUMN_FAMILY)?;
         let mut batch = WriteBatch::default();
-        batch.put_cf(snapshots, SNAPSHOT_META_KEY, to_json(meta)?);
+        batch.put_cf(snapshots, SNAPSHOT_META_KEY, encode_value(meta)?);
         batch.put_cf(snapshots, SNAPSHOT_DATA_KEY, data);
         let mut options = rocksdb::WriteOptions::default();
         options.set_sync(true);
@@ -290,7 +292,7 @@ impl StateMachineStore {
             .map_err(|error| Box::new(StorageIOError::read_snapshot(None, error).into()))?
         {
             Some((meta, data)) => {
-                let payload: SnapshotPayload = serde_json::from_slice(&data).map_err(|error| {
+                let payload: SnapshotPayload = crate::codec::decode(&data).map_err(|error| {
                     let error = StorageIOError::read_snapshot(
                         Some(meta.signature()),
                         AnyError::new(&error),
@@ -384,7 +386,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             last_membership: payload.last_membership.clone(),
             snapshot_id,
         };
-        let data = tokio::task::spawn_blocking(move || to_json(&payload))
+        let data = tokio::task::spawn_blocking(move || encode_value(&payload))
             .await
             .map_err(|error| AnyError::new(&error))
             .and_then(|result| result)
@@ -467,7 +469,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let payload: SnapshotPayload = serde_json::from_slice(&data).map_err(|error| {
+        let payload: SnapshotPayload = crate::codec::decode(&data).map_err(|error| {
             StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&error))
         })?;
         self.persist_snapshot(meta, data).await?;

@@ -3,10 +3,11 @@
 //!
 //! Column families:
 //! - [`LOGS_COLUMN_FAMILY`]: the log; key = the entry's index as a big-endian `u64` (so keys sort
-//!   by index), value = JSON of the [`Entry`](crate::types::Entry);
+//!   by index), value = the [`Entry`](crate::types::Entry) in [`crate::codec`]'s
+//!   encoding (legacy JSON entries still decode);
 //! - [`META_COLUMN_FAMILY`]: the vote, the last committed log id and the last purged log id, each
-//!   JSON under its own key;
-//! - [`SNAPSHOTS_COLUMN_FAMILY`]: the latest snapshot, as JSON of its
+//!   encoded under its own key;
+//! - [`SNAPSHOTS_COLUMN_FAMILY`]: the latest snapshot: its encoded
 //!   [`SnapshotMeta`](crate::types::SnapshotMeta) and its data bytes;
 //! - [`ARTIFACTS_COLUMN_FAMILY`]: result artifacts (patches, log tails) outside the state; key
 //!   = [`ArtifactKey::to_bytes`](flotilla_scheduler::ArtifactKey::to_bytes), value = the bytes.
@@ -162,8 +163,8 @@ pub(crate) async fn write_batch(
     .map_err(|error| AnyError::new(&error))
 }
 
-/// Reads the JSON value under `key` in column family `column_family_name`.
-pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
+/// Reads the value under `key` in column family `column_family_name` ([`crate::codec`]).
+pub(crate) fn read_value<T: serde::de::DeserializeOwned>(
     database: &DB,
     column_family_name: &str,
     key: &[u8],
@@ -175,13 +176,13 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
     else {
         return Ok(None);
     };
-    serde_json::from_slice(&bytes).map(Some).map_err(|error| {
+    crate::codec::decode(&bytes).map(Some).map_err(|error| {
         AnyError::new(&error)
             .add_context(|| format!("decoding key {:?}", String::from_utf8_lossy(key)))
     })
 }
 
-/// Encodes `value` as JSON.
-pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, AnyError> {
-    serde_json::to_vec(value).map_err(|error| AnyError::new(&error))
+/// Encodes `value` ([`crate::codec`]).
+pub(crate) fn encode_value<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, AnyError> {
+    crate::codec::encode(value).map_err(|error| AnyError::new(&error))
 }

@@ -12,7 +12,7 @@ openraft::declare_raft_types!(
     /// - node id: `u64`, stable for the life of a node's data directory;
     /// - node: [`openraft::BasicNode`] whose `addr` is the `host:port` of the node's gRPC server
     ///   (the one serving [`RaftGrpcService`](crate::RaftGrpcService));
-    /// - snapshot data: an in-memory byte buffer holding the JSON of a
+    /// - snapshot data: an in-memory byte buffer holding the encoding ([`crate::codec`]) of a
     ///   [`SnapshotPayload`](crate::SnapshotPayload).
     pub TypeConfig:
         D = flotilla_scheduler::Request,

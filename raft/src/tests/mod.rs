@@ -389,13 +389,13 @@ struct PartitionedService {
     partition: Partition,
 }
 
-/// The sender of a Raft RPC, from its JSON: the vote's node for openraft's requests, the
+/// The sender of a Raft RPC, from its encoding: the vote's node for openraft's requests, the
 /// candidate for a pre-vote. `None` if it does not decode (the service then rejects it).
 fn sender_of<T: serde::de::DeserializeOwned>(
     message: &RaftMessage,
     sender: impl Fn(T) -> Option<u64>,
 ) -> Option<u64> {
-    serde_json::from_slice::<T>(&message.data)
+    crate::codec::decode::<T>(&message.data)
         .ok()
         .and_then(sender)
 }

@@ -51,21 +51,26 @@ async fn undecodable_requests_are_invalid_arguments_naming_the_field() {
         );
     }
 
-    // A well-formed vote request gets openraft's answer, encoded as a `Result`.
+    // A well-formed vote request gets openraft's answer, encoded (version byte, MessagePack)
+    // as a `Result`; a request in the legacy JSON of earlier versions is still understood.
     let request = VoteRequest::new(Vote::new(1, 2), None);
-    let reply = service
-        .vote(of_this_cluster(RaftMessage {
-            data: serde_json::to_vec(&request).unwrap(),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    let answer: Result<openraft::raft::VoteResponse<u64>, openraft::error::RaftError<u64>> =
-        serde_json::from_slice(&reply.data).unwrap();
-    assert!(
-        answer.unwrap().vote_granted,
-        "a fresh node grants its first vote"
-    );
+    for data in [
+        crate::codec::encode(&request).unwrap(),
+        serde_json::to_vec(&request).unwrap(),
+    ] {
+        let reply = service
+            .vote(of_this_cluster(RaftMessage { data }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.data[0], crate::codec::FORMAT_VERSION_MESSAGEPACK);
+        let answer: Result<openraft::raft::VoteResponse<u64>, openraft::error::RaftError<u64>> =
+            crate::codec::decode(&reply.data).unwrap();
+        assert!(
+            answer.unwrap().vote_granted,
+            "a fresh node grants its first vote (a repeated vote for the same candidate too)"
+        );
+    }
 
     test_node.stop().await;
 }
