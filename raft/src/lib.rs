@@ -9,6 +9,7 @@
 //!   ([`StateMachineStore`]), and the [`StateHandle`] the rest of the node reads it through;
 //! - [`storage`]: the shared RocksDB database ([`open_storage`]); [`codec`]: the one encoding
 //!   of entries, metadata, snapshots and RPCs (a version byte, then MessagePack);
+//!   [`group_commit`]: one write-ahead log sync for all appends waiting at the time;
 //! - [`network`]: openraft's network over gRPC ([`GrpcNetworkFactory`]);
 //! - [`service`]: the gRPC service that receives it ([`RaftGrpcService`]);
 //! - [`pre_vote`]: the pre-vote the election timer asks for before it campaigns;
@@ -76,6 +77,7 @@
 
 pub mod codec;
 mod election;
+pub mod group_commit;
 pub mod log_store;
 pub mod network;
 pub mod node;

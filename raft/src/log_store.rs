@@ -2,8 +2,9 @@
 //!
 //! Durability (Raft §5, "persistent state on all servers"): the vote is synced to disk before
 //! [`save_vote`](RaftLogStorage::save_vote) returns; every [`append`](RaftLogStorage::append)
-//! call writes its entries in one RocksDB `WriteBatch` with `sync = true`, so one fsync covers
-//! the whole batch, and openraft's callback runs only after it. Truncation and purging are single
+//! call writes its entries in one RocksDB `WriteBatch` (readable at once) and openraft's
+//! callback runs only after a later sync of the write-ahead log, which one thread does for all
+//! appends waiting at the time (group commit, [`crate::group_commit`]). Truncation and purging are single
 //! synced batches built from `delete_range`, so the log never has a hole.
 //!
 //! The committed log id is saved too (unsynced: losing it only means fewer entries re-applied),
@@ -20,6 +21,7 @@ use openraft::{AnyError, LogState, OptionalSend, RaftLogReader, StorageIOError};
 use rocksdb::{DB, Direction, IteratorMode, WriteBatch};
 use tokio::sync::watch;
 
+use crate::group_commit::{GroupCommitCounters, WalSyncer};
 use crate::storage::{
     Database, Durability, LOGS_COLUMN_FAMILY, META_COLUMN_FAMILY, column_family, encode_value,
     read_value, write_batch,
@@ -43,6 +45,8 @@ pub struct LogStore {
     /// The index of the last committed log id saved or read (0 before any); shared with the
     /// [`RaftNode`](crate::RaftNode), which reports it in its cluster view.
     committed_index: Arc<AtomicU64>,
+    /// Syncs the write-ahead log for appends, many at a time.
+    syncer: WalSyncer,
 }
 
 impl Debug for LogStore {
@@ -85,11 +89,17 @@ fn delete_indexes(
 impl LogStore {
     /// A log store on `database`, which must have the column families of
     /// [`open_storage`](crate::open_storage).
-    pub(crate) fn new(database: Arc<Database>) -> Self {
+    pub(crate) fn new(database: Arc<Database>, syncer: WalSyncer) -> Self {
         LogStore {
             database,
             committed_index: Arc::new(AtomicU64::new(0)),
+            syncer,
         }
+    }
+
+    /// The group commit's counters (syncs, appends), shared with every clone.
+    pub fn group_commit_counters(&self) -> Arc<GroupCommitCounters> {
+        self.syncer.counters()
     }
 
     /// The index of the last committed entry openraft saved through this store or its clones,
@@ -240,9 +250,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .map_err(|error| StorageIOError::write_log_entry(entry.log_id, error))?;
             batch.put_cf(logs, index_key(entry.log_id.index), value);
         }
-        match write_batch(&self.database, batch, Durability::Synced).await {
+        match write_batch(&self.database, batch, Durability::Buffered).await {
             Ok(()) => {
-                callback.log_io_completed(Ok(()));
+                self.syncer.complete_after_sync(callback).await;
                 Ok(())
             }
             Err(error) => {

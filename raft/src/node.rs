@@ -474,6 +474,7 @@ pub struct RaftNode {
     learner_catch_up_timeout: Duration,
     database_closed: watch::Receiver<()>,
     committed_index: Arc<AtomicU64>,
+    group_commit: Arc<crate::group_commit::GroupCommitCounters>,
     leader_contact: Arc<LeaderContact>,
     election_timer: Arc<ElectionTimerTask>,
 }
@@ -506,6 +507,7 @@ pub async fn open(config: RaftNodeConfig) -> Result<RaftNode, RaftError> {
     let state = state_machine.state_handle();
     let database_closed = log_store.database_closed_receiver();
     let committed_index = log_store.committed_index();
+    let group_commit = log_store.group_commit_counters();
     let network = GrpcNetworkFactory::with_security(
         config.node_id,
         config.network.clone(),
@@ -557,6 +559,7 @@ pub async fn open(config: RaftNodeConfig) -> Result<RaftNode, RaftError> {
         learner_catch_up_timeout: Duration::from_millis(config.learner_catch_up_timeout_ms),
         database_closed,
         committed_index,
+        group_commit,
         leader_contact,
         election_timer: Arc::new(ElectionTimerTask {
             stop,
@@ -698,6 +701,13 @@ impl RaftNode {
                 Err(ReadError::Stopped(Box::new(fatal)))
             }
         }
+    }
+
+    /// This node's write-ahead log syncs and the log appends they made durable since [`open`]
+    /// (group commit, [`crate::group_commit`]): `appends / syncs` is the mean number of
+    /// appends per fsync.
+    pub fn log_sync_counts(&self) -> (u64, u64) {
+        (self.group_commit.syncs(), self.group_commit.appends())
     }
 
     /// The current leader's id and `host:port`, as this node knows it (from openraft's metrics;

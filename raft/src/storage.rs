@@ -54,6 +54,9 @@ pub enum OpenStorageError {
         /// RocksDB's error.
         source: rocksdb::Error,
     },
+    /// The write-ahead log's sync thread could not be started.
+    #[error("cannot start the write-ahead log sync thread: {0}")]
+    StartSyncThread(#[source] std::io::Error),
     /// The persisted snapshot could not be read or decoded.
     #[error("cannot restore the state machine from the persisted snapshot: {0}")]
     RestoreSnapshot(#[source] Box<StorageError>),
@@ -98,7 +101,9 @@ pub fn open_storage(path: &Path) -> Result<(LogStore, StateMachineStore), OpenSt
     });
     let state_machine = StateMachineStore::open(Arc::clone(&database))
         .map_err(OpenStorageError::RestoreSnapshot)?;
-    Ok((LogStore::new(database), state_machine))
+    let syncer = crate::group_commit::WalSyncer::start(&database)
+        .map_err(OpenStorageError::StartSyncThread)?;
+    Ok((LogStore::new(database, syncer), state_machine))
 }
 
 /// The open RocksDB database. Dropping the last reference closes RocksDB (releasing its lock on

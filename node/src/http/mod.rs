@@ -111,7 +111,8 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Ful
     response
 }
 
-/// Raft gauges from openraft's metrics: term, last log index, applied index, leadership.
+/// Raft gauges from openraft's metrics (term, last log index, applied index, leadership) and
+/// the log's group commit (write-ahead log syncs and the appends they covered).
 fn record_raft_metrics(node: &RaftNode) {
     let raft_metrics = node.raft.metrics().borrow().clone();
     metrics::gauge!("flotilla_raft_term").set(raft_metrics.current_term as f64);
@@ -121,6 +122,9 @@ fn record_raft_metrics(node: &RaftNode) {
         .set(raft_metrics.last_applied.map_or(0, |l| l.index) as f64);
     let is_leader = raft_metrics.current_leader == Some(raft_metrics.id);
     metrics::gauge!("flotilla_raft_is_leader").set(if is_leader { 1.0 } else { 0.0 });
+    let (syncs, appends) = node.log_sync_counts();
+    metrics::gauge!("flotilla_raft_log_syncs").set(syncs as f64);
+    metrics::gauge!("flotilla_raft_log_appends").set(appends as f64);
 }
 
 /// `{"node_id":..,"state":"Leader","term":..,"leader":..,"last_log_index":..,"applied_index":..}`.
