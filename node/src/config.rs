@@ -214,6 +214,15 @@ pub struct RaftSection {
     /// Draw a fresh election timeout for every campaign (Flotilla's timer); false uses
     /// openraft 0.9's own timer, which draws once per node.
     pub resample_election_timeout: bool,
+    /// Group commit: most writes in one log entry.
+    pub max_batch_requests: usize,
+    /// Group commit: most encoded bytes of the writes in one log entry (a larger write goes
+    /// alone).
+    pub max_batch_size_bytes: usize,
+    /// Writes waiting to be proposed on the leader; more are refused with RESOURCE_EXHAUSTED.
+    pub max_queued_proposals: usize,
+    /// Log entries proposed and not yet applied at once.
+    pub max_in_flight_batches: usize,
 }
 
 impl Default for RaftSection {
@@ -224,6 +233,10 @@ impl Default for RaftSection {
             election_timeout_max_ms: 800,
             snapshot_logs_since_last: 10_000,
             resample_election_timeout: true,
+            max_batch_requests: flotilla_raft::proposer::DEFAULT_MAX_BATCH_REQUESTS,
+            max_batch_size_bytes: flotilla_raft::proposer::DEFAULT_MAX_BATCH_SIZE_BYTES,
+            max_queued_proposals: flotilla_raft::proposer::DEFAULT_MAX_QUEUED_REQUESTS,
+            max_in_flight_batches: flotilla_raft::proposer::DEFAULT_MAX_IN_FLIGHT_BATCHES,
         }
     }
 }
@@ -587,6 +600,28 @@ impl ServerConfig {
                 "raft.heartbeat_interval_ms",
                 "must be positive and at most half of election_timeout_min_ms",
             );
+        }
+        for (field, value, max) in [
+            ("raft.max_batch_requests", raft.max_batch_requests, 65_536),
+            (
+                "raft.max_batch_size_bytes",
+                raft.max_batch_size_bytes,
+                64 * 1024 * 1024,
+            ),
+            (
+                "raft.max_queued_proposals",
+                raft.max_queued_proposals,
+                1 << 20,
+            ),
+            (
+                "raft.max_in_flight_batches",
+                raft.max_in_flight_batches,
+                1024,
+            ),
+        ] {
+            if value == 0 || value > max {
+                return invalid(field, &format!("must be between 1 and {max}"));
+            }
         }
         if raft.election_timeout_min_ms >= raft.election_timeout_max_ms {
             return invalid(

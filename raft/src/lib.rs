@@ -1,8 +1,8 @@
 //! Raft replication of Flotilla's state machine: [openraft] 0.9 on RocksDB, with the
 //! node-to-node transport over tonic.
 //!
-//! - [`types`]: the openraft type configuration ([`TypeConfig`]): log entries are
-//!   [`flotilla_scheduler::Request`]s, apply answers [`flotilla_scheduler::Response`]s, nodes are
+//! - [`types`]: the openraft type configuration ([`TypeConfig`]): a log entry holds a batch of
+//!   [`flotilla_scheduler::Request`]s, apply answers one [`flotilla_scheduler::Response`] each, nodes are
 //!   `u64` ids with a `host:port` address;
 //! - [`log_store`]: the log and vote in RocksDB ([`LogStore`]);
 //! - [`state_machine`]: [`flotilla_scheduler::State`] in memory, snapshots in RocksDB
@@ -10,6 +10,7 @@
 //! - [`storage`]: the shared RocksDB database ([`open_storage`]); [`codec`]: the one encoding
 //!   of entries, metadata, snapshots and RPCs (a version byte, then MessagePack);
 //!   [`group_commit`]: one write-ahead log sync for all appends waiting at the time;
+//!   [`proposer`]: concurrent writes share one log entry (a batch of requests);
 //! - [`network`]: openraft's network over gRPC ([`GrpcNetworkFactory`]);
 //! - [`service`]: the gRPC service that receives it ([`RaftGrpcService`]);
 //! - [`pre_vote`]: the pre-vote the election timer asks for before it campaigns;
@@ -82,6 +83,7 @@ pub mod log_store;
 pub mod network;
 pub mod node;
 pub mod pre_vote;
+pub mod proposer;
 pub mod security;
 pub mod service;
 pub mod state_machine;

@@ -306,11 +306,13 @@ mod tests {
         let (mut log_store, _state_machine) = crate::open_storage(directory.path()).unwrap();
         let legacy_entry = Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
-            payload: EntryPayload::Normal(flotilla_scheduler::Request::new(
-                5,
-                flotilla_scheduler::Command::ExpireLeases,
-                flotilla_scheduler::Principal::default(),
-            )),
+            payload: EntryPayload::Normal(crate::proposer::LogPayload::Single(Box::new(
+                flotilla_scheduler::Request::new(
+                    5,
+                    flotilla_scheduler::Command::ExpireLeases,
+                    flotilla_scheduler::Principal::default(),
+                ),
+            ))),
         };
         let database = Arc::clone(&log_store.database);
         let logs = column_family(&database, LOGS_COLUMN_FAMILY).unwrap();

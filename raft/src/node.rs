@@ -118,6 +118,9 @@ pub struct RaftNodeConfig {
     pub storage_release_timeout_ms: u64,
     /// Transport settings.
     pub network: NetworkConfig,
+    /// Group commit of proposals ([`crate::proposer`]). Default
+    /// [`ProposerSettings::default`](crate::proposer::ProposerSettings).
+    pub proposals: crate::proposer::ProposerSettings,
 }
 
 impl Default for RaftNodeConfig {
@@ -142,6 +145,7 @@ impl Default for RaftNodeConfig {
             install_snapshot_timeout_ms: DEFAULT_INSTALL_SNAPSHOT_TIMEOUT_MS,
             storage_release_timeout_ms: DEFAULT_STORAGE_RELEASE_TIMEOUT_MS,
             network: NetworkConfig::default(),
+            proposals: crate::proposer::ProposerSettings::default(),
         }
     }
 }
@@ -203,6 +207,9 @@ impl RaftNodeConfig {
         }
         if self.snapshot_logs_since_last == 0 {
             return invalid("snapshot_logs_since_last: must be at least 1".into());
+        }
+        if let Some(name) = self.proposals.first_zero() {
+            return invalid(format!("proposals.{name}: must be at least 1"));
         }
         if self.snapshot_chunk_bytes == 0 {
             return invalid("snapshot_chunk_bytes: must be at least 1".into());
@@ -311,6 +318,40 @@ pub enum WriteError {
     /// openraft refused the entry for a membership reason (not expected for commands).
     #[error("the write was refused: {0}")]
     Refused(Box<ChangeMembershipError<NodeId>>),
+    /// `max_queued_requests` writes already wait for a log entry; nothing was proposed.
+    #[error(
+        "more than {max_queued_requests} writes wait to be proposed (raft max_queued_proposals); \
+         retry with backoff"
+    )]
+    Overloaded {
+        /// The bound ([`crate::proposer::ProposerSettings::max_queued_requests`]).
+        max_queued_requests: usize,
+    },
+    /// The request could not be encoded, or its entry's responses did not match (a bug).
+    #[error("the write could not be encoded or answered: {0}")]
+    Encode(String),
+    /// The proposal queue stopped (the node is shutting down); the outcome is unknown.
+    #[error("the proposal queue stopped; the write's outcome is unknown")]
+    ProposerStopped,
+}
+
+/// The [`WriteError`] of one request of a batch whose `client_write` failed with `error`.
+pub(crate) fn write_error(
+    error: &openraft::error::RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>,
+) -> WriteError {
+    match error {
+        openraft::error::RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
+            let (leader_id, leader_address) = leader(forward.clone());
+            WriteError::ForwardToLeader {
+                leader_id,
+                leader_address,
+            }
+        }
+        openraft::error::RaftError::APIError(ClientWriteError::ChangeMembershipError(error)) => {
+            WriteError::Refused(Box::new(error.clone()))
+        }
+        openraft::error::RaftError::Fatal(fatal) => WriteError::Stopped(Box::new(fatal.clone())),
+    }
 }
 
 /// Why [`RaftNode::ensure_linearizable`] failed.
@@ -475,6 +516,7 @@ pub struct RaftNode {
     database_closed: watch::Receiver<()>,
     committed_index: Arc<AtomicU64>,
     group_commit: Arc<crate::group_commit::GroupCommitCounters>,
+    proposer: crate::proposer::Proposer,
     leader_contact: Arc<LeaderContact>,
     election_timer: Arc<ElectionTimerTask>,
 }
@@ -523,6 +565,7 @@ pub async fn open(config: RaftNodeConfig) -> Result<RaftNode, RaftError> {
         state_machine,
     )
     .await?;
+    let proposer = crate::proposer::Proposer::start(raft.clone(), config.proposals);
     let leader_contact = Arc::new(LeaderContact::default());
     let timer_mode = if config.resample_election_timeout {
         TimerMode::Resample {
@@ -560,6 +603,7 @@ pub async fn open(config: RaftNodeConfig) -> Result<RaftNode, RaftError> {
         database_closed,
         committed_index,
         group_commit,
+        proposer,
         leader_contact,
         election_timer: Arc::new(ElectionTimerTask {
             stop,
@@ -649,30 +693,15 @@ impl RaftNode {
     }
 
     /// Proposes `request` and waits until it is committed and applied on this node (the leader).
-    /// Returns the entry's log index and what applying it returned.
+    /// Returns the log index of its entry (which it may share with other requests: group
+    /// commit, [`crate::proposer`]) and what applying it returned.
     ///
     /// # Errors
-    /// [`WriteError::ForwardToLeader`] on a follower or candidate; [`WriteError::Stopped`] if the
-    /// node stopped (the outcome is then unknown).
+    /// [`WriteError::ForwardToLeader`] on a follower or candidate; [`WriteError::Overloaded`]
+    /// when too many writes wait; [`WriteError::Stopped`] or [`WriteError::ProposerStopped`] if
+    /// the node stopped (the outcome is then unknown).
     pub async fn write(&self, request: Request) -> Result<(u64, Response), WriteError> {
-        match self.raft.client_write(request).await {
-            Ok(written) => Ok((written.log_id.index, written.data)),
-            Err(openraft::error::RaftError::APIError(ClientWriteError::ForwardToLeader(
-                forward,
-            ))) => {
-                let (leader_id, leader_address) = leader(forward);
-                Err(WriteError::ForwardToLeader {
-                    leader_id,
-                    leader_address,
-                })
-            }
-            Err(openraft::error::RaftError::APIError(ClientWriteError::ChangeMembershipError(
-                error,
-            ))) => Err(WriteError::Refused(Box::new(error))),
-            Err(openraft::error::RaftError::Fatal(fatal)) => {
-                Err(WriteError::Stopped(Box::new(fatal)))
-            }
-        }
+        self.proposer.write(request).await
     }
 
     /// Confirms that this node is still the leader (a heartbeat round acknowledged by a quorum,

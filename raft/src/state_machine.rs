@@ -40,16 +40,6 @@ const SNAPSHOT_META_KEY: &[u8] = b"meta";
 /// family.
 const SNAPSHOT_DATA_KEY: &[u8] = b"data";
 
-/// The reason in the [`Response::Rejected`] that applying a blank entry returns. Blank entries
-/// are appended by every new leader (Raft §8) and carry no command; nobody waits for their
-/// response, which exists only because openraft wants one response per entry.
-pub const BLANK_ENTRY_REASON: &str = "no-op: blank entry";
-
-/// The reason in the [`Response::Rejected`] that applying a membership entry returns. The
-/// membership change itself is recorded; the response is what
-/// [`Raft::change_membership`](openraft::Raft::change_membership) hands back as data.
-pub const MEMBERSHIP_ENTRY_REASON: &str = "no-op: membership entry";
-
 /// What a snapshot holds: the whole state and where in the log it was taken.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotPayload {
@@ -400,24 +390,29 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     }
 }
 
-/// Applies one entry to `applied`, appends its storage effects to `effects`, and returns its
-/// response.
-fn apply_entry(applied: &mut AppliedState, entry: Entry, effects: &mut Vec<Effect>) -> Response {
+/// Applies one entry to `applied`, appends its storage effects to `effects`, and returns one
+/// response per request (none for blank and membership entries). The requests of one entry
+/// share its log index (in their audit records too).
+fn apply_entry(
+    applied: &mut AppliedState,
+    entry: Entry,
+    effects: &mut Vec<Effect>,
+) -> Vec<Response> {
     applied.last_applied_log_id = Some(entry.log_id);
     match entry.payload {
-        EntryPayload::Blank => Response::Rejected {
-            reason: BLANK_ENTRY_REASON.into(),
-        },
-        EntryPayload::Normal(request) => {
-            applied
-                .state
-                .apply_with_effects(entry.log_id.index, &request, effects)
-        }
+        EntryPayload::Blank => Vec::new(),
+        EntryPayload::Normal(payload) => payload
+            .requests()
+            .iter()
+            .map(|request| {
+                applied
+                    .state
+                    .apply_with_effects(entry.log_id.index, request, effects)
+            })
+            .collect(),
         EntryPayload::Membership(membership) => {
             applied.last_membership = StoredMembership::new(Some(entry.log_id), membership);
-            Response::Rejected {
-                reason: MEMBERSHIP_ENTRY_REASON.into(),
-            }
+            Vec::new()
         }
     }
 }
@@ -431,7 +426,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .read_applied(|applied| (applied.last_applied_log_id, applied.last_membership.clone())))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<Response>>, StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,

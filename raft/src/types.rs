@@ -6,17 +6,18 @@ use std::io::Cursor;
 openraft::declare_raft_types!(
     /// Flotilla's openraft type configuration.
     ///
-    /// - log entry payload (`D`): [`flotilla_scheduler::Request`], a command stamped with the
-    ///   leader's clock;
-    /// - apply response (`R`): [`flotilla_scheduler::Response`];
+    /// - log entry payload (`D`): a [`LogPayload`](crate::proposer::LogPayload), the requests
+    ///   (commands stamped with the leader's clock) of one group commit;
+    /// - apply response (`R`): one [`flotilla_scheduler::Response`] per request, in order
+    ///   (empty for blank and membership entries);
     /// - node id: `u64`, stable for the life of a node's data directory;
     /// - node: [`openraft::BasicNode`] whose `addr` is the `host:port` of the node's gRPC server
     ///   (the one serving [`RaftGrpcService`](crate::RaftGrpcService));
     /// - snapshot data: an in-memory byte buffer holding the encoding ([`crate::codec`]) of a
     ///   [`SnapshotPayload`](crate::SnapshotPayload).
     pub TypeConfig:
-        D = flotilla_scheduler::Request,
-        R = flotilla_scheduler::Response,
+        D = crate::proposer::LogPayload,
+        R = Vec<flotilla_scheduler::Response>,
         NodeId = u64,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,

@@ -194,6 +194,9 @@ impl Api {
                 leader_address: None,
                 ..
             }) => Err(Status::unavailable("no leader is known yet; retry shortly")),
+            Err(error @ WriteError::Overloaded { .. }) => {
+                Err(Status::resource_exhausted(error.to_string()))
+            }
             Err(error) => Err(Status::unavailable(format!("write failed: {error}"))),
         }
     }

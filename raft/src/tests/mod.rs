@@ -4,6 +4,7 @@
 mod cluster;
 mod cluster_id;
 mod election;
+mod group_commit;
 mod membership;
 mod pre_vote;
 mod restart;

@@ -105,7 +105,9 @@ fn large_append(task_bytes: usize) -> AppendEntriesRequest<TypeConfig> {
             }
             Entry {
                 log_id: LogId::new(CommittedLeaderId::new(1, 2), index),
-                payload: EntryPayload::Normal(request),
+                payload: EntryPayload::Normal(crate::proposer::LogPayload::Batch {
+                    requests: vec![request],
+                }),
             }
         })
         .collect();
