@@ -1379,8 +1379,8 @@ async fn failover_inner(trials: u32, keep: bool) -> anyhow::Result<i32> {
 // bench heartbeats
 // ---------------------------------------------------------------------------------------------
 
-/// Upper bound of `--workers`.
-const MAX_SIMULATED_WORKERS: u32 = 4096;
+/// Upper bound of `--workers` (one lease each, and a fleet allows at most 1024 at once).
+const MAX_SIMULATED_WORKERS: u32 = 1024;
 /// Connections the simulated workers share (HTTP/2 multiplexes their calls).
 const HEARTBEAT_CONNECTIONS: usize = 16;
 
@@ -1581,4 +1581,368 @@ async fn heartbeats_inner(
         println!("first error: {error}");
     }
     Ok(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// bench scale
+// ---------------------------------------------------------------------------------------------
+
+/// Upper bound of `--runs` (the largest fleet `limits.max_runs_per_fleet` allows).
+const MAX_SCALE_RUNS: u32 = 100_000;
+/// Lease loops per simulated worker process, and the slots each asks for.
+const DISPATCH_LOOPS: usize = 8;
+const DISPATCH_SLOTS_PER_LEASE: u32 = 64;
+
+/// `flotilla bench scale`: `fleets` fleets of `runs` runs each on a local 3-node cluster
+/// (fsync on), drained by `workers` simulated worker processes (`flotilla bench
+/// dispatch-worker`: they lease runs and report them `unchanged` at once, executing nothing:
+/// the control plane's dispatch rate, not an agent's). The first fleet is submitted alone and
+/// timed; each further one when the newest has fewer than half its runs pending, so the workers
+/// never run dry. Prints the submit time, the dispatch rate per 10 s window and overall,
+/// `GetFleet` latency while it runs, the leader's peak RSS, and the snapshots built and
+/// installed meanwhile (from the nodes' logs; the cluster snapshots every
+/// `snapshot_logs_since_last` entries, 1000 by default, so that snapshots of the large state
+/// happen during the run) and compacts a fleet 10 s after it ended,
+/// so that many fleets in a row keep the state bounded. GetFleet errors are counted, not fatal.
+pub async fn scale(
+    runs: u32,
+    fleets: u32,
+    workers: u32,
+    snapshot_logs_since_last: u64,
+    keep: bool,
+) -> anyhow::Result<i32> {
+    anyhow::ensure!(
+        (1..=MAX_SCALE_RUNS).contains(&runs),
+        "--runs must be between 1 and {MAX_SCALE_RUNS}"
+    );
+    anyhow::ensure!(
+        (1..=100).contains(&fleets),
+        "--fleets must be between 1 and 100"
+    );
+    anyhow::ensure!(
+        (1..=16).contains(&workers),
+        "--workers must be between 1 and 16"
+    );
+    anyhow::ensure!(
+        snapshot_logs_since_last >= 1,
+        "--snapshot-logs-since-last must be at least 1"
+    );
+    interruptible(scale_inner(
+        runs,
+        fleets,
+        workers,
+        snapshot_logs_since_last,
+        keep,
+    ))
+    .await
+}
+
+fn scale_spec(name: &str, runs: u32) -> v1::FleetSpec {
+    let repositories = (0..runs)
+        .map(|index| format!("https://git.example.com/organisation/repository-{index:06}.git"))
+        .collect::<Vec<_>>();
+    let mut spec = failover_spec(name, &repositories);
+    // The largest parallelism a spec may ask for: the simulated workers hold at most
+    // DISPATCH_LOOPS x DISPATCH_SLOTS_PER_LEASE leases each anyway.
+    spec.max_parallelism = 1024;
+    spec
+}
+
+/// Submits fleet `scale-<number>` of `runs` runs; returns its id and how long the
+/// acknowledgement took, in milliseconds.
+async fn submit_scale_fleet(
+    channel: Channel,
+    number: u32,
+    runs: u32,
+) -> anyhow::Result<(String, f64)> {
+    let name = format!("scale-{number}");
+    let submitted = Instant::now();
+    let fleet = fleet_client(channel)
+        .max_encoding_message_size(64 * 1024 * 1024)
+        .submit_fleet(v1::SubmitFleetRequest {
+            spec: Some(scale_spec(&name, runs)),
+            idempotency_key: name.clone(),
+        })
+        .await
+        .with_context(|| format!("submit fleet {name}"))?
+        .into_inner()
+        .fleet
+        .context("SubmitFleet: no fleet")?;
+    Ok((fleet.id, submitted.elapsed().as_secs_f64() * 1e3))
+}
+
+/// The `VmHWM` (peak resident set) of process `pid`, in bytes.
+fn peak_rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmHWM:"))
+        .context("no VmHWM in /proc/<pid>/status")?;
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("VmHWM without a value")?
+        .parse()?;
+    Ok(kib * 1024)
+}
+
+/// The snapshot lines (`built and persisted`, `installed`) of every node's log.
+fn snapshot_log_lines(directory: &Path) -> Vec<String> {
+    (1..=FlotillaCluster::SIZE)
+        .flat_map(|id| {
+            let text = std::fs::read_to_string(directory.join(format!("node-{id}.log")))
+                .unwrap_or_default();
+            text.lines()
+                .filter(|line| line.contains("a snapshot"))
+                .map(|line| format!("node {id}: {}", line.trim()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+async fn scale_inner(
+    runs: u32,
+    fleets: u32,
+    workers: u32,
+    snapshot_logs_since_last: u64,
+    keep: bool,
+) -> anyhow::Result<i32> {
+    let directory = ScratchDirectory::new("flotilla-bench-scale-", keep)?;
+    let root = directory.path();
+    let config = root.join("flotilla.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[raft]\nsnapshot_logs_since_last = {snapshot_logs_since_last}\n\n[limits]\n\
+             max_runs_per_fleet = 100000\nfleet_retention_ms = 10000\n\n\
+             [policy]\nallowed_drivers = [\"none\"]\n"
+        ),
+    )?;
+    let mut cluster = FlotillaCluster::start(&root.join("cluster"), Some(&config))?;
+    let leader = cluster.wait_for_leader(STARTUP_TIMEOUT).await?;
+    let leader_url = cluster.url(leader.node_id);
+    // Without the status channels' 2 s timeout: the server's own proposal timeout bounds a
+    // submission, and the time it takes is measured.
+    let channel = connect(&leader_url).await?;
+    let (first, submit_ms) = submit_scale_fleet(channel.clone(), 1, runs).await?;
+    let mut later_submit_ms = Vec::new();
+    eprintln!("submitted {first} ({runs} runs) in {submit_ms:.0} ms");
+    let mut unfinished = vec![first];
+    let mut submitted = 1;
+    let token_file = root.join("cluster").join("bootstrap-token");
+    let mut worker_processes = Vec::new();
+    for worker in 0..workers {
+        let arguments: Vec<String> = vec![
+            "bench".into(),
+            "dispatch-worker".into(),
+            "--endpoint".into(),
+            leader_url.clone(),
+            "--token-file".into(),
+            token_file.to_string_lossy().into_owned(),
+            "--worker-id".into(),
+            format!("sim-{worker}"),
+        ];
+        worker_processes.push(ChildProcess::spawn(
+            &format!("simulated worker {worker}"),
+            &cluster.binary.clone(),
+            &arguments,
+            &root.join(format!("worker-{worker}.log")),
+        )?);
+    }
+    let started = Instant::now();
+    let mut get_fleet_ms = Vec::new();
+    let (mut get_fleet_errors, mut first_get_fleet_error) = (0u64, None::<String>);
+    let mut windows = Vec::new();
+    let (mut window_start, mut window_done) = (Instant::now(), 0u64);
+    let (mut finished_terminal, mut failed) = (0u64, 0u64);
+    let deadline = started + Duration::from_secs(1_200);
+    let mut client = fleet_client(channel.clone());
+    let terminal = loop {
+        for worker in &mut worker_processes {
+            worker.check_running()?;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the fleets did not finish in 1200 s"
+        );
+        let mut terminal = finished_terminal;
+        let mut newest_pending = 0;
+        let mut still = Vec::new();
+        for fleet_id in &unfinished {
+            let asked = Instant::now();
+            let fleet = match client
+                .get_fleet(v1::GetFleetRequest {
+                    fleet_id: fleet_id.clone(),
+                })
+                .await
+            {
+                Ok(fleet) => fleet.into_inner(),
+                Err(status) => {
+                    get_fleet_errors += 1;
+                    first_get_fleet_error.get_or_insert_with(|| status.to_string());
+                    still.push(fleet_id.clone());
+                    continue;
+                }
+            };
+            get_fleet_ms.push(asked.elapsed().as_secs_f64() * 1e3);
+            let counts = fleet.counts.unwrap_or_default();
+            let done =
+                u64::from(counts.changed + counts.unchanged + counts.failed + counts.cancelled);
+            newest_pending = counts.pending;
+            if fleet.state == v1::FleetState::Running as i32 {
+                terminal += done;
+                still.push(fleet_id.clone());
+            } else {
+                finished_terminal += done;
+                terminal += done;
+                failed += u64::from(counts.failed);
+            }
+        }
+        unfinished = still;
+        if window_start.elapsed() >= Duration::from_secs(10) {
+            windows.push((terminal - window_done) as f64 / window_start.elapsed().as_secs_f64());
+            (window_start, window_done) = (Instant::now(), terminal);
+        }
+        if submitted < fleets && (unfinished.is_empty() || newest_pending < runs / 2) {
+            submitted += 1;
+            let (fleet_id, took_ms) = submit_scale_fleet(channel.clone(), submitted, runs).await?;
+            later_submit_ms.push(took_ms);
+            unfinished.push(fleet_id);
+        }
+        if unfinished.is_empty() && submitted == fleets {
+            break terminal;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    let leader_now = cluster.wait_for_leader(STARTUP_TIMEOUT).await?;
+    let leader_pid = cluster.nodes[(leader_now.node_id - 1) as usize]
+        .as_ref()
+        .map(|node| node.child.id())
+        .context("the leader's process")?;
+    let rss = peak_rss_bytes(leader_pid)?;
+    drop(worker_processes);
+    let snapshots = snapshot_log_lines(&root.join("cluster"));
+    drop(cluster);
+    get_fleet_ms.sort_by(f64::total_cmp);
+    println!(
+        "scale, 3 voters on 127.0.0.1, fsync on; {workers} simulated worker processes \
+         (lease and report unchanged at once, no execution); {fleets} fleet(s) of {runs} runs"
+    );
+    println!(
+        "first fleet of {runs} runs: submit acknowledged in {submit_ms:.0} ms; the {} later \
+         ones (submitted while runs were dispatched): {}",
+        later_submit_ms.len(),
+        later_submit_ms
+            .iter()
+            .map(|ms| format!("{ms:.0} ms"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "all {terminal} runs terminal in {elapsed:.1} s: {:.0} runs/s ({failed} failed); \
+         10 s windows: [{}]",
+        terminal as f64 / elapsed,
+        windows
+            .iter()
+            .map(|rate| format!("{rate:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "GetFleet during the run: {} answered, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; \
+         {get_fleet_errors} errors{}",
+        get_fleet_ms.len(),
+        median(&get_fleet_ms),
+        percentile(&get_fleet_ms, 0.99),
+        get_fleet_ms.last().copied().unwrap_or(f64::NAN),
+        first_get_fleet_error
+            .map(|error| format!(" (first: {error})"))
+            .unwrap_or_default()
+    );
+    println!(
+        "leader (node {}) peak RSS {:.0} MiB (leader term {} -> {})",
+        leader_now.node_id,
+        rss as f64 / (1024.0 * 1024.0),
+        leader.term,
+        leader_now.term
+    );
+    println!("snapshots: {}", snapshots.len());
+    for line in snapshots {
+        println!("  {line}");
+    }
+    Ok(0)
+}
+
+/// `flotilla bench dispatch-worker` (started by `bench scale`): a simulated worker that leases
+/// runs from `endpoint` and reports each `unchanged` at once, in [`DISPATCH_LOOPS`] concurrent
+/// loops, until killed. Executes nothing.
+pub async fn dispatch_worker(
+    endpoint: &str,
+    token_file: &Path,
+    worker_id: &str,
+) -> anyhow::Result<i32> {
+    let token = std::fs::read_to_string(token_file)
+        .with_context(|| format!("--token-file {}", token_file.display()))?;
+    bench_bearer()
+        .set(token.trim())
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    let channel = connect(endpoint).await?;
+    let mut loops = JoinSet::new();
+    for index in 0..DISPATCH_LOOPS {
+        let client = WorkerServiceClient::new(bench_bearer().channel(channel.clone()));
+        let worker_id = format!("{worker_id}-{index}");
+        loops.spawn(dispatch_loop(client, worker_id));
+    }
+    while let Some(joined) = loops.join_next().await {
+        joined??;
+    }
+    Ok(0)
+}
+
+async fn dispatch_loop(
+    mut client: WorkerServiceClient<AuthChannel>,
+    worker_id: String,
+) -> anyhow::Result<()> {
+    loop {
+        let leases = match client
+            .lease_runs(v1::LeaseRunsRequest {
+                worker_id: worker_id.clone(),
+                free_slots: DISPATCH_SLOTS_PER_LEASE,
+                wait_ms: 1_000,
+                held: Vec::new(),
+            })
+            .await
+        {
+            Ok(response) => response.into_inner().leases,
+            Err(status) => {
+                eprintln!("{worker_id}: LeaseRuns: {status}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let mut reports = JoinSet::new();
+        for lease in leases {
+            let mut client = client.clone();
+            let worker_id = worker_id.clone();
+            reports.spawn(async move {
+                client
+                    .report_result(v1::ReportResultRequest {
+                        worker_id,
+                        run_id: lease.run_id,
+                        attempt: lease.attempt,
+                        result: Some(v1::RunResult {
+                            outcome: "unchanged".into(),
+                            ..Default::default()
+                        }),
+                    })
+                    .await
+            });
+        }
+        while let Some(joined) = reports.join_next().await {
+            if let Err(status) = joined? {
+                eprintln!("{worker_id}: ReportResult: {status}");
+            }
+        }
+    }
 }

@@ -397,10 +397,43 @@ enum BenchCommands {
         #[arg(long)]
         keep: bool,
     },
+    /// Scale: fleets of RUNS runs on a local 3-node cluster drained by simulated worker
+    /// processes (lease + report at once, no execution); dispatch rate, submit time, GetFleet
+    /// latency, leader RSS, snapshots.
+    Scale {
+        /// Runs per fleet (1-100000).
+        #[arg(long, default_value_t = 100_000)]
+        runs: u32,
+        /// Fleets, submitted one after another as the previous one drains (1-100).
+        #[arg(long, default_value_t = 1)]
+        fleets: u32,
+        /// The cluster's raft.snapshot_logs_since_last (small: snapshots during the run).
+        #[arg(long, default_value_t = 1_000)]
+        snapshot_logs_since_last: u64,
+        /// Simulated worker processes.
+        #[arg(long, default_value_t = 2)]
+        workers: u32,
+        /// Keep the temporary directory (data, process logs) instead of removing it.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// A simulated worker of `bench scale` (leases runs and reports them unchanged at once).
+    #[command(hide = true)]
+    DispatchWorker {
+        /// The node to lease from (http://host:port).
+        #[arg(long)]
+        endpoint: String,
+        /// File holding an admin token.
+        #[arg(long)]
+        token_file: std::path::PathBuf,
+        /// Prefix of the worker ids of its lease loops.
+        #[arg(long)]
+        worker_id: String,
+    },
     /// Heartbeats out of the log: simulated workers, one lease each, heartbeat a local 3-node
     /// cluster; prints heartbeats answered and the Raft log entries written meanwhile.
     Heartbeats {
-        /// Simulated workers (1-4096).
+        /// Simulated workers (1-1024).
         #[arg(long, default_value_t = 1000)]
         workers: u32,
         /// Each worker's heartbeat interval.
@@ -700,6 +733,20 @@ fn main() {
             Commands::Bench(BenchCommands::Failover { trials, keep }) => {
                 flotilla::bench::failover(trials, keep).await
             }
+            Commands::Bench(BenchCommands::Scale {
+                runs,
+                fleets,
+                workers,
+                snapshot_logs_since_last,
+                keep,
+            }) => {
+                flotilla::bench::scale(runs, fleets, workers, snapshot_logs_since_last, keep).await
+            }
+            Commands::Bench(BenchCommands::DispatchWorker {
+                endpoint,
+                token_file,
+                worker_id,
+            }) => flotilla::bench::dispatch_worker(&endpoint, &token_file, &worker_id).await,
             Commands::Bench(BenchCommands::Heartbeats {
                 workers,
                 interval_ms,

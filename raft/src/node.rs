@@ -38,8 +38,13 @@ pub const DEFAULT_SNAPSHOT_LOGS_SINCE_LAST: u64 = 10_000;
 /// Default number of log entries kept after a snapshot covers them, so slightly lagging
 /// followers catch up from the log rather than by a snapshot.
 pub const DEFAULT_MAX_IN_SNAPSHOT_LOG_TO_KEEP: u64 = 1_000;
-/// Default largest number of entries in one AppendEntries RPC.
-pub const DEFAULT_MAX_PAYLOAD_ENTRIES: u64 = 300;
+/// Default largest number of entries in one AppendEntries RPC. An entry holds up to
+/// [`crate::proposer::DEFAULT_MAX_BATCH_SIZE_BYTES`] of requests (group commit), so one RPC
+/// carries at most about 4 MiB of batched requests: small enough for a follower to decode,
+/// append and sync within openraft 0.9's AppendEntries deadline (the heartbeat interval) on a
+/// loaded machine. (One request larger than a batch, such as a big SubmitFleet, still travels
+/// as its own entry.)
+pub const DEFAULT_MAX_PAYLOAD_ENTRIES: u64 = 16;
 /// Default size of one snapshot chunk (one InstallSnapshot RPC), in bytes: 1 MiB.
 pub const DEFAULT_SNAPSHOT_CHUNK_BYTES: u64 = 1024 * 1024;
 /// Default time allowed for one InstallSnapshot RPC, including installing the last chunk, in

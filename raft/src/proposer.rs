@@ -23,8 +23,9 @@ use crate::types::Raft;
 
 /// Default most requests in one log entry.
 pub const DEFAULT_MAX_BATCH_REQUESTS: usize = 256;
-/// Default most encoded bytes of the requests in one log entry (a larger request goes alone).
-pub const DEFAULT_MAX_BATCH_SIZE_BYTES: usize = 1024 * 1024;
+/// Default most encoded bytes of the requests in one log entry (a larger request goes alone):
+/// 256 KiB, so [`crate::node::DEFAULT_MAX_PAYLOAD_ENTRIES`] entries make a small AppendEntries.
+pub const DEFAULT_MAX_BATCH_SIZE_BYTES: usize = 256 * 1024;
 /// Default most requests waiting to be proposed; one more is refused as overloaded.
 pub const DEFAULT_MAX_QUEUED_REQUESTS: usize = 4096;
 /// Default most log entries proposed and not yet applied at once.

@@ -357,15 +357,19 @@ pub struct SnapshotBuilder {
     database: Arc<Database>,
     snapshots: Arc<SnapshotWriter>,
     applied: AppliedState,
+    /// How long taking the copy held the state's lock (apply waited that long), in ms.
+    copy_ms: u128,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        // The builder's copy is used once: moved, not copied again.
         let payload = SnapshotPayload {
-            state: self.applied.state.clone(),
+            state: std::mem::take(&mut self.applied.state),
             last_applied_log_id: self.applied.last_applied_log_id,
             last_membership: self.applied.last_membership.clone(),
         };
+        let started = std::time::Instant::now();
         let sequence = self.snapshots.next_sequence.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match payload.last_applied_log_id {
             Some(log_id) => format!("{}-{}-{sequence}", log_id.leader_id, log_id.index),
@@ -381,8 +385,16 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .map_err(|error| AnyError::new(&error))
             .and_then(|result| result)
             .map_err(|error| StorageIOError::write_snapshot(Some(meta.signature()), error))?;
+        let encode_ms = started.elapsed().as_millis();
         persist_snapshot(&self.database, &self.snapshots, &meta, data.clone()).await?;
-        tracing::info!(snapshot = %meta, bytes = data.len(), "built and persisted a snapshot");
+        tracing::info!(
+            snapshot = %meta,
+            bytes = data.len(),
+            copy_ms = self.copy_ms,
+            encode_ms,
+            persist_ms = started.elapsed().as_millis() - encode_ms,
+            "built and persisted a snapshot"
+        );
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -447,10 +459,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let started = std::time::Instant::now();
+        let applied = self.shared.read_applied(AppliedState::clone);
         SnapshotBuilder {
             database: Arc::clone(&self.database),
             snapshots: Arc::clone(&self.snapshots),
-            applied: self.shared.read_applied(AppliedState::clone),
+            applied,
+            copy_ms: started.elapsed().as_millis(),
         }
     }
 
@@ -463,10 +478,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         meta: &SnapshotMeta,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
+        let started = std::time::Instant::now();
         let data = snapshot.into_inner();
+        let bytes = data.len();
         let payload: SnapshotPayload = crate::codec::decode(&data).map_err(|error| {
             StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&error))
         })?;
+        let decode_ms = started.elapsed().as_millis();
         self.persist_snapshot(meta, data).await?;
         self.shared.write_applied(|applied| {
             *applied = AppliedState {
@@ -475,7 +493,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 last_membership: meta.last_membership.clone(),
             };
         });
-        tracing::info!(snapshot = %meta, "installed a snapshot from the leader");
+        tracing::info!(
+            snapshot = %meta,
+            bytes,
+            decode_ms,
+            total_ms = started.elapsed().as_millis(),
+            "installed a snapshot from the leader"
+        );
         Ok(())
     }
 
