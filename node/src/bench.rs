@@ -1694,7 +1694,11 @@ fn snapshot_log_lines(directory: &Path) -> Vec<String> {
                 .unwrap_or_default();
             text.lines()
                 .filter(|line| line.contains("a snapshot"))
-                .map(|line| format!("node {id}: {}", line.trim()))
+                // The measured fields (bytes, durations) and the message, not the membership.
+                .map(|line| match line.find(" bytes=") {
+                    Some(start) => format!("node {id}:{}", &line[start..]),
+                    None => format!("node {id}: {}", line.trim()),
+                })
                 .collect::<Vec<_>>()
         })
         .collect()

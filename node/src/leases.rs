@@ -85,7 +85,7 @@ impl LeaderLeases {
         let now_ms = self.monotonic_ms();
         self.with_term(term, |liveness| {
             for (run_id, attempt) in leases {
-                liveness.heard(run_id, attempt, now_ms, lease_ttl_ms);
+                liveness.granted(run_id, attempt, now_ms, lease_ttl_ms);
             }
         });
     }

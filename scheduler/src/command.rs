@@ -108,12 +108,14 @@ pub enum Command {
     ExpireLeases,
     /// Ends the listed leases, from which the leader heard no heartbeat within
     /// `lease_ttl_ms` ([`crate::liveness`]); their runs are retried or failed as any
-    /// `lease_expired` attempt. A pair that is no longer the run's current, running attempt is
-    /// skipped (its result or another expiry came first). Rejected with more than
-    /// [`crate::liveness::MAX_EXPIRED_LEASES_PER_COMMAND`] pairs.
+    /// `lease_expired` attempt. A lease that is no longer the run's current, running attempt
+    /// (its result or another expiry came first), or whose grant deadline is no longer the one
+    /// listed (the grant was sent again since, renewing it), is skipped. Rejected with more than
+    /// [`crate::liveness::MAX_EXPIRED_LEASES_PER_COMMAND`] entries.
     ExpireSilentLeases {
-        /// `(run_id, attempt)` of each lease to end.
-        leases: Vec<(String, u32)>,
+        /// `(run_id, attempt, granted_until_ms)` of each lease to end; the last is the lease's
+        /// `expires_at_ms` in the state when the leader decided.
+        leases: Vec<(String, u32, u64)>,
     },
     /// Creates an API token. The node generated the secret; only its SHA-256 is here.
     /// Rejected when the accessor id exists, the fields are inconsistent (a project-scoped role

@@ -53,7 +53,16 @@ pub fn tick(
         commands.push(bootstrap.clone());
     }
     liveness.reconcile(state, tick.monotonic_ms, settings.lease_ttl_ms);
-    let silent = liveness.due(tick.monotonic_ms);
+    // Each with the deadline its grant has in the state, so that a grant sent again since
+    // (which renews it) fences this expiry.
+    let silent: Vec<(String, u32, u64)> = liveness
+        .due(tick.monotonic_ms)
+        .into_iter()
+        .filter_map(|(run_id, attempt)| {
+            let granted_until_ms = state.lease(&run_id, attempt)?.expires_at_ms;
+            Some((run_id, attempt, granted_until_ms))
+        })
+        .collect();
     if !silent.is_empty() {
         commands.push(Command::ExpireSilentLeases { leases: silent });
     }
@@ -179,17 +188,27 @@ mod tests {
     #[test]
     fn the_leader_decides_expiry_compaction_and_bootstrap() {
         let running = state(false);
-        let expire = r#"expire [("fl-1-0", 1)]"#;
+        // With the lease's granted deadline in the state: 1000 + 5000.
+        let expire = r#"expire [("fl-1-0", 1, 6000)]"#;
         // A lease the leader found at its first tick lives ttl (5 s) from then, and at least
         // the grace period (3 s): silent from 5000.
         check(&running, 9_000, 4_999, &[], false, &[]);
         check(&running, 9_000, 5_000, &[], false, &[expire]);
         // Heartbeats move the deadline; replicated time plays no part in it.
-        check(&running, 99_000, 9_999, &[(5_000, "fl-1-0")], false, &[]);
+        check(&running, 99_000, 9_998, &[(4_999, "fl-1-0")], false, &[]);
         check(
             &running,
             1_000,
-            10_000,
+            9_999,
+            &[(4_999, "fl-1-0")],
+            false,
+            &[expire],
+        );
+        // A heartbeat after the deadline revives nothing.
+        check(
+            &running,
+            1_000,
+            5_000,
             &[(5_000, "fl-1-0")],
             false,
             &[expire],

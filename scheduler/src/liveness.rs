@@ -90,11 +90,31 @@ impl LeaseLiveness {
     }
 
     /// A heartbeat at `now_ms` named lease `(run_id, attempt)`, which the caller checked the
-    /// worker holds: its deadline becomes `now_ms + lease_ttl_ms` (never earlier than it was).
-    pub fn heard(&mut self, run_id: &str, attempt: u32, now_ms: u64, lease_ttl_ms: u64) {
+    /// worker holds: its deadline becomes `now_ms + lease_ttl_ms` (never earlier than it was),
+    /// and the answer is true. False when the deadline had already passed: the lease is expired
+    /// in the leader's view (its `ExpireSilentLeases` is proposed or will be), so the worker
+    /// must hear that it lost it; a late heartbeat never revives it, or the worker would run on
+    /// while the expiry applies and another worker runs the retry.
+    pub fn heard(&mut self, run_id: &str, attempt: u32, now_ms: u64, lease_ttl_ms: u64) -> bool {
         let key = (run_id.to_owned(), attempt);
         let deadline_ms = match self.deadlines.get(&key) {
+            Some(old) if *old <= now_ms => return false,
             Some(old) => (*old).max(now_ms.saturating_add(lease_ttl_ms)),
+            None => self.first_deadline_ms(now_ms, lease_ttl_ms),
+        };
+        self.set(key, deadline_ms);
+        true
+    }
+
+    /// Lease `(run_id, attempt)` was granted, or sent again, at `now_ms` (a log entry the
+    /// leader applied): its deadline becomes at least `now_ms + lease_ttl_ms`, also when it had
+    /// passed (the grant renewed the lease in the state, which fences an older expiry: see
+    /// [`crate::Command::ExpireSilentLeases`]).
+    pub fn granted(&mut self, run_id: &str, attempt: u32, now_ms: u64, lease_ttl_ms: u64) {
+        let key = (run_id.to_owned(), attempt);
+        let renewed_ms = now_ms.saturating_add(lease_ttl_ms);
+        let deadline_ms = match self.deadlines.get(&key) {
+            Some(old) => (*old).max(renewed_ms),
             None => self.first_deadline_ms(now_ms, lease_ttl_ms),
         };
         self.set(key, deadline_ms);
@@ -175,22 +195,28 @@ mod tests {
     fn heartbeats_move_deadlines_and_due_lists_the_silent_ones() {
         // Leader since 1000 with a grace of 3000: nothing it finds is due before 4000.
         let mut liveness = LeaseLiveness::new(1_000, 3_000);
-        liveness.heard("fl-1-0", 1, 1_000, 500);
-        liveness.heard("fl-1-1", 1, 1_000, 500);
+        assert!(liveness.heard("fl-1-0", 1, 1_000, 500));
+        assert!(liveness.heard("fl-1-1", 1, 1_000, 500));
         assert_eq!(liveness.deadline_ms("fl-1-0", 1), Some(4_000));
         assert!(liveness.due(3_999).is_empty());
-        // After the grace period deadlines follow heartbeats: now + ttl, never moved back.
-        liveness.heard("fl-1-0", 1, 5_000, 500);
-        assert_eq!(liveness.deadline_ms("fl-1-0", 1), Some(5_500));
-        liveness.heard("fl-1-0", 1, 4_000, 500);
-        assert_eq!(liveness.deadline_ms("fl-1-0", 1), Some(5_500));
+        // Deadlines follow heartbeats: now + ttl, never moved back.
+        assert!(liveness.heard("fl-1-0", 1, 3_900, 500));
+        assert_eq!(liveness.deadline_ms("fl-1-0", 1), Some(4_400));
+        assert!(liveness.heard("fl-1-0", 1, 3_800, 500));
+        assert_eq!(liveness.deadline_ms("fl-1-0", 1), Some(4_400));
         assert_eq!(liveness.due(4_000), vec![key("fl-1-1", 1)]);
+        // A heartbeat after the deadline does not revive the lease: the worker hears it lost.
+        assert!(!liveness.heard("fl-1-1", 1, 4_000, 500));
+        assert_eq!(liveness.deadline_ms("fl-1-1", 1), Some(4_000));
         assert_eq!(
-            liveness.due(5_500),
+            liveness.due(4_400),
             vec![key("fl-1-1", 1), key("fl-1-0", 1)]
         );
+        // A grant sent again renews even a passed deadline (the state fences the old expiry).
+        liveness.granted("fl-1-1", 1, 4_500, 500);
+        assert_eq!(liveness.deadline_ms("fl-1-1", 1), Some(5_000));
         // A later attempt of the same run is another lease.
-        liveness.heard("fl-1-0", 2, 6_000, 500);
+        assert!(liveness.heard("fl-1-0", 2, 6_000, 500));
         assert_eq!(liveness.len(), 3);
         liveness.check_invariants().unwrap();
     }

@@ -1135,7 +1135,7 @@ impl State {
         Response::LeasesExpired { count }
     }
 
-    fn expire_silent_leases(&mut self, now_ms: u64, leases: &[(String, u32)]) -> Response {
+    fn expire_silent_leases(&mut self, now_ms: u64, leases: &[(String, u32, u64)]) -> Response {
         if leases.len() > crate::liveness::MAX_EXPIRED_LEASES_PER_COMMAND {
             return Response::Rejected {
                 reason: format!(
@@ -1146,7 +1146,7 @@ impl State {
             };
         }
         let mut count = 0;
-        for (id, attempt) in leases {
+        for (id, attempt, granted_until_ms) in leases {
             let Some((number, index)) = parse_run_id(id) else {
                 continue;
             };
@@ -1154,7 +1154,12 @@ impl State {
                 continue;
             };
             let current = fleet.runs.get(index as usize).is_some_and(|run| {
-                run.state == RunState::Running && run.attempt() == *attempt && run.lease.is_some()
+                run.state == RunState::Running
+                    && run.attempt() == *attempt
+                    && run
+                        .lease
+                        .as_ref()
+                        .is_some_and(|lease| lease.expires_at_ms == *granted_until_ms)
             });
             if !current {
                 continue;
@@ -1283,15 +1288,21 @@ impl State {
         leases
     }
 
-    /// The worker holding the lease of run `run_id`'s attempt `attempt`, if that attempt is the
-    /// run's current one and running.
-    pub fn lease_holder(&self, run_id: &str, attempt: u32) -> Option<&str> {
+    /// The lease of run `run_id`'s attempt `attempt`, if that attempt is the run's current one
+    /// and running.
+    pub fn lease(&self, run_id: &str, attempt: u32) -> Option<&Lease> {
         let (number, index) = parse_run_id(run_id)?;
         let run = self.fleets.get(&number)?.runs.get(index as usize)?;
         if run.state != RunState::Running || run.attempt() != attempt {
             return None;
         }
-        run.lease.as_ref().map(|lease| lease.worker_id.as_str())
+        run.lease.as_ref()
+    }
+
+    /// The worker holding the lease of run `run_id`'s attempt `attempt` (see [`State::lease`]).
+    pub fn lease_holder(&self, run_id: &str, attempt: u32) -> Option<&str> {
+        self.lease(run_id, attempt)
+            .map(|lease| lease.worker_id.as_str())
     }
 
     /// Earliest lease expiry among running runs, for the leader's expiry timer.
@@ -1659,7 +1670,7 @@ fn audit_entry(command: &Command, response: &Response) -> AuditEntry {
             leases
                 .iter()
                 .take(16)
-                .map(|(run_id, attempt)| format!("{run_id}#{attempt}"))
+                .map(|(run_id, attempt, _)| format!("{run_id}#{attempt}"))
                 .collect::<Vec<_>>()
                 .join(" "),
         ),

@@ -353,15 +353,18 @@ fn silent_leases_end_by_name_and_stale_pairs_are_skipped() {
     assert_eq!(h.state.lease_holder("fl-1-0", 2), None);
     assert_eq!(h.state.leases().len(), 3);
     h.report("w1", "fl-1-2", 1, outcome(Outcome::Unchanged, false));
-    // The granted deadline (leader time) plays no part: the lease ends when the leader says.
+    // The granted deadline is a fence, not a clock: the lease ends when the leader says,
+    // unless its grant was renewed since.
+    let granted = h.state.lease("fl-1-0", 1).unwrap().expires_at_ms;
     let response = h.apply(Command::ExpireSilentLeases {
         leases: vec![
-            ("fl-1-0".into(), 1),
-            // Stale attempt, finished run, unknown fleet, not a run id: skipped.
-            ("fl-1-1".into(), 2),
-            ("fl-1-2".into(), 1),
-            ("fl-9-0".into(), 1),
-            ("nonsense".into(), 1),
+            ("fl-1-0".into(), 1, granted),
+            // Renewed grant, stale attempt, finished run, unknown fleet, not a run id: skipped.
+            ("fl-1-1".into(), 1, granted + 1),
+            ("fl-1-1".into(), 2, granted),
+            ("fl-1-2".into(), 1, granted),
+            ("fl-9-0".into(), 1, granted),
+            ("nonsense".into(), 1, granted),
         ],
     });
     assert_eq!(response, Response::LeasesExpired { count: 1 });
@@ -374,8 +377,10 @@ fn silent_leases_end_by_name_and_stale_pairs_are_skipped() {
         Outcome::LeaseExpired
     );
     h.state.check_invariants().unwrap();
-    let too_many =
-        vec![("fl-1-1".to_owned(), 1); crate::liveness::MAX_EXPIRED_LEASES_PER_COMMAND + 1];
+    let too_many = vec![
+        ("fl-1-1".to_owned(), 1, granted);
+        crate::liveness::MAX_EXPIRED_LEASES_PER_COMMAND + 1
+    ];
     assert!(matches!(
         h.apply(Command::ExpireSilentLeases { leases: too_many }),
         Response::Rejected { .. }
@@ -1247,7 +1252,7 @@ proptest::proptest! {
                     proptest::prop_assert_eq!(liveness.len(), state.leases().len());
                     for command in &commands {
                         if let Command::ExpireSilentLeases { leases } = command {
-                            for (run_id, attempt) in leases {
+                            for (run_id, attempt, _) in leases {
                                 let deadline = liveness.deadline_ms(run_id, *attempt);
                                 proptest::prop_assert!(deadline.is_some_and(|d| d <= now_ms));
                             }

@@ -917,11 +917,11 @@ impl WorkerService for Api {
             self.leases.with_term(term, |liveness| {
                 let mut lost = Vec::new();
                 for lease in &original.leases {
-                    if state.lease_holder(&lease.run_id, lease.attempt)
-                        == Some(original.worker_id.as_str())
+                    let held = state.lease_holder(&lease.run_id, lease.attempt)
+                        == Some(original.worker_id.as_str());
+                    // A lease past its deadline stays lost: its expiry is on the way.
+                    if !(held && liveness.heard(&lease.run_id, lease.attempt, now_ms, lease_ttl_ms))
                     {
-                        liveness.heard(&lease.run_id, lease.attempt, now_ms, lease_ttl_ms);
-                    } else {
                         lost.push(lease.clone());
                     }
                 }
