@@ -493,7 +493,12 @@ pub struct RunFilter {
     pub states: Vec<RunState>,
     /// Only runs whose repository URL contains this; empty: any.
     pub repository_contains: String,
+    /// Only runs whose last attempt ended with one of these outcomes; empty: any.
+    pub outcomes: Vec<Outcome>,
 }
+
+/// Most `outcomes` in one `ListRuns` request.
+pub const MAX_OUTCOME_FILTERS: usize = 16;
 
 /// Longest `repository_contains`, in bytes.
 pub const MAX_REPOSITORY_FILTER_BYTES: usize = 2048;
@@ -501,7 +506,8 @@ pub const MAX_REPOSITORY_FILTER_BYTES: usize = 2048;
 /// Converts and validates a `ListRuns` request for fleet number `fleet_number`: the page size
 /// (0 means [`LIST_RUNS_DEFAULT_PAGE_SIZE`]) and the filter.
 ///
-/// Errors: the field (`page_size`, `page_token`, `states[i]`, `repository_contains`) and why.
+/// Errors: the field (`page_size`, `page_token`, `states[i]`, `repository_contains`,
+/// `outcomes[i]`) and why.
 pub fn run_filter_from_wire(
     request: &v1::ListRunsRequest,
     fleet_number: u64,
@@ -553,11 +559,28 @@ pub fn run_filter_from_wire(
             format!("longer than {MAX_REPOSITORY_FILTER_BYTES} bytes"),
         ));
     }
+    if request.outcomes.len() > MAX_OUTCOME_FILTERS {
+        return Err(FieldError::new(
+            "outcomes",
+            format!("more than {MAX_OUTCOME_FILTERS} entries"),
+        ));
+    }
+    let mut outcomes = Vec::with_capacity(request.outcomes.len());
+    for (index, name) in request.outcomes.iter().enumerate() {
+        let outcome = Outcome::parse(name).ok_or_else(|| {
+            FieldError::new(
+                format!("outcomes[{index}]"),
+                format!("{:?} is not an outcome", scheduler_spec::shorten(name, 64)),
+            )
+        })?;
+        outcomes.push(outcome);
+    }
     Ok((
         RunFilter {
             after_index,
             states,
             repository_contains: request.repository_contains.clone(),
+            outcomes,
         },
         page_size,
     ))
@@ -574,6 +597,10 @@ pub fn list_runs(
     let mut matching = fleet.runs.iter().skip(start).filter(|run| {
         (filter.states.is_empty() || filter.states.contains(&run.state))
             && run.repository.contains(filter.repository_contains.as_str())
+            && (filter.outcomes.is_empty()
+                || run
+                    .last_result()
+                    .is_some_and(|result| filter.outcomes.contains(&result.outcome)))
     });
     let runs: Vec<v1::RunSummary> = matching
         .by_ref()
@@ -612,6 +639,7 @@ fn run_summary_to_wire(fleet: &Fleet, run: &Run) -> v1::RunSummary {
         insertions,
         deletions,
         error: result.map_or_else(String::new, |r| r.error.clone()),
+        outcome: result.map_or_else(String::new, |r| r.outcome.as_str().to_owned()),
     }
 }
 
@@ -941,10 +969,87 @@ mod tests {
         assert!(
             error(v1::ListRunsRequest {
                 repository_contains: "x".repeat(MAX_REPOSITORY_FILTER_BYTES + 1),
-                ..base
+                ..base.clone()
             })
             .starts_with("repository_contains:")
         );
+        assert_eq!(
+            error(v1::ListRunsRequest {
+                outcomes: vec!["unchanged".into(), "boom".into()],
+                ..base.clone()
+            }),
+            "outcomes[1]: \"boom\" is not an outcome"
+        );
+        assert_eq!(
+            error(v1::ListRunsRequest {
+                outcomes: vec!["unchanged".into(); MAX_OUTCOME_FILTERS + 1],
+                ..base
+            }),
+            format!("outcomes: more than {MAX_OUTCOME_FILTERS} entries")
+        );
+    }
+
+    #[test]
+    fn list_runs_filters_by_the_last_attempts_outcome() {
+        use flotilla_scheduler::{AttemptResult, Command, Request, Response};
+        let mut state = state_with_fleet(10);
+        let apply = |state: &mut flotilla_scheduler::State, command| {
+            state.apply(&Request {
+                now_ms: 2_000,
+                command,
+                principal: Default::default(),
+            })
+        };
+        let Response::Leased(grants) = apply(
+            &mut state,
+            Command::AcquireLeases {
+                worker_id: "w1".into(),
+                free_slots: 3,
+                lease_ttl_ms: 10_000,
+                held: Vec::new(),
+            },
+        ) else {
+            panic!("no leases");
+        };
+        for (grant, outcome) in grants.iter().zip([
+            Outcome::Unchanged,
+            Outcome::VerifyFailed,
+            Outcome::Unchanged,
+        ]) {
+            apply(
+                &mut state,
+                Command::ReportResult {
+                    worker_id: "w1".into(),
+                    run_id: grant.run_id.clone(),
+                    attempt: grant.attempt,
+                    result: AttemptResult::failure(outcome, "", false),
+                },
+            );
+        }
+        let fleet = state.fleet("fl-1").unwrap();
+        let listed = |outcomes: &[&str]| {
+            let request = v1::ListRunsRequest {
+                fleet_id: "fl-1".into(),
+                outcomes: outcomes.iter().map(|o| (*o).to_owned()).collect(),
+                ..Default::default()
+            };
+            let (filter, page_size) = run_filter_from_wire(&request, 1).unwrap();
+            list_runs(fleet, &filter, page_size)
+                .0
+                .into_iter()
+                .map(|run| (run.id, run.outcome))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            listed(&["verify_failed"]),
+            vec![("fl-1-1".to_owned(), "verify_failed".to_owned())]
+        );
+        assert_eq!(listed(&["unchanged", "verify_failed"]).len(), 3);
+        assert_eq!(listed(&["lease_expired"]), Vec::new());
+        // No filter: every run, the pending ones without an outcome.
+        let all = listed(&[]);
+        assert_eq!(all.len(), 10);
+        assert_eq!(all[9].1, "");
     }
 
     #[test]

@@ -318,6 +318,11 @@ enum RunCommands {
         /// Only runs whose repository URL contains this text.
         #[arg(long, default_value = "")]
         repository: String,
+        /// Only runs whose last attempt ended with this outcome (changed, unchanged,
+        /// agent_failed, verify_failed, timed_out, infrastructure, lease_expired, cancelled);
+        /// repeatable.
+        #[arg(long = "outcome")]
+        outcomes: Vec<String>,
         /// Most runs to show; 0: every matching run.
         #[arg(long, default_value_t = 0)]
         limit: u64,
@@ -662,8 +667,16 @@ async fn run_client(address: &str, output: Output, command: Commands) -> Result<
             fleet_id,
             states,
             repository,
+            outcomes,
             limit,
-        }) => cli::list_runs(&mut client, &fleet_id, &states, &repository, limit, output).await,
+        }) => {
+            let filter = cli::RunListFilter {
+                states: &states,
+                repository: &repository,
+                outcomes: &outcomes,
+            };
+            cli::list_runs(&mut client, &fleet_id, &filter, limit, output).await
+        }
         Commands::Server(_)
         | Commands::Secret(_)
         | Commands::Quickstart(_)

@@ -481,7 +481,7 @@ fn run_summary_json(r: &v1::RunSummary) -> serde_json::Value {
     json!({
         "id": r.id, "repository": r.repository, "state": run_state_name(r.state), "attempt": r.attempt,
         "branch": r.branch, "files_changed": r.files_changed, "insertions": r.insertions,
-        "deletions": r.deletions, "error": r.error,
+        "deletions": r.deletions, "error": r.error, "outcome": r.outcome,
     })
 }
 
@@ -1002,21 +1002,41 @@ fn run_state_from_name(name: &str) -> Option<v1::RunState> {
     .find(|state| run_state_name(*state as i32) == name)
 }
 
-/// `run list`: every run of a fleet matching `states` and `repository`, page by page (at most
-/// `limit`, 0: all).
+/// What `run list` shows: runs in any of `states` (empty: all), whose repository contains
+/// `repository`, whose last attempt ended with any of `outcomes` (empty: all).
+#[derive(Clone, Copy, Debug)]
+pub struct RunListFilter<'a> {
+    /// State names (pending, running, ...).
+    pub states: &'a [String],
+    /// Repository URL substring.
+    pub repository: &'a str,
+    /// Outcome names (as `RunResult.outcome`).
+    pub outcomes: &'a [String],
+}
+
+/// `run list`: every run of a fleet matching `filter`, page by page (at most `limit`, 0: all).
 ///
 /// # Errors
-/// An unknown state name (usage error) or an RPC failure.
+/// An unknown state or outcome name (usage error) or an RPC failure.
 pub async fn list_runs(
     client: &mut Client,
     fleet_id: &str,
-    states: &[String],
-    repository: &str,
+    filter: &RunListFilter<'_>,
     limit: u64,
     output: Output,
 ) -> Result<i32, CliError> {
-    let mut wire_states = Vec::with_capacity(states.len());
-    for name in states {
+    if let Some(name) = filter
+        .outcomes
+        .iter()
+        .find(|name| flotilla_scheduler::Outcome::parse(name).is_none())
+    {
+        errln!(
+            "--outcome {name:?}: must be changed, unchanged, agent_failed, verify_failed, timed_out, infrastructure, lease_expired or cancelled"
+        );
+        return Ok(exit_code::USAGE);
+    }
+    let mut wire_states = Vec::with_capacity(filter.states.len());
+    for name in filter.states {
         match run_state_from_name(name) {
             Some(state) => wire_states.push(state as i32),
             None => {
@@ -1035,7 +1055,8 @@ pub async fn list_runs(
             page_size: 1000,
             page_token: page_token.clone(),
             states: wire_states.clone(),
-            repository_contains: repository.to_string(),
+            repository_contains: filter.repository.to_string(),
+            outcomes: filter.outcomes.to_vec(),
         };
         let page = client
             .call("", |mut fleets| {
