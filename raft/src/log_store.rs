@@ -4,7 +4,7 @@
 //! [`save_vote`](RaftLogStorage::save_vote) returns; every [`append`](RaftLogStorage::append)
 //! call writes its entries in one RocksDB `WriteBatch` (readable at once) and openraft's
 //! callback runs only after a later sync of the write-ahead log, which one thread does for all
-//! appends waiting at the time (group commit, [`crate::group_commit`]). Truncation and purging are single
+//! appends waiting at the time ([`crate::group_commit`]; with openraft 0.9 that is one). Truncation and purging are single
 //! synced batches built from `delete_range`, so the log never has a hole.
 //!
 //! The committed log id is saved too (unsynced: losing it only means fewer entries re-applied),

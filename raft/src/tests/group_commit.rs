@@ -1,4 +1,4 @@
-//! Group commit on a real node: concurrent writes share log entries and write-ahead log syncs,
+//! Group commit on a real node: concurrent writes share log entries (so one fsync serves many),
 //! each gets its own response, and a full proposal queue is refused as overloaded.
 
 use flotilla_scheduler::Response;
