@@ -1,5 +1,5 @@
 //! The lease index of a fleet: its running runs ordered by lease expiry and grouped by the
-//! worker holding them, so that expiring leases, finding the next expiry and listing a
+//! worker holding them, so that expiring leases, listing every lease and listing a
 //! worker's leases cost O(log n) plus what they return, never a walk over every run.
 //!
 //! Invariant (checked by [`crate::state::State::check_invariants`]): the index holds exactly
@@ -64,13 +64,6 @@ impl LeaseIndex {
         }
     }
 
-    /// The earliest expiry, if any lease is indexed.
-    pub fn next_expiry_ms(&self) -> Option<u64> {
-        self.by_expiry
-            .first()
-            .map(|(expires_at_ms, _)| *expires_at_ms)
-    }
-
     /// Indices of the runs whose lease expires at or before `now_ms`, earliest first.
     pub fn expired(&self, now_ms: u64) -> Vec<u32> {
         self.by_expiry
@@ -111,7 +104,6 @@ mod tests {
         index.insert(1, &lease("w2", 100));
         index.insert(7, &lease("w1", 100));
         assert_eq!(index.len(), 3);
-        assert_eq!(index.next_expiry_ms(), Some(100));
         assert_eq!(index.expired(99), Vec::<u32>::new());
         assert_eq!(index.expired(100), vec![1, 7]);
         assert_eq!(index.expired(u64::MAX), vec![1, 7, 3]);
@@ -123,6 +115,6 @@ mod tests {
         assert!(!index.by_worker.contains_key("w1"));
         assert_eq!(index.expired(u64::MAX), vec![1]);
         index.remove(1, &lease("w2", 100));
-        assert!(index.is_empty() && index.next_expiry_ms().is_none());
+        assert!(index.is_empty() && index.expired(u64::MAX).is_empty());
     }
 }

@@ -1121,12 +1121,12 @@ impl State {
             let expired = fleet.leases.expired(now_ms);
             for index in expired {
                 count += 1;
-                let result = AttemptResult::failure(
-                    Outcome::LeaseExpired,
+                expire_attempt(
+                    fleet,
+                    index,
+                    now_ms,
                     "lease expired: worker stopped heartbeating",
-                    true,
                 );
-                finish_attempt(fleet, index, now_ms, result);
             }
             if fleet.state != FleetState::Running {
                 self.active_fleets.remove(&number);
@@ -1147,30 +1147,22 @@ impl State {
         }
         let mut count = 0;
         for (id, attempt, granted_until_ms) in leases {
-            let Some((number, index)) = parse_run_id(id) else {
+            let current = self
+                .lease(id, *attempt)
+                .is_some_and(|lease| lease.expires_at_ms == *granted_until_ms);
+            let Some((number, index)) = parse_run_id(id).filter(|_| current) else {
                 continue;
             };
             let Some(fleet) = self.fleets.get_mut(&number) else {
                 continue;
             };
-            let current = fleet.runs.get(index as usize).is_some_and(|run| {
-                run.state == RunState::Running
-                    && run.attempt() == *attempt
-                    && run
-                        .lease
-                        .as_ref()
-                        .is_some_and(|lease| lease.expires_at_ms == *granted_until_ms)
-            });
-            if !current {
-                continue;
-            }
             count += 1;
-            let result = AttemptResult::failure(
-                Outcome::LeaseExpired,
+            expire_attempt(
+                fleet,
+                index,
+                now_ms,
                 "lease expired: the leader heard no heartbeat for it within lease_ttl_ms",
-                true,
             );
-            finish_attempt(fleet, index, now_ms, result);
             if fleet.state != FleetState::Running {
                 self.active_fleets.remove(&number);
             }
@@ -1303,15 +1295,6 @@ impl State {
     pub fn lease_holder(&self, run_id: &str, attempt: u32) -> Option<&str> {
         self.lease(run_id, attempt)
             .map(|lease| lease.worker_id.as_str())
-    }
-
-    /// Earliest lease expiry among running runs, for the leader's expiry timer.
-    pub fn next_lease_expiry_ms(&self) -> Option<u64> {
-        self.active_fleets
-            .iter()
-            .filter_map(|number| self.fleets.get(number))
-            .filter_map(|fleet| self.lease_index(fleet).next_expiry_ms())
-            .min()
     }
 
     /// `fleet`'s lease index: the kept one, or (in a state loaded from before the index existed
@@ -1466,6 +1449,12 @@ fn lease_grant(fleet: &Fleet, index: u32, expires_at_ms: u64, redelivered: bool)
 
 /// Ends the current attempt of run `index` with `result` and moves the run on: terminal,
 /// or back to pending after a backoff when the failure is retryable and attempts remain.
+/// Ends run `index`'s current attempt as `lease_expired` (retryable) with `reason`.
+fn expire_attempt(fleet: &mut Fleet, index: u32, now_ms: u64, reason: &str) {
+    let result = AttemptResult::failure(Outcome::LeaseExpired, reason, true);
+    finish_attempt(fleet, index, now_ms, result);
+}
+
 fn finish_attempt(fleet: &mut Fleet, index: u32, now_ms: u64, result: AttemptResult) {
     let max_attempts = fleet.spec.retry.max_attempts;
     let run = &mut fleet.runs[index as usize];
