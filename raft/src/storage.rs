@@ -99,7 +99,8 @@ pub fn open_storage(path: &Path) -> Result<(LogStore, StateMachineStore), OpenSt
         rocksdb: database,
         closed,
     });
-    let state_machine = StateMachineStore::open(Arc::clone(&database))
+    let snapshot_directory = path.join(crate::state_machine::SNAPSHOT_DIRECTORY);
+    let state_machine = StateMachineStore::open(Arc::clone(&database), snapshot_directory)
         .map_err(OpenStorageError::RestoreSnapshot)?;
     let syncer = crate::group_commit::WalSyncer::start(&database)
         .map_err(OpenStorageError::StartSyncThread)?;

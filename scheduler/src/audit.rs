@@ -15,8 +15,6 @@
 //! hash of the newest record dropped ([`AuditLog::anchor_hash`]), so what is kept still verifies;
 //! `flotilla audit export` saves records before they are dropped.
 
-use std::collections::VecDeque;
-
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -148,10 +146,11 @@ fn hex(bytes: &[u8]) -> String {
     out
 }
 
-/// The kept records and the anchor of their chain.
+/// The kept records and the anchor of their chain. The records are a persistent vector
+/// (`imbl`), so a copy of the state for a snapshot does not copy 10,000 records.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditLog {
-    records: VecDeque<AuditRecord>,
+    records: imbl::Vector<AuditRecord>,
     /// Hash of the newest dropped record ([`GENESIS_HASH`] while none was dropped).
     anchor_hash: String,
     /// Records dropped so far.
@@ -163,7 +162,7 @@ pub struct AuditLog {
 impl Default for AuditLog {
     fn default() -> Self {
         AuditLog {
-            records: VecDeque::new(),
+            records: imbl::Vector::new(),
             anchor_hash: GENESIS_HASH.into(),
             dropped: 0,
             next_sequence: 1,
@@ -230,7 +229,7 @@ impl AuditLog {
     }
 
     /// The kept records, oldest first.
-    pub fn records(&self) -> &VecDeque<AuditRecord> {
+    pub fn records(&self) -> &imbl::Vector<AuditRecord> {
         &self.records
     }
 
@@ -238,9 +237,10 @@ impl AuditLog {
     pub fn records_after(&self, after_sequence: u64, limit: usize) -> Vec<AuditRecord> {
         let first = self.records.front().map_or(0, |r| r.sequence);
         let skip = after_sequence.saturating_add(1).saturating_sub(first) as usize;
+        // A split is O(log n); `skip` on the iterator would walk.
         self.records
+            .skip(skip.min(self.records.len()))
             .iter()
-            .skip(skip)
             .take(limit)
             .cloned()
             .collect()

@@ -24,7 +24,7 @@ pub struct LeaseIndex {
 
 impl LeaseIndex {
     /// The index of `runs`' leases.
-    pub fn rebuild(runs: &[Run]) -> LeaseIndex {
+    pub fn rebuild<'a>(runs: impl IntoIterator<Item = &'a Run>) -> LeaseIndex {
         let mut index = LeaseIndex::default();
         for run in runs {
             if let Some(lease) = &run.lease {

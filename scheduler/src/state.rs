@@ -15,6 +15,7 @@
 //! leader's stamp in [`Request::now_ms`].
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -216,8 +217,9 @@ pub struct FleetEvent {
 pub struct Fleet {
     /// Submission order, from 1.
     pub number: u64,
-    /// The spec as submitted.
-    pub spec: FleetSpec,
+    /// The spec as submitted; shared, since it never changes after submission (a copy of the
+    /// state for a snapshot copies a pointer, not 100k repository names).
+    pub spec: Arc<FleetSpec>,
     /// Idempotency key of the submission; empty if none.
     pub idempotency_key: String,
     /// W3C `traceparent` of the submission's span, or empty.
@@ -229,12 +231,17 @@ pub struct Fleet {
     pub created_at_ms: u64,
     /// Leader time at which the last run became terminal; 0 while running.
     pub finished_at_ms: u64,
-    /// Runs, in the order of `spec.repositories`.
-    pub runs: Vec<Run>,
+    /// Runs, in the order of `spec.repositories`. A persistent vector (an RRB tree of
+    /// 64-run chunks, `imbl`): copying the state for a snapshot is O(1), and the first change
+    /// to a run after a copy copies only that run's chunk path, so the copy does not hold
+    /// apply for a time that grows with the fleet. Serialized as a plain sequence.
+    pub runs: imbl::Vector<Run>,
     /// Tally of run states.
     pub counts: RunCounts,
-    /// Progress events, oldest first: the newest `max_events` of them (all when 0).
-    pub events: VecDeque<FleetEvent>,
+    /// Progress events, oldest first: the newest `max_events` of them (all when 0). A
+    /// persistent vector, like `runs`: up to `limits.max_events_per_fleet` (100,000) events
+    /// are not copied with the state.
+    pub events: imbl::Vector<FleetEvent>,
     /// Most events kept; 0: no bound.
     #[serde(default)]
     pub max_events: u32,
@@ -316,7 +323,9 @@ impl Fleet {
             });
         }
         let start = usize::try_from(next - first_available).unwrap_or(usize::MAX);
-        Ok(self.events.iter().skip(start).take(limit))
+        // A narrowed focus starts at `start` in O(log n); `skip` on the iterator would walk.
+        let start = start.min(self.events.len());
+        Ok(self.events.focus().narrow(start..).into_iter().take(limit))
     }
 
     /// Whether the fleet ended at least `retention_ms` before `now_ms`.
@@ -714,7 +723,7 @@ impl State {
             let same_spec = self
                 .fleets
                 .get(number)
-                .is_some_and(|fleet| fleet.spec == *fleet_spec);
+                .is_some_and(|fleet| *fleet.spec == *fleet_spec);
             return if same_spec {
                 Response::FleetSubmitted {
                     fleet_id: fleet_id(*number),
@@ -741,7 +750,7 @@ impl State {
         let number = self.next_fleet_number;
         self.next_fleet_number += 1;
         let id = fleet_id(number);
-        let runs: Vec<Run> = fleet_spec
+        let runs: imbl::Vector<Run> = fleet_spec
             .repositories
             .iter()
             .enumerate()
@@ -766,7 +775,7 @@ impl State {
         };
         let mut fleet = Fleet {
             number,
-            spec: fleet_spec.clone(),
+            spec: Arc::new(fleet_spec.clone()),
             idempotency_key: idempotency_key.to_string(),
             trace_parent: trace_parent.to_string(),
             state: FleetState::Running,
@@ -777,7 +786,7 @@ impl State {
             pending_by_time: (0..runs.len() as u32).map(|index| (0, index)).collect(),
             runs,
             counts,
-            events: VecDeque::new(),
+            events: imbl::Vector::new(),
             max_events,
             last_sequence: 0,
             submitted_by: principal.clone(),

@@ -9,6 +9,7 @@ mod membership;
 mod pre_vote;
 mod restart;
 mod snapshot;
+mod snapshot_files;
 mod storage_suite;
 mod transport;
 
