@@ -8,8 +8,7 @@
 //!   deadlines in the leader's memory, moved by heartbeats (no log writes);
 //! - [`config`]: server configuration; [`spec_file`]: fleet spec files; [`convert`]: wire <-> state;
 //! - [`cli`]: client commands; [`leader_hint`]: the leader's address in UNAVAILABLE answers;
-//!   [`quickstart`]: the main job end to end and `bench sandbox`;
-//!   [`bench`]: `bench writes` and `bench failover` against local clusters (etcd as baseline);
+//!   [`quickstart`]: the main job end to end (benchmarks live in the `flotilla-bench` crate);
 //! - [`telemetry`]: logs and OpenTelemetry traces.
 //!
 //! What this crate must not know: how the state machine decides (that is `flotilla-scheduler`),
@@ -22,7 +21,6 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 pub mod api;
 pub mod artifacts;
-pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod cluster;

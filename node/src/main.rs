@@ -82,9 +82,6 @@ enum Commands {
     /// The main job end to end: starts a single-node cluster with a local worker in-process,
     /// submits an "enforce rustfmt" fleet over gRPC, watches it and prints the roll-up.
     Quickstart(quickstart::QuickstartArguments),
-    /// Benchmarks.
-    #[command(subcommand)]
-    Bench(BenchCommands),
     /// Development CA and certificates (rcgen): `ca`, `node`, `worker`, `client`.
     #[command(subcommand)]
     Cert(cli::cert::CertCommands),
@@ -371,88 +368,6 @@ enum SecretCommands {
     },
 }
 
-#[derive(Subcommand, Debug)]
-enum BenchCommands {
-    /// Sandbox start time: runs `true` in a bubblewrap sandbox COUNT times; prints p50/p99.
-    Sandbox {
-        /// Starts to measure.
-        #[arg(long, default_value_t = 200)]
-        count: u32,
-    },
-    /// Committed writes per second: a local 3-node cluster (CancelFleet of a missing fleet, one
-    /// Raft entry each) against a local 3-member etcd cluster (KV.Put), same clients, same machine.
-    Writes {
-        /// Concurrent clients, one measurement per value, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,64")]
-        clients: Vec<u32>,
-        /// Length of each measurement.
-        #[arg(long, default_value_t = 10_000)]
-        duration_ms: u64,
-        /// Keep the temporary directory (data, process logs) instead of removing it.
-        #[arg(long)]
-        keep: bool,
-    },
-    /// Leader failover: kill -9 of the leader of a local 3-node cluster while a worker leases
-    /// runs; time to a new leader and to the first new lease.
-    Failover {
-        /// Leader kills.
-        #[arg(long, default_value_t = 20)]
-        trials: u32,
-        /// Keep the temporary directory (data, process logs) instead of removing it.
-        #[arg(long)]
-        keep: bool,
-    },
-    /// Scale: fleets of RUNS runs on a local 3-node cluster drained by simulated worker
-    /// processes (lease + report at once, no execution); dispatch rate, submit time, GetFleet
-    /// latency, leader RSS, snapshots.
-    Scale {
-        /// Runs per fleet (1-100000).
-        #[arg(long, default_value_t = 100_000)]
-        runs: u32,
-        /// Fleets, submitted one after another as the previous one drains (1-100).
-        #[arg(long, default_value_t = 1)]
-        fleets: u32,
-        /// The cluster's raft.snapshot_logs_since_last (small: snapshots during the run).
-        #[arg(long, default_value_t = 1_000)]
-        snapshot_logs_since_last: u64,
-        /// Simulated worker processes.
-        #[arg(long, default_value_t = 2)]
-        workers: u32,
-        /// Keep the temporary directory (data, process logs) instead of removing it.
-        #[arg(long)]
-        keep: bool,
-    },
-    /// A simulated worker of `bench scale` (leases runs and reports them unchanged at once).
-    #[command(hide = true)]
-    DispatchWorker {
-        /// The node to lease from (http://host:port).
-        #[arg(long)]
-        endpoint: String,
-        /// File holding an admin token.
-        #[arg(long)]
-        token_file: std::path::PathBuf,
-        /// Prefix of the worker ids of its lease loops.
-        #[arg(long)]
-        worker_id: String,
-    },
-    /// Heartbeats out of the log: simulated workers, one lease each, heartbeat a local 3-node
-    /// cluster; prints heartbeats answered and the Raft log entries written meanwhile.
-    Heartbeats {
-        /// Simulated workers (1-1024).
-        #[arg(long, default_value_t = 1000)]
-        workers: u32,
-        /// Each worker's heartbeat interval.
-        #[arg(long, default_value_t = 5_000)]
-        interval_ms: u64,
-        /// Length of the measurement.
-        #[arg(long, default_value_t = 30_000)]
-        duration_ms: u64,
-        /// Keep the temporary directory (data, process logs) instead of removing it.
-        #[arg(long)]
-        keep: bool,
-    },
-}
-
 fn server_config(
     arguments: &ServerArguments,
     transport: &TransportFlags,
@@ -680,7 +595,6 @@ async fn run_client(address: &str, output: Output, command: Commands) -> Result<
         Commands::Server(_)
         | Commands::Secret(_)
         | Commands::Quickstart(_)
-        | Commands::Bench(_)
         | Commands::Worker(_)
         | Commands::Token(_)
         | Commands::Audit(_)
@@ -735,37 +649,6 @@ fn main() {
             Commands::Quickstart(quickstart_arguments) => {
                 quickstart::run(quickstart_arguments).await
             }
-            Commands::Bench(BenchCommands::Sandbox { count }) => {
-                quickstart::bench_sandbox(count).await
-            }
-            Commands::Bench(BenchCommands::Writes {
-                clients,
-                duration_ms,
-                keep,
-            }) => flotilla::bench::writes(&clients, duration_ms, keep).await,
-            Commands::Bench(BenchCommands::Failover { trials, keep }) => {
-                flotilla::bench::failover(trials, keep).await
-            }
-            Commands::Bench(BenchCommands::Scale {
-                runs,
-                fleets,
-                workers,
-                snapshot_logs_since_last,
-                keep,
-            }) => {
-                flotilla::bench::scale(runs, fleets, workers, snapshot_logs_since_last, keep).await
-            }
-            Commands::Bench(BenchCommands::DispatchWorker {
-                endpoint,
-                token_file,
-                worker_id,
-            }) => flotilla::bench::dispatch_worker(&endpoint, &token_file, &worker_id).await,
-            Commands::Bench(BenchCommands::Heartbeats {
-                workers,
-                interval_ms,
-                duration_ms,
-                keep,
-            }) => flotilla::bench::heartbeats(workers, interval_ms, duration_ms, keep).await,
             command => match client_transport(&transport).map_err(|error| CliError {
                 message: format!("{error:#}"),
                 code: exit_code::USAGE,

@@ -28,7 +28,7 @@
 //!   candidate's. Raft has the refusing node adopt the candidate's term (§5.1); openraft 0.9
 //!   does not, so without this rule the up-to-date node's next campaign reuses the outdated
 //!   candidate's term, collides with that candidate's self-vote, and the pair can livelock for
-//!   many rounds (seen in `flotilla bench failover`: 10-12 s to a new leader). With pre-vote an
+//!   many rounds (seen in `flotilla-bench failover`: 10-12 s to a new leader). With pre-vote an
 //!   outdated candidate rarely campaigns at all (the up-to-date voters refuse its pre-vote), but
 //!   one that won a pre-vote quorum of voters as outdated as itself still can. The campaign
 //!   waits a random fraction of the minimum timeout first, so two up-to-date nodes rarely jump

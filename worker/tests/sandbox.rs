@@ -508,7 +508,7 @@ async fn cargo_fmt_works_offline_with_the_toolchain_mounts() {
     );
 }
 
-/// The measurement helper behind `flotilla bench sandbox` works and cleans up; how fast a start
+/// The measurement helper behind `flotilla-bench sandbox` works and cleans up; how fast a start
 /// is belongs to the benchmark, not to a test.
 #[tokio::test]
 async fn sandbox_start_time_is_measurable() {

@@ -82,7 +82,7 @@ async fn a_new_learner_catches_up_from_a_snapshot() {
 
 /// A state with a 100,000-run fleet (some runs leased and reported) is snapshotted by the
 /// leader and installed by a fresh learner over gRPC; both then hold the same state, byte for
-/// byte in the snapshot encoding. Durations are printed (measured in `flotilla bench scale`),
+/// byte in the snapshot encoding. Durations are printed (measured in `flotilla-bench scale`),
 /// not asserted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_of_a_hundred_thousand_runs_installs_on_a_fresh_learner() {

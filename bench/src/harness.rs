@@ -1,11 +1,11 @@
 //! Benchmarks against real local clusters (they measure and print; they assert nothing):
 //!
-//! - [`writes`] (`flotilla bench writes`): committed Raft writes per second through the public API
+//! - [`writes`] (`flotilla-bench writes`): committed Raft writes per second through the public API
 //!   of a 3-node cluster (`FleetService.CancelFleet` of a fleet id that does not exist: one log
 //!   entry, committed and applied, where the state machine refuses it, before the NOT_FOUND
 //!   reply; heartbeats are no longer log entries), with 1 and 64 concurrent clients, and in the same run the same
 //!   for a 3-member etcd cluster (`KV.Put` of a small key) as the baseline;
-//! - [`failover`] (`flotilla bench failover`): with a worker leasing runs continuously, `kill -9`
+//! - [`failover`] (`flotilla-bench failover`): with a worker leasing runs continuously, `kill -9`
 //!   of the leader, then the time until the survivors report a new leader and until the first
 //!   new lease is granted; the killed node is restarted and caught up before the next trial.
 //!
@@ -31,7 +31,7 @@ use tokio::task::JoinSet;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::api::now_ms;
+use flotilla::api::now_ms;
 
 /// Upper bound of `--clients` values.
 const MAX_CLIENTS: u32 = 1024;
@@ -163,6 +163,28 @@ impl Drop for ChildProcess {
     }
 }
 
+/// The `flotilla` binary the benchmarks run: `$FLOTILLA_BINARY`, else the `flotilla` next to
+/// this executable.
+///
+/// # Errors
+/// Neither exists.
+fn flotilla_binary() -> anyhow::Result<PathBuf> {
+    let binary = match std::env::var_os("FLOTILLA_BINARY") {
+        Some(path) => PathBuf::from(path),
+        None => std::env::current_exe()
+            .context("the flotilla-bench binary")?
+            .with_file_name("flotilla"),
+    };
+    if !binary.is_file() {
+        bail!(
+            "no flotilla binary at {} (build it with `cargo build -p flotilla`, or set \
+             FLOTILLA_BINARY)",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}
+
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -225,11 +247,11 @@ impl FlotillaCluster {
 
     fn start(directory: &Path, config: Option<&Path>) -> anyhow::Result<Self> {
         std::fs::create_dir_all(directory)?;
-        let token = crate::api::token::generate_token()
+        let token = flotilla::api::token::generate_token()
             .map_err(|error| anyhow::anyhow!("random source: {error}"))?;
         let token_file = directory.join("bootstrap-token");
         let _ = std::fs::remove_file(&token_file);
-        crate::api::token::write_token_file(&token_file, &token)?;
+        flotilla::api::token::write_token_file(&token_file, &token)?;
         bench_bearer()
             .set(&token)
             .map_err(|error| anyhow::anyhow!("{error}"))?;
@@ -242,7 +264,7 @@ impl FlotillaCluster {
             .map(|address| poll_channel(&format!("http://{address}")))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let mut cluster = FlotillaCluster {
-            binary: std::env::current_exe().context("the flotilla binary")?,
+            binary: flotilla_binary()?,
             directory: directory.to_path_buf(),
             config: config.map(Path::to_path_buf),
             addresses,
@@ -286,7 +308,7 @@ impl FlotillaCluster {
         .await?
         .into_inner();
         let _ = std::fs::remove_file(path);
-        crate::api::token::write_token_file(path, &response.secret_token)?;
+        flotilla::api::token::write_token_file(path, &response.secret_token)?;
         Ok(())
     }
 
@@ -848,7 +870,7 @@ async fn measure(
     })
 }
 
-/// `flotilla bench writes`: committed writes per second of a local 3-node Flotilla cluster and,
+/// `flotilla-bench writes`: committed writes per second of a local 3-node Flotilla cluster and,
 /// as the baseline in the same run, of a local 3-member etcd cluster, with each number of
 /// concurrent clients in `clients`, each measured for `duration_ms`.
 ///
@@ -975,7 +997,7 @@ fn print_writes(results: &[Measurement], duration: Duration) {
 // bench failover
 // ---------------------------------------------------------------------------------------------
 
-/// `flotilla bench failover`: `trials` times, `kill -9` of the leader of a local 3-node cluster
+/// `flotilla-bench failover`: `trials` times, `kill -9` of the leader of a local 3-node cluster
 /// while a worker-only node leases runs continuously; prints the time until a survivor reports
 /// a new leader and until the first new lease, per trial, and their median and worst.
 ///
@@ -1384,7 +1406,7 @@ const MAX_SIMULATED_WORKERS: u32 = 1024;
 /// Connections the simulated workers share (HTTP/2 multiplexes their calls).
 const HEARTBEAT_CONNECTIONS: usize = 16;
 
-/// `flotilla bench heartbeats`: `workers` simulated workers (`sim-<n>`, admin token) each lease
+/// `flotilla-bench heartbeats`: `workers` simulated workers (`sim-<n>`, admin token) each lease
 /// one run of a fleet on a local 3-node cluster, then heartbeat it every `interval_ms` for
 /// `duration_ms`. Prints the heartbeats answered per second, their latency, the leases
 /// reported lost, and the Raft log entries the leader wrote meanwhile (heartbeats are not log
@@ -1593,8 +1615,8 @@ const MAX_SCALE_RUNS: u32 = 100_000;
 const DISPATCH_LOOPS: usize = 8;
 const DISPATCH_SLOTS_PER_LEASE: u32 = 64;
 
-/// `flotilla bench scale`: `fleets` fleets of `runs` runs each on a local 3-node cluster
-/// (fsync on), drained by `workers` simulated worker processes (`flotilla bench
+/// `flotilla-bench scale`: `fleets` fleets of `runs` runs each on a local 3-node cluster
+/// (fsync on), drained by `workers` simulated worker processes (`flotilla-bench
 /// dispatch-worker`: they lease runs and report them `unchanged` at once, executing nothing:
 /// the control plane's dispatch rate, not an agent's). The first fleet is submitted alone and
 /// timed; each further one when the newest has fewer than half its runs pending, so the workers
@@ -1737,7 +1759,6 @@ async fn scale_inner(
     let mut worker_processes = Vec::new();
     for worker in 0..workers {
         let arguments: Vec<String> = vec![
-            "bench".into(),
             "dispatch-worker".into(),
             "--endpoint".into(),
             leader_url.clone(),
@@ -1748,7 +1769,7 @@ async fn scale_inner(
         ];
         worker_processes.push(ChildProcess::spawn(
             &format!("simulated worker {worker}"),
-            &cluster.binary.clone(),
+            &std::env::current_exe().context("the flotilla-bench binary")?,
             &arguments,
             &root.join(format!("worker-{worker}.log")),
         )?);
@@ -1878,7 +1899,7 @@ async fn scale_inner(
     Ok(0)
 }
 
-/// `flotilla bench dispatch-worker` (started by `bench scale`): a simulated worker that leases
+/// `flotilla-bench dispatch-worker` (started by `bench scale`): a simulated worker that leases
 /// runs from `endpoint` and reports each `unchanged` at once, in [`DISPATCH_LOOPS`] concurrent
 /// loops, until killed. Executes nothing.
 pub async fn dispatch_worker(
