@@ -448,6 +448,9 @@ async fn provision_worker_token(
         }
     };
     let mut warned = false;
+    // The bootstrap token is committed moments after the first leader is elected: ask again
+    // soon at first (the node's worker waits for this token), then every 500 ms.
+    let mut backoff = Duration::from_millis(20);
     loop {
         let attempt = async {
             let channel = crate::tls::endpoint(&endpoint, tls.as_ref())
@@ -490,9 +493,10 @@ async fn provision_worker_token(
             Err(_) => {}
         }
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            () = tokio::time::sleep(backoff) => {}
             _ = shutdown.changed() => return,
         }
+        backoff = (backoff * 2).min(Duration::from_millis(500));
     }
 }
 

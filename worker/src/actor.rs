@@ -790,6 +790,14 @@ async fn lease_poller(
 ) {
     let mut backoff = Duration::from_millis(100);
     let mut faults_left = settings.fault_drop_lease_replies;
+    if !settings.token.is_set() {
+        // The node's own worker starts before the cluster has made its token.
+        info!("waiting for the worker token before asking for leases");
+        tokio::select! {
+            () = settings.token.wait_until_set() => {}
+            _ = stop.changed() => return,
+        }
+    }
     loop {
         let first = tokio::select! {
             permit = slots.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => return },

@@ -6,6 +6,8 @@
 
 use std::sync::{Arc, RwLock};
 
+use tokio::sync::watch;
+
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -20,9 +22,20 @@ pub type AuthChannel = InterceptedService<Channel, BearerToken>;
 pub struct InvalidToken;
 
 /// The interceptor; clones share one token slot. Its `Debug` never shows the token.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct BearerToken {
     value: Arc<RwLock<Option<MetadataValue<Ascii>>>>,
+    /// Whether a token is set, for [`BearerToken::wait_until_set`].
+    set: Arc<watch::Sender<bool>>,
+}
+
+impl Default for BearerToken {
+    fn default() -> Self {
+        BearerToken {
+            value: Arc::default(),
+            set: Arc::new(watch::Sender::new(false)),
+        }
+    }
 }
 
 impl std::fmt::Debug for BearerToken {
@@ -58,10 +71,20 @@ impl BearerToken {
             value.set_sensitive(true);
             Some(value)
         };
+        let is_set = value.is_some();
         if let Ok(mut slot) = self.value.write() {
             *slot = value;
         }
+        self.set.send_replace(is_set);
         Ok(())
+    }
+
+    /// Returns once a token is set (at once if one is), so a client that starts before its
+    /// token exists waits for it instead of sending unauthenticated requests and backing off.
+    pub async fn wait_until_set(&self) {
+        let mut receiver = self.set.subscribe();
+        // The sender lives as long as `self`, so this ends only when a token is set.
+        let _ = receiver.wait_for(|set| *set).await;
     }
 
     /// Whether a token is set.
@@ -108,4 +131,40 @@ pub fn read_token_file(path: &std::path::Path) -> std::io::Result<String> {
         ));
     }
     Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::BearerToken;
+
+    #[tokio::test]
+    async fn a_wait_for_the_token_ends_when_a_clone_sets_it() {
+        let token = BearerToken::default();
+        let waiter = tokio::spawn({
+            let token = token.clone();
+            async move { token.wait_until_set().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "no token yet");
+        token.set("secret").unwrap();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the wait ends once the token is set")
+            .unwrap();
+        // Already set: at once.
+        tokio::time::timeout(Duration::from_secs(5), token.wait_until_set())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn clearing_the_token_makes_waiters_wait_again() {
+        let token = BearerToken::new("secret").unwrap();
+        token.set("").unwrap();
+        assert!(!token.is_set());
+        let waited = tokio::time::timeout(Duration::from_millis(50), token.wait_until_set()).await;
+        assert!(waited.is_err(), "cleared: waits");
+    }
 }
