@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use flotilla_domain::Outcome;
+
 use crate::secret::SecretEnvelope;
 use crate::spec::FleetSpec;
 use crate::token::{Principal, Role};
@@ -200,59 +202,6 @@ pub enum Command {
         /// Standard base64 of the re-wrapped data key.
         wrapped_data_key: String,
     },
-}
-
-/// How an attempt ended, as the worker reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// The agent changed files; verification passed; the change is committed.
-    Changed,
-    /// The agent changed nothing; verification passed.
-    Unchanged,
-    /// The agent exited non-zero. Final.
-    AgentFailed,
-    /// A verification command failed. Final.
-    VerifyFailed,
-    /// The agent or a verification command passed its timeout and was killed. Final.
-    TimedOut,
-    /// The platform failed (clone, sandbox start, push). Retried when `retryable`.
-    Infrastructure,
-    /// The lease ran out before a result arrived. Retried.
-    LeaseExpired,
-    /// The run was cancelled.
-    Cancelled,
-}
-
-impl Outcome {
-    /// The wire name (`changed`, `agent_failed`, ...).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Changed => "changed",
-            Outcome::Unchanged => "unchanged",
-            Outcome::AgentFailed => "agent_failed",
-            Outcome::VerifyFailed => "verify_failed",
-            Outcome::TimedOut => "timed_out",
-            Outcome::Infrastructure => "infrastructure",
-            Outcome::LeaseExpired => "lease_expired",
-            Outcome::Cancelled => "cancelled",
-        }
-    }
-
-    /// Parses a wire name; `None` for an unknown one.
-    pub fn parse(name: &str) -> Option<Outcome> {
-        Some(match name {
-            "changed" => Outcome::Changed,
-            "unchanged" => Outcome::Unchanged,
-            "agent_failed" => Outcome::AgentFailed,
-            "verify_failed" => Outcome::VerifyFailed,
-            "timed_out" => Outcome::TimedOut,
-            "infrastructure" => Outcome::Infrastructure,
-            "lease_expired" => Outcome::LeaseExpired,
-            "cancelled" => Outcome::Cancelled,
-            _ => return None,
-        })
-    }
 }
 
 /// Per-file change counts, as `git diff --numstat` gives them.

@@ -9,6 +9,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+pub use flotilla_domain::branch::{
+    MAX_BRANCH_BYTES, is_valid_branch, validate_branch, validate_branch_prefix,
+};
+pub use flotilla_domain::name::is_valid_name;
+use flotilla_domain::repository::validate_repository_url;
+pub use flotilla_domain::repository::{MAX_REPOSITORY_URL_BYTES, repository_name};
+
 /// Default wall-clock limit for the agent and for each verification command: 10 minutes.
 pub const DEFAULT_SANDBOX_TIMEOUT_MS: u64 = 600_000;
 /// Default number of attempts per run (first attempt included).
@@ -30,8 +37,6 @@ fn default_project() -> String {
 }
 /// Most secrets one fleet may inject ([`AgentSpec::secrets`]).
 pub const MAX_SECRETS_PER_FLEET: usize = 32;
-/// Longest branch name accepted, in bytes.
-pub const MAX_BRANCH_BYTES: usize = 255;
 /// The `{fleet_id}` used when a template is validated before the fleet has an id: the longest
 /// id there can be, so that length checks hold for every real one.
 const LONGEST_FLEET_ID: &str = "fl-18446744073709551615";
@@ -212,7 +217,7 @@ impl Default for SpecLimits {
             max_task_bytes: 64 * 1024,
             max_command_bytes: 8 * 1024,
             max_verify_commands: 16,
-            max_repository_url_bytes: 2048,
+            max_repository_url_bytes: MAX_REPOSITORY_URL_BYTES,
             max_env_vars: 64,
             max_timeout_ms: 86_400_000,
             max_parallelism: 1024,
@@ -289,79 +294,6 @@ pub fn is_valid_env_name(key: &str) -> bool {
         && !key.starts_with("FLOTILLA_")
 }
 
-/// Whether `name` is 1-64 characters of `[A-Za-z0-9._-]`.
-pub fn is_valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
-}
-
-/// Whether `branch` is a branch name `git check-ref-format --branch` accepts, at most
-/// [`MAX_BRANCH_BYTES`] long. Slightly stricter than git: `@` alone (git's shorthand for the
-/// current branch) is refused too. The rules: not empty, not `HEAD`, not starting with `-`; no
-/// component (between `/`) empty, starting with `.` or ending with `.lock`; not ending with
-/// `.`; no `..`, no `@{`; no control characters, space, `~ ^ : ? * [ \`.
-pub fn is_valid_branch(branch: &str) -> bool {
-    !branch.is_empty()
-        && branch.len() <= MAX_BRANCH_BYTES
-        && branch != "HEAD"
-        && branch != "@"
-        && !branch.starts_with('-')
-        && !branch.ends_with('.')
-        && !branch.contains("..")
-        && !branch.contains("@{")
-        && branch
-            .bytes()
-            .all(|b| b > 0x20 && b != 0x7f && !b"~^:?*[\\".contains(&b))
-        && branch.split('/').all(|component| {
-            !component.is_empty() && !component.starts_with('.') && !component.ends_with(".lock")
-        })
-}
-
-/// Checks a rendered branch name: a valid git branch ([`is_valid_branch`]), given as a name
-/// rather than a ref (`refs/...` is refused), and under `prefix`
-/// ([`SpecLimits::branch_prefix`]).
-///
-/// # Errors
-/// What is wrong, as a sentence for a [`FieldError`].
-pub fn validate_branch(branch: &str, prefix: &str) -> Result<(), String> {
-    if !is_valid_branch(branch) {
-        return Err(format!(
-            "{branch:?} is not a valid git branch name (git check-ref-format --branch)"
-        ));
-    }
-    if branch.starts_with("refs/") {
-        return Err(format!(
-            "{branch:?} is a ref; give the branch name without refs/heads/"
-        ));
-    }
-    if !branch.starts_with(prefix) {
-        return Err(format!(
-            "{branch:?} is not under the branch prefix {prefix:?} (limits.branch_prefix)"
-        ));
-    }
-    Ok(())
-}
-
-/// Checks a branch prefix ([`SpecLimits::branch_prefix`]): non-empty, ending with `/`, not
-/// `refs/...`, and such that `<prefix>x` is a valid branch.
-///
-/// # Errors
-/// What is wrong, as a sentence.
-pub fn validate_branch_prefix(prefix: &str) -> Result<(), String> {
-    if prefix.is_empty() || !prefix.ends_with('/') || prefix.starts_with("refs/") {
-        return Err(format!(
-            "{prefix:?} must be non-empty, end with '/' and not start with refs/ (e.g. \"flotilla/\")"
-        ));
-    }
-    if !is_valid_branch(&format!("{prefix}x")) {
-        return Err(format!("{prefix:?} cannot start a valid git branch name"));
-    }
-    Ok(())
-}
-
 impl FleetSpec {
     /// Checks every field against `limits`. Errors name the field's path below `prefix` (for
     /// example `spec`), so the user sees `spec.sandbox.timeout_ms: ...`.
@@ -401,7 +333,7 @@ impl FleetSpec {
         let mut seen = BTreeSet::new();
         for (index, url) in self.repositories.iter().enumerate() {
             let name = field(&format!("repositories[{index}]"));
-            validate_repository_url(url, limits)
+            validate_repository_url(url, limits.max_repository_url_bytes)
                 .map_err(|message| FieldError::new(&name, message))?;
             if !seen.insert(url.as_str()) {
                 return Err(FieldError::new(
@@ -591,57 +523,6 @@ impl FleetSpec {
             ));
         }
         Ok(())
-    }
-}
-
-fn validate_repository_url(url: &str, limits: &SpecLimits) -> Result<(), String> {
-    if url.is_empty() {
-        return Err("must not be empty".into());
-    }
-    if url.len() > limits.max_repository_url_bytes {
-        return Err(format!(
-            "longer than {} bytes",
-            limits.max_repository_url_bytes
-        ));
-    }
-    if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err("must not contain whitespace or control characters".into());
-    }
-    if url.starts_with('-') {
-        return Err("must not start with '-'".into());
-    }
-    let known_scheme = ["file://", "https://", "http://", "ssh://", "git://"]
-        .iter()
-        .any(|scheme| url.starts_with(scheme) && url.len() > scheme.len());
-    if !known_scheme && !url.starts_with('/') {
-        return Err(format!(
-            "{url:?} is not a git URL: expected file://, https://, http://, ssh://, git:// or an absolute path"
-        ));
-    }
-    Ok(())
-}
-
-/// The last path segment of a repository URL without a trailing `.git`: the `{repository}`
-/// placeholder. Characters a branch cannot hold become `-`.
-pub fn repository_name(url: &str) -> String {
-    let trimmed = url.trim_end_matches('/');
-    let last = trimmed.rsplit(['/', ':']).next().unwrap_or(trimmed);
-    let last = last.strip_suffix(".git").unwrap_or(last);
-    let cleaned: String = last
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let cleaned = cleaned.trim_start_matches(['.', '-']).to_string();
-    if cleaned.is_empty() {
-        "repository".to_string()
-    } else {
-        cleaned
     }
 }
 

@@ -34,6 +34,7 @@
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 
+use flotilla_domain::Outcome;
 use flotilla_proto::v1::{FleetSpec, Lease, RunResult, SandboxDenial, SandboxSpec};
 use futures::FutureExt;
 use tokio::sync::watch;
@@ -54,20 +55,22 @@ use crate::sandbox::{
     run_sandboxed,
 };
 
+// The outcome names come from the one enum of them, `flotilla_domain::Outcome`.
+
 /// Outcome: files changed, verification passed, committed (and pushed when the fleet asks).
-pub const OUTCOME_CHANGED: &str = "changed";
+pub const OUTCOME_CHANGED: &str = Outcome::Changed.as_str();
 /// Outcome: nothing changed, verification passed.
-pub const OUTCOME_UNCHANGED: &str = "unchanged";
+pub const OUTCOME_UNCHANGED: &str = Outcome::Unchanged.as_str();
 /// Outcome: the agent command failed.
-pub const OUTCOME_AGENT_FAILED: &str = "agent_failed";
+pub const OUTCOME_AGENT_FAILED: &str = Outcome::AgentFailed.as_str();
 /// Outcome: a verification command failed.
-pub const OUTCOME_VERIFY_FAILED: &str = "verify_failed";
+pub const OUTCOME_VERIFY_FAILED: &str = Outcome::VerifyFailed.as_str();
 /// Outcome: the agent or a verification command timed out.
-pub const OUTCOME_TIMED_OUT: &str = "timed_out";
+pub const OUTCOME_TIMED_OUT: &str = Outcome::TimedOut.as_str();
 /// Outcome: the worker's infrastructure (git, sandbox, lease) failed.
-pub const OUTCOME_INFRASTRUCTURE: &str = "infrastructure";
+pub const OUTCOME_INFRASTRUCTURE: &str = Outcome::Infrastructure.as_str();
 /// Outcome: cancelled.
-pub const OUTCOME_CANCELLED: &str = "cancelled";
+pub const OUTCOME_CANCELLED: &str = Outcome::Cancelled.as_str();
 
 /// Longest run id kept in file names; longer ones are cut.
 const RUN_ID_FILE_NAME_MAX_CHARS: usize = 100;

@@ -621,41 +621,22 @@ async fn update_mirror_head(
     }
 }
 
-/// Checks that `url` is a repository location the worker accepts: a URL with a scheme
-/// (`file://`, `https://`, `ssh://`...), an scp-like `user@host:path`, or an absolute path. Never
-/// a relative path or something starting with `-`.
+/// Checks that `url` is a repository location the worker accepts: the one rule the server
+/// checks fleet specs with ([`flotilla_domain::repository::validate_repository_url`]), applied
+/// again here because a lease is input to the worker like any other.
 ///
 /// Errors: [`GitError::Invalid`].
 pub fn validate_repository_url(url: &str) -> Result<(), GitError> {
-    let invalid = |why: &str| {
-        Err(GitError::Invalid {
-            message: format!(
-                "invalid repository {:?}: {why}",
-                redact_url_credentials(url)
-            ),
-        })
-    };
-    if url.trim().is_empty() {
-        return invalid("empty");
-    }
-    if url.starts_with('-') || url.chars().any(char::is_control) {
-        return invalid("starts with '-' or contains control characters");
-    }
-    let has_scheme = url.split_once("://").is_some_and(|(scheme, _)| {
-        !scheme.is_empty()
-            && scheme.chars().all(|character| {
-                character.is_ascii_alphanumeric() || matches!(character, '+' | '-' | '.')
-            })
-    });
-    let scp_like = !has_scheme
-        && url
-            .split_once(':')
-            .is_some_and(|(host, _)| !host.is_empty() && !host.contains('/'));
-    if has_scheme || scp_like || url.starts_with('/') {
-        Ok(())
-    } else {
-        invalid("not a URL or an absolute path")
-    }
+    flotilla_domain::repository::validate_repository_url(
+        url,
+        flotilla_domain::repository::MAX_REPOSITORY_URL_BYTES,
+    )
+    .map_err(|why| GitError::Invalid {
+        message: format!(
+            "invalid repository {:?}: {why}",
+            redact_url_credentials(url)
+        ),
+    })
 }
 
 /// `url` without the user information of a `scheme://user:password@host/...` URL (replaced by
@@ -671,7 +652,9 @@ pub fn redact_url_credentials(url: &str) -> String {
     }
 }
 
-/// Checks that `branch` is a valid branch name (`git check-ref-format --branch`).
+/// Checks that `branch` is a valid branch name: the one rule the server checks rendered
+/// branches with ([`flotilla_domain::branch::is_valid_branch`]), then git's own
+/// `git check-ref-format --branch` (the git that will use it has the last word).
 ///
 /// Errors: [`GitError::Invalid`].
 pub async fn validate_branch(
@@ -680,7 +663,7 @@ pub async fn validate_branch(
     branch: &str,
     cancel: &CancellationToken,
 ) -> Result<(), GitError> {
-    if branch.is_empty() || branch.starts_with('-') {
+    if !flotilla_domain::branch::is_valid_branch(branch) {
         return Err(GitError::Invalid {
             message: format!("invalid branch name {branch:?}"),
         });
@@ -1134,12 +1117,21 @@ mod tests {
             "https://example.com/a/b.git",
             "file:///srv/git/x.git",
             "ssh://git@example.com/x.git",
-            "git@example.com:acme/x.git",
             "/srv/git/x.git",
         ] {
             assert!(validate_repository_url(good).is_ok(), "{good}");
         }
-        for bad in ["", "relative/path", "-uploadpack=evil", "x\ny", "://x"] {
+        // scp-like `user@host:path` is refused, as the server refuses it in fleet specs: one
+        // rule for both (flotilla_domain).
+        for bad in [
+            "",
+            "relative/path",
+            "-uploadpack=evil",
+            "x\ny",
+            "://x",
+            "git@example.com:acme/x.git",
+            "ext::sh -c touch% /tmp/pwned",
+        ] {
             assert!(validate_repository_url(bad).is_err(), "{bad}");
         }
     }
