@@ -291,6 +291,11 @@ pub struct LimitsSection {
     /// submission, naming `spec.branch_template`); workers refuse to push anywhere else.
     /// Non-empty, ends with `/`.
     pub branch_prefix: String,
+    /// A submission whose repository URLs take more than this many bytes is written to the
+    /// Raft log in parts of at most this size (`StageRepositories`, then `SubmitStagedFleet`),
+    /// so that no log entry grows with the fleet (openraft 0.9 gives an AppendEntries one
+    /// heartbeat interval). 4096-8388608.
+    pub max_submission_part_bytes: usize,
 }
 
 impl Default for LimitsSection {
@@ -314,6 +319,7 @@ impl Default for LimitsSection {
             max_lease_polls: 1024,
             proposal_timeout_ms: 10_000,
             branch_prefix: flotilla_scheduler::spec::DEFAULT_BRANCH_PREFIX.into(),
+            max_submission_part_bytes: 512 * 1024,
         }
     }
 }
@@ -699,6 +705,12 @@ impl ServerConfig {
             return invalid(
                 "limits.max_events_per_fleet",
                 "must be between 16 and 10000000",
+            );
+        }
+        if !(4096..=8 * 1024 * 1024).contains(&self.limits.max_submission_part_bytes) {
+            return invalid(
+                "limits.max_submission_part_bytes",
+                "must be between 4096 and 8388608",
             );
         }
         if self.limits.max_lease_polls == 0 || self.limits.max_lease_polls > 1_000_000 {

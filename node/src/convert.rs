@@ -586,6 +586,28 @@ pub fn run_filter_from_wire(
     ))
 }
 
+/// `repositories` cut, in order, into parts whose staged size
+/// ([`flotilla_scheduler::staging::staged_bytes`]) is at most `max_part_bytes` each (a URL
+/// larger than that alone still makes one part). Empty input: no parts.
+pub fn submission_parts(repositories: &[String], max_part_bytes: usize) -> Vec<Vec<String>> {
+    let mut parts = Vec::new();
+    let mut part: Vec<String> = Vec::new();
+    let mut part_bytes = 0u64;
+    for repository in repositories {
+        let bytes = flotilla_scheduler::staging::staged_bytes(std::slice::from_ref(repository));
+        if !part.is_empty() && part_bytes + bytes > max_part_bytes as u64 {
+            parts.push(std::mem::take(&mut part));
+            part_bytes = 0;
+        }
+        part.push(repository.clone());
+        part_bytes += bytes;
+    }
+    if !part.is_empty() {
+        parts.push(part);
+    }
+    parts
+}
+
 /// Up to `page_size` summaries of `fleet`'s runs that match `filter`, in run order, and the
 /// next page's token (empty when no run after the page matches).
 pub fn list_runs(
@@ -781,6 +803,29 @@ pub fn event_to_wire(fleet: &Fleet, event: &FleetEvent) -> v1::FleetEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn submissions_are_cut_into_bounded_parts_in_order() {
+        use flotilla_scheduler::staging::staged_bytes;
+        let repositories: Vec<String> = (0..1000)
+            .map(|i| format!("https://example.com/org/repository-{i}.git"))
+            .collect();
+        let parts = submission_parts(&repositories, 4096);
+        assert!(parts.len() > 1);
+        for part in &parts {
+            assert!(staged_bytes(part) <= 4096, "{}", staged_bytes(part));
+            assert!(!part.is_empty());
+        }
+        assert_eq!(parts.concat(), repositories);
+        assert_eq!(
+            submission_parts(&repositories, usize::MAX),
+            vec![repositories.clone()]
+        );
+        assert!(submission_parts(&[], 4096).is_empty());
+        // A URL over the bound alone still travels, alone.
+        let long = vec!["x".repeat(5000), "y".into()];
+        assert_eq!(submission_parts(&long, 4096).len(), 2);
+    }
 
     fn wire_spec() -> v1::FleetSpec {
         v1::FleetSpec {

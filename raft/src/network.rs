@@ -24,7 +24,8 @@
 //! - the deadline passed (here, or tonic's server answered `CANCELLED` "Timeout expired") →
 //!   [`Timeout`];
 //! - a message over the size limit (checked before sending, or tonic's `message length too
-//!   large` from the peer, `OUT_OF_RANGE`) while appending more than one entry →
+//!   large` from the peer, `OUT_OF_RANGE`), or an AppendEntries over
+//!   [`NetworkConfig::max_append_entries_bytes`], while appending more than one entry →
 //!   [`PayloadTooLarge`] with a hint of half the entries: openraft retries at once with fewer;
 //! - anything else, including undecodable replies → [`NetworkError`].
 //!
@@ -61,6 +62,13 @@ use crate::types::{NodeId, TypeConfig};
 /// AppendEntries batch and a snapshot chunk (whose bytes grow up to 2× as MessagePack integers).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// Default largest AppendEntries request of more than one entry, in bytes (encoded): 1 MiB.
+/// openraft 0.9 gives every AppendEntries one heartbeat interval, so what a follower must
+/// decode, append and fsync per request is kept small; a larger request is refused before
+/// sending as [`PayloadTooLarge`] with half the entries, and openraft sends fewer. One entry
+/// is always sent (large submissions are split into bounded entries by the API).
+pub const DEFAULT_MAX_APPEND_ENTRIES_BYTES: usize = 1024 * 1024;
+
 /// Default time allowed to establish a TCP + HTTP/2 connection to a peer, in milliseconds.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1_000;
 
@@ -89,6 +97,10 @@ pub struct NetworkConfig {
     pub connect_timeout_ms: u64,
     /// Largest gRPC message sent or accepted, in bytes. Default [`DEFAULT_MAX_MESSAGE_BYTES`].
     pub max_message_bytes: usize,
+    /// Largest encoded AppendEntries request carrying more than one entry, in bytes; above it
+    /// the entries are halved ([`PayloadTooLarge`]). Default
+    /// [`DEFAULT_MAX_APPEND_ENTRIES_BYTES`].
+    pub max_append_entries_bytes: usize,
     /// First pause after a peer is unreachable, in milliseconds; doubles after each failure up
     /// to `unreachable_backoff_max_ms`. Default [`DEFAULT_UNREACHABLE_BACKOFF_INITIAL_MS`].
     pub unreachable_backoff_initial_ms: u64,
@@ -109,6 +121,7 @@ impl Default for NetworkConfig {
         NetworkConfig {
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_append_entries_bytes: DEFAULT_MAX_APPEND_ENTRIES_BYTES,
             unreachable_backoff_initial_ms: DEFAULT_UNREACHABLE_BACKOFF_INITIAL_MS,
             unreachable_backoff_max_ms: DEFAULT_UNREACHABLE_BACKOFF_MAX_MS,
             keep_alive_interval_ms: DEFAULT_KEEP_ALIVE_INTERVAL_MS,
@@ -433,6 +446,18 @@ impl GrpcConnection {
                      network.max_message_bytes ({})",
                     data.len(),
                     self.config.max_message_bytes
+                ))))
+            }
+            Ok(data)
+                if method == Method::AppendEntries
+                    && entries > 1
+                    && data.len() > self.config.max_append_entries_bytes =>
+            {
+                Err(Failure::TooLarge(AnyError::error(format!(
+                    "the AppendEntries message of {entries} entries is {} bytes, more than \
+                     network.max_append_entries_bytes ({})",
+                    data.len(),
+                    self.config.max_append_entries_bytes
                 ))))
             }
             Ok(data) => self.send(method, data, timeout).await,

@@ -56,6 +56,30 @@ pub enum Command {
         #[serde(default)]
         max_events: u32,
     },
+    /// Stages part of a large submission's repositories under `upload_id`
+    /// ([`crate::staging`]); answers [`Response::RepositoriesStaged`] or
+    /// [`Response::Rejected`] (a bound of [`crate::staging`], or another principal's upload).
+    StageRepositories {
+        /// Chosen by the API node (random, at most [`crate::staging::MAX_UPLOAD_ID_BYTES`]).
+        upload_id: String,
+        /// The next repositories, in order.
+        repositories: Vec<String>,
+    },
+    /// [`Command::SubmitFleet`] whose repositories were staged under `upload_id` (in order)
+    /// by the same principal; `spec.repositories` is empty. The upload is consumed; a missing
+    /// or expired one answers [`Response::Rejected`].
+    SubmitStagedFleet {
+        /// The staged upload holding the repositories.
+        upload_id: String,
+        /// The validated spec, without its repositories.
+        spec: FleetSpec,
+        /// As in [`Command::SubmitFleet`].
+        idempotency_key: String,
+        /// As in [`Command::SubmitFleet`].
+        trace_parent: String,
+        /// As in [`Command::SubmitFleet`].
+        max_events: u32,
+    },
     /// Leases up to `free_slots` runs to `worker_id`, each until `now_ms + lease_ttl_ms`.
     ///
     /// Reconciliation first: every lease the state says `worker_id` holds whose
@@ -401,6 +425,11 @@ pub struct LeaseGrant {
 /// What applying a command returned.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
+    /// `StageRepositories`: the upload now holds `repositories` repositories.
+    RepositoriesStaged {
+        /// Repositories staged under the upload so far.
+        repositories: u32,
+    },
     /// `SubmitFleet`: the fleet, and whether this command created it.
     FleetSubmitted {
         /// The fleet's id.

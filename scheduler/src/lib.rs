@@ -26,6 +26,7 @@ pub mod placement;
 pub mod policy;
 pub mod secret;
 pub mod spec;
+pub mod staging;
 pub mod state;
 pub mod token;
 

@@ -26,6 +26,7 @@ use crate::lease::LeaseIndex;
 use crate::placement::{self, FleetSlots};
 use crate::secret::Secrets;
 use crate::spec::{self, FleetSpec};
+use crate::staging::Staging;
 use crate::token::{self, AuthenticationError, Principal, Role, Token};
 
 /// The version of the derived indexes a state keeps (see `State::index_version`): 1 the lease
@@ -388,6 +389,9 @@ pub struct State {
     /// them.
     #[serde(default)]
     index_version: u32,
+    /// Repositories of large submissions staged in parts ([`crate::staging`]).
+    #[serde(default)]
+    staging: Staging,
 }
 
 /// `fl-<number>`.
@@ -483,6 +487,47 @@ impl State {
                 *max_events,
                 &request.principal,
             ),
+            Command::StageRepositories {
+                upload_id,
+                repositories,
+            } => {
+                self.staging.drop_expired(now_ms);
+                match self
+                    .staging
+                    .stage(now_ms, upload_id, repositories, &request.principal)
+                {
+                    Ok(count) => Response::RepositoriesStaged {
+                        repositories: u32::try_from(count).unwrap_or(u32::MAX),
+                    },
+                    Err(reason) => Response::Rejected { reason },
+                }
+            }
+            Command::SubmitStagedFleet {
+                upload_id,
+                spec,
+                idempotency_key,
+                trace_parent,
+                max_events,
+            } => {
+                self.staging.drop_expired(now_ms);
+                match self.staging.take(upload_id, &request.principal) {
+                    Ok(repositories) => {
+                        let spec = FleetSpec {
+                            repositories,
+                            ..spec.clone()
+                        };
+                        self.submit_fleet(
+                            now_ms,
+                            &spec,
+                            idempotency_key,
+                            trace_parent,
+                            *max_events,
+                            &request.principal,
+                        )
+                    }
+                    Err(reason) => Response::Rejected { reason },
+                }
+            }
             Command::AcquireLeases {
                 worker_id,
                 free_slots,
@@ -1352,6 +1397,7 @@ impl State {
     /// # Errors
     /// A description of the first violated invariant.
     pub fn check_invariants(&self) -> Result<(), String> {
+        self.staging.check_invariants()?;
         for fleet in self.fleets.values() {
             if self.index_version == INDEX_VERSION {
                 let mut rebuilt = fleet.clone();
@@ -1642,6 +1688,29 @@ fn audit_entry(command: &Command, response: &Response) -> AuditEntry {
                     format!("project {} fleet {fleet_id} ({})", spec.project, spec.name)
                 }
                 _ => format!("project {} fleet {}", spec.project, spec.name),
+            },
+        ),
+        Command::StageRepositories {
+            upload_id,
+            repositories,
+        } => (
+            "stage_repositories",
+            format!("upload {upload_id} ({} repositories)", repositories.len()),
+        ),
+        Command::SubmitStagedFleet {
+            upload_id, spec, ..
+        } => (
+            "submit_staged_fleet",
+            match response {
+                Response::FleetSubmitted { fleet_id, .. }
+                | Response::IdempotencyKeyConflict { fleet_id } => format!(
+                    "project {} fleet {fleet_id} ({}) from upload {upload_id}",
+                    spec.project, spec.name
+                ),
+                _ => format!(
+                    "project {} fleet {} from upload {upload_id}",
+                    spec.project, spec.name
+                ),
             },
         ),
         Command::AcquireLeases { worker_id, .. } => {

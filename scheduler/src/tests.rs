@@ -1287,3 +1287,66 @@ proptest::proptest! {
         );
     }
 }
+
+#[test]
+fn a_fleet_submitted_in_parts_equals_one_submitted_whole() {
+    let repositories: Vec<String> = (0..5).map(|i| format!("file:///r{i}")).collect();
+    let refs: Vec<&str> = repositories.iter().map(String::as_str).collect();
+    let mut whole = Harness::new();
+    whole.submit(&refs, 8, "key");
+
+    let mut parts = Harness::new();
+    for (chunk, expected) in [(&repositories[..2], 2), (&repositories[2..], 5)] {
+        assert_eq!(
+            parts.apply(Command::StageRepositories {
+                upload_id: "upload-1".into(),
+                repositories: chunk.to_vec(),
+            }),
+            Response::RepositoriesStaged {
+                repositories: expected
+            }
+        );
+    }
+    let mut without = spec(&refs);
+    without.max_parallelism = 8;
+    let full = without.clone();
+    without.repositories.clear();
+    let submit = |upload: &str| Command::SubmitStagedFleet {
+        upload_id: upload.into(),
+        spec: without.clone(),
+        idempotency_key: "key".into(),
+        trace_parent: String::new(),
+        max_events: 0,
+    };
+    assert_eq!(
+        parts.apply(submit("upload-1")),
+        Response::FleetSubmitted {
+            fleet_id: "fl-1".into(),
+            created: true
+        }
+    );
+    let (built, reference) = (
+        parts.state.fleet("fl-1").unwrap(),
+        whole.state.fleet("fl-1").unwrap(),
+    );
+    assert_eq!(*built.spec, full);
+    assert_eq!(built.runs, reference.runs);
+
+    // The upload was consumed: submitting it again is refused, naming it.
+    match parts.apply(submit("upload-1")) {
+        Response::Rejected { reason } => assert!(reason.contains("upload-1"), "{reason}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    // The same submission staged again is answered by the idempotency key.
+    parts.apply(Command::StageRepositories {
+        upload_id: "upload-2".into(),
+        repositories: repositories.clone(),
+    });
+    assert_eq!(
+        parts.apply(submit("upload-2")),
+        Response::FleetSubmitted {
+            fleet_id: "fl-1".into(),
+            created: false
+        }
+    );
+}

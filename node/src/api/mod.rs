@@ -18,7 +18,9 @@ use flotilla_proto::v1::worker_service_server::WorkerService;
 use flotilla_proto::v1::{self};
 use flotilla_raft::{RaftNode, ReadError, WriteError};
 use flotilla_scheduler::spec::shorten;
-use flotilla_scheduler::{Command, ExecutionPolicy, FieldError, Request, Response, SpecLimits};
+use flotilla_scheduler::{
+    Command, ExecutionPolicy, FieldError, FleetSpec, Request, Response, SpecLimits,
+};
 use futures::Stream;
 use tokio::sync::{Semaphore, mpsc};
 use tonic::transport::Channel;
@@ -170,6 +172,67 @@ impl Api {
     /// Proposes `command` stamped with replicated time and waits at most
     /// `limits.proposal_timeout_ms` for it to be applied. On a follower, returns a channel to
     /// the leader so the caller can forward the original RPC.
+    /// Proposes a large submission in parts ([`flotilla_scheduler::staging`]): its
+    /// repositories as `StageRepositories` entries of at most `limits.max_submission_part_bytes`
+    /// under a random upload id, then `SubmitStagedFleet`. Forwarded whole when this node is
+    /// not the leader at the first part; UNAVAILABLE when leadership moves after it (the
+    /// staged parts expire; a retry with the same idempotency key is safe); RESOURCE_EXHAUSTED
+    /// when the cluster's staging bounds are full.
+    async fn propose_in_parts(
+        &self,
+        spec: FleetSpec,
+        idempotency_key: String,
+        trace_parent: String,
+        principal: Principal,
+    ) -> Result<Proposal, Status> {
+        let mut random = [0u8; 16];
+        getrandom::fill(&mut random).map_err(|error| {
+            Status::internal(format!("no randomness for an upload id: {error}"))
+        })?;
+        let upload_id: String = random.iter().map(|byte| format!("{byte:02x}")).collect();
+        let parts =
+            convert::submission_parts(&spec.repositories, self.limits.max_submission_part_bytes);
+        for (index, repositories) in parts.into_iter().enumerate() {
+            let command = Command::StageRepositories {
+                upload_id: upload_id.clone(),
+                repositories,
+            };
+            match self.propose(command, principal.clone()).await? {
+                Proposal::Forward(channel) if index == 0 => return Ok(Proposal::Forward(channel)),
+                Proposal::Forward(_) => {
+                    return Err(Status::unavailable(
+                        "the leader changed while the fleet was written in parts; submit again \
+                         (with the same idempotency key, that is safe)",
+                    ));
+                }
+                Proposal::Applied(Response::RepositoriesStaged { .. }) => {}
+                Proposal::Applied(Response::Rejected { reason }) => {
+                    return Err(Status::resource_exhausted(reason));
+                }
+                Proposal::Applied(other) => {
+                    return Err(Status::internal(format!("unexpected response {other:?}")));
+                }
+            }
+        }
+        let command = Command::SubmitStagedFleet {
+            upload_id,
+            spec: FleetSpec {
+                repositories: Vec::new(),
+                ..spec
+            },
+            idempotency_key,
+            trace_parent,
+            max_events: self.limits.max_events_per_fleet,
+        };
+        match self.propose(command, principal).await? {
+            Proposal::Forward(_) => Err(Status::unavailable(
+                "the leader changed while the fleet was written in parts; submit again (with \
+                 the same idempotency key, that is safe)",
+            )),
+            applied => Ok(applied),
+        }
+    }
+
     async fn propose(&self, command: Command, principal: Principal) -> Result<Proposal, Status> {
         let request = Request {
             now_ms: self.replicated_now_ms(),
@@ -355,17 +418,25 @@ impl FleetService for Api {
             .map_err(|error| Status::permission_denied(error.to_string()))?;
         let span =
             info_span!("submit_fleet", fleet.name = %spec.name, runs = spec.repositories.len());
-        let command = Command::SubmitFleet {
-            spec,
-            idempotency_key: message.idempotency_key,
-            trace_parent: trace_parent(&span),
-            max_events: self.limits.max_events_per_fleet,
-        };
-        match self
-            .propose(command, who.principal())
-            .instrument(span.clone())
-            .await?
+        let trace_parent = trace_parent(&span);
+        let proposal = if flotilla_scheduler::staging::staged_bytes(&spec.repositories)
+            > self.limits.max_submission_part_bytes as u64
         {
+            self.propose_in_parts(spec, message.idempotency_key, trace_parent, who.principal())
+                .instrument(span.clone())
+                .await?
+        } else {
+            let command = Command::SubmitFleet {
+                spec,
+                idempotency_key: message.idempotency_key,
+                trace_parent,
+                max_events: self.limits.max_events_per_fleet,
+            };
+            self.propose(command, who.principal())
+                .instrument(span.clone())
+                .await?
+        };
+        match proposal {
             Proposal::Forward(channel) => {
                 self.forward(
                     self.fleet_client(channel)

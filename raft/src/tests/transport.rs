@@ -120,7 +120,7 @@ fn large_append(task_bytes: usize) -> AppendEntriesRequest<TypeConfig> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_append_over_the_message_limit_of_either_side_is_payload_too_large() {
+async fn an_append_over_either_sides_message_limit_or_the_byte_budget_is_payload_too_large() {
     // The receiver accepts at most 128 KiB (with chunks small enough to fit).
     let directory = tempfile::tempdir().unwrap();
     let test_node = TestNode::start(1, directory.path(), |config| {
@@ -130,16 +130,30 @@ async fn an_append_over_the_message_limit_of_either_side_is_payload_too_large() 
     .await;
     let target = BasicNode::new(test_node.node.advertise_address());
     let option = RPCOption::new(Duration::from_secs(5));
-    for (sender_limit, task_bytes, side) in [
-        (4096, 100, "over the sender's limit"),
+    let defaults = NetworkConfig::default();
+    for (sender_limit, append_limit, task_bytes, side) in [
         (
-            NetworkConfig::default().max_message_bytes,
+            4096,
+            defaults.max_append_entries_bytes,
+            100,
+            "over the sender's limit",
+        ),
+        (
+            defaults.max_message_bytes,
+            usize::MAX,
             10_000,
             "over the receiver's limit",
+        ),
+        (
+            defaults.max_message_bytes,
+            4096,
+            100,
+            "over the AppendEntries byte budget",
         ),
     ] {
         let config = NetworkConfig {
             max_message_bytes: sender_limit,
+            max_append_entries_bytes: append_limit,
             ..NetworkConfig::default()
         };
         let mut factory = GrpcNetworkFactory::new(2, config);
