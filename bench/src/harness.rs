@@ -14,6 +14,7 @@
 //! fsync as always. They are killed and the directory removed at the end, on error and on
 //! Ctrl-C or SIGTERM; `PR_SET_PDEATHSIG` kills them should this process die anyway.
 
+use flotilla_proto::v1::AttemptOutcome;
 use std::fs::File;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -1957,7 +1958,7 @@ async fn dispatch_loop(
                         run_id: lease.run_id,
                         attempt: lease.attempt,
                         result: Some(v1::RunResult {
-                            outcome: "unchanged".into(),
+                            outcome: AttemptOutcome::Unchanged as i32,
                             ..Default::default()
                         }),
                     })

@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use flotilla_proto::outcome::outcome_name;
 use flotilla_proto::v1::{self, RunState};
 use flotilla_worker::client_auth::AuthChannel;
 
@@ -457,14 +458,16 @@ fn check_run(
         ));
     }
     for (position, attempt) in run.attempts.iter().enumerate() {
-        *history.outcomes.entry(attempt.outcome.clone()).or_default() += 1;
+        // The outcome's name (`lease_expired`, ...), `""` while the attempt has none.
+        let outcome = outcome_name(attempt.outcome);
+        *history.outcomes.entry(outcome.to_owned()).or_default() += 1;
         history.attempt_list.push(AttemptRecord {
             run_id: id.clone(),
             number: attempt.number,
             worker_id: attempt.worker_id.clone(),
             started_at_ms: attempt.started_at_ms,
             finished_at_ms: attempt.finished_at_ms,
-            outcome: attempt.outcome.clone(),
+            outcome: outcome.to_owned(),
         });
         if attempt.number as usize != position + 1 {
             violations.push(format!(
@@ -482,25 +485,23 @@ fn check_run(
         let last = position + 1 == n;
         if last {
             let consistent = match RunState::try_from(run.state) {
-                Ok(RunState::Changed) => attempt.outcome == "changed",
-                Ok(RunState::Unchanged) => attempt.outcome == "unchanged",
+                Ok(RunState::Changed) => outcome == "changed",
+                Ok(RunState::Unchanged) => outcome == "unchanged",
                 Ok(RunState::Failed) => {
-                    !attempt.outcome.is_empty()
-                        && attempt.outcome != "changed"
-                        && attempt.outcome != "unchanged"
+                    !outcome.is_empty() && outcome != "changed" && outcome != "unchanged"
                 }
-                Ok(RunState::Cancelled) => attempt.outcome == "cancelled",
+                Ok(RunState::Cancelled) => outcome == "cancelled",
                 _ => false,
             };
             if !consistent {
                 violations.push(format!(
                     "run {id}: state {} but last attempt outcome {:?}",
                     state_name(run.state),
-                    attempt.outcome
+                    outcome
                 ));
             }
-        } else if !RETRIED_OUTCOMES.contains(&attempt.outcome.as_str()) {
-            let kind = if TERMINAL_OUTCOMES.contains(&attempt.outcome.as_str()) {
+        } else if !RETRIED_OUTCOMES.contains(&outcome) {
+            let kind = if TERMINAL_OUTCOMES.contains(&outcome) {
                 "a terminal outcome"
             } else {
                 "an unknown outcome"
@@ -508,7 +509,7 @@ fn check_run(
             violations.push(format!(
                 "run {id}: attempt {} of {n} has {kind} {:?} but was followed by another \
                  attempt: {attempts:?}",
-                attempt.number, attempt.outcome
+                attempt.number, outcome
             ));
         }
     }
@@ -698,6 +699,7 @@ mod tests {
     //! valid history and expects a violation naming it.
 
     use super::*;
+    use flotilla_proto::outcome::outcome_to_wire;
 
     fn run(id: &str, outcomes: &[&str]) -> v1::Run {
         let state = match outcomes.last() {
@@ -718,7 +720,7 @@ mod tests {
                     worker_id: format!("worker{}", i % 2 + 1),
                     started_at_ms: 1_000 + i as u64 * 100,
                     finished_at_ms: 1_050 + i as u64 * 100,
-                    outcome: outcome.to_string(),
+                    outcome: outcome_to_wire(flotilla_domain::Outcome::parse(outcome)),
                     ..Default::default()
                 })
                 .collect(),
@@ -899,7 +901,7 @@ mod tests {
     fn an_unfinished_or_failed_run_is_caught() {
         let mut runs = valid_runs();
         runs[0].state = RunState::Running as i32;
-        runs[0].attempts[0].outcome.clear();
+        runs[0].attempts[0].outcome = 0;
         runs[0].attempts[0].finished_at_ms = 0;
         let (fleet, events) = fleet(&runs);
         let found = violations_of(&fleet, &runs, &events);

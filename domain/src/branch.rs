@@ -3,6 +3,10 @@
 /// Longest branch name accepted, in bytes.
 pub const MAX_BRANCH_BYTES: usize = 255;
 
+/// The prefix every branch must start with unless the operator configures another
+/// (`limits.branch_prefix` on the server, `branch_prefix` on a worker).
+pub const DEFAULT_BRANCH_PREFIX: &str = "flotilla/";
+
 /// Whether `branch` is a branch name `git check-ref-format --branch` accepts, at most
 /// [`MAX_BRANCH_BYTES`] long. Slightly stricter than git: `@` alone (git's shorthand for the
 /// current branch) is refused too. The rules: not empty, not `HEAD`, not starting with `-`; no

@@ -25,7 +25,20 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// The wire name (`changed`, `agent_failed`, ...).
+    /// Every outcome, in the order of the wire's `AttemptOutcome` numbers (1-8).
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Changed,
+        Outcome::Unchanged,
+        Outcome::AgentFailed,
+        Outcome::VerifyFailed,
+        Outcome::TimedOut,
+        Outcome::Infrastructure,
+        Outcome::LeaseExpired,
+        Outcome::Cancelled,
+    ];
+
+    /// The name (`changed`, `agent_failed`, ...): what the CLI prints and parses, and what
+    /// the state machine stores (serde). (`changed`, `agent_failed`, ...).
     pub const fn as_str(self) -> &'static str {
         match self {
             Outcome::Changed => "changed",
@@ -39,7 +52,7 @@ impl Outcome {
         }
     }
 
-    /// Parses a wire name; `None` for an unknown one.
+    /// Parses a name; `None` for an unknown one.
     pub fn parse(name: &str) -> Option<Outcome> {
         Some(match name {
             "changed" => Outcome::Changed,
@@ -59,20 +72,9 @@ impl Outcome {
 mod tests {
     use super::*;
 
-    const ALL: [Outcome; 8] = [
-        Outcome::Changed,
-        Outcome::Unchanged,
-        Outcome::AgentFailed,
-        Outcome::VerifyFailed,
-        Outcome::TimedOut,
-        Outcome::Infrastructure,
-        Outcome::LeaseExpired,
-        Outcome::Cancelled,
-    ];
-
     #[test]
     fn wire_names_round_trip_and_match_serde() {
-        for outcome in ALL {
+        for outcome in Outcome::ALL {
             assert_eq!(Outcome::parse(outcome.as_str()), Some(outcome));
             // The state machine stores outcomes with serde: the same names.
             let json = format!("\"{}\"", outcome.as_str());

@@ -371,21 +371,25 @@ pub struct WorkerSection {
 
 impl Default for WorkerSection {
     fn default() -> Self {
+        // The sandbox and log defaults are the worker crate's own, so a node's worker and a
+        // worker-only process behave alike.
+        let worker = flotilla_worker::config::WorkerConfig::default();
+        let settings = flotilla_worker::actor::WorkerSettings::default();
         WorkerSection {
             enabled: true,
             slots: std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
             worker_id: String::new(),
-            lease_wait_ms: 10_000,
-            heartbeat_interval_ms: 5_000,
-            default_memory_limit_bytes: 2 * 1024 * 1024 * 1024,
-            default_pids_limit: 1024,
-            log_max_bytes: 8 * 1024 * 1024,
-            log_tail_bytes: 16 * 1024,
-            patch_max_bytes: 256 * 1024,
-            rpc_timeout_ms: 10_000,
-            push_lease_margin_ms: 0,
-            mirror_cache_max_mirrors: 1_000,
-            mirror_cache_max_bytes: 20 * 1024 * 1024 * 1024,
+            lease_wait_ms: settings.lease_wait_ms,
+            heartbeat_interval_ms: settings.heartbeat_interval_ms,
+            default_memory_limit_bytes: worker.default_memory_limit_bytes,
+            default_pids_limit: worker.default_pids_limit,
+            log_max_bytes: worker.log_max_bytes,
+            log_tail_bytes: worker.log_tail_bytes,
+            patch_max_bytes: worker.patch_max_bytes,
+            rpc_timeout_ms: settings.rpc_timeout_ms,
+            push_lease_margin_ms: worker.push_lease_margin_ms,
+            mirror_cache_max_mirrors: worker.mirror_cache_max_mirrors,
+            mirror_cache_max_bytes: worker.mirror_cache_max_bytes,
             egress: flotilla_worker::egress::EgressConfig::default(),
             token_file: PathBuf::new(),
         }

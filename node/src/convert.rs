@@ -1,6 +1,7 @@
 //! Conversions between the wire types (`flotilla.v1`) and the state machine's types, with the
 //! validation of every field that arrives over the wire. Errors name the field's path.
 
+use flotilla_proto::outcome::{outcome_from_wire, outcome_to_wire};
 use flotilla_proto::v1;
 use flotilla_scheduler::command::{
     CredentialEvent, MAX_CREDENTIAL_EVENTS, MAX_SANDBOX_DENIAL_TEXT_BYTES,
@@ -28,6 +29,33 @@ pub struct ResultLimits {
     pub max_error_bytes: usize,
 }
 
+/// `value`, or `default` when `value` is the wire's zero value (0, "", false): where every
+/// "0 means the default" of a request is resolved, so each default is one named constant.
+pub fn or_default<T: Default + PartialEq>(value: T, default: T) -> T {
+    if value == T::default() {
+        default
+    } else {
+        value
+    }
+}
+
+/// A page size of a list request: 0 means `default`; 1 to `max` as asked; above `max` an error
+/// naming `page_size`.
+///
+/// # Errors
+/// `page_size: must be between 0 and <max>`.
+pub fn page_size(requested: u32, default: usize, max: usize) -> Result<usize, FieldError> {
+    debug_assert!((1..=max).contains(&default));
+    match requested as usize {
+        0 => Ok(default),
+        n if n <= max => Ok(n),
+        _ => Err(FieldError::new(
+            "page_size",
+            format!("must be between 0 and {max}"),
+        )),
+    }
+}
+
 /// Converts a submitted spec, filling defaults for zero values, and validates it.
 ///
 /// # Errors
@@ -44,11 +72,7 @@ pub fn fleet_spec_from_wire(
     let defaults = RetryPolicy::default();
     let converted = FleetSpec {
         name: spec.name,
-        project: if spec.project.is_empty() {
-            scheduler_spec::DEFAULT_PROJECT.into()
-        } else {
-            spec.project
-        },
+        project: or_default(spec.project, scheduler_spec::DEFAULT_PROJECT.into()),
         repositories: spec.repositories,
         agent: AgentSpec {
             command: agent.command,
@@ -58,16 +82,15 @@ pub fn fleet_spec_from_wire(
         },
         verify: spec.verify,
         sandbox: SandboxSpec {
-            driver: if sandbox.driver.is_empty() {
-                "bwrap".into()
-            } else {
-                sandbox.driver
-            },
-            timeout_ms: if sandbox.timeout_ms == 0 {
-                scheduler_spec::DEFAULT_SANDBOX_TIMEOUT_MS
-            } else {
-                sandbox.timeout_ms
-            },
+            driver: or_default(
+                sandbox.driver,
+                scheduler_spec::DEFAULT_SANDBOX_DRIVER.into(),
+            ),
+            timeout_ms: or_default(
+                sandbox.timeout_ms,
+                scheduler_spec::DEFAULT_SANDBOX_TIMEOUT_MS,
+            ),
+            // 0 stays 0: the worker resolves these against its own defaults and maxima.
             memory_limit_bytes: sandbox.memory_limit_bytes,
             pids_limit: sandbox.pids_limit,
             network: sandbox.network,
@@ -75,37 +98,29 @@ pub fn fleet_spec_from_wire(
             disk_limit_bytes: sandbox.disk_limit_bytes,
         },
         // The default template lies under the configured prefix (flotilla/{fleet} by default).
-        branch_template: if spec.branch_template.is_empty() {
-            format!("{}{{fleet}}", limits.branch_prefix)
-        } else {
-            spec.branch_template
-        },
-        commit_message: if spec.commit_message.is_empty() {
-            "Apply Flotilla fleet change".into()
-        } else {
-            spec.commit_message
-        },
-        max_parallelism: if spec.max_parallelism == 0 {
-            16
-        } else {
-            spec.max_parallelism
-        },
+        branch_template: or_default(
+            spec.branch_template,
+            format!("{}{{fleet}}", limits.branch_prefix),
+        ),
+        commit_message: or_default(
+            spec.commit_message,
+            scheduler_spec::DEFAULT_COMMIT_MESSAGE.into(),
+        ),
+        max_parallelism: or_default(
+            spec.max_parallelism,
+            scheduler_spec::DEFAULT_MAX_PARALLELISM,
+        ),
         retry: RetryPolicy {
-            max_attempts: if spec.max_attempts == 0 {
-                defaults.max_attempts
-            } else {
-                spec.max_attempts
-            },
-            backoff_initial_ms: if spec.retry_backoff_initial_ms == 0 {
-                defaults.backoff_initial_ms
-            } else {
-                spec.retry_backoff_initial_ms
-            },
-            backoff_max_ms: if spec.retry_backoff_max_ms == 0 {
-                defaults.backoff_max_ms.max(spec.retry_backoff_initial_ms)
-            } else {
-                spec.retry_backoff_max_ms
-            },
+            max_attempts: or_default(spec.max_attempts, defaults.max_attempts),
+            backoff_initial_ms: or_default(
+                spec.retry_backoff_initial_ms,
+                defaults.backoff_initial_ms,
+            ),
+            // Never below the initial backoff asked for.
+            backoff_max_ms: or_default(
+                spec.retry_backoff_max_ms,
+                defaults.backoff_max_ms.max(spec.retry_backoff_initial_ms),
+            ),
         },
         push: spec.push,
     };
@@ -182,18 +197,24 @@ pub fn attempt_result_from_wire(
     limits: &ResultLimits,
 ) -> Result<AttemptResult, FieldError> {
     let result = result.ok_or_else(|| FieldError::new("result", "is required"))?;
-    let outcome = Outcome::parse(&result.outcome).ok_or_else(|| {
-        FieldError::new(
-            "result.outcome",
-            format!("unknown outcome {:?}", result.outcome),
-        )
-    })?;
-    if outcome == Outcome::LeaseExpired {
-        return Err(FieldError::new(
-            "result.outcome",
-            "lease_expired is decided by the cluster, not reported",
-        ));
-    }
+    let outcome = match outcome_from_wire(result.outcome) {
+        Some(Outcome::LeaseExpired) => {
+            return Err(FieldError::new(
+                "result.outcome",
+                "ATTEMPT_OUTCOME_LEASE_EXPIRED is decided by the cluster, not reported",
+            ));
+        }
+        Some(outcome) => outcome,
+        None if result.outcome == 0 => {
+            return Err(FieldError::new("result.outcome", "is required"));
+        }
+        None => {
+            return Err(FieldError::new(
+                "result.outcome",
+                format!("unknown outcome {}", result.outcome),
+            ));
+        }
+    };
     if result.log_tail.len() > limits.max_log_tail_bytes {
         return Err(FieldError::new(
             "result.log_tail",
@@ -447,6 +468,10 @@ pub const FLEET_RUNS_FIRST_PAGE: usize = 1000;
 pub const LIST_RUNS_DEFAULT_PAGE_SIZE: usize = 100;
 /// Largest `ListRuns` page size.
 pub const LIST_RUNS_MAX_PAGE_SIZE: usize = 1000;
+/// `ListFleets` page size when the request says 0.
+pub const LIST_FLEETS_DEFAULT_PAGE_SIZE: usize = 100;
+/// Largest `ListFleets` page size.
+pub const LIST_FLEETS_MAX_PAGE_SIZE: usize = 1000;
 
 /// How much of a fleet a response carries. Neither view grows with the number of runs beyond
 /// [`FLEET_RUNS_FIRST_PAGE`] summaries.
@@ -512,16 +537,11 @@ pub fn run_filter_from_wire(
     request: &v1::ListRunsRequest,
     fleet_number: u64,
 ) -> Result<(RunFilter, usize), FieldError> {
-    let page_size = match request.page_size as usize {
-        0 => LIST_RUNS_DEFAULT_PAGE_SIZE,
-        n @ 1..=LIST_RUNS_MAX_PAGE_SIZE => n,
-        _ => {
-            return Err(FieldError::new(
-                "page_size",
-                format!("must be between 0 and {LIST_RUNS_MAX_PAGE_SIZE}"),
-            ));
-        }
-    };
+    let page_size = page_size(
+        request.page_size,
+        LIST_RUNS_DEFAULT_PAGE_SIZE,
+        LIST_RUNS_MAX_PAGE_SIZE,
+    )?;
     let after_index = if request.page_token.is_empty() {
         None
     } else {
@@ -566,11 +586,15 @@ pub fn run_filter_from_wire(
         ));
     }
     let mut outcomes = Vec::with_capacity(request.outcomes.len());
-    for (index, name) in request.outcomes.iter().enumerate() {
-        let outcome = Outcome::parse(name).ok_or_else(|| {
+    for (index, &number) in request.outcomes.iter().enumerate() {
+        let outcome = outcome_from_wire(number).ok_or_else(|| {
             FieldError::new(
                 format!("outcomes[{index}]"),
-                format!("{:?} is not an outcome", scheduler_spec::shorten(name, 64)),
+                if number == 0 {
+                    "ATTEMPT_OUTCOME_UNSPECIFIED is not an outcome".to_owned()
+                } else {
+                    format!("unknown outcome {number}")
+                },
             )
         })?;
         outcomes.push(outcome);
@@ -663,7 +687,7 @@ fn run_summary_to_wire(fleet: &Fleet, run: &Run) -> v1::RunSummary {
         insertions,
         deletions,
         error: result.map_or_else(String::new, |r| r.error.clone()),
-        outcome: result.map_or_else(String::new, |r| r.outcome.as_str().to_owned()),
+        outcome: outcome_to_wire(result.map(|r| r.outcome)),
     }
 }
 
@@ -683,10 +707,7 @@ pub fn run_to_wire(fleet: &Fleet, run: &Run) -> v1::Run {
                 worker_id: attempt.worker_id.clone(),
                 started_at_ms: attempt.started_at_ms,
                 finished_at_ms: attempt.finished_at_ms,
-                outcome: attempt
-                    .result
-                    .as_ref()
-                    .map_or_else(String::new, |r| r.outcome.as_str().to_string()),
+                outcome: outcome_to_wire(attempt.result.as_ref().map(|r| r.outcome)),
                 exit_code: attempt.result.as_ref().map_or(-1, |r| r.exit_code),
                 error: attempt
                     .result
@@ -1022,14 +1043,21 @@ mod tests {
         );
         assert_eq!(
             error(v1::ListRunsRequest {
-                outcomes: vec!["unchanged".into(), "boom".into()],
+                outcomes: vec![v1::AttemptOutcome::Unchanged as i32, 42],
                 ..base.clone()
             }),
-            "outcomes[1]: \"boom\" is not an outcome"
+            "outcomes[1]: unknown outcome 42"
         );
         assert_eq!(
             error(v1::ListRunsRequest {
-                outcomes: vec!["unchanged".into(); MAX_OUTCOME_FILTERS + 1],
+                outcomes: vec![0],
+                ..base.clone()
+            }),
+            "outcomes[0]: ATTEMPT_OUTCOME_UNSPECIFIED is not an outcome"
+        );
+        assert_eq!(
+            error(v1::ListRunsRequest {
+                outcomes: vec![v1::AttemptOutcome::Unchanged as i32; MAX_OUTCOME_FILTERS + 1],
                 ..base
             }),
             format!("outcomes: more than {MAX_OUTCOME_FILTERS} entries")
@@ -1077,14 +1105,20 @@ mod tests {
         let listed = |outcomes: &[&str]| {
             let request = v1::ListRunsRequest {
                 fleet_id: "fl-1".into(),
-                outcomes: outcomes.iter().map(|o| (*o).to_owned()).collect(),
+                outcomes: outcomes
+                    .iter()
+                    .map(|name| outcome_to_wire(Outcome::parse(name)))
+                    .collect(),
                 ..Default::default()
             };
             let (filter, page_size) = run_filter_from_wire(&request, 1).unwrap();
             list_runs(fleet, &filter, page_size)
                 .0
                 .into_iter()
-                .map(|run| (run.id, run.outcome))
+                .map(|run| {
+                    let name = flotilla_proto::outcome::outcome_name(run.outcome);
+                    (run.id, name.to_owned())
+                })
                 .collect::<Vec<_>>()
         };
         assert_eq!(
@@ -1222,16 +1256,23 @@ mod tests {
             Err(error) => error.to_string(),
         };
         let ok = v1::RunResult {
-            outcome: "unchanged".into(),
+            outcome: v1::AttemptOutcome::Unchanged as i32,
             ..Default::default()
         };
         assert_eq!(check(ok.clone()), "ok");
         assert_eq!(
             check(v1::RunResult {
-                outcome: "won".into(),
+                outcome: 42,
                 ..ok.clone()
             }),
-            "result.outcome: unknown outcome \"won\""
+            "result.outcome: unknown outcome 42"
+        );
+        assert_eq!(
+            check(v1::RunResult {
+                outcome: 0,
+                ..ok.clone()
+            }),
+            "result.outcome: is required"
         );
         assert_eq!(
             check(v1::RunResult {
@@ -1242,17 +1283,17 @@ mod tests {
         );
         assert_eq!(
             check(v1::RunResult {
-                outcome: "changed".into(),
+                outcome: v1::AttemptOutcome::Changed as i32,
                 ..ok.clone()
             }),
             "result.commit: is required when the outcome is changed"
         );
         assert_eq!(
             check(v1::RunResult {
-                outcome: "lease_expired".into(),
+                outcome: v1::AttemptOutcome::LeaseExpired as i32,
                 ..ok
             }),
-            "result.outcome: lease_expired is decided by the cluster, not reported"
+            "result.outcome: ATTEMPT_OUTCOME_LEASE_EXPIRED is decided by the cluster, not reported"
         );
     }
 
@@ -1271,7 +1312,7 @@ mod tests {
             count: 3,
         };
         let result = |denials: Vec<v1::SandboxDenial>| v1::RunResult {
-            outcome: "agent_failed".into(),
+            outcome: v1::AttemptOutcome::AgentFailed as i32,
             sandbox_denials: denials,
             ..Default::default()
         };
@@ -1338,7 +1379,7 @@ mod tests {
             duration_ms: 5,
         };
         let result = |connections: Vec<v1::EgressConnection>| v1::RunResult {
-            outcome: "unchanged".into(),
+            outcome: v1::AttemptOutcome::Unchanged as i32,
             egress_connections: connections,
             egress_connections_dropped: 7,
             ..Default::default()

@@ -4,6 +4,7 @@
 
 mod common;
 
+use flotilla_proto::v1::AttemptOutcome;
 use std::time::{Duration, Instant};
 
 use common::{ADMIN_TOKEN, Node, origin_repository, spec, with_token};
@@ -303,7 +304,7 @@ async fn projects_bound_tokens_and_workers_report_only_on_leases_they_hold() {
         run_id: lease.run_id.clone(),
         attempt: lease.attempt,
         result: Some(v1::RunResult {
-            outcome: "unchanged".into(),
+            outcome: AttemptOutcome::Unchanged as i32,
             ..Default::default()
         }),
     };

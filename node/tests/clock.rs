@@ -7,6 +7,7 @@
 
 mod common;
 
+use flotilla_proto::v1::AttemptOutcome;
 use std::time::{Duration, Instant};
 
 use common::{Node, lease, spec};
@@ -71,7 +72,7 @@ async fn a_leader_with_a_clock_ahead_replaced_by_a_right_one_leaves_no_run_stuck
             run_id: failing.run_id.clone(),
             attempt: 1,
             result: Some(v1::RunResult {
-                outcome: "infrastructure".into(),
+                outcome: AttemptOutcome::Infrastructure as i32,
                 error: "injected".into(),
                 retryable: true,
                 ..Default::default()
@@ -108,5 +109,9 @@ async fn a_leader_with_a_clock_ahead_replaced_by_a_right_one_leaves_no_run_stuck
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(run_a.attempts[0].outcome, "lease_expired", "{run_a:?}");
+    assert_eq!(
+        run_a.attempts[0].outcome(),
+        AttemptOutcome::LeaseExpired,
+        "{run_a:?}"
+    );
 }

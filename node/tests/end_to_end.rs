@@ -5,6 +5,7 @@ mod common;
 
 use common::{Node, git, origin_repository, spec, wait_finished};
 use flotilla_proto::v1;
+use flotilla_proto::v1::AttemptOutcome;
 
 fn state_name(state: i32) -> &'static str {
     match v1::RunState::try_from(state).unwrap_or(v1::RunState::Unspecified) {
@@ -271,7 +272,7 @@ async fn failing_and_timed_out_agents_give_failed_runs_with_their_logs() {
         1,
         "agent failures are final, not retried"
     );
-    assert_eq!(run.attempts[0].outcome, "agent_failed");
+    assert_eq!(run.attempts[0].outcome(), AttemptOutcome::AgentFailed);
     assert_eq!(run.attempts[0].exit_code, 7);
     assert!(
         run.attempts[0].log_tail.contains("about to fail")
@@ -300,7 +301,11 @@ async fn failing_and_timed_out_agents_give_failed_runs_with_their_logs() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(run.attempts[0].outcome, "timed_out", "{run:?}");
+    assert_eq!(
+        run.attempts[0].outcome(),
+        AttemptOutcome::TimedOut,
+        "{run:?}"
+    );
     // The whole process tree was killed.
     let survivors = std::process::Command::new("pgrep")
         .args(["-f", "sleep 60[01]"])
@@ -333,7 +338,7 @@ async fn failing_and_timed_out_agents_give_failed_runs_with_their_logs() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(run.attempts[0].outcome, "verify_failed");
+    assert_eq!(run.attempts[0].outcome(), AttemptOutcome::VerifyFailed);
     assert!(run.attempts[0].log_tail.contains("checking"));
 }
 
@@ -363,7 +368,11 @@ async fn an_unreachable_repository_is_retried_then_fails_with_its_reason() {
         .into_inner();
     assert_eq!(state_name(run.state), "failed");
     assert_eq!(run.attempts.len(), 2, "retried up to max_attempts");
-    assert!(run.attempts.iter().all(|a| a.outcome == "infrastructure"));
+    assert!(
+        run.attempts
+            .iter()
+            .all(|a| a.outcome() == AttemptOutcome::Infrastructure)
+    );
     assert!(!run.attempts[1].error.is_empty());
 }
 
@@ -442,13 +451,13 @@ async fn invalid_requests_are_rejected_with_the_field_named() {
             run_id: "fl-1-0".into(),
             attempt: 1,
             result: Some(v1::RunResult {
-                outcome: "won".into(),
+                outcome: 42,
                 ..Default::default()
             }),
         })
         .await
         .unwrap_err();
-    assert_eq!(status.message(), "result.outcome: unknown outcome \"won\"");
+    assert_eq!(status.message(), "result.outcome: unknown outcome 42");
     // Nothing was created by the rejected requests.
     let listed = client
         .list_fleets(v1::ListFleetsRequest::default())
@@ -486,7 +495,7 @@ async fn a_stale_attempt_result_is_rejected_and_the_lease_is_fenced() {
     let lease = &leased.leases[0];
     assert_eq!(lease.attempt, 1);
     let unchanged = v1::RunResult {
-        outcome: "unchanged".into(),
+        outcome: AttemptOutcome::Unchanged as i32,
         ..Default::default()
     };
     let report = |worker: &str, attempt: u32| v1::ReportResultRequest {

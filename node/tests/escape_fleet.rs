@@ -297,7 +297,9 @@ async fn hostile_fleets_are_blocked_and_recorded() {
                 "NOT BLOCKED".to_owned(),
                 format!(
                     "{line:?}; outcome {} {}; log: {}",
-                    attempt.outcome, attempt.error, attempt.log_tail
+                    flotilla_proto::outcome::outcome_name(attempt.outcome),
+                    attempt.error,
+                    attempt.log_tail
                 ),
             ),
         };

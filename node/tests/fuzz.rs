@@ -200,7 +200,7 @@ proptest! {
 
     #[test]
     fn reported_results_are_validated_without_panics(
-        outcome in nasty_text(), error in nasty_text(), log_tail in nasty_text(),
+        outcome in any::<i32>(), error in nasty_text(), log_tail in nasty_text(),
         patch in nasty_text(), commit in nasty_text(), exit_code in any::<i32>(),
         paths in prop::collection::vec(nasty_text(), 0..4),
     ) {

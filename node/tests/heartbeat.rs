@@ -5,6 +5,7 @@
 
 mod common;
 
+use flotilla_proto::v1::AttemptOutcome;
 use std::time::{Duration, Instant};
 
 use common::{Node, lease, spec};
@@ -128,7 +129,11 @@ async fn heartbeats_renew_leases_without_log_writes_and_silence_expires_them() {
     let run_a = run(&node, &a.run_id).await;
     assert_eq!(run_a.state, v1::RunState::Running as i32, "{run_a:?}");
     let run_b = run(&node, &b.run_id).await;
-    assert_eq!(run_b.attempts[0].outcome, "lease_expired", "{run_b:?}");
+    assert_eq!(
+        run_b.attempts[0].outcome(),
+        AttemptOutcome::LeaseExpired,
+        "{run_b:?}"
+    );
     assert!(last_log_index(&node).await > before);
 
     // A heartbeat naming b (expired) or a wrong attempt of a hears they are lost.

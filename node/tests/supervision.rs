@@ -5,6 +5,7 @@
 
 mod common;
 
+use flotilla_proto::v1::AttemptOutcome;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -31,7 +32,7 @@ fn settings(node: &Node) -> WorkerSettings {
 
 fn unchanged() -> v1::RunResult {
     v1::RunResult {
-        outcome: "unchanged".into(),
+        outcome: AttemptOutcome::Unchanged as i32,
         ..Default::default()
     }
 }
@@ -86,7 +87,7 @@ async fn a_panicking_attempt_becomes_a_failed_attempt_and_is_retried_never_hung(
         "retried up to max_attempts: {failed:?}"
     );
     for attempt in &failed.attempts {
-        assert_eq!(attempt.outcome, "infrastructure");
+        assert_eq!(attempt.outcome(), AttemptOutcome::Infrastructure);
         assert!(attempt.error.contains("panicked"), "{attempt:?}");
     }
     assert_eq!(fleet.runs[1].state, v1::RunState::Unchanged as i32);
@@ -113,7 +114,7 @@ async fn cancelling_a_fleet_stops_its_running_attempts() {
                             .await;
                     stopped.fetch_add(1, Ordering::SeqCst);
                     v1::RunResult {
-                        outcome: "cancelled".into(),
+                        outcome: AttemptOutcome::Cancelled as i32,
                         ..Default::default()
                     }
                 })
@@ -296,8 +297,8 @@ async fn an_attempt_whose_lease_cannot_be_renewed_is_stopped_by_the_worker() {
     assert_eq!(run.attempts.len(), 2, "{run:?}");
     let first = &run.attempts[0];
     assert!(
-        first.outcome == "lease_expired"
-            || (first.outcome == "infrastructure"
+        first.outcome() == AttemptOutcome::LeaseExpired
+            || (first.outcome() == AttemptOutcome::Infrastructure
                 && first.error.starts_with("lease could not be renewed")),
         "{first:?}"
     );

@@ -5,6 +5,7 @@
 
 mod common;
 
+use flotilla_proto::v1::AttemptOutcome;
 use std::time::{Duration, Instant};
 
 use common::{Node, lease, spec};
@@ -45,7 +46,7 @@ async fn a_watcher_behind_the_event_bound_is_told_where_to_resume() {
                 run_id: lease.run_id.clone(),
                 attempt: lease.attempt,
                 result: Some(v1::RunResult {
-                    outcome: "unchanged".into(),
+                    outcome: AttemptOutcome::Unchanged as i32,
                     ..Default::default()
                 }),
             })

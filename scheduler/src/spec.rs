@@ -10,7 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 pub use flotilla_domain::branch::{
-    MAX_BRANCH_BYTES, is_valid_branch, validate_branch, validate_branch_prefix,
+    DEFAULT_BRANCH_PREFIX, MAX_BRANCH_BYTES, is_valid_branch, validate_branch,
+    validate_branch_prefix,
 };
 pub use flotilla_domain::name::is_valid_name;
 use flotilla_domain::repository::validate_repository_url;
@@ -26,8 +27,12 @@ pub const DEFAULT_RETRY_BACKOFF_INITIAL_MS: u64 = 1_000;
 pub const DEFAULT_RETRY_BACKOFF_MAX_MS: u64 = 60_000;
 /// Default branch template.
 pub const DEFAULT_BRANCH_TEMPLATE: &str = "flotilla/{fleet}";
-/// Default prefix every branch must start with ([`SpecLimits::branch_prefix`]).
-pub const DEFAULT_BRANCH_PREFIX: &str = "flotilla/";
+/// Default sandbox driver ([`SandboxSpec::driver`]).
+pub const DEFAULT_SANDBOX_DRIVER: &str = "bwrap";
+/// Default commit message.
+pub const DEFAULT_COMMIT_MESSAGE: &str = "Apply Flotilla fleet change";
+/// Default number of a fleet's runs holding a lease at once.
+pub const DEFAULT_MAX_PARALLELISM: u32 = 16;
 /// The project (namespace) a fleet, token or secret belongs to when none is named. Project
 /// names follow [`is_valid_name`].
 pub const DEFAULT_PROJECT: &str = "default";

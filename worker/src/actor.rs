@@ -563,7 +563,7 @@ impl Actor for WorkerActor {
 
 fn infrastructure(error: String) -> v1::RunResult {
     v1::RunResult {
-        outcome: "infrastructure".into(),
+        outcome: v1::AttemptOutcome::Infrastructure as i32,
         exit_code: -1,
         error,
         retryable: true,
@@ -593,7 +593,7 @@ fn lease_not_renewed(mut result: v1::RunResult) -> v1::RunResult {
     result.error = format!(
         "lease could not be renewed: no heartbeat renewed it within lease_ttl_ms, so the worker stopped the attempt{detail}"
     );
-    result.outcome = "infrastructure".into();
+    result.set_outcome(v1::AttemptOutcome::Infrastructure);
     result.exit_code = -1;
     result.retryable = true;
     result
@@ -705,7 +705,7 @@ async fn report(
     lease: &v1::Lease,
     result: v1::RunResult,
 ) {
-    let mut outcome = result.outcome.clone();
+    let mut outcome = result.outcome();
     let mut request = v1::ReportResultRequest {
         worker_id: settings.worker_id.clone(),
         run_id: lease.run_id.clone(),
@@ -722,7 +722,7 @@ async fn report(
             Ok(Ok(response)) => {
                 let response = response.into_inner();
                 if response.accepted {
-                    info!(run.id = %lease.run_id, attempt = lease.attempt, %outcome, "result accepted");
+                    info!(run.id = %lease.run_id, attempt = lease.attempt, outcome = outcome.as_str_name(), "result accepted");
                 } else {
                     warn!(run.id = %lease.run_id, attempt = lease.attempt, reason = %response.reason, "result rejected by the cluster");
                 }
@@ -740,7 +740,7 @@ async fn report(
                 return;
             }
             Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
-                if outcome == "infrastructure"
+                if outcome == v1::AttemptOutcome::Infrastructure
                     && request
                         .result
                         .as_ref()
@@ -753,9 +753,9 @@ async fn report(
                 // cluster, sent again): report a minimal final failure instead.
                 warn!(run.id = %lease.run_id, %status, "result refused as invalid; reporting that instead");
                 let error = format!("{REFUSED_RESULT}: {}", status.message());
-                outcome = "infrastructure".into();
+                outcome = v1::AttemptOutcome::Infrastructure;
                 request.result = Some(v1::RunResult {
-                    outcome: outcome.clone(),
+                    outcome: outcome as i32,
                     exit_code: -1,
                     error,
                     retryable: false,

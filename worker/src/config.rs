@@ -249,7 +249,7 @@ impl Default for WorkerConfig {
             output_drain_timeout_ms: 2_000,
             keep_attempt_directories: false,
             push_lease_margin_ms: 0,
-            branch_prefix: "flotilla/".to_owned(),
+            branch_prefix: flotilla_domain::branch::DEFAULT_BRANCH_PREFIX.to_owned(),
             mirror_cache_max_mirrors: 1_000,
             mirror_cache_max_bytes: 20 * 1024 * MEBIBYTE,
             egress: EgressConfig::default(),

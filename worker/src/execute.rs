@@ -35,7 +35,8 @@ use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 
 use flotilla_domain::Outcome;
-use flotilla_proto::v1::{FleetSpec, Lease, RunResult, SandboxDenial, SandboxSpec};
+use flotilla_proto::outcome::outcome_name;
+use flotilla_proto::v1::{AttemptOutcome, FleetSpec, Lease, RunResult, SandboxDenial, SandboxSpec};
 use futures::FutureExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -54,23 +55,6 @@ use crate::sandbox::{
     SandboxCommand, SandboxDriver, SandboxError, SandboxOutcome, resolve_limit_values,
     run_sandboxed,
 };
-
-// The outcome names come from the one enum of them, `flotilla_domain::Outcome`.
-
-/// Outcome: files changed, verification passed, committed (and pushed when the fleet asks).
-pub const OUTCOME_CHANGED: &str = Outcome::Changed.as_str();
-/// Outcome: nothing changed, verification passed.
-pub const OUTCOME_UNCHANGED: &str = Outcome::Unchanged.as_str();
-/// Outcome: the agent command failed.
-pub const OUTCOME_AGENT_FAILED: &str = Outcome::AgentFailed.as_str();
-/// Outcome: a verification command failed.
-pub const OUTCOME_VERIFY_FAILED: &str = Outcome::VerifyFailed.as_str();
-/// Outcome: the agent or a verification command timed out.
-pub const OUTCOME_TIMED_OUT: &str = Outcome::TimedOut.as_str();
-/// Outcome: the worker's infrastructure (git, sandbox, lease) failed.
-pub const OUTCOME_INFRASTRUCTURE: &str = Outcome::Infrastructure.as_str();
-/// Outcome: cancelled.
-pub const OUTCOME_CANCELLED: &str = Outcome::Cancelled.as_str();
 
 /// Longest run id kept in file names; longer ones are cut.
 const RUN_ID_FILE_NAME_MAX_CHARS: usize = 100;
@@ -110,9 +94,9 @@ pub fn attempt_log_path(config: &WorkerConfig, run_id: &str, attempt: u32) -> Pa
         .join(format!("{}.log", attempt_name(run_id, attempt)))
 }
 
-fn base_result(outcome: &str, exit_code: i32) -> RunResult {
+fn base_result(outcome: Outcome, exit_code: i32) -> RunResult {
     RunResult {
-        outcome: outcome.to_owned(),
+        outcome: AttemptOutcome::from(outcome) as i32,
         exit_code,
         ..RunResult::default()
     }
@@ -126,7 +110,7 @@ fn infrastructure(log: &mut AttemptLog, message: String, retryable: bool) -> Run
     RunResult {
         error: message,
         retryable,
-        ..base_result(OUTCOME_INFRASTRUCTURE, -1)
+        ..base_result(Outcome::Infrastructure, -1)
     }
 }
 
@@ -134,7 +118,7 @@ fn cancelled(log: &mut AttemptLog) -> RunResult {
     log.note("cancelled");
     RunResult {
         error: "cancelled".to_owned(),
-        ..base_result(OUTCOME_CANCELLED, -1)
+        ..base_result(Outcome::Cancelled, -1)
     }
 }
 
@@ -156,11 +140,11 @@ fn git_failure(log: &mut AttemptLog, phase: &str, error: &GitError) -> RunResult
 }
 
 /// The result for a sandboxed command that did not succeed, `None` if it did. `failed_outcome`
-/// is `agent_failed` or `verify_failed`.
+/// is [`Outcome::AgentFailed`] or [`Outcome::VerifyFailed`].
 fn command_failure(
     log: &mut AttemptLog,
     label: &str,
-    failed_outcome: &str,
+    failed_outcome: Outcome,
     outcome: &SandboxOutcome,
     memory_limit_bytes: u64,
 ) -> Option<RunResult> {
@@ -173,7 +157,7 @@ fn command_failure(
     } else if outcome.timed_out {
         RunResult {
             error: format!("{label} timed out after {} ms", outcome.duration_ms),
-            ..base_result(OUTCOME_TIMED_OUT, -1)
+            ..base_result(Outcome::TimedOut, -1)
         }
     } else if outcome.oom_killed {
         RunResult {
@@ -188,7 +172,11 @@ fn command_failure(
             ..base_result(failed_outcome, exit_code)
         }
     };
-    log.note(&format!("outcome {}: {}", result.outcome, result.error));
+    log.note(&format!(
+        "outcome {}: {}",
+        outcome_name(result.outcome),
+        result.error
+    ));
     Some(result)
 }
 
@@ -309,7 +297,7 @@ pub async fn execute_attempt_with_token(
         run_id = %lease.run_id,
         fleet_id = %lease.fleet_id,
         attempt = lease.attempt,
-        outcome = %result.outcome,
+        outcome = outcome_name(result.outcome),
         exit_code = result.exit_code,
         "attempt finished"
     );
@@ -585,10 +573,13 @@ async fn workspace_volume(
 
 /// Whether an outcome is final and leaves nothing on the branch, so that a commit an earlier
 /// execution of the run pushed must be withdrawn.
-fn withdraws_branch(outcome: &str) -> bool {
+fn withdraws_branch(outcome: AttemptOutcome) -> bool {
     matches!(
         outcome,
-        OUTCOME_UNCHANGED | OUTCOME_AGENT_FAILED | OUTCOME_VERIFY_FAILED | OUTCOME_TIMED_OUT
+        AttemptOutcome::Unchanged
+            | AttemptOutcome::AgentFailed
+            | AttemptOutcome::VerifyFailed
+            | AttemptOutcome::TimedOut
     )
 }
 
@@ -757,7 +748,7 @@ async fn run_pipeline(
         log.note(&egress_summary(&report));
         attach_egress(&mut result, report);
     }
-    if !(spec.push && withdraws_branch(&result.outcome)) {
+    if !(spec.push && withdraws_branch(result.outcome())) {
         return result;
     }
     // Nothing pushed: withdraw what an earlier execution of this run left on the branch.
@@ -789,7 +780,7 @@ async fn run_pipeline(
                 log,
                 &format!(
                     "withdrawing an earlier attempt's branch after {}",
-                    result.outcome
+                    outcome_name(result.outcome)
                 ),
                 &error,
             );
@@ -927,7 +918,7 @@ async fn run_prepared(
             if let Some(result) = command_failure(
                 log,
                 "agent",
-                OUTCOME_AGENT_FAILED,
+                Outcome::AgentFailed,
                 &outcome,
                 settings.memory_limit_bytes,
             ) {
@@ -978,10 +969,13 @@ async fn run_prepared(
                 let message = format!(
                     "the change contains the value of secret {found}; refused (nothing is pushed, the patch is withheld)"
                 );
-                log.note(&format!("outcome {OUTCOME_AGENT_FAILED}: {message}"));
+                log.note(&format!(
+                    "outcome {}: {message}",
+                    Outcome::AgentFailed.as_str()
+                ));
                 return RunResult {
                     error: message,
-                    ..base_result(OUTCOME_AGENT_FAILED, -1)
+                    ..base_result(Outcome::AgentFailed, -1)
                 };
             }
             Err(error) => return git_failure(log, "checking the change for secrets", &error),
@@ -1015,7 +1009,7 @@ async fn run_prepared(
                 if let Some(result) = command_failure(
                     log,
                     &label,
-                    OUTCOME_VERIFY_FAILED,
+                    Outcome::VerifyFailed,
                     &outcome,
                     settings.memory_limit_bytes,
                 ) {
@@ -1028,9 +1022,9 @@ async fn run_prepared(
     // Publish.
     let Some(summary) = summary else {
         log.note("outcome unchanged");
-        return base_result(OUTCOME_UNCHANGED, 0);
+        return base_result(Outcome::Unchanged, 0);
     };
-    let mut result = with_summary(base_result(OUTCOME_CHANGED, 0), Some(&summary));
+    let mut result = with_summary(base_result(Outcome::Changed, 0), Some(&summary));
     if spec.push {
         if cancel.is_cancelled() {
             return with_summary(cancelled(log), Some(&summary));
@@ -1090,7 +1084,7 @@ mod tests {
             tokio::time::Instant::now() + std::time::Duration::from_secs(3600),
         );
         let result = execute_attempt(&config, &lease, cancel, deadline).await;
-        assert_eq!(result.outcome, OUTCOME_INFRASTRUCTURE);
+        assert_eq!(result.outcome(), AttemptOutcome::Infrastructure);
         assert!(!result.retryable);
         assert!(result.error.contains("no fleet spec"), "{}", result.error);
         assert!(result.log_tail.contains("no fleet spec"));

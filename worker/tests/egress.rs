@@ -4,6 +4,7 @@
 
 mod common;
 
+use flotilla_proto::v1::AttemptOutcome;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -465,7 +466,7 @@ async fn an_attempt_with_network_reports_its_egress_connections() {
         deadline,
     )
     .await;
-    assert_eq!(result.outcome, "changed", "{result:?}");
+    assert_eq!(result.outcome(), AttemptOutcome::Changed, "{result:?}");
     assert!(result.patch.contains(OUTSIDE_BODY), "{}", result.patch);
     let connections = &result.egress_connections;
     assert_eq!(connections.len(), 2, "{connections:?}");

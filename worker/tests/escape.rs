@@ -8,6 +8,7 @@
 
 mod common;
 
+use flotilla_proto::v1::AttemptOutcome;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -325,7 +326,7 @@ async fn hostile_agents_are_blocked() {
     )
     .await;
     let leaked = !shadow_line.is_empty() && result.patch.contains(&shadow_line);
-    let passed = result.outcome == "changed"
+    let passed = result.outcome() == AttemptOutcome::Changed
         && result.patch.contains("+/etc/shadow")
         && result.patch.contains("new file mode 120000")
         && !leaked;
@@ -335,7 +336,7 @@ async fn hostile_agents_are_blocked() {
         verdict: if passed { "blocked" } else { "NOT BLOCKED" }.to_owned(),
         recorded: format!(
             "outcome {}; the patch holds the link targets (mode 120000) only, not the files' contents: {}",
-            result.outcome, !leaked
+            flotilla_proto::outcome::outcome_name(result.outcome), !leaked
         ),
     });
 
@@ -357,14 +358,14 @@ async fn hostile_agents_are_blocked() {
         ),
     )
     .await;
-    let passed = result.outcome == "changed" && !marker.exists();
+    let passed = result.outcome() == AttemptOutcome::Changed && !marker.exists();
     rows.push(Row {
         case: "gitattributes-filter-driver".to_owned(),
         passed,
         verdict: if passed { "blocked" } else { "NOT BLOCKED" }.to_owned(),
         recorded: format!(
             "outcome {}; filter/textconv program ran on the host: {}",
-            result.outcome,
+            flotilla_proto::outcome::outcome_name(result.outcome),
             marker.exists()
         ),
     });
@@ -385,14 +386,15 @@ async fn hostile_agents_are_blocked() {
     .await;
     let disclosed = result.patch.contains(&other_commit)
         || result.diffstat.iter().any(|stat| stat.path == "sub");
-    let passed = !disclosed && result.outcome == "changed";
+    let passed = !disclosed && result.outcome() == AttemptOutcome::Changed;
     rows.push(Row {
         case: "nested-git-gitlink".to_owned(),
         passed,
         verdict: if passed { "blocked" } else { "NOT BLOCKED" }.to_owned(),
         recorded: format!(
             "outcome {} ({}); the other repository's commit in the result: {disclosed}",
-            result.outcome, result.error
+            flotilla_proto::outcome::outcome_name(result.outcome),
+            result.error
         ),
     });
 

@@ -3,6 +3,7 @@
 
 mod common;
 
+use flotilla_proto::v1::AttemptOutcome;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -108,7 +109,7 @@ async fn changed_files_are_committed_and_pushed() {
         ],
     );
     let result = execute(&config, &lease).await;
-    assert_eq!(result.outcome, "changed", "{result:?}");
+    assert_eq!(result.outcome(), AttemptOutcome::Changed, "{result:?}");
     assert_eq!(result.exit_code, 0);
     assert!(result.pushed);
     assert!(!result.retryable);
@@ -201,7 +202,7 @@ async fn no_change_is_unchanged_and_pushes_nothing() {
         &["true"],
     );
     let result = execute(&config, &lease).await;
-    assert_eq!(result.outcome, "unchanged", "{result:?}");
+    assert_eq!(result.outcome(), AttemptOutcome::Unchanged, "{result:?}");
     assert_eq!(result.exit_code, 0);
     assert!(!result.pushed);
     assert!(result.commit.is_empty() && result.diffstat.is_empty() && result.patch.is_empty());
@@ -221,7 +222,7 @@ async fn failing_verification_is_verify_failed() {
         &["true", "echo verify-broke; exit 3", "echo never-run"],
     );
     let result = execute(&config, &lease).await;
-    assert_eq!(result.outcome, "verify_failed", "{result:?}");
+    assert_eq!(result.outcome(), AttemptOutcome::VerifyFailed, "{result:?}");
     assert_eq!(result.exit_code, 3);
     assert!(result.log_tail.contains("verify-broke"));
     assert!(!result.log_tail.contains("never-run"));
@@ -243,7 +244,7 @@ async fn failing_agent_is_agent_failed_with_exit_code_and_tail() {
         &["echo never-run"],
     );
     let result = execute(&config, &lease).await;
-    assert_eq!(result.outcome, "agent_failed", "{result:?}");
+    assert_eq!(result.outcome(), AttemptOutcome::AgentFailed, "{result:?}");
     assert_eq!(result.exit_code, 7);
     assert!(!result.retryable);
     assert!(
@@ -272,7 +273,7 @@ async fn slow_agent_is_timed_out() {
     }
     let started = Instant::now();
     let result = execute(&config, &lease).await;
-    assert_eq!(result.outcome, "timed_out", "{result:?}");
+    assert_eq!(result.outcome(), AttemptOutcome::TimedOut, "{result:?}");
     assert!(started.elapsed() < Duration::from_secs(15));
     assert!(common::processes_with_command_line(&["sleep", "987660"]).is_empty());
 }
@@ -285,7 +286,7 @@ async fn second_attempt_reuses_and_fetches_the_mirror() {
     let config = test_config(&root.path().join("work"));
 
     let first = execute(&config, &lease(&url, "run-mirror", 1, "true", &[])).await;
-    assert_eq!(first.outcome, "unchanged", "{first:?}");
+    assert_eq!(first.outcome(), AttemptOutcome::Unchanged, "{first:?}");
     assert!(
         first.log_tail.contains("mirror Cloned"),
         "{}",
@@ -303,7 +304,7 @@ async fn second_attempt_reuses_and_fetches_the_mirror() {
         &lease(&url, "run-mirror", 2, "test -f second.txt", &[]),
     )
     .await;
-    assert_eq!(second.outcome, "unchanged", "{second:?}");
+    assert_eq!(second.outcome(), AttemptOutcome::Unchanged, "{second:?}");
     assert!(
         second.log_tail.contains("mirror Fetched"),
         "{}",
@@ -326,8 +327,8 @@ async fn concurrent_attempts_on_one_repository_share_the_mirror() {
     let mut second = lease(url, "run-concurrent-b", 1, "echo b > b.txt", &[]);
     second.spec.as_mut().unwrap().push = false;
     let (first, second) = tokio::join!(execute(&config, &first), execute(&config, &second));
-    assert_eq!(first.outcome, "changed", "{first:?}");
-    assert_eq!(second.outcome, "changed", "{second:?}");
+    assert_eq!(first.outcome(), AttemptOutcome::Changed, "{first:?}");
+    assert_eq!(second.outcome(), AttemptOutcome::Changed, "{second:?}");
     assert!(first.pushed && !second.pushed);
 }
 
@@ -358,7 +359,7 @@ async fn empty_origin_gets_a_first_commit() {
         ),
     )
     .await;
-    assert_eq!(result.outcome, "changed", "{result:?}");
+    assert_eq!(result.outcome(), AttemptOutcome::Changed, "{result:?}");
     assert!(result.pushed);
     assert!(origin_has_branch(&origin));
 }
@@ -373,7 +374,11 @@ async fn unreachable_repository_is_a_retryable_infrastructure_failure() {
         &lease(missing.to_str().unwrap(), "run-missing", 1, "true", &[]),
     )
     .await;
-    assert_eq!(result.outcome, "infrastructure", "{result:?}");
+    assert_eq!(
+        result.outcome(),
+        AttemptOutcome::Infrastructure,
+        "{result:?}"
+    );
     assert!(result.retryable);
     assert!(result.error.contains("clone"), "{}", result.error);
     // No half-made mirror is left behind.
@@ -409,7 +414,11 @@ async fn rejected_push_is_a_retryable_infrastructure_failure() {
         &lease(origin_path, "run-push", 1, "echo c >> README.md", &[]),
     )
     .await;
-    assert_eq!(result.outcome, "infrastructure", "{result:?}");
+    assert_eq!(
+        result.outcome(),
+        AttemptOutcome::Infrastructure,
+        "{result:?}"
+    );
     assert!(result.retryable);
     assert!(!result.pushed);
     assert!(!result.commit.is_empty());
@@ -436,7 +445,7 @@ async fn cancellation_stops_the_attempt() {
     });
     let started = Instant::now();
     let result = execute_attempt_with_token(&config, &lease, cancel, valid_lease()).await;
-    assert_eq!(result.outcome, "cancelled", "{result:?}");
+    assert_eq!(result.outcome(), AttemptOutcome::Cancelled, "{result:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(common::processes_with_command_line(&["sleep", "987661"]).is_empty());
 }
@@ -462,7 +471,7 @@ async fn watch_channel_cancels_when_true_or_dropped() {
         valid_lease(),
     )
     .await;
-    assert_eq!(result.outcome, "cancelled", "{result:?}");
+    assert_eq!(result.outcome(), AttemptOutcome::Cancelled, "{result:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
 
     // A dropped sender cancels too.
@@ -478,7 +487,7 @@ async fn watch_channel_cancels_when_true_or_dropped() {
         valid_lease(),
     )
     .await;
-    assert_eq!(result.outcome, "cancelled", "{result:?}");
+    assert_eq!(result.outcome(), AttemptOutcome::Cancelled, "{result:?}");
 
     // A sender that stays `false` lets the attempt finish.
     let (_sender, receiver) = tokio::sync::watch::channel(false);
@@ -489,7 +498,7 @@ async fn watch_channel_cancels_when_true_or_dropped() {
         valid_lease(),
     )
     .await;
-    assert_eq!(result.outcome, "unchanged", "{result:?}");
+    assert_eq!(result.outcome(), AttemptOutcome::Unchanged, "{result:?}");
 }
 
 #[tokio::test]
@@ -509,13 +518,13 @@ async fn invalid_leases_are_not_retryable() {
         .unwrap()
         .driver = "docker".to_owned();
     let result = execute(&config, &bad_driver).await;
-    assert_eq!(result.outcome, "infrastructure");
+    assert_eq!(result.outcome(), AttemptOutcome::Infrastructure);
     assert!(!result.retryable, "{result:?}");
 
     let mut bad_branch = lease(url, "run-bad", 2, "true", &[]);
     bad_branch.branch = "flotilla/bad..branch name".to_owned();
     let result = execute(&config, &bad_branch).await;
-    assert_eq!(result.outcome, "infrastructure");
+    assert_eq!(result.outcome(), AttemptOutcome::Infrastructure);
     assert!(!result.retryable, "{result:?}");
     assert!(result.error.contains("invalid branch name"), "{result:?}");
 
@@ -524,7 +533,7 @@ async fn invalid_leases_are_not_retryable() {
     let mut main_branch = lease(url, "run-bad", 5, "echo x >> README.md", &[]);
     main_branch.branch = "main".to_owned();
     let result = execute(&config, &main_branch).await;
-    assert_eq!(result.outcome, "infrastructure");
+    assert_eq!(result.outcome(), AttemptOutcome::Infrastructure);
     assert!(!result.retryable, "{result:?}");
     assert!(
         result
@@ -539,13 +548,13 @@ async fn invalid_leases_are_not_retryable() {
 
     let relative = lease("relative/repository", "run-bad", 4, "true", &[]);
     let result = execute(&config, &relative).await;
-    assert_eq!(result.outcome, "infrastructure");
+    assert_eq!(result.outcome(), AttemptOutcome::Infrastructure);
     assert!(!result.retryable, "{result:?}");
 
     let mut no_agent = lease(url, "run-bad", 3, "true", &[]);
     no_agent.spec.as_mut().unwrap().agent = None;
     let result = execute(&config, &no_agent).await;
-    assert_eq!(result.outcome, "infrastructure");
+    assert_eq!(result.outcome(), AttemptOutcome::Infrastructure);
     assert!(!result.retryable);
 }
 
@@ -570,7 +579,7 @@ async fn none_driver_runs_the_pipeline_too() {
         .unwrap()
         .driver = "none".to_owned();
     let result = execute(&config, &lease).await;
-    assert_eq!(result.outcome, "changed", "{result:?}");
+    assert_eq!(result.outcome(), AttemptOutcome::Changed, "{result:?}");
     assert!(result.pushed);
 }
 
@@ -657,7 +666,7 @@ fn gated_lease(
 /// The branch agrees with the accepted (highest) attempt's result: its commit when it pushed,
 /// absent otherwise.
 fn assert_branch_matches(origin: &Path, accepted: &RunResult, context: &str) {
-    let expected = (accepted.outcome == "changed").then(|| accepted.commit.clone());
+    let expected = (accepted.outcome() == AttemptOutcome::Changed).then(|| accepted.commit.clone());
     assert_eq!(
         origin_branch(origin),
         expected,
@@ -766,7 +775,7 @@ async fn concurrent_attempts_leave_the_branch_at_the_accepted_attempt() {
     )
     .await;
     assert!(accepted.pushed, "{accepted:?}");
-    assert_eq!(stale.outcome, "infrastructure", "{stale:?}");
+    assert_eq!(stale.outcome(), AttemptOutcome::Infrastructure, "{stale:?}");
     assert!(!stale.pushed);
     assert!(
         stale
@@ -808,7 +817,11 @@ async fn concurrent_attempts_leave_the_branch_at_the_accepted_attempt() {
     )
     .await;
     assert!(stale.pushed, "{stale:?}");
-    assert_eq!(accepted.outcome, "unchanged", "{accepted:?}");
+    assert_eq!(
+        accepted.outcome(),
+        AttemptOutcome::Unchanged,
+        "{accepted:?}"
+    );
     assert!(
         accepted
             .log_tail
@@ -824,8 +837,12 @@ async fn concurrent_attempts_leave_the_branch_at_the_accepted_attempt() {
     let expired = LeaseDeadline::fixed(tokio::time::Instant::now());
     let (stale, accepted, origin) =
         two_attempts(root.path(), &config, "fl-5-0", (true, false), "2", expired).await;
-    assert_eq!(accepted.outcome, "unchanged", "{accepted:?}");
-    assert_eq!(stale.outcome, "infrastructure", "{stale:?}");
+    assert_eq!(
+        accepted.outcome(),
+        AttemptOutcome::Unchanged,
+        "{accepted:?}"
+    );
+    assert_eq!(stale.outcome(), AttemptOutcome::Infrastructure, "{stale:?}");
     assert!(stale.retryable && !stale.pushed, "{stale:?}");
     assert!(stale.error.contains("push_lease_margin_ms"), "{stale:?}");
     assert_branch_matches(
@@ -845,7 +862,7 @@ async fn concurrent_attempts_leave_the_branch_at_the_accepted_attempt() {
         valid_lease(),
     )
     .await;
-    assert_eq!(stale.outcome, "unchanged", "{stale:?}");
+    assert_eq!(stale.outcome(), AttemptOutcome::Unchanged, "{stale:?}");
     assert!(
         stale
             .log_tail
@@ -878,7 +895,7 @@ async fn a_second_execution_of_the_same_attempt_replaces_the_first() {
     assert_eq!(origin_branch(&origin), Some(second.commit.clone()));
     // A third execution that changes nothing withdraws the branch.
     let third = execute(&config, &lease(url, "fl-7-0", 1, "true", &[])).await;
-    assert_eq!(third.outcome, "unchanged", "{third:?}");
+    assert_eq!(third.outcome(), AttemptOutcome::Unchanged, "{third:?}");
     assert_eq!(origin_branch(&origin), None);
     // Another fleet's commit on the branch (another run) is never withdrawn by this run.
     let other = execute(
@@ -888,7 +905,11 @@ async fn a_second_execution_of_the_same_attempt_replaces_the_first() {
     .await;
     assert!(other.pushed);
     let unchanged = execute(&config, &lease(url, "fl-7-0", 2, "true", &[])).await;
-    assert_eq!(unchanged.outcome, "unchanged", "{unchanged:?}");
+    assert_eq!(
+        unchanged.outcome(),
+        AttemptOutcome::Unchanged,
+        "{unchanged:?}"
+    );
     assert_eq!(origin_branch(&origin), Some(other.commit));
 }
 
@@ -909,7 +930,7 @@ async fn the_mirror_cache_keeps_at_most_its_limits() {
     let mirror_exists = |index: usize| mirror_path(&mirrors, &origins[index]).is_dir();
     for (index, url) in origins.iter().enumerate() {
         let result = execute(&config, &lease(url, "fl-1-0", 1, "true", &[])).await;
-        assert_eq!(result.outcome, "unchanged", "{result:?}");
+        assert_eq!(result.outcome(), AttemptOutcome::Unchanged, "{result:?}");
         assert!(mirror_exists(index));
     }
     // Three repositories, room for two: the least recently used one went.
@@ -930,7 +951,7 @@ async fn the_mirror_cache_keeps_at_most_its_limits() {
         &lease(missing.to_str().unwrap(), "fl-1-3", 1, "true", &[]),
     )
     .await;
-    assert_eq!(failed.outcome, "infrastructure");
+    assert_eq!(failed.outcome(), AttemptOutcome::Infrastructure);
     assert_eq!(cache.stats().entries, 2);
     drop(cache);
 

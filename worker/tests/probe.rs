@@ -4,6 +4,7 @@
 mod common;
 
 use common::test_config;
+use flotilla_proto::v1::AttemptOutcome;
 use flotilla_worker::probe::{LANDLOCK_REQUIRED_ABI, check_worker_start, probe};
 
 #[tokio::test]
@@ -109,7 +110,7 @@ async fn a_lease_refused_by_the_policy_check_never_runs() {
         tokio::time::Instant::now() + std::time::Duration::from_secs(60),
     );
     let result = executor(lease, cancel, deadline).await;
-    assert_eq!(result.outcome, "infrastructure");
+    assert_eq!(result.outcome(), AttemptOutcome::Infrastructure);
     assert!(!result.retryable);
     assert!(
         result

@@ -8,6 +8,7 @@
 
 mod common;
 
+use flotilla_proto::v1::AttemptOutcome;
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -256,7 +257,11 @@ async fn a_push_gets_the_brokers_token_through_the_helper_and_nowhere_else() {
         deadline(),
     )
     .await;
-    assert_eq!(result.outcome, "infrastructure", "{result:?}");
+    assert_eq!(
+        result.outcome(),
+        AttemptOutcome::Infrastructure,
+        "{result:?}"
+    );
     assert!(result.error.contains("push"), "{}", result.error);
     assert!(
         refused.load(Ordering::SeqCst) > 0,
@@ -286,7 +291,7 @@ async fn a_push_gets_the_brokers_token_through_the_helper_and_nowhere_else() {
     .await;
     stop.store(true, Ordering::SeqCst);
     let scan = scanner.join().unwrap();
-    assert_eq!(result.outcome, "changed", "{result:?}");
+    assert_eq!(result.outcome(), AttemptOutcome::Changed, "{result:?}");
     assert!(result.pushed);
     let pushed = git(
         &served,

@@ -3,7 +3,6 @@
 use flotilla_proto::v1;
 use flotilla_proto::v1::audit_service_client::AuditServiceClient;
 use flotilla_proto::v1::audit_service_server::AuditService;
-use flotilla_scheduler::FieldError;
 use flotilla_scheduler::audit::AuditRecord;
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
 
@@ -11,7 +10,9 @@ use super::auth::{authorization, forwarded};
 use super::{Api, invalid};
 
 /// Most records in one page.
-pub const MAX_AUDIT_PAGE_RECORDS: u32 = 10_000;
+pub const MAX_AUDIT_PAGE_RECORDS: usize = 10_000;
+/// Records in a page when the request says 0.
+pub const DEFAULT_AUDIT_PAGE_RECORDS: usize = 1000;
 
 /// A record in wire form.
 pub fn record_to_wire(record: &AuditRecord) -> v1::AuditRecord {
@@ -37,16 +38,12 @@ impl AuditService for Api {
     ) -> Result<GrpcResponse<v1::ListAuditRecordsResponse>, Status> {
         let auth = authorization(&request);
         let original = request.into_inner();
-        let page_size = match original.page_size {
-            0 => 1000,
-            n @ 1..=MAX_AUDIT_PAGE_RECORDS => n,
-            _ => {
-                return Err(invalid(FieldError::new(
-                    "page_size",
-                    format!("must be between 0 and {MAX_AUDIT_PAGE_RECORDS}"),
-                )));
-            }
-        };
+        let page_size = crate::convert::page_size(
+            original.page_size,
+            DEFAULT_AUDIT_PAGE_RECORDS,
+            MAX_AUDIT_PAGE_RECORDS,
+        )
+        .map_err(invalid)?;
         if let Some(leader) = self.read_barrier().await? {
             return self
                 .forward(
@@ -61,7 +58,7 @@ impl AuditService for Api {
             let audit = state.audit();
             v1::ListAuditRecordsResponse {
                 records: audit
-                    .records_after(original.after_sequence, page_size as usize)
+                    .records_after(original.after_sequence, page_size)
                     .iter()
                     .map(record_to_wire)
                     .collect(),

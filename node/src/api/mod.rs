@@ -502,16 +502,12 @@ impl FleetService for Api {
         let auth = authorization(&request);
         let message = request.into_inner();
         let original = message.clone();
-        let page_size = match message.page_size {
-            0 => 100,
-            n @ 1..=1000 => n as usize,
-            _ => {
-                return Err(invalid(FieldError::new(
-                    "page_size",
-                    "must be between 0 and 1000",
-                )));
-            }
-        };
+        let page_size = convert::page_size(
+            message.page_size,
+            convert::LIST_FLEETS_DEFAULT_PAGE_SIZE,
+            convert::LIST_FLEETS_MAX_PAGE_SIZE,
+        )
+        .map_err(invalid)?;
         let before = if message.page_token.is_empty() {
             u64::MAX
         } else {

@@ -14,6 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use flotilla_proto::outcome::{outcome_name, outcome_to_wire};
 use flotilla_proto::v1::cluster_service_client::ClusterServiceClient;
 use flotilla_proto::v1::fleet_service_client::FleetServiceClient;
 use flotilla_proto::v1::{self, FleetState, RunState};
@@ -481,7 +482,7 @@ fn run_summary_json(r: &v1::RunSummary) -> serde_json::Value {
     json!({
         "id": r.id, "repository": r.repository, "state": run_state_name(r.state), "attempt": r.attempt,
         "branch": r.branch, "files_changed": r.files_changed, "insertions": r.insertions,
-        "deletions": r.deletions, "error": r.error, "outcome": r.outcome,
+        "deletions": r.deletions, "error": r.error, "outcome": outcome_name(r.outcome),
     })
 }
 
@@ -888,7 +889,7 @@ pub async fn show_run(
                                     "duration_ms": c.duration_ms}))
                     .collect();
                 json!({"number": a.number, "worker_id": a.worker_id, "started_at_ms": a.started_at_ms,
-                       "finished_at_ms": a.finished_at_ms, "outcome": a.outcome, "exit_code": a.exit_code,
+                       "finished_at_ms": a.finished_at_ms, "outcome": outcome_name(a.outcome), "exit_code": a.exit_code,
                        "error": a.error, "log_tail": a.log_tail, "sandbox_denials": denials,
                        "egress_connections": egress})
             })
@@ -932,10 +933,9 @@ pub async fn show_run(
         );
     }
     for attempt in &run.attempts {
-        let outcome = if attempt.outcome.is_empty() {
-            "running"
-        } else {
-            attempt.outcome.as_str()
+        let outcome = match outcome_name(attempt.outcome) {
+            "" => "running",
+            name => name,
         };
         outln!(
             "attempt {} on {}: {} (exit code {}) {}",
@@ -1025,15 +1025,19 @@ pub async fn list_runs(
     limit: u64,
     output: Output,
 ) -> Result<i32, CliError> {
-    if let Some(name) = filter
-        .outcomes
-        .iter()
-        .find(|name| flotilla_scheduler::Outcome::parse(name).is_none())
-    {
-        errln!(
-            "--outcome {name:?}: must be changed, unchanged, agent_failed, verify_failed, timed_out, infrastructure, lease_expired or cancelled"
-        );
-        return Ok(exit_code::USAGE);
+    let mut wire_outcomes = Vec::with_capacity(filter.outcomes.len());
+    for name in filter.outcomes {
+        match flotilla_scheduler::Outcome::parse(name) {
+            Some(outcome) => wire_outcomes.push(outcome_to_wire(Some(outcome))),
+            None => {
+                let names: Vec<&str> = flotilla_scheduler::Outcome::ALL
+                    .iter()
+                    .map(|outcome| outcome.as_str())
+                    .collect();
+                errln!("--outcome {name:?}: must be one of {}", names.join(", "));
+                return Ok(exit_code::USAGE);
+            }
+        }
     }
     let mut wire_states = Vec::with_capacity(filter.states.len());
     for name in filter.states {
@@ -1056,7 +1060,7 @@ pub async fn list_runs(
             page_token: page_token.clone(),
             states: wire_states.clone(),
             repository_contains: filter.repository.to_string(),
-            outcomes: filter.outcomes.to_vec(),
+            outcomes: wire_outcomes.clone(),
         };
         let page = client
             .call("", |mut fleets| {
