@@ -24,6 +24,7 @@ pub mod lease;
 pub mod liveness;
 pub mod placement;
 pub mod policy;
+pub mod schedule;
 pub mod secret;
 pub mod spec;
 pub mod staging;

@@ -1,0 +1,317 @@
+//! Data-driven tests of calendars: a spec and a start instant in, the next nominal times out
+//! (wall-clock time in the schedule's zone and the note), through one `check` helper.
+
+use chrono::DateTime;
+
+use super::calendar::{Calendar, CalendarSpec, DstGap, DstRepeat, OccurrenceNote};
+use super::jitter_ms;
+
+fn millis(rfc3339: &str) -> u64 {
+    DateTime::parse_from_rfc3339(rfc3339)
+        .expect("test instant")
+        .timestamp_millis() as u64
+}
+
+fn note(note: OccurrenceNote) -> &'static str {
+    match note {
+        OccurrenceNote::Exact => "",
+        OccurrenceNote::AfterGap => " after_gap",
+        OccurrenceNote::RepeatedHour => " repeated_hour",
+    }
+}
+
+/// The next `expected.len()` nominal times of `spec` after `after` are `expected`
+/// ("<local RFC 3339>[ after_gap| repeated_hour]"), and `next_after` agrees with the preview.
+fn check(spec: CalendarSpec, after: &str, expected: &[&str]) {
+    let calendar = Calendar::compile(&spec, "calendar").expect("valid calendar");
+    let preview = calendar.preview(millis(after), expected.len());
+    let shown: Vec<String> = preview
+        .iter()
+        .map(|occurrence| format!("{}{}", occurrence.local_time, note(occurrence.note)))
+        .collect();
+    assert_eq!(shown, expected, "{spec:?} after {after}");
+    let mut cursor = millis(after);
+    for occurrence in &preview {
+        let next = calendar.next_after(cursor).expect("a next time");
+        assert_eq!(next, occurrence.nominal_ms);
+        cursor = next;
+    }
+}
+
+fn cron(pattern: &str, zone: &str) -> CalendarSpec {
+    CalendarSpec {
+        cron: pattern.into(),
+        time_zone: zone.into(),
+        ..CalendarSpec::default()
+    }
+}
+
+fn with(spec: CalendarSpec, gap: DstGap, repeat: DstRepeat) -> CalendarSpec {
+    CalendarSpec {
+        dst_gap: gap,
+        dst_repeat: repeat,
+        ..spec
+    }
+}
+
+// Europe/London 2026: clocks go forward at 01:00 GMT on 29 March (01:00-02:00 does not
+// exist) and back at 02:00 BST on 25 October (01:00-02:00 happens twice).
+#[test]
+fn europe_london_spring_forward() {
+    let daily = cron("30 1 * * *", "Europe/London");
+    check(
+        daily.clone(),
+        "2026-03-27T12:00:00Z",
+        &[
+            "2026-03-28T01:30:00+00:00",
+            "2026-03-29T02:00:00+01:00 after_gap",
+            "2026-03-30T01:30:00+01:00",
+        ],
+    );
+    check(
+        with(daily, DstGap::Skip, DstRepeat::First),
+        "2026-03-27T12:00:00Z",
+        &["2026-03-28T01:30:00+00:00", "2026-03-30T01:30:00+01:00"],
+    );
+    // Wildcard minutes: the times inside the gap do not exist and do not fire.
+    check(
+        cron("*/30 * * * *", "Europe/London"),
+        "2026-03-29T00:15:00Z",
+        &[
+            "2026-03-29T00:30:00+00:00",
+            "2026-03-29T02:00:00+01:00",
+            "2026-03-29T02:30:00+01:00",
+        ],
+    );
+}
+
+#[test]
+fn europe_london_fall_back() {
+    let daily = cron("30 1 * * *", "Europe/London");
+    check(
+        daily.clone(),
+        "2026-10-24T12:00:00Z",
+        &["2026-10-25T01:30:00+01:00", "2026-10-26T01:30:00+00:00"],
+    );
+    check(
+        with(daily, DstGap::RunAfter, DstRepeat::Both),
+        "2026-10-24T12:00:00Z",
+        &[
+            "2026-10-25T01:30:00+01:00",
+            "2026-10-25T01:30:00+00:00 repeated_hour",
+            "2026-10-26T01:30:00+00:00",
+        ],
+    );
+    // Wildcard minutes fire in both passes of the repeated hour, whatever the policy.
+    check(
+        cron("*/30 * * * *", "Europe/London"),
+        "2026-10-25T00:15:00Z",
+        &[
+            "2026-10-25T01:30:00+01:00",
+            "2026-10-25T01:00:00+00:00 repeated_hour",
+            "2026-10-25T01:30:00+00:00 repeated_hour",
+            "2026-10-25T02:00:00+00:00",
+        ],
+    );
+}
+
+// America/New_York 2026: forward at 02:00 EST on 8 March (02:00-03:00 does not exist), back
+// at 02:00 EDT on 1 November (01:00-02:00 happens twice).
+#[test]
+fn america_new_york_spring_forward() {
+    let daily = cron("30 2 * * *", "America/New_York");
+    check(
+        daily.clone(),
+        "2026-03-07T12:00:00Z",
+        &[
+            "2026-03-08T03:00:00-04:00 after_gap",
+            "2026-03-09T02:30:00-04:00",
+        ],
+    );
+    check(
+        with(daily, DstGap::Skip, DstRepeat::Both),
+        "2026-03-07T12:00:00Z",
+        &["2026-03-09T02:30:00-04:00", "2026-03-10T02:30:00-04:00"],
+    );
+}
+
+#[test]
+fn america_new_york_fall_back() {
+    let daily = cron("30 1 * * *", "America/New_York");
+    check(
+        daily.clone(),
+        "2026-10-31T12:00:00Z",
+        &["2026-11-01T01:30:00-04:00", "2026-11-02T01:30:00-05:00"],
+    );
+    check(
+        with(daily, DstGap::Skip, DstRepeat::Both),
+        "2026-10-31T12:00:00Z",
+        &[
+            "2026-11-01T01:30:00-04:00",
+            "2026-11-01T01:30:00-05:00 repeated_hour",
+            "2026-11-02T01:30:00-05:00",
+        ],
+    );
+}
+
+#[test]
+fn macros_seconds_and_zones() {
+    check(
+        cron("@daily", "Europe/London"),
+        "2026-06-01T12:00:00Z",
+        &["2026-06-02T00:00:00+01:00", "2026-06-03T00:00:00+01:00"],
+    );
+    check(
+        cron("*/2 * * * * *", ""),
+        "2026-06-01T12:00:00.500Z",
+        &[
+            "2026-06-01T12:00:02+00:00",
+            "2026-06-01T12:00:04+00:00",
+            "2026-06-01T12:00:06+00:00",
+        ],
+    );
+    check(
+        cron("0 9 * * MON-FRI", "Asia/Tokyo"),
+        "2026-06-05T01:00:00Z",
+        &["2026-06-08T09:00:00+09:00", "2026-06-09T09:00:00+09:00"],
+    );
+}
+
+#[test]
+fn intervals_are_absolute_with_an_offset() {
+    let every = |every: &str, offset: &str| CalendarSpec {
+        every: every.into(),
+        offset: offset.into(),
+        // Ignored by intervals: no daylight saving time in absolute time.
+        time_zone: "Europe/London".into(),
+        ..CalendarSpec::default()
+    };
+    check(
+        every("15m", "5m"),
+        "2026-03-29T00:50:00Z",
+        &[
+            "2026-03-29T01:05:00+00:00",
+            "2026-03-29T01:20:00+00:00",
+            "2026-03-29T01:35:00+00:00",
+        ],
+    );
+    // An exact boundary is not "after" itself.
+    check(
+        every("1h", ""),
+        "2026-01-01T10:00:00Z",
+        &["2026-01-01T11:00:00+00:00"],
+    );
+}
+
+#[test]
+fn start_and_end_bound_the_nominal_times() {
+    let spec = CalendarSpec {
+        every: "1h".into(),
+        start_at_ms: millis("2026-01-01T05:00:00Z"),
+        end_at_ms: millis("2026-01-01T07:00:00Z"),
+        ..CalendarSpec::default()
+    };
+    // The start itself is a nominal time; the end is the last one.
+    check(
+        spec.clone(),
+        "2026-01-01T00:00:00Z",
+        &[
+            "2026-01-01T05:00:00+00:00",
+            "2026-01-01T06:00:00+00:00",
+            "2026-01-01T07:00:00+00:00",
+        ],
+    );
+    let calendar = Calendar::compile(&spec, "calendar").unwrap();
+    assert_eq!(calendar.next_after(millis("2026-01-01T07:00:00Z")), None);
+    assert_eq!(calendar.preview(0, 10).len(), 3);
+}
+
+#[test]
+fn invalid_calendars_name_the_field() {
+    let error = |spec: CalendarSpec| {
+        Calendar::compile(&spec, "spec.calendar")
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let interval = |every: &str, offset: &str| CalendarSpec {
+        every: every.into(),
+        offset: offset.into(),
+        ..CalendarSpec::default()
+    };
+    let cases: Vec<(CalendarSpec, &str)> = vec![
+        (
+            CalendarSpec::default(),
+            "spec.calendar: exactly one of cron and every is required",
+        ),
+        (
+            CalendarSpec {
+                cron: "* * * * *".into(),
+                every: "1m".into(),
+                ..CalendarSpec::default()
+            },
+            "spec.calendar: exactly one of cron and every is required",
+        ),
+        (
+            cron("0 0 * * * * 2027", ""),
+            "spec.calendar.cron: \"0 0 * * * * 2027\" has 7 fields; 5 (minute first) or 6 (second first)",
+        ),
+        (
+            cron("* * *", ""),
+            "spec.calendar.cron: \"* * *\" has 3 fields; 5 (minute first) or 6 (second first)",
+        ),
+        (
+            cron("0 0 * * *", "Mars/Olympus"),
+            "spec.calendar.time_zone: \"Mars/Olympus\" is not an IANA time zone (e.g. Europe/London)",
+        ),
+        (
+            interval("500ms", ""),
+            "spec.calendar.every: must be between 1000 ms and 31622400000 ms",
+        ),
+        (
+            interval("15m", "15m"),
+            "spec.calendar.offset: must be less than every",
+        ),
+        (
+            CalendarSpec {
+                offset: "5m".into(),
+                ..cron("0 * * * *", "")
+            },
+            "spec.calendar.offset: only with every (a cron pattern has its own phase)",
+        ),
+        (
+            CalendarSpec {
+                start_at_ms: 2,
+                end_at_ms: 1,
+                ..interval("1m", "")
+            },
+            "spec.calendar.end_at_ms: is before start_at_ms",
+        ),
+    ];
+    for (spec, expected) in cases {
+        assert_eq!(error(spec), expected);
+    }
+    assert!(
+        error(cron("61 * * * *", ""))
+            .starts_with("spec.calendar.cron: \"61 * * * *\" is not a cron pattern")
+    );
+    assert!(
+        error(interval("soon", "")).starts_with("spec.calendar.every: \"soon\" is not a duration")
+    );
+}
+
+#[test]
+fn jitter_is_deterministic_bounded_and_spread() {
+    let nominal_ms = millis("2026-01-01T00:00:00Z");
+    assert_eq!(jitter_ms("nightly", nominal_ms, 0), 0);
+    assert_eq!(
+        jitter_ms("nightly", nominal_ms, 60_000),
+        jitter_ms("nightly", nominal_ms, 60_000)
+    );
+    let delays: std::collections::BTreeSet<u64> = (0..100)
+        .map(|index| jitter_ms(&format!("schedule-{index}"), nominal_ms, 60_000))
+        .collect();
+    assert!(delays.iter().all(|delay| *delay <= 60_000));
+    // 100 schedules at one nominal time do not start together.
+    assert!(delays.len() > 90, "{} distinct delays", delays.len());
+}
