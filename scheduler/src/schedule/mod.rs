@@ -2,12 +2,15 @@
 //!
 //! - [`calendar`]: nominal times of cron and interval calendars in an IANA time zone, with the
 //!   daylight-saving policies; pure.
+//! - [`plan`]: what a schedule does at one moment of replicated time (start, skip, buffer,
+//!   cancel, record missed ticks, pause on failure), exactly once per nominal time; pure.
 //! - [`jitter_ms`]: the deterministic delay of one tick, so every replica and a preview agree.
 //!
-//! Not yet here: the replicated schedule records, the leader's "tick due" commands, overlap,
-//! catch-up, pause and backfill (ARCHITECTURE.md, "Schedules").
+//! Not yet here: the replicated schedule records and commands that carry plans out, the
+//! leader's "tick due" proposals, manual triggers and backfill, the API and CLI.
 
 pub mod calendar;
+pub mod plan;
 
 use sha2::{Digest, Sha256};
 

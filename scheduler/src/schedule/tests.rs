@@ -315,3 +315,350 @@ fn jitter_is_deterministic_bounded_and_spread() {
     // 100 schedules at one nominal time do not start together.
     assert!(delays.len() > 90, "{} distinct delays", delays.len());
 }
+
+mod plans {
+    use super::super::calendar::{Calendar, CalendarSpec};
+    use super::super::plan::{
+        Decision, FleetView, OverlapPolicy, SchedulePolicy, ScheduleProgress, SkipReason, plan,
+    };
+
+    fn every_ten_seconds() -> Calendar {
+        let spec = CalendarSpec {
+            every: "10s".into(),
+            ..CalendarSpec::default()
+        };
+        Calendar::compile(&spec, "calendar").unwrap()
+    }
+
+    fn render(decision: &Decision) -> String {
+        let seconds = |ms: &u64| ms / 1000;
+        match decision {
+            Decision::Pause {
+                fleet_number,
+                failed_runs,
+            } => format!("pause fl-{fleet_number} ({failed_runs} failed)"),
+            Decision::Cancel { fleet_number } => format!("cancel fl-{fleet_number}"),
+            Decision::Start { nominal_ms } => format!("start {}", seconds(nominal_ms)),
+            Decision::Buffer { nominal_ms } => format!("buffer {}", seconds(nominal_ms)),
+            Decision::Skip { nominal_ms, reason } => {
+                let reason = match reason {
+                    SkipReason::Overlap => "overlap",
+                    SkipReason::BufferFull => "buffer_full",
+                    SkipReason::NoRemainingActions => "no_remaining_actions",
+                    SkipReason::CatchUpWindow => "catch_up_window",
+                };
+                format!("skip {} {reason}", seconds(nominal_ms))
+            }
+            Decision::Missed {
+                first_ms,
+                last_ms,
+                count,
+                count_is_lower_bound,
+            } => format!(
+                "missed {}..{} x{count}{}",
+                seconds(first_ms),
+                seconds(last_ms),
+                if *count_is_lower_bound { "+" } else { "" }
+            ),
+        }
+    }
+
+    /// One plan of a 10 s interval schedule at `now_s`, from `progress` (times in seconds),
+    /// with `fleets` as `(number, running?, failed runs)`: its decisions, then
+    /// `until=<processed_until_s> buffered=<...> due=<next_due_s>`.
+    fn check(
+        policy: SchedulePolicy,
+        processed_until_s: u64,
+        buffered_s: &[u64],
+        fleets: &[(u64, bool, u32)],
+        now_s: u64,
+        expected: &[&str],
+    ) -> ScheduleProgress {
+        let progress = ScheduleProgress {
+            processed_until_ms: processed_until_s * 1000,
+            buffered: buffered_s.iter().map(|s| s * 1000).collect(),
+            actions_taken: 0,
+        };
+        let views: Vec<(u64, FleetView)> = fleets
+            .iter()
+            .map(|(number, running, failed_runs)| {
+                let view = if *running {
+                    FleetView::Running
+                } else {
+                    FleetView::Ended {
+                        failed_runs: *failed_runs,
+                    }
+                };
+                (*number, view)
+            })
+            .collect();
+        let calendar = every_ten_seconds();
+        let planned = plan(
+            "nightly",
+            &calendar,
+            &policy,
+            &progress,
+            &views,
+            now_s * 1000,
+        );
+        let mut shown: Vec<String> = planned.decisions.iter().map(render).collect();
+        let buffered: Vec<String> = planned
+            .progress
+            .buffered
+            .iter()
+            .map(|ms| (ms / 1000).to_string())
+            .collect();
+        shown.push(format!(
+            "until={} buffered=[{}] due={}",
+            planned.progress.processed_until_ms / 1000,
+            buffered.join(","),
+            planned.next_due_ms.map_or(0, |ms| ms / 1000)
+        ));
+        assert_eq!(shown, expected, "{policy:?}");
+        // Planning again at the same time decides nothing again: exactly once.
+        let again = plan(
+            "nightly",
+            &calendar,
+            &policy,
+            &planned.progress,
+            &views,
+            now_s * 1000,
+        );
+        assert!(
+            again.decisions.iter().all(
+                |decision| !matches!(decision, Decision::Start { nominal_ms }
+                    if planned.decisions.contains(&Decision::Start { nominal_ms: *nominal_ms }))
+            ),
+            "a nominal time started twice: {:?}",
+            again.decisions
+        );
+        planned.progress
+    }
+
+    fn policy(overlap: OverlapPolicy) -> SchedulePolicy {
+        SchedulePolicy {
+            overlap,
+            ..SchedulePolicy::default()
+        }
+    }
+
+    #[test]
+    fn due_times_start_in_order_and_the_next_waits() {
+        check(
+            policy(OverlapPolicy::AllowAll),
+            100,
+            &[],
+            &[],
+            125,
+            &["start 110", "start 120", "until=120 buffered=[] due=130"],
+        );
+        // Without overlap allowed, the second due time finds the first one's fleet running.
+        check(
+            policy(OverlapPolicy::Skip),
+            100,
+            &[],
+            &[],
+            125,
+            &[
+                "start 110",
+                "skip 120 overlap",
+                "until=120 buffered=[] due=130",
+            ],
+        );
+        // Nothing due yet.
+        check(
+            policy(OverlapPolicy::Skip),
+            100,
+            &[],
+            &[],
+            109,
+            &["until=100 buffered=[] due=110"],
+        );
+    }
+
+    #[test]
+    fn overlap_policies_with_a_running_fleet() {
+        let running = [(7, true, 0)];
+        check(
+            policy(OverlapPolicy::Skip),
+            100,
+            &[],
+            &running,
+            110,
+            &["skip 110 overlap", "until=110 buffered=[] due=120"],
+        );
+        check(
+            policy(OverlapPolicy::BufferOne),
+            100,
+            &[],
+            &running,
+            130,
+            &[
+                "buffer 110",
+                "skip 120 buffer_full",
+                "skip 130 buffer_full",
+                "until=130 buffered=[110] due=140",
+            ],
+        );
+        check(
+            SchedulePolicy {
+                buffer_limit: 2,
+                ..policy(OverlapPolicy::BufferAll)
+            },
+            100,
+            &[],
+            &running,
+            130,
+            &[
+                "buffer 110",
+                "buffer 120",
+                "skip 130 buffer_full",
+                "until=130 buffered=[110,120] due=140",
+            ],
+        );
+        check(
+            policy(OverlapPolicy::CancelOther),
+            100,
+            &[],
+            &running,
+            110,
+            &["cancel fl-7", "start 110", "until=110 buffered=[] due=120"],
+        );
+        check(
+            policy(OverlapPolicy::AllowAll),
+            100,
+            &[],
+            &running,
+            110,
+            &["start 110", "until=110 buffered=[] due=120"],
+        );
+    }
+
+    #[test]
+    fn a_buffered_time_starts_when_the_running_fleet_ends() {
+        // Still running: the buffer waits.
+        check(
+            policy(OverlapPolicy::BufferAll),
+            130,
+            &[110, 120],
+            &[(7, true, 0)],
+            135,
+            &["until=130 buffered=[110,120] due=140"],
+        );
+        // Ended: the oldest buffered starts; the next stays buffered behind it.
+        check(
+            policy(OverlapPolicy::BufferAll),
+            130,
+            &[110, 120],
+            &[(7, false, 0)],
+            135,
+            &["start 110", "until=130 buffered=[120] due=140"],
+        );
+    }
+
+    #[test]
+    fn catch_up_window_after_the_cluster_was_down() {
+        // Down from 100 s to 200 s with a 30 s window: 110..160 are missed, 170..200 start
+        // (one at a time under Skip).
+        check(
+            SchedulePolicy {
+                catch_up_window_ms: 30_000,
+                ..policy(OverlapPolicy::AllowAll)
+            },
+            100,
+            &[],
+            &[],
+            200,
+            &[
+                "missed 110..160 x6",
+                "start 170",
+                "start 180",
+                "start 190",
+                "start 200",
+                "until=200 buffered=[] due=210",
+            ],
+        );
+        // A year down: counting stops, the record says "at least", nothing older is started.
+        let year_s = 366 * 24 * 3600;
+        let progress = check(
+            SchedulePolicy {
+                catch_up_window_ms: 30_000,
+                ..policy(OverlapPolicy::Skip)
+            },
+            0,
+            &[],
+            &[],
+            year_s,
+            &[
+                &format!("missed 10..{} x1000+", year_s - 31),
+                &format!("start {}", year_s - 30),
+                &format!("skip {} overlap", year_s - 20),
+                &format!("skip {} overlap", year_s - 10),
+                &format!("skip {year_s} overlap"),
+                &format!("until={year_s} buffered=[] due={}", year_s + 10),
+            ],
+        );
+        assert_eq!(progress.actions_taken, 1);
+    }
+
+    #[test]
+    fn limited_actions_and_pause_on_failure() {
+        let mut limited = policy(OverlapPolicy::AllowAll);
+        limited.remaining_actions = Some(1);
+        check(
+            limited,
+            100,
+            &[],
+            &[],
+            120,
+            &[
+                "start 110",
+                "skip 120 no_remaining_actions",
+                "until=120 buffered=[] due=130",
+            ],
+        );
+        let pausing = SchedulePolicy {
+            pause_on_failed_runs: 3,
+            ..policy(OverlapPolicy::Skip)
+        };
+        // Below the threshold: the next time starts.
+        check(
+            pausing.clone(),
+            100,
+            &[],
+            &[(7, false, 2)],
+            110,
+            &["start 110", "until=110 buffered=[] due=120"],
+        );
+        // At it: pause, decide nothing else.
+        check(
+            pausing,
+            100,
+            &[],
+            &[(7, false, 3)],
+            110,
+            &["pause fl-7 (3 failed)", "until=100 buffered=[] due=110"],
+        );
+    }
+
+    #[test]
+    fn policies_are_bounded() {
+        let error =
+            |policy: SchedulePolicy| policy.validate("spec.policy").unwrap_err().to_string();
+        assert_eq!(
+            error(SchedulePolicy {
+                buffer_limit: 0,
+                ..SchedulePolicy::default()
+            }),
+            "spec.policy.buffer_limit: must be between 1 and 1000"
+        );
+        assert_eq!(
+            error(SchedulePolicy {
+                catch_up_window_ms: 1,
+                ..SchedulePolicy::default()
+            }),
+            "spec.policy.catch_up_window_ms: must be between 10000 and 31622400000"
+        );
+        assert!(SchedulePolicy::default().validate("spec.policy").is_ok());
+    }
+}
