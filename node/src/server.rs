@@ -518,6 +518,7 @@ async fn leader_housekeeping_loop(
         lease_ttl_ms: limits.lease_ttl_ms,
         fleet_retention_ms: limits.fleet_retention_ms,
         compaction_batch_fleets: limits.compaction_batch_fleets,
+        max_events_per_fleet: limits.max_events_per_fleet,
     };
     let mut ticker = tokio::time::interval(Duration::from_millis(limits.lease_check_interval_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -80,6 +80,44 @@ pub enum Command {
         /// As in [`Command::SubmitFleet`].
         max_events: u32,
     },
+    /// Creates a schedule ([`crate::schedule`]) whose progress starts now: nothing before its
+    /// creation is missed. The same spec again answers `ScheduleCreated { created: false }`;
+    /// another spec under the same id, an invalid spec, or a full cluster
+    /// ([`crate::schedule::record::MAX_SCHEDULES`]) answers [`Response::Rejected`].
+    CreateSchedule {
+        /// The validated spec.
+        spec: crate::schedule::record::ScheduleSpec,
+    },
+    /// Deletes a schedule; the fleets it started go on.
+    DeleteSchedule {
+        /// `<project>/<name>`.
+        schedule_id: String,
+    },
+    /// Pauses a schedule (again: the note is replaced). Nominal times while it is paused are
+    /// never started.
+    PauseSchedule {
+        /// `<project>/<name>`.
+        schedule_id: String,
+        /// Why, at most [`crate::schedule::record::MAX_NOTE_BYTES`].
+        note: String,
+    },
+    /// Resumes a paused schedule from now (idempotent: a running schedule is unchanged).
+    ResumeSchedule {
+        /// `<project>/<name>`.
+        schedule_id: String,
+        /// Why, at most [`crate::schedule::record::MAX_NOTE_BYTES`].
+        note: String,
+    },
+    /// Carries out the schedule's [`crate::schedule::plan::plan`] at the command's time
+    /// (proposed by the leader's engine when the schedule is due; proposing it again, or when
+    /// nothing is due, decides nothing twice). A paused or unknown schedule answers
+    /// [`Response::Rejected`].
+    ProcessSchedule {
+        /// `<project>/<name>`.
+        schedule_id: String,
+        /// As in [`Command::SubmitFleet`], for the fleets started.
+        max_events: u32,
+    },
     /// Leases up to `free_slots` runs to `worker_id`, each until `now_ms + lease_ttl_ms`.
     ///
     /// Reconciliation first: every lease the state says `worker_id` holds whose
@@ -483,6 +521,28 @@ pub enum Response {
     },
     /// `RewrapSecret` applied.
     SecretRewrapped,
+    /// `CreateSchedule`: the schedule, and whether this command created it.
+    ScheduleCreated {
+        /// `<project>/<name>`.
+        schedule_id: String,
+        /// False when the same spec existed already.
+        created: bool,
+    },
+    /// `DeleteSchedule` applied.
+    ScheduleDeleted {
+        /// Whether it existed.
+        existed: bool,
+    },
+    /// `PauseSchedule` or `ResumeSchedule` applied: whether the schedule is now paused.
+    SchedulePaused {
+        /// The new state.
+        paused: bool,
+    },
+    /// `ProcessSchedule` applied: the fleets it started, in nominal-time order.
+    ScheduleProcessed {
+        /// `fl-<n>` of each fleet started.
+        started: Vec<String>,
+    },
     /// The command was valid on the wire but not applicable to the state; nothing changed.
     Rejected {
         /// Why.

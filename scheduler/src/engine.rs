@@ -8,7 +8,11 @@
 //! - `ExpireSilentLeases` for the leases whose deadline in the leader's memory passed
 //!   ([`crate::liveness`]: heartbeats move deadlines without log writes; a new leader gives the
 //!   leases it finds a grace period, cf. Nomad's `heartbeat_grace`);
-//! - `CompactFleets` when an ended fleet is older than [`EngineSettings::fleet_retention_ms`].
+//! - `CompactFleets` when an ended fleet is older than [`EngineSettings::fleet_retention_ms`];
+//! - `ProcessSchedule` for each due schedule ([`State::due_schedules`]): only the leader
+//!   evaluates schedules, from replicated time, and the state machine decides each nominal
+//!   time once, so a tick proposed twice (a leader change between proposal and apply) starts
+//!   nothing twice.
 //!
 //! An idle state yields no command, so an idle cluster writes nothing; heartbeats never write.
 
@@ -25,6 +29,9 @@ pub struct EngineSettings {
     pub fleet_retention_ms: u64,
     /// Most fleets one `CompactFleets` removes.
     pub compaction_batch_fleets: u32,
+    /// Most progress events a fleet started by a schedule keeps
+    /// (`limits.max_events_per_fleet`).
+    pub max_events_per_fleet: u32,
 }
 
 /// The leader's situation at one tick.
@@ -72,6 +79,12 @@ pub fn tick(
             max_fleets: settings.compaction_batch_fleets,
         });
     }
+    for schedule_id in state.due_schedules(tick.now_ms) {
+        commands.push(Command::ProcessSchedule {
+            schedule_id,
+            max_events: settings.max_events_per_fleet,
+        });
+    }
     commands
 }
 
@@ -85,6 +98,7 @@ mod tests {
         lease_ttl_ms: 5_000,
         fleet_retention_ms: 60_000,
         compaction_batch_fleets: 10,
+        max_events_per_fleet: 1_000,
     };
 
     fn apply(state: &mut State, now_ms: u64, command: Command) -> Response {

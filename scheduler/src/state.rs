@@ -24,6 +24,7 @@ use crate::audit::{AuditEntry, AuditLog, AuditOutcome};
 use crate::command::{AttemptResult, Command, LeaseGrant, Outcome, Request, Response};
 use crate::lease::LeaseIndex;
 use crate::placement::{self, FleetSlots};
+use crate::schedule::record::Schedule;
 use crate::secret::Secrets;
 use crate::spec::{self, FleetSpec};
 use crate::staging::Staging;
@@ -392,6 +393,10 @@ pub struct State {
     /// Repositories of large submissions staged in parts ([`crate::staging`]).
     #[serde(default)]
     staging: Staging,
+    /// Schedules by id (`<project>/<name>`), at most
+    /// [`crate::schedule::record::MAX_SCHEDULES`] ([`crate::schedule`]).
+    #[serde(default)]
+    pub(crate) schedules: BTreeMap<String, Schedule>,
 }
 
 /// `fl-<number>`.
@@ -528,6 +533,18 @@ impl State {
                     Err(reason) => Response::Rejected { reason },
                 }
             }
+            Command::CreateSchedule { spec } => self.create_schedule(now_ms, spec),
+            Command::DeleteSchedule { schedule_id } => self.delete_schedule(schedule_id),
+            Command::PauseSchedule { schedule_id, note } => {
+                self.pause_schedule(now_ms, schedule_id, note, &request.principal)
+            }
+            Command::ResumeSchedule { schedule_id, note } => {
+                self.resume_schedule(now_ms, schedule_id, note)
+            }
+            Command::ProcessSchedule {
+                schedule_id,
+                max_events,
+            } => self.process_schedule(now_ms, schedule_id, *max_events, &request.principal),
             Command::AcquireLeases {
                 worker_id,
                 free_slots,
@@ -753,7 +770,7 @@ impl State {
         &self.secrets
     }
 
-    fn submit_fleet(
+    pub(crate) fn submit_fleet(
         &mut self,
         now_ms: u64,
         fleet_spec: &FleetSpec,
@@ -1123,7 +1140,7 @@ impl State {
         Response::ResultAccepted
     }
 
-    fn cancel_fleet(&mut self, now_ms: u64, id: &str) -> Response {
+    pub(crate) fn cancel_fleet(&mut self, now_ms: u64, id: &str) -> Response {
         let Some(number) = parse_fleet_id(id) else {
             return Response::Rejected {
                 reason: format!("no fleet {id}"),
@@ -1398,6 +1415,13 @@ impl State {
     /// A description of the first violated invariant.
     pub fn check_invariants(&self) -> Result<(), String> {
         self.staging.check_invariants()?;
+        for schedule in self.schedules.values() {
+            schedule.check_invariants(|number| {
+                self.fleets
+                    .get(&number)
+                    .map(|fleet| fleet.idempotency_key.clone())
+            })?;
+        }
         for fleet in self.fleets.values() {
             if self.index_version == INDEX_VERSION {
                 let mut rebuilt = fleet.clone();
@@ -1789,6 +1813,19 @@ fn audit_entry(command: &Command, response: &Response) -> AuditEntry {
             "rewrap_secret",
             format!("project {project} secret {name} version {version} to key {key_id}"),
         ),
+        Command::CreateSchedule { spec } => ("create_schedule", format!("schedule {}", spec.id())),
+        Command::DeleteSchedule { schedule_id } => {
+            ("delete_schedule", format!("schedule {schedule_id}"))
+        }
+        Command::PauseSchedule { schedule_id, .. } => {
+            ("pause_schedule", format!("schedule {schedule_id}"))
+        }
+        Command::ResumeSchedule { schedule_id, .. } => {
+            ("resume_schedule", format!("schedule {schedule_id}"))
+        }
+        Command::ProcessSchedule { schedule_id, .. } => {
+            ("process_schedule", format!("schedule {schedule_id}"))
+        }
     };
     let (outcome, reason) = match response {
         Response::Rejected { reason } => (AuditOutcome::Rejected, reason.clone()),

@@ -1124,6 +1124,19 @@ enum Step {
     Advance {
         ms: u64,
     },
+    /// A schedule `s<number>` every `every_s` seconds with the overlap policy `overlap`
+    /// (ticks come from the engine's `Tick`).
+    Schedule {
+        number: u8,
+        every_s: u64,
+        overlap: u8,
+    },
+    PauseSchedule {
+        number: u8,
+    },
+    ResumeSchedule {
+        number: u8,
+    },
 }
 
 fn step_strategy() -> impl proptest::strategy::Strategy<Value = Step> {
@@ -1138,6 +1151,9 @@ fn step_strategy() -> impl proptest::strategy::Strategy<Value = Step> {
         2 => Just(Step::Tick),
         1 => (1u64..4).prop_map(|fleet| Step::Cancel { fleet }),
         2 => (1u64..20_000).prop_map(|ms| Step::Advance { ms }),
+        1 => (0u8..3, 1u64..6, 0u8..5).prop_map(|(number, every_s, overlap)| Step::Schedule { number, every_s, overlap }),
+        1 => (0u8..3).prop_map(|number| Step::PauseSchedule { number }),
+        1 => (0u8..3).prop_map(|number| Step::ResumeSchedule { number }),
     ]
 }
 
@@ -1208,6 +1224,47 @@ fn step_command(state: &State, step: &Step) -> Option<Command> {
         Step::Cancel { fleet } => Command::CancelFleet {
             fleet_id: format!("fl-{fleet}"),
         },
+        Step::Schedule {
+            number,
+            every_s,
+            overlap,
+        } => {
+            use crate::schedule::plan::{OverlapPolicy, SchedulePolicy};
+            let overlap = [
+                OverlapPolicy::Skip,
+                OverlapPolicy::BufferOne,
+                OverlapPolicy::BufferAll,
+                OverlapPolicy::CancelOther,
+                OverlapPolicy::AllowAll,
+            ][*overlap as usize];
+            let mut fleet = spec(&["file:///scheduled"]);
+            fleet.retry.max_attempts = 2;
+            Command::CreateSchedule {
+                spec: crate::schedule::record::ScheduleSpec {
+                    name: format!("s{number}"),
+                    calendar: crate::schedule::calendar::CalendarSpec {
+                        every: format!("{every_s}s"),
+                        ..Default::default()
+                    },
+                    policy: SchedulePolicy {
+                        overlap,
+                        buffer_limit: 3,
+                        catch_up_window_ms: 10_000,
+                        pause_on_failed_runs: 1,
+                        ..SchedulePolicy::default()
+                    },
+                    fleet,
+                },
+            }
+        }
+        Step::PauseSchedule { number } => Command::PauseSchedule {
+            schedule_id: format!("default/s{number}"),
+            note: "random".into(),
+        },
+        Step::ResumeSchedule { number } => Command::ResumeSchedule {
+            schedule_id: format!("default/s{number}"),
+            note: "random".into(),
+        },
         Step::Advance { .. } | Step::Hear { .. } | Step::Tick => return None,
     })
 }
@@ -1231,6 +1288,7 @@ proptest::proptest! {
             lease_ttl_ms: 5_000,
             fleet_retention_ms: 30_000,
             compaction_batch_fleets: 2,
+            max_events_per_fleet: 1_000,
         };
         // The test's one clock serves as replicated and monotonic time.
         let mut liveness = crate::liveness::LeaseLiveness::new(now_ms, 2_000);

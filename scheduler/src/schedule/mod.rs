@@ -6,11 +6,17 @@
 //!   cancel, record missed ticks, pause on failure), exactly once per nominal time; pure.
 //! - [`jitter_ms`]: the deterministic delay of one tick, so every replica and a preview agree.
 //!
-//! Not yet here: the replicated schedule records and commands that carry plans out, the
-//! leader's "tick due" proposals, manual triggers and backfill, the API and CLI.
+//! - [`record`]: the replicated schedule (spec, progress, running fleets, bounded history) and
+//!   the commands that carry plans out (`CreateSchedule`, `DeleteSchedule`, `PauseSchedule`,
+//!   `ResumeSchedule`, `ProcessSchedule`, applied in `apply.rs`); the leader's engine proposes
+//!   `ProcessSchedule` for each due schedule ([`crate::engine`]).
+//!
+//! Not yet here: manual triggers, backfill, the API and the CLI.
 
+mod apply;
 pub mod calendar;
 pub mod plan;
+pub mod record;
 
 use sha2::{Digest, Sha256};
 

@@ -662,3 +662,323 @@ mod plans {
         assert!(SchedulePolicy::default().validate("spec.policy").is_ok());
     }
 }
+
+/// Schedules in the replicated state, driven as the leader drives them: the engine's tick
+/// proposes `ProcessSchedule` for due schedules, the state applies it.
+mod replicated {
+    use super::super::calendar::CalendarSpec;
+    use super::super::plan::{OverlapPolicy, SchedulePolicy, fleet_key};
+    use super::super::record::{ScheduleSpec, TickOutcome};
+    use crate::command::{Command, Request, Response};
+    use crate::engine::{EngineSettings, Tick, tick};
+    use crate::liveness::LeaseLiveness;
+    use crate::spec::tests::spec;
+    use crate::state::{FleetState, State};
+
+    const SETTINGS: EngineSettings = EngineSettings {
+        lease_ttl_ms: 5_000,
+        fleet_retention_ms: 3_600_000,
+        compaction_batch_fleets: 10,
+        max_events_per_fleet: 1_000,
+    };
+    const ID: &str = "default/every-2s";
+
+    fn apply(state: &mut State, now_ms: u64, command: Command) -> Response {
+        let response = state.apply(&Request {
+            now_ms,
+            command,
+            principal: Default::default(),
+        });
+        state.check_invariants().expect("invariants");
+        response
+    }
+
+    /// What the leader proposes at `now_ms`, applied; the fleets started.
+    fn leader_tick(state: &mut State, now_ms: u64) -> Vec<String> {
+        let mut liveness = LeaseLiveness::new(0, 0);
+        let tick_at = Tick {
+            now_ms,
+            monotonic_ms: now_ms,
+            bootstrap: None,
+        };
+        let mut started = Vec::new();
+        for command in tick(state, &SETTINGS, &tick_at, &mut liveness) {
+            if let Response::ScheduleProcessed { started: fleets } = apply(state, now_ms, command) {
+                started.extend(fleets);
+            }
+        }
+        started
+    }
+
+    fn schedule_spec(policy: SchedulePolicy) -> ScheduleSpec {
+        ScheduleSpec {
+            name: "every-2s".into(),
+            calendar: CalendarSpec {
+                every: "2s".into(),
+                ..CalendarSpec::default()
+            },
+            policy,
+            fleet: spec(&["file:///srv/a"]),
+        }
+    }
+
+    fn created(policy: SchedulePolicy, now_ms: u64) -> State {
+        let mut state = State::new();
+        assert_eq!(
+            apply(
+                &mut state,
+                now_ms,
+                Command::CreateSchedule {
+                    spec: schedule_spec(policy)
+                }
+            ),
+            Response::ScheduleCreated {
+                schedule_id: ID.into(),
+                created: true
+            }
+        );
+        state
+    }
+
+    fn history(state: &State) -> Vec<String> {
+        state
+            .schedule(ID)
+            .unwrap()
+            .history
+            .iter()
+            .map(|record| match &record.outcome {
+                TickOutcome::Started { fleet_id } => {
+                    format!("{} started {fleet_id}", record.nominal_ms)
+                }
+                TickOutcome::Buffered => format!("{} buffered", record.nominal_ms),
+                TickOutcome::Skipped { reason } => {
+                    format!("{} skipped {reason}", record.nominal_ms)
+                }
+                TickOutcome::Missed { last_ms, count, .. } => {
+                    format!("{}..{last_ms} missed x{count}", record.nominal_ms)
+                }
+                TickOutcome::Paused { note } => format!("paused {note}"),
+                TickOutcome::Resumed { note } => format!("resumed {note}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_fleet_per_nominal_time_even_when_the_tick_is_proposed_twice() {
+        let mut state = created(SchedulePolicy::default(), 1_000);
+        assert_eq!(leader_tick(&mut state, 1_999), Vec::<String>::new());
+        assert_eq!(leader_tick(&mut state, 2_000), vec!["fl-1"]);
+        // A new leader proposes the same tick again (its predecessor's was committed but not
+        // acknowledged): nothing new.
+        let again = apply(
+            &mut state,
+            2_000,
+            Command::ProcessSchedule {
+                schedule_id: ID.into(),
+                max_events: 1_000,
+            },
+        );
+        assert_eq!(again, Response::ScheduleProcessed { started: vec![] });
+        let fleet = state.fleet("fl-1").unwrap();
+        assert_eq!(fleet.idempotency_key, fleet_key(ID, 2_000));
+        // fl-1 still runs at 4 s: skipped (overlap skip); ended by 6 s: started.
+        assert_eq!(leader_tick(&mut state, 4_000), Vec::<String>::new());
+        apply(
+            &mut state,
+            5_000,
+            Command::CancelFleet {
+                fleet_id: "fl-1".into(),
+            },
+        );
+        assert_eq!(leader_tick(&mut state, 6_000), vec!["fl-2"]);
+        assert_eq!(
+            history(&state),
+            vec![
+                "2000 started fl-1",
+                "4000 skipped overlap: a fleet of the schedule is running",
+                "6000 started fl-2",
+            ]
+        );
+    }
+
+    #[test]
+    fn buffered_ticks_start_when_the_running_fleet_ends() {
+        let mut state = created(
+            SchedulePolicy {
+                overlap: OverlapPolicy::BufferAll,
+                buffer_limit: 2,
+                ..SchedulePolicy::default()
+            },
+            1_000,
+        );
+        assert_eq!(leader_tick(&mut state, 2_000), vec!["fl-1"]);
+        assert!(leader_tick(&mut state, 8_000).is_empty());
+        apply(
+            &mut state,
+            8_500,
+            Command::CancelFleet {
+                fleet_id: "fl-1".into(),
+            },
+        );
+        // Due at once although no nominal time fell due: the buffer's oldest starts.
+        assert_eq!(leader_tick(&mut state, 8_600), vec!["fl-2"]);
+        assert_eq!(
+            history(&state),
+            vec![
+                "2000 started fl-1",
+                "4000 buffered",
+                "6000 buffered",
+                "8000 skipped buffer_full",
+                "4000 started fl-2",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_cluster_down_past_the_catch_up_window() {
+        let mut state = created(
+            SchedulePolicy {
+                catch_up_window_ms: 10_000,
+                overlap: OverlapPolicy::AllowAll,
+                ..SchedulePolicy::default()
+            },
+            1_000,
+        );
+        assert_eq!(leader_tick(&mut state, 2_000), vec!["fl-1"]);
+        // No leader from 2 s to 30 s: 4..18 s are older than the window, 20..30 s start.
+        let started = leader_tick(&mut state, 30_000);
+        assert_eq!(
+            started,
+            vec!["fl-2", "fl-3", "fl-4", "fl-5", "fl-6", "fl-7"]
+        );
+        assert_eq!(history(&state)[1], "4000..18000 missed x8");
+    }
+
+    #[test]
+    fn paused_schedules_start_nothing_and_resume_from_now() {
+        let mut state = created(SchedulePolicy::default(), 1_000);
+        apply(
+            &mut state,
+            1_500,
+            Command::PauseSchedule {
+                schedule_id: ID.into(),
+                note: "freeze".into(),
+            },
+        );
+        assert!(leader_tick(&mut state, 10_000).is_empty());
+        let refused = apply(
+            &mut state,
+            10_000,
+            Command::ProcessSchedule {
+                schedule_id: ID.into(),
+                max_events: 1_000,
+            },
+        );
+        assert!(matches!(refused, Response::Rejected { .. }), "{refused:?}");
+        let resume = Command::ResumeSchedule {
+            schedule_id: ID.into(),
+            note: "thaw".into(),
+        };
+        assert_eq!(
+            apply(&mut state, 11_000, resume.clone()),
+            Response::SchedulePaused { paused: false }
+        );
+        // Idempotent.
+        assert_eq!(
+            apply(&mut state, 11_000, resume),
+            Response::SchedulePaused { paused: false }
+        );
+        assert!(leader_tick(&mut state, 11_500).is_empty());
+        assert_eq!(leader_tick(&mut state, 12_000), vec!["fl-1"]);
+        assert_eq!(
+            history(&state),
+            vec!["paused freeze", "resumed thaw", "12000 started fl-1"]
+        );
+    }
+
+    #[test]
+    fn pause_on_failure_and_limited_actions() {
+        let mut state = created(
+            SchedulePolicy {
+                pause_on_failed_runs: 1,
+                remaining_actions: Some(2),
+                ..SchedulePolicy::default()
+            },
+            1_000,
+        );
+        assert_eq!(leader_tick(&mut state, 2_000), vec!["fl-1"]);
+        // fl-1 ends with its run cancelled (not failed): the schedule goes on.
+        apply(
+            &mut state,
+            3_000,
+            Command::CancelFleet {
+                fleet_id: "fl-1".into(),
+            },
+        );
+        assert_eq!(leader_tick(&mut state, 4_000), vec!["fl-2"]);
+        apply(
+            &mut state,
+            5_000,
+            Command::CancelFleet {
+                fleet_id: "fl-2".into(),
+            },
+        );
+        // Two actions taken: no more.
+        assert!(leader_tick(&mut state, 6_000).is_empty());
+        assert_eq!(
+            history(&state).last().map(String::as_str),
+            Some("6000 skipped no_remaining_actions")
+        );
+        assert_eq!(state.fleet("fl-2").unwrap().state, FleetState::Cancelled);
+    }
+
+    #[test]
+    fn schedules_are_validated_unique_and_survive_a_snapshot() {
+        let mut state = created(SchedulePolicy::default(), 1_000);
+        // The same spec again: not created twice; another spec under the id: refused.
+        assert_eq!(
+            apply(
+                &mut state,
+                1_100,
+                Command::CreateSchedule {
+                    spec: schedule_spec(SchedulePolicy::default())
+                }
+            ),
+            Response::ScheduleCreated {
+                schedule_id: ID.into(),
+                created: false
+            }
+        );
+        let other = schedule_spec(SchedulePolicy {
+            overlap: OverlapPolicy::AllowAll,
+            ..SchedulePolicy::default()
+        });
+        assert!(matches!(
+            apply(&mut state, 1_100, Command::CreateSchedule { spec: other }),
+            Response::Rejected { .. }
+        ));
+        let mut invalid = schedule_spec(SchedulePolicy::default());
+        invalid.calendar.every = "1ms".into();
+        let refused = apply(&mut state, 1_100, Command::CreateSchedule { spec: invalid });
+        assert_eq!(
+            refused,
+            Response::Rejected {
+                reason: "spec.calendar.every: must be between 1000 ms and 31622400000 ms".into()
+            }
+        );
+        assert_eq!(leader_tick(&mut state, 2_000), vec!["fl-1"]);
+        let copy: State = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+        assert_eq!(copy.schedule(ID), state.schedule(ID));
+        assert_eq!(
+            apply(
+                &mut state,
+                2_100,
+                Command::DeleteSchedule {
+                    schedule_id: ID.into()
+                }
+            ),
+            Response::ScheduleDeleted { existed: true }
+        );
+        assert!(leader_tick(&mut state, 10_000).is_empty());
+    }
+}
