@@ -111,7 +111,8 @@ pub enum Command {
     /// Carries out the schedule's [`crate::schedule::plan::plan`] at the command's time
     /// (proposed by the leader's engine when the schedule is due; proposing it again, or when
     /// nothing is due, decides nothing twice). A paused or unknown schedule answers
-    /// [`Response::Rejected`].
+    /// [`Response::Rejected`]; a fleet the state refuses (a secret gone, say) is recorded in
+    /// the schedule's history as skipped with the reason.
     ProcessSchedule {
         /// `<project>/<name>`.
         schedule_id: String,

@@ -48,6 +48,8 @@ impl State {
 
     /// Ids of the schedules the leader should process at `now_ms`: not paused, and either
     /// their next nominal time is due or they hold a buffered one and no fleet of theirs runs.
+    /// Walks every schedule (at most [`MAX_SCHEDULES`]) and each one's running fleets (at
+    /// most [`MAX_RUNNING_FLEETS_PER_SCHEDULE`]).
     pub fn due_schedules(&self, now_ms: u64) -> Vec<String> {
         self.schedules
             .values()
@@ -194,7 +196,20 @@ impl State {
             return rejected(format!("schedule {id} is paused"));
         }
         let Some(calendar) = calendar_of(&schedule.spec) else {
-            return rejected(format!("schedule {id}: its calendar no longer compiles"));
+            // Idle it (the engine would otherwise propose it again on every tick).
+            if let Some(schedule) = self.schedules.get_mut(id) {
+                schedule.next_due_ms = None;
+                schedule.record(
+                    now_ms,
+                    now_ms,
+                    TickOutcome::Skipped {
+                        reason: "the calendar no longer compiles; the schedule is idle".into(),
+                    },
+                );
+            }
+            return Response::ScheduleProcessed {
+                started: Vec::new(),
+            };
         };
         let views: Vec<(u64, FleetView)> = schedule
             .fleets
@@ -335,8 +350,11 @@ impl State {
             Response::Rejected { reason } => TickOutcome::Skipped {
                 reason: format!("fleet refused: {reason}"),
             },
+            Response::IdempotencyKeyConflict { fleet_id } => TickOutcome::Skipped {
+                reason: format!("fleet refused: {fleet_id} holds the key {key} with another spec"),
+            },
             other => TickOutcome::Skipped {
-                reason: format!("fleet refused: {other:?}"),
+                reason: format!("fleet refused: unexpected {other:?}"),
             },
         }
     }

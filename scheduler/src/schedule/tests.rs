@@ -933,6 +933,27 @@ mod replicated {
     }
 
     #[test]
+    fn a_fleet_the_state_refuses_is_recorded_not_dropped() {
+        let mut spec = schedule_spec(SchedulePolicy::default());
+        spec.fleet
+            .agent
+            .secrets
+            .insert("TOKEN".into(), "deleted-secret".into());
+        let mut state = State::new();
+        apply(&mut state, 1_000, Command::CreateSchedule { spec });
+        assert!(leader_tick(&mut state, 2_000).is_empty());
+        assert_eq!(
+            history(&state),
+            vec![
+                "2000 skipped fleet refused: spec.agent.secrets.TOKEN: no secret \"deleted-secret\" in project \"default\""
+            ]
+        );
+        // Decided: not proposed again until the next nominal time.
+        assert!(state.due_schedules(3_999).is_empty());
+        assert_eq!(state.due_schedules(4_000), vec![ID.to_owned()]);
+    }
+
+    #[test]
     fn schedules_are_validated_unique_and_survive_a_snapshot() {
         let mut state = created(SchedulePolicy::default(), 1_000);
         // The same spec again: not created twice; another spec under the id: refused.
