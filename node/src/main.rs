@@ -79,6 +79,9 @@ enum Commands {
     /// Per-project secrets: values go in, never come out.
     #[command(subcommand)]
     Secret(SecretCommands),
+    /// Schedules: a fleet at each nominal time of a cron or interval calendar, exactly once.
+    #[command(subcommand)]
+    Schedule(cli::schedule::ScheduleCommands),
     /// The main job end to end: starts a single-node cluster with a local worker in-process,
     /// submits an "enforce rustfmt" fleet over gRPC, watches it and prints the roll-up.
     Quickstart(quickstart::QuickstartArguments),
@@ -511,6 +514,9 @@ async fn run_client(address: &str, output: Output, command: Commands) -> Result<
     if let Commands::Audit(command) = command {
         return cli::audit::run(address, command, output).await;
     }
+    if let Commands::Schedule(command) = command {
+        return cli::schedule::run(address, command, output).await;
+    }
     if let Commands::Secret(command) = command {
         if let SecretCommands::Keygen { output_file } = &command {
             return cli::secret::keygen(output_file, output);
@@ -597,6 +603,7 @@ async fn run_client(address: &str, output: Output, command: Commands) -> Result<
         | Commands::Quickstart(_)
         | Commands::Worker(_)
         | Commands::Token(_)
+        | Commands::Schedule(_)
         | Commands::Audit(_)
         | Commands::Cert(_)
         | Commands::Cluster(_) => Err(CliError {

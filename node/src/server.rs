@@ -196,6 +196,13 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                 .max_encoding_message_size(max_bytes),
         )
         .add_service(
+            flotilla_proto::v1::schedule_service_server::ScheduleServiceServer::new(
+                crate::api::schedule::ScheduleApi::new(api.clone()),
+            )
+            .max_decoding_message_size(max_bytes)
+            .max_encoding_message_size(max_bytes),
+        )
+        .add_service(
             flotilla_proto::v1::secret_service_server::SecretServiceServer::new(secrets_api)
                 .max_decoding_message_size(max_bytes)
                 .max_encoding_message_size(max_bytes),

@@ -141,11 +141,23 @@ pub enum SpecFileError {
     },
 }
 
-/// Parses `text` as YAML, or as TOML when `path` ends in `.toml`.
+/// Parses `text` as a fleet spec file: YAML, or TOML when `path` ends in `.toml`.
 ///
 /// # Errors
 /// [`SpecFileError::Parse`] with the key's path.
 pub fn parse(path: &Path, text: &str) -> Result<SpecFile, SpecFileError> {
+    parse_as(path, text)
+}
+
+/// Parses `text` as any file type of the CLI (fleet and schedule spec files): YAML, or TOML
+/// when `path` ends in `.toml`.
+///
+/// # Errors
+/// [`SpecFileError::Parse`] with the key's path.
+pub fn parse_as<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    text: &str,
+) -> Result<T, SpecFileError> {
     let parse_error = |message: String| SpecFileError::Parse {
         path: path.to_path_buf(),
         message,

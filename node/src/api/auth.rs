@@ -70,6 +70,34 @@ pub const METHOD_REQUIREMENTS: &[(&str, Requirement)] = &[
         Requirement::Permission(Permission::ClusterManage),
     ),
     (
+        "/flotilla.v1.ScheduleService/CreateSchedule",
+        Requirement::Permission(Permission::ProjectSettings),
+    ),
+    (
+        "/flotilla.v1.ScheduleService/GetSchedule",
+        Requirement::Permission(Permission::FleetRead),
+    ),
+    (
+        "/flotilla.v1.ScheduleService/ListSchedules",
+        Requirement::Permission(Permission::FleetRead),
+    ),
+    (
+        "/flotilla.v1.ScheduleService/PauseSchedule",
+        Requirement::Permission(Permission::ProjectSettings),
+    ),
+    (
+        "/flotilla.v1.ScheduleService/ResumeSchedule",
+        Requirement::Permission(Permission::ProjectSettings),
+    ),
+    (
+        "/flotilla.v1.ScheduleService/DeleteSchedule",
+        Requirement::Permission(Permission::ProjectSettings),
+    ),
+    (
+        "/flotilla.v1.ScheduleService/PreviewSchedule",
+        Requirement::Permission(Permission::FleetRead),
+    ),
+    (
         "/flotilla.v1.FleetService/SubmitFleet",
         Requirement::Permission(Permission::FleetSubmit),
     ),

@@ -34,6 +34,7 @@ pub mod token;
 use flotilla_scheduler::{Permission, Principal};
 
 use self::auth::{authorization, caller, forwarded};
+pub mod schedule;
 pub mod secret;
 
 use crate::clock::LeaderClock;

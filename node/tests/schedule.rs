@@ -1,0 +1,223 @@
+//! Schedules on a real `flotilla server` process, driven through the real CLI: a schedule every
+//! 2 s starts exactly one fleet per nominal time (the times its preview showed), a pause starts
+//! nothing, and after a `kill -9` and restart within the catch-up window the ticks missed while
+//! the node was down are started once each, never twice. Bad schedule files and specs are
+//! refused naming the field.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::Duration;
+
+use common::Node;
+
+/// No local worker: fleets stay pending, which does not matter to a schedule that allows
+/// overlap; the engine ticks every 200 ms.
+const CONFIG: &str = "[limits]\nlease_check_interval_ms = 200\n\n[worker]\nenabled = false\n";
+
+fn flotilla(address: &str, arguments: &[&str]) -> (i32, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .env("FLOTILLA_TOKEN", common::ADMIN_TOKEN)
+        .env("FLOTILLA_CA_FILE", common::ca_file())
+        .args(["--address", address, "--output", "json"])
+        .args(arguments)
+        .output()
+        .expect("run flotilla");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn json(address: &str, arguments: &[&str]) -> serde_json::Value {
+    let (code, stdout, stderr) = flotilla(address, arguments);
+    assert_eq!(code, 0, "{arguments:?}: {stdout}{stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|error| panic!("{error}: {stdout}"))
+}
+
+const SCHEDULE: &str = "name: every-2s
+calendar: { every: 2s }
+policy: { overlap: allow_all, catch_up_window_ms: 30000 }
+fleet:
+  name: tick
+  targets: { repositories: [file:///srv/never-cloned.git] }
+  agent: { command: 'true' }
+";
+
+/// The nominal times of the schedule's `started` history records, and their fleet ids.
+fn started(schedule: &serde_json::Value) -> (Vec<u64>, Vec<String>) {
+    let history = schedule["history"].as_array().expect("history");
+    let started: Vec<&serde_json::Value> = history
+        .iter()
+        .filter(|tick| tick["outcome"] == "started")
+        .collect();
+    (
+        started
+            .iter()
+            .map(|tick| tick["nominal_ms"].as_u64().unwrap())
+            .collect(),
+        started
+            .iter()
+            .map(|tick| tick["fleet_id"].as_str().unwrap().to_owned())
+            .collect(),
+    )
+}
+
+/// Every nominal time is a multiple of 2 s, they follow each other without gap or repeat, and
+/// every fleet is distinct.
+fn assert_exactly_once(nominal_ms: &[u64], fleet_ids: &[String]) {
+    assert!(nominal_ms.iter().all(|t| t % 2_000 == 0), "{nominal_ms:?}");
+    for pair in nominal_ms.windows(2) {
+        assert_eq!(pair[1], pair[0] + 2_000, "gap or repeat: {nominal_ms:?}");
+    }
+    let distinct: BTreeSet<&String> = fleet_ids.iter().collect();
+    assert_eq!(distinct.len(), fleet_ids.len(), "{fleet_ids:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_second_schedule_starts_one_fleet_per_tick_across_pause_and_kill() {
+    let root = tempfile::tempdir().unwrap();
+    let config = root.path().join("node.toml");
+    common::write_config(&config, CONFIG);
+    let data = root.path().join("node");
+    let port = common::free_port();
+    let arguments = ["--config", config.to_str().unwrap()];
+    let mut node = Node::start_on(&data, port, &arguments).await;
+    let address = node.address.clone();
+    let file = root.path().join("schedule.yaml");
+    std::fs::write(&file, SCHEDULE).unwrap();
+    let file = file.to_str().unwrap();
+
+    let preview = json(
+        &address,
+        &["schedule", "preview", "--file", file, "--count", "3"],
+    );
+    let previewed: Vec<u64> = preview["occurrences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["nominal_ms"].as_u64().unwrap())
+        .collect();
+    assert_eq!(previewed.len(), 3);
+    let created = json(&address, &["schedule", "create", file]);
+    assert_eq!(created["created"], true);
+    assert_eq!(created["schedule"]["id"], "default/every-2s");
+    // The same file again: the same schedule, not a second one.
+    assert_eq!(
+        json(&address, &["schedule", "create", file])["created"],
+        false
+    );
+
+    tokio::time::sleep(Duration::from_millis(7_000)).await;
+    let schedule = json(&address, &["schedule", "show", "default/every-2s"]);
+    let (nominal_ms, fleet_ids) = started(&schedule);
+    assert!(nominal_ms.len() >= 3, "{schedule}");
+    assert_exactly_once(&nominal_ms, &fleet_ids);
+    // What the preview showed is what fired (the preview was asked just before creation, so
+    // its first time may precede it).
+    assert!(
+        previewed.iter().any(|t| *t == nominal_ms[0]),
+        "{previewed:?} vs {nominal_ms:?}"
+    );
+
+    // Paused: nothing starts.
+    json(
+        &address,
+        &["schedule", "pause", "default/every-2s", "--note", "freeze"],
+    );
+    let before = started(&json(&address, &["schedule", "show", "default/every-2s"])).0;
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
+    let paused = json(&address, &["schedule", "show", "default/every-2s"]);
+    assert_eq!(paused["paused"], true);
+    assert_eq!(paused["pause_note"], "freeze");
+    assert_eq!(started(&paused).0, before);
+    json(
+        &address,
+        &["schedule", "resume", "default/every-2s", "--note", "thaw"],
+    );
+
+    // kill -9, 5 s down (inside the 30 s catch-up window), restart: the ticks of the downtime
+    // start once each after the restart.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    node.kill();
+    tokio::time::sleep(Duration::from_millis(5_000)).await;
+    let node = Node::start_on(&data, port, &arguments).await;
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    let after = json(&node.address, &["schedule", "show", "default/every-2s"]);
+    let (resumed_nominal_ms, resumed_fleet_ids) = started(&after);
+    let new: Vec<u64> = resumed_nominal_ms
+        .iter()
+        .copied()
+        .filter(|t| !before.contains(t))
+        .collect();
+    let new_ids: Vec<String> = resumed_fleet_ids[before.len()..].to_vec();
+    assert!(new.len() >= 4, "{after}");
+    assert_exactly_once(&new, &new_ids);
+    let distinct: BTreeSet<u64> = resumed_nominal_ms.iter().copied().collect();
+    assert_eq!(distinct.len(), resumed_nominal_ms.len(), "{after}");
+    // One fleet per started tick, no more.
+    let fleets: Vec<String> = fleet_ids_of(&node.address);
+    assert_eq!(
+        fleets.len(),
+        resumed_fleet_ids.len(),
+        "{fleets:?} vs {after}"
+    );
+}
+
+fn fleet_ids_of(address: &str) -> Vec<String> {
+    let listed = json(address, &["fleet", "list"]);
+    listed["fleets"]
+        .as_array()
+        .or_else(|| listed.as_array())
+        .expect("fleets")
+        .iter()
+        .map(|fleet| fleet["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_schedules_are_refused_naming_the_field() {
+    let root = tempfile::tempdir().unwrap();
+    let config = root.path().join("node.toml");
+    common::write_config(&config, CONFIG);
+    let node = Node::start(
+        &root.path().join("node"),
+        &["--config", config.to_str().unwrap()],
+    )
+    .await;
+    let cases = [
+        (
+            SCHEDULE.replace("every: 2s", "every: 1ms"),
+            "spec.calendar.every: must be between 1000 ms and 31622400000 ms",
+        ),
+        (
+            SCHEDULE.replace("every: 2s", "cron: '0 0 * * *', time_zone: Mars/Olympus"),
+            "spec.calendar.time_zone: \"Mars/Olympus\" is not an IANA time zone",
+        ),
+        (
+            SCHEDULE.replace("overlap: allow_all", "overlap: sometimes"),
+            "policy.overlap: unknown variant `sometimes`",
+        ),
+        (
+            SCHEDULE.replace("agent: { command: 'true' }", "agent: { command: '' }"),
+            "spec.fleet.agent.command",
+        ),
+    ];
+    for (index, (text, expected)) in cases.iter().enumerate() {
+        let file = root.path().join(format!("bad-{index}.yaml"));
+        std::fs::write(&file, text).unwrap();
+        let (code, stdout, stderr) = flotilla(
+            &node.address,
+            &["schedule", "create", file.to_str().unwrap()],
+        );
+        assert_ne!(code, 0, "{text}");
+        assert!(
+            stderr.contains(expected),
+            "{expected:?} not in {stdout}{stderr}"
+        );
+    }
+    let listed = json(&node.address, &["schedule", "list"]);
+    assert_eq!(listed["schedules"].as_array().unwrap().len(), 0, "{listed}");
+}
