@@ -10,18 +10,7 @@ use common::{Node, origin_repository, wait_finished};
 use flotilla_proto::v1;
 
 fn flotilla(address: &str, arguments: &[&str]) -> (i32, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-        .env("FLOTILLA_TOKEN", common::ADMIN_TOKEN)
-        .args(["--address", address])
-        .env("FLOTILLA_CA_FILE", common::ca_file())
-        .args(arguments)
-        .output()
-        .expect("run flotilla");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    common::flotilla_cli(address, arguments)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

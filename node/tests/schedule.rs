@@ -7,7 +7,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::time::Duration;
 
 use common::Node;
@@ -17,18 +16,9 @@ use common::Node;
 const CONFIG: &str = "[limits]\nlease_check_interval_ms = 200\n\n[worker]\nenabled = false\n";
 
 fn flotilla(address: &str, arguments: &[&str]) -> (i32, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-        .env("FLOTILLA_TOKEN", common::ADMIN_TOKEN)
-        .env("FLOTILLA_CA_FILE", common::ca_file())
-        .args(["--address", address, "--output", "json"])
-        .args(arguments)
-        .output()
-        .expect("run flotilla");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    let mut all = vec!["--output", "json"];
+    all.extend_from_slice(arguments);
+    common::flotilla_cli(address, &all)
 }
 
 fn json(address: &str, arguments: &[&str]) -> serde_json::Value {

@@ -97,6 +97,36 @@ impl ScheduleApi {
             .ok_or_else(|| Status::not_found(format!("no schedule {id}")))
     }
 
+    /// Proposes pausing (`pause`) or resuming schedule `id`; `Some(channel)` when the request
+    /// must go to the leader instead.
+    async fn propose_pause(
+        &self,
+        who: &Caller,
+        id: &str,
+        note: &str,
+        pause: bool,
+    ) -> Result<Option<Channel>, Status> {
+        check_note(note)?;
+        self.project_of(who, id, Permission::ProjectSettings)?;
+        let (schedule_id, note) = (id.to_owned(), note.to_owned());
+        let command = if pause {
+            Command::PauseSchedule { schedule_id, note }
+        } else {
+            Command::ResumeSchedule { schedule_id, note }
+        };
+        match self.api.propose(command, who.principal()).await? {
+            Proposal::Forward(channel) => Ok(Some(channel)),
+            Proposal::Applied(Response::SchedulePaused { .. }) => Ok(None),
+            Proposal::Applied(Response::Rejected { reason }) if reason.starts_with("no ") => {
+                Err(Status::not_found(reason))
+            }
+            Proposal::Applied(Response::Rejected { reason }) => {
+                Err(Status::invalid_argument(reason))
+            }
+            Proposal::Applied(other) => Err(unexpected(other)),
+        }
+    }
+
     /// The project of schedule `id`, checked against `permission`.
     fn project_of(&self, who: &Caller, id: &str, permission: Permission) -> Result<(), Status> {
         self.read(who, id, permission).map(|_| ())
@@ -391,14 +421,11 @@ impl ScheduleService for ScheduleApi {
         let who = caller(&request)?;
         let auth = authorization(&request);
         let original = request.into_inner();
-        check_note(&original.note)?;
-        self.project_of(&who, &original.schedule_id, Permission::ProjectSettings)?;
-        let command = Command::PauseSchedule {
-            schedule_id: original.schedule_id.clone(),
-            note: original.note.clone(),
-        };
-        match self.api.propose(command, who.principal()).await? {
-            Proposal::Forward(channel) => {
+        match self
+            .propose_pause(&who, &original.schedule_id, &original.note, true)
+            .await?
+        {
+            Some(channel) => {
                 self.api
                     .forward(
                         self.client(channel)
@@ -407,16 +434,9 @@ impl ScheduleService for ScheduleApi {
                     )
                     .await
             }
-            Proposal::Applied(Response::SchedulePaused { .. }) => self
+            None => self
                 .read(&who, &original.schedule_id, Permission::FleetRead)
                 .map(GrpcResponse::new),
-            Proposal::Applied(Response::Rejected { reason }) if reason.starts_with("no ") => {
-                Err(Status::not_found(reason))
-            }
-            Proposal::Applied(Response::Rejected { reason }) => {
-                Err(Status::invalid_argument(reason))
-            }
-            Proposal::Applied(other) => Err(unexpected(other)),
         }
     }
 
@@ -427,14 +447,11 @@ impl ScheduleService for ScheduleApi {
         let who = caller(&request)?;
         let auth = authorization(&request);
         let original = request.into_inner();
-        check_note(&original.note)?;
-        self.project_of(&who, &original.schedule_id, Permission::ProjectSettings)?;
-        let command = Command::ResumeSchedule {
-            schedule_id: original.schedule_id.clone(),
-            note: original.note.clone(),
-        };
-        match self.api.propose(command, who.principal()).await? {
-            Proposal::Forward(channel) => {
+        match self
+            .propose_pause(&who, &original.schedule_id, &original.note, false)
+            .await?
+        {
+            Some(channel) => {
                 self.api
                     .forward(
                         self.client(channel)
@@ -443,16 +460,9 @@ impl ScheduleService for ScheduleApi {
                     )
                     .await
             }
-            Proposal::Applied(Response::SchedulePaused { .. }) => self
+            None => self
                 .read(&who, &original.schedule_id, Permission::FleetRead)
                 .map(GrpcResponse::new),
-            Proposal::Applied(Response::Rejected { reason }) if reason.starts_with("no ") => {
-                Err(Status::not_found(reason))
-            }
-            Proposal::Applied(Response::Rejected { reason }) => {
-                Err(Status::invalid_argument(reason))
-            }
-            Proposal::Applied(other) => Err(unexpected(other)),
         }
     }
 

@@ -499,3 +499,20 @@ pub async fn lease(
     }
     leases
 }
+
+/// Runs the `flotilla` CLI against `address` with the admin token and the test CA: its exit
+/// code, standard output and standard error.
+pub fn flotilla_cli(address: &str, arguments: &[&str]) -> (i32, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .env("FLOTILLA_TOKEN", ADMIN_TOKEN)
+        .env("FLOTILLA_CA_FILE", ca_file())
+        .args(["--address", address])
+        .args(arguments)
+        .output()
+        .expect("run flotilla");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
