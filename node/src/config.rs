@@ -296,6 +296,9 @@ pub struct LimitsSection {
     /// so that no log entry grows with the fleet (openraft 0.9 gives an AppendEntries one
     /// heartbeat interval). 4096-8388608.
     pub max_submission_part_bytes: usize,
+    /// Most schedules in the cluster (`CreateSchedule` beyond it is RESOURCE_EXHAUSTED).
+    /// 1-100000.
+    pub max_schedules: u32,
 }
 
 impl Default for LimitsSection {
@@ -320,6 +323,7 @@ impl Default for LimitsSection {
             proposal_timeout_ms: 10_000,
             branch_prefix: flotilla_scheduler::spec::DEFAULT_BRANCH_PREFIX.into(),
             max_submission_part_bytes: 512 * 1024,
+            max_schedules: flotilla_scheduler::schedule::record::DEFAULT_MAX_SCHEDULES,
         }
     }
 }
@@ -716,6 +720,9 @@ impl ServerConfig {
                 "limits.max_submission_part_bytes",
                 "must be between 4096 and 8388608",
             );
+        }
+        if !(1..=100_000).contains(&self.limits.max_schedules) {
+            return invalid("limits.max_schedules", "must be between 1 and 100000");
         }
         if self.limits.max_lease_polls == 0 || self.limits.max_lease_polls > 1_000_000 {
             return invalid("limits.max_lease_polls", "must be between 1 and 1000000");

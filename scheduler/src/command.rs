@@ -82,11 +82,13 @@ pub enum Command {
     },
     /// Creates a schedule ([`crate::schedule`]) whose progress starts now: nothing before its
     /// creation is missed. The same spec again answers `ScheduleCreated { created: false }`;
-    /// another spec under the same id, an invalid spec, or a full cluster
-    /// ([`crate::schedule::record::MAX_SCHEDULES`]) answers [`Response::Rejected`].
+    /// another spec under the same id, an invalid spec, or a cluster holding `max_schedules`
+    /// schedules answers [`Response::Rejected`].
     CreateSchedule {
         /// The validated spec.
         spec: crate::schedule::record::ScheduleSpec,
+        /// The leader's `limits.max_schedules`.
+        max_schedules: u32,
     },
     /// Deletes a schedule; the fleets it started go on.
     DeleteSchedule {

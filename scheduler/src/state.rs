@@ -393,8 +393,8 @@ pub struct State {
     /// Repositories of large submissions staged in parts ([`crate::staging`]).
     #[serde(default)]
     staging: Staging,
-    /// Schedules by id (`<project>/<name>`), at most
-    /// [`crate::schedule::record::MAX_SCHEDULES`] ([`crate::schedule`]).
+    /// Schedules by id (`<project>/<name>`), at most the leader's `limits.max_schedules` when
+    /// each was created ([`crate::schedule`]).
     #[serde(default)]
     pub(crate) schedules: BTreeMap<String, Schedule>,
 }
@@ -533,7 +533,10 @@ impl State {
                     Err(reason) => Response::Rejected { reason },
                 }
             }
-            Command::CreateSchedule { spec } => self.create_schedule(now_ms, spec),
+            Command::CreateSchedule {
+                spec,
+                max_schedules,
+            } => self.create_schedule(now_ms, spec, *max_schedules),
             Command::DeleteSchedule { schedule_id } => self.delete_schedule(schedule_id),
             Command::PauseSchedule { schedule_id, note } => {
                 self.pause_schedule(now_ms, schedule_id, note, &request.principal)
@@ -1813,7 +1816,9 @@ fn audit_entry(command: &Command, response: &Response) -> AuditEntry {
             "rewrap_secret",
             format!("project {project} secret {name} version {version} to key {key_id}"),
         ),
-        Command::CreateSchedule { spec } => ("create_schedule", format!("schedule {}", spec.id())),
+        Command::CreateSchedule { spec, .. } => {
+            ("create_schedule", format!("schedule {}", spec.id()))
+        }
         Command::DeleteSchedule { schedule_id } => {
             ("delete_schedule", format!("schedule {schedule_id}"))
         }

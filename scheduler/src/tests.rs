@@ -1255,6 +1255,7 @@ fn step_command(state: &State, step: &Step) -> Option<Command> {
                     },
                     fleet,
                 },
+                max_schedules: 2,
             }
         }
         Step::PauseSchedule { number } => Command::PauseSchedule {

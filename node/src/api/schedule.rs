@@ -325,7 +325,10 @@ impl ScheduleService for ScheduleApi {
         let project = spec.fleet.project.clone();
         who.require(Permission::ProjectSettings, &project)?;
         who.require(Permission::FleetSubmit, &project)?;
-        let command = Command::CreateSchedule { spec };
+        let command = Command::CreateSchedule {
+            spec,
+            max_schedules: self.api.limits.max_schedules,
+        };
         match self.api.propose(command, who.principal()).await? {
             Proposal::Forward(channel) => {
                 self.api

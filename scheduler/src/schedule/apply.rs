@@ -6,8 +6,7 @@ use std::sync::Arc;
 use super::calendar::Calendar;
 use super::plan::{self, Decision, FleetView, SkipReason};
 use super::record::{
-    MAX_NOTE_BYTES, MAX_RUNNING_FLEETS_PER_SCHEDULE, MAX_SCHEDULES, Pause, Schedule, ScheduleSpec,
-    TickOutcome,
+    MAX_NOTE_BYTES, MAX_RUNNING_FLEETS_PER_SCHEDULE, Pause, Schedule, ScheduleSpec, TickOutcome,
 };
 use crate::command::Response;
 use crate::state::{FleetState, State, fleet_id};
@@ -48,8 +47,8 @@ impl State {
 
     /// Ids of the schedules the leader should process at `now_ms`: not paused, and either
     /// their next nominal time is due or they hold a buffered one and no fleet of theirs runs.
-    /// Walks every schedule (at most [`MAX_SCHEDULES`]) and each one's running fleets (at
-    /// most [`MAX_RUNNING_FLEETS_PER_SCHEDULE`]).
+    /// Walks every schedule (at most the operator's `limits.max_schedules`) and each one's
+    /// running fleets (at most [`MAX_RUNNING_FLEETS_PER_SCHEDULE`]).
     pub fn due_schedules(&self, now_ms: u64) -> Vec<String> {
         self.schedules
             .values()
@@ -70,7 +69,12 @@ impl State {
         })
     }
 
-    pub(crate) fn create_schedule(&mut self, now_ms: u64, spec: &ScheduleSpec) -> Response {
+    pub(crate) fn create_schedule(
+        &mut self,
+        now_ms: u64,
+        spec: &ScheduleSpec,
+        max_schedules: u32,
+    ) -> Response {
         let id = spec.id();
         // The fleet's limits are the node's to enforce before proposing; here only the rules
         // that keep the state consistent (a name, a calendar that compiles, a bounded policy).
@@ -88,9 +92,9 @@ impl State {
                 rejected(format!("schedule {id} exists with another spec"))
             };
         }
-        if self.schedules.len() >= MAX_SCHEDULES {
+        if self.schedules.len() >= max_schedules as usize {
             return rejected(format!(
-                "the cluster holds {MAX_SCHEDULES} schedules already"
+                "the cluster holds {max_schedules} schedules already (limits.max_schedules)"
             ));
         }
         let mut schedule = Schedule {

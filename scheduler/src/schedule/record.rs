@@ -9,8 +9,9 @@ use super::calendar::{Calendar, CalendarSpec};
 use super::plan::{OverlapPolicy, SchedulePolicy, ScheduleProgress};
 use crate::spec::{FieldError, FleetSpec, SpecLimits, is_valid_name};
 
-/// Most schedules in the cluster.
-pub const MAX_SCHEDULES: usize = 1024;
+/// Most schedules in the cluster unless the operator sets another bound (node
+/// `limits.max_schedules`, carried by each `CreateSchedule`).
+pub const DEFAULT_MAX_SCHEDULES: u32 = 1024;
 /// Most history records a schedule keeps; older ones are dropped first.
 pub const MAX_HISTORY_PER_SCHEDULE: usize = 100;
 /// Most running fleets one schedule tracks ([`super::plan::OverlapPolicy::AllowAll`] can pile

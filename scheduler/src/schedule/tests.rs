@@ -729,7 +729,8 @@ mod replicated {
                 &mut state,
                 now_ms,
                 Command::CreateSchedule {
-                    spec: schedule_spec(policy)
+                    spec: schedule_spec(policy),
+                    max_schedules: 1024,
                 }
             ),
             Response::ScheduleCreated {
@@ -933,6 +934,28 @@ mod replicated {
     }
 
     #[test]
+    fn the_operators_schedule_bound_holds() {
+        let mut state = created(SchedulePolicy::default(), 1_000);
+        let mut second = schedule_spec(SchedulePolicy::default());
+        second.name = "second".into();
+        let create = |spec: ScheduleSpec, max_schedules| Command::CreateSchedule {
+            spec,
+            max_schedules,
+        };
+        assert_eq!(
+            apply(&mut state, 1_100, create(second.clone(), 1)),
+            Response::Rejected {
+                reason: "the cluster holds 1 schedules already (limits.max_schedules)".into()
+            }
+        );
+        assert!(state.schedule("default/second").is_none());
+        assert!(matches!(
+            apply(&mut state, 1_200, create(second, 2)),
+            Response::ScheduleCreated { created: true, .. }
+        ));
+    }
+
+    #[test]
     fn a_fleet_the_state_refuses_is_recorded_not_dropped() {
         let mut spec = schedule_spec(SchedulePolicy::default());
         spec.fleet
@@ -940,7 +963,14 @@ mod replicated {
             .secrets
             .insert("TOKEN".into(), "deleted-secret".into());
         let mut state = State::new();
-        apply(&mut state, 1_000, Command::CreateSchedule { spec });
+        apply(
+            &mut state,
+            1_000,
+            Command::CreateSchedule {
+                spec,
+                max_schedules: 1024,
+            },
+        );
         assert!(leader_tick(&mut state, 2_000).is_empty());
         assert_eq!(
             history(&state),
@@ -962,7 +992,8 @@ mod replicated {
                 &mut state,
                 1_100,
                 Command::CreateSchedule {
-                    spec: schedule_spec(SchedulePolicy::default())
+                    spec: schedule_spec(SchedulePolicy::default()),
+                    max_schedules: 1024,
                 }
             ),
             Response::ScheduleCreated {
@@ -975,12 +1006,26 @@ mod replicated {
             ..SchedulePolicy::default()
         });
         assert!(matches!(
-            apply(&mut state, 1_100, Command::CreateSchedule { spec: other }),
+            apply(
+                &mut state,
+                1_100,
+                Command::CreateSchedule {
+                    spec: other,
+                    max_schedules: 1024
+                }
+            ),
             Response::Rejected { .. }
         ));
         let mut invalid = schedule_spec(SchedulePolicy::default());
         invalid.calendar.every = "1ms".into();
-        let refused = apply(&mut state, 1_100, Command::CreateSchedule { spec: invalid });
+        let refused = apply(
+            &mut state,
+            1_100,
+            Command::CreateSchedule {
+                spec: invalid,
+                max_schedules: 1024,
+            },
+        );
         assert_eq!(
             refused,
             Response::Rejected {
