@@ -211,3 +211,179 @@ async fn bad_schedules_are_refused_naming_the_field() {
     let listed = json(&node.address, &["schedule", "list"]);
     assert_eq!(listed["schedules"].as_array().unwrap().len(), 0, "{listed}");
 }
+
+const HOURLY: &str = "name: hourly
+calendar: { every: 1h }
+policy: { overlap: skip }
+fleet:
+  name: hourly
+  targets: { repositories: [file:///srv/never-cloned.git] }
+  agent: { command: 'true' }
+";
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_triggers_and_backfills_through_the_cli() {
+    let root = tempfile::tempdir().unwrap();
+    let config = root.path().join("node.toml");
+    common::write_config(&config, CONFIG);
+    let node = Node::start(
+        &root.path().join("node"),
+        &["--config", config.to_str().unwrap()],
+    )
+    .await;
+    let address = node.address.clone();
+    let file = root.path().join("hourly.yaml");
+    std::fs::write(&file, HOURLY).unwrap();
+    json(&address, &["schedule", "create", file.to_str().unwrap()]);
+    let id = "default/hourly";
+
+    // A trigger id starts one fleet, whoever sends it how often; another id, another fleet.
+    let first = json(
+        &address,
+        &["schedule", "trigger", id, "--trigger-id", "release-42"],
+    );
+    assert_eq!(first["created"], true, "{first}");
+    let again = json(
+        &address,
+        &["schedule", "trigger", id, "--trigger-id", "release-42"],
+    );
+    assert_eq!(again["created"], false, "{again}");
+    assert_eq!(again["fleet_id"], first["fleet_id"]);
+    let other = json(&address, &["schedule", "trigger", id]);
+    assert_eq!(other["created"], true);
+    assert_ne!(other["fleet_id"], first["fleet_id"]);
+    // skip refuses while the schedule's fleets run (no worker: they stay pending).
+    let (code, stdout, stderr) = flotilla(
+        &address,
+        &[
+            "schedule",
+            "trigger",
+            id,
+            "--trigger-id",
+            "r-43",
+            "--overlap",
+            "skip",
+        ],
+    );
+    assert_ne!(code, 0, "{stdout}");
+    assert!(stderr.contains("is running"), "{stderr}");
+    let (code, _, stderr) = flotilla(
+        &address,
+        &["schedule", "trigger", id, "--trigger-id", "a b"],
+    );
+    assert_ne!(code, 0);
+    assert!(stderr.contains("trigger_id"), "{stderr}");
+
+    // A running schedule refuses a backfill of times it has not decided yet (those after its
+    // creation: now is one; the node stamps the backfill later on the same clock).
+    let to = now_ms().to_string();
+    let from = (now_ms() - 3 * 3_600_000 - 1_000).to_string();
+    let (code, _, stderr) = flotilla(
+        &address,
+        &[
+            "schedule",
+            "backfill",
+            id,
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--overlap",
+            "allow_all",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(stderr.contains("to: after"), "{stderr}");
+    // Paused, it takes the past three hours: three fleets, once.
+    json(&address, &["schedule", "pause", id, "--note", "backfill"]);
+    let filled = json(
+        &address,
+        &[
+            "schedule",
+            "backfill",
+            id,
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--overlap",
+            "allow_all",
+        ],
+    );
+    let started: Vec<String> = filled["started_fleet_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|fleet| fleet.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(started.len(), 3, "{filled}");
+    let refilled = json(
+        &address,
+        &[
+            "schedule",
+            "backfill",
+            id,
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--overlap",
+            "allow_all",
+        ],
+    );
+    assert_eq!(refilled["started_fleet_ids"].as_array().unwrap().len(), 0);
+    assert_eq!(refilled["skipped"], 3, "{refilled}");
+    let future = (now_ms() + 3_600_000).to_string();
+    let (code, _, stderr) = flotilla(
+        &address,
+        &["schedule", "backfill", id, "--from", &from, "--to", &future],
+    );
+    assert_ne!(code, 0);
+    assert!(stderr.contains("in the future"), "{stderr}");
+    // Two triggered fleets and three backfilled ones; the history says which is which.
+    assert_eq!(fleet_ids_of(&address).len(), 5);
+    let shown = json(&address, &["schedule", "show", id]);
+    let outcomes: Vec<&str> = shown["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|tick| tick["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        outcomes.iter().filter(|o| **o == "triggered").count(),
+        2,
+        "{shown}"
+    );
+    assert_eq!(
+        outcomes.iter().filter(|o| **o == "started").count(),
+        3,
+        "{shown}"
+    );
+    // The text view names the overlap policy; a cron schedule's, its DST policy.
+    let (code, text, _) = common::flotilla_cli(&address, &["schedule", "show", id]);
+    assert_eq!(code, 0);
+    assert!(text.contains("policy: overlap skip"), "{text}");
+    assert!(text.contains("(trigger release-42)"), "{text}");
+    let cron = root.path().join("cron.yaml");
+    std::fs::write(
+        &cron,
+        HOURLY.replace("name: hourly\n", "name: london\n").replace(
+            "every: 1h",
+            "cron: '30 1 * * *', time_zone: Europe/London, dst_gap: skip",
+        ),
+    )
+    .unwrap();
+    json(&address, &["schedule", "create", cron.to_str().unwrap()]);
+    let (_, text, _) = common::flotilla_cli(&address, &["schedule", "show", "default/london"]);
+    assert!(
+        text.contains("dst: skip in a spring-forward gap, first in a fall-back repeat"),
+        "{text}"
+    );
+}

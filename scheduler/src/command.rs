@@ -121,6 +121,34 @@ pub enum Command {
         /// As in [`Command::SubmitFleet`], for the fleets started.
         max_events: u32,
     },
+    /// Starts a fleet of the schedule now, for a person or a system that asked
+    /// ([`crate::state::State`]'s `trigger_schedule`): its own key per `trigger_id`, so the same
+    /// id again answers the same fleet and two triggers in one second start two fleets.
+    TriggerSchedule {
+        /// `<project>/<name>`.
+        schedule_id: String,
+        /// 1-128 bytes of `[A-Za-z0-9._:-]`, chosen by the caller (its idempotency key).
+        trigger_id: String,
+        /// `skip`, `cancel_other` or `allow_all`.
+        overlap: crate::schedule::plan::OverlapPolicy,
+        /// As in [`Command::SubmitFleet`].
+        max_events: u32,
+    },
+    /// Starts the schedule's nominal times from `from_ms` to `to_ms` (both included, ms since
+    /// the epoch, in the past; at most [`crate::schedule::plan::MAX_BACKFILL_TICKS`] of them)
+    /// under the backfill's own overlap policy ([`crate::schedule::plan::plan_backfill`]).
+    BackfillSchedule {
+        /// `<project>/<name>`.
+        schedule_id: String,
+        /// First nominal time considered, ms.
+        from_ms: u64,
+        /// Last nominal time considered, ms.
+        to_ms: u64,
+        /// The backfill's policy.
+        overlap: crate::schedule::plan::OverlapPolicy,
+        /// As in [`Command::SubmitFleet`].
+        max_events: u32,
+    },
     /// Leases up to `free_slots` runs to `worker_id`, each until `now_ms + lease_ttl_ms`.
     ///
     /// Reconciliation first: every lease the state says `worker_id` holds whose
@@ -545,6 +573,22 @@ pub enum Response {
     ScheduleProcessed {
         /// `fl-<n>` of each fleet started.
         started: Vec<String>,
+    },
+    /// `TriggerSchedule` applied: the trigger's fleet, and whether this command created it.
+    ScheduleTriggered {
+        /// `fl-<n>`.
+        fleet_id: String,
+        /// False when the trigger id had started it already.
+        created: bool,
+    },
+    /// `BackfillSchedule` applied.
+    ScheduleBackfilled {
+        /// `fl-<n>` of each fleet started, oldest nominal time first.
+        started: Vec<String>,
+        /// Nominal times kept in the schedule's buffer.
+        buffered: u32,
+        /// Nominal times not started (overlap, buffer full, already started, refused).
+        skipped: u32,
     },
     /// The command was valid on the wire but not applicable to the state; nothing changed.
     Rejected {

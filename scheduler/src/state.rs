@@ -548,6 +548,33 @@ impl State {
                 schedule_id,
                 max_events,
             } => self.process_schedule(now_ms, schedule_id, *max_events, &request.principal),
+            Command::TriggerSchedule {
+                schedule_id,
+                trigger_id,
+                overlap,
+                max_events,
+            } => self.trigger_schedule(
+                now_ms,
+                schedule_id,
+                trigger_id,
+                *overlap,
+                *max_events,
+                &request.principal,
+            ),
+            Command::BackfillSchedule {
+                schedule_id,
+                from_ms,
+                to_ms,
+                overlap,
+                max_events,
+            } => self.backfill_schedule(
+                now_ms,
+                schedule_id,
+                (*from_ms, *to_ms),
+                *overlap,
+                *max_events,
+                &request.principal,
+            ),
             Command::AcquireLeases {
                 worker_id,
                 free_slots,
@@ -1831,6 +1858,23 @@ fn audit_entry(command: &Command, response: &Response) -> AuditEntry {
         Command::ProcessSchedule { schedule_id, .. } => {
             ("process_schedule", format!("schedule {schedule_id}"))
         }
+        Command::TriggerSchedule {
+            schedule_id,
+            trigger_id,
+            ..
+        } => (
+            "trigger_schedule",
+            format!("schedule {schedule_id} trigger {trigger_id}"),
+        ),
+        Command::BackfillSchedule {
+            schedule_id,
+            from_ms,
+            to_ms,
+            ..
+        } => (
+            "backfill_schedule",
+            format!("schedule {schedule_id} from {from_ms} to {to_ms} ms"),
+        ),
     };
     let (outcome, reason) = match response {
         Response::Rejected { reason } => (AuditOutcome::Rejected, reason.clone()),

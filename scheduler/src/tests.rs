@@ -1137,7 +1137,30 @@ enum Step {
     ResumeSchedule {
         number: u8,
     },
+    /// A manual trigger `t<trigger>` of `s<number>` under overlap policy `overlap`.
+    TriggerSchedule {
+        number: u8,
+        trigger: u8,
+        overlap: u8,
+    },
+    /// A backfill of `s<number>` over the last `span_ms` before now.
+    BackfillSchedule {
+        number: u8,
+        span_ms: u64,
+        overlap: u8,
+    },
 }
+
+const OVERLAP_POLICIES: [crate::schedule::plan::OverlapPolicy; 5] = {
+    use crate::schedule::plan::OverlapPolicy;
+    [
+        OverlapPolicy::Skip,
+        OverlapPolicy::BufferOne,
+        OverlapPolicy::BufferAll,
+        OverlapPolicy::CancelOther,
+        OverlapPolicy::AllowAll,
+    ]
+};
 
 fn step_strategy() -> impl proptest::strategy::Strategy<Value = Step> {
     use proptest::prelude::*;
@@ -1154,6 +1177,8 @@ fn step_strategy() -> impl proptest::strategy::Strategy<Value = Step> {
         1 => (0u8..3, 1u64..6, 0u8..5).prop_map(|(number, every_s, overlap)| Step::Schedule { number, every_s, overlap }),
         1 => (0u8..3).prop_map(|number| Step::PauseSchedule { number }),
         1 => (0u8..3).prop_map(|number| Step::ResumeSchedule { number }),
+        1 => (0u8..3, 0u8..4, 0u8..5).prop_map(|(number, trigger, overlap)| Step::TriggerSchedule { number, trigger, overlap }),
+        1 => (0u8..3, 0u64..30_000, 0u8..5).prop_map(|(number, span_ms, overlap)| Step::BackfillSchedule { number, span_ms, overlap }),
     ]
 }
 
@@ -1229,14 +1254,8 @@ fn step_command(state: &State, step: &Step) -> Option<Command> {
             every_s,
             overlap,
         } => {
-            use crate::schedule::plan::{OverlapPolicy, SchedulePolicy};
-            let overlap = [
-                OverlapPolicy::Skip,
-                OverlapPolicy::BufferOne,
-                OverlapPolicy::BufferAll,
-                OverlapPolicy::CancelOther,
-                OverlapPolicy::AllowAll,
-            ][*overlap as usize];
+            use crate::schedule::plan::SchedulePolicy;
+            let overlap = OVERLAP_POLICIES[*overlap as usize];
             let mut fleet = spec(&["file:///scheduled"]);
             fleet.retry.max_attempts = 2;
             Command::CreateSchedule {
@@ -1266,6 +1285,33 @@ fn step_command(state: &State, step: &Step) -> Option<Command> {
             schedule_id: format!("default/s{number}"),
             note: "random".into(),
         },
+        Step::TriggerSchedule {
+            number,
+            trigger,
+            overlap,
+        } => Command::TriggerSchedule {
+            schedule_id: format!("default/s{number}"),
+            trigger_id: format!("t{trigger}"),
+            overlap: OVERLAP_POLICIES[*overlap as usize],
+            max_events: 1_000,
+        },
+        Step::BackfillSchedule {
+            number,
+            span_ms,
+            overlap,
+        } => {
+            // Up to the last decided time: later ones are the schedule's own (refused).
+            let to_ms = state
+                .schedule(&format!("default/s{number}"))
+                .map_or(0, |schedule| schedule.progress.processed_until_ms);
+            Command::BackfillSchedule {
+                schedule_id: format!("default/s{number}"),
+                from_ms: to_ms.saturating_sub(*span_ms),
+                to_ms,
+                overlap: OVERLAP_POLICIES[*overlap as usize],
+                max_events: 1_000,
+            }
+        }
         Step::Advance { .. } | Step::Hear { .. } | Step::Tick => return None,
     })
 }

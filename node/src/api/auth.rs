@@ -94,6 +94,14 @@ pub const METHOD_REQUIREMENTS: &[(&str, Requirement)] = &[
         Requirement::Permission(Permission::ProjectSettings),
     ),
     (
+        "/flotilla.v1.ScheduleService/TriggerSchedule",
+        Requirement::Permission(Permission::FleetSubmit),
+    ),
+    (
+        "/flotilla.v1.ScheduleService/BackfillSchedule",
+        Requirement::Permission(Permission::FleetSubmit),
+    ),
+    (
         "/flotilla.v1.ScheduleService/PreviewSchedule",
         Requirement::Permission(Permission::FleetRead),
     ),

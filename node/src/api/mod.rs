@@ -69,6 +69,15 @@ fn trace_parent(span: &tracing::Span) -> String {
     carrier.remove("traceparent").unwrap_or_default()
 }
 
+/// 16 random bytes as 32 lower-case hex digits: an id the node picks (an upload id, a
+/// trigger id). INTERNAL when the kernel gives no randomness; `what` names the id.
+fn random_hex_id(what: &str) -> Result<String, Status> {
+    let mut random = [0u8; 16];
+    getrandom::fill(&mut random)
+        .map_err(|error| Status::internal(format!("no randomness for {what}: {error}")))?;
+    Ok(random.iter().map(|byte| format!("{byte:02x}")).collect())
+}
+
 fn invalid(error: FieldError) -> Status {
     Status::invalid_argument(error.to_string())
 }
@@ -186,11 +195,7 @@ impl Api {
         trace_parent: String,
         principal: Principal,
     ) -> Result<Proposal, Status> {
-        let mut random = [0u8; 16];
-        getrandom::fill(&mut random).map_err(|error| {
-            Status::internal(format!("no randomness for an upload id: {error}"))
-        })?;
-        let upload_id: String = random.iter().map(|byte| format!("{byte:02x}")).collect();
+        let upload_id = random_hex_id("an upload id")?;
         let parts =
             convert::submission_parts(&spec.repositories, self.limits.max_submission_part_bytes);
         for (index, repositories) in parts.into_iter().enumerate() {

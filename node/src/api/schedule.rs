@@ -12,7 +12,7 @@ use flotilla_scheduler::schedule::calendar::{
     Calendar, CalendarSpec, DstGap, DstRepeat, OccurrenceNote,
 };
 use flotilla_scheduler::schedule::jitter_ms;
-use flotilla_scheduler::schedule::plan::{OverlapPolicy, SchedulePolicy};
+use flotilla_scheduler::schedule::plan::{self, OverlapPolicy, SchedulePolicy};
 use flotilla_scheduler::schedule::record::{MAX_NOTE_BYTES, Schedule, ScheduleSpec, TickOutcome};
 use flotilla_scheduler::{Command, FieldError, Permission, Response};
 use tonic::transport::Channel;
@@ -20,7 +20,7 @@ use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
 use tracing::info;
 
 use super::auth::{Caller, authorization, caller, forwarded};
-use super::{Api, Proposal, invalid};
+use super::{Api, Proposal, invalid, random_hex_id};
 use crate::convert;
 
 /// Occurrences in a preview when the request says 0.
@@ -152,16 +152,22 @@ fn calendar_from_wire(calendar: v1::ScheduleCalendar) -> CalendarSpec {
     }
 }
 
+/// An overlap policy from the wire; `None` for UNSPECIFIED (each request says what that means).
+fn overlap_from_wire(overlap: v1::OverlapPolicy) -> Option<OverlapPolicy> {
+    match overlap {
+        v1::OverlapPolicy::Unspecified => None,
+        v1::OverlapPolicy::Skip => Some(OverlapPolicy::Skip),
+        v1::OverlapPolicy::BufferOne => Some(OverlapPolicy::BufferOne),
+        v1::OverlapPolicy::BufferAll => Some(OverlapPolicy::BufferAll),
+        v1::OverlapPolicy::CancelOther => Some(OverlapPolicy::CancelOther),
+        v1::OverlapPolicy::AllowAll => Some(OverlapPolicy::AllowAll),
+    }
+}
+
 fn policy_from_wire(policy: v1::SchedulePolicy) -> SchedulePolicy {
     let defaults = SchedulePolicy::default();
     SchedulePolicy {
-        overlap: match policy.overlap() {
-            v1::OverlapPolicy::Unspecified | v1::OverlapPolicy::Skip => OverlapPolicy::Skip,
-            v1::OverlapPolicy::BufferOne => OverlapPolicy::BufferOne,
-            v1::OverlapPolicy::BufferAll => OverlapPolicy::BufferAll,
-            v1::OverlapPolicy::CancelOther => OverlapPolicy::CancelOther,
-            v1::OverlapPolicy::AllowAll => OverlapPolicy::AllowAll,
-        },
+        overlap: overlap_from_wire(policy.overlap()).unwrap_or(defaults.overlap),
         buffer_limit: convert::or_default(policy.buffer_limit, defaults.buffer_limit),
         catch_up_window_ms: convert::or_default(
             policy.catch_up_window_ms,
@@ -236,6 +242,14 @@ pub fn schedule_to_wire(schedule: &Schedule) -> v1::Schedule {
                     tick.outcome = "started".into();
                     tick.fleet_id = fleet_id.clone();
                 }
+                TickOutcome::Triggered {
+                    trigger_id,
+                    fleet_id,
+                } => {
+                    tick.outcome = "triggered".into();
+                    tick.fleet_id = fleet_id.clone();
+                    tick.trigger_id = trigger_id.clone();
+                }
                 TickOutcome::Buffered => tick.outcome = "buffered".into(),
                 TickOutcome::Skipped { reason } => {
                     tick.outcome = "skipped".into();
@@ -290,6 +304,14 @@ pub fn schedule_to_wire(schedule: &Schedule) -> v1::Schedule {
     }
 }
 
+fn project_of_schedule(schedule: &v1::Schedule) -> String {
+    schedule
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.fleet.as_ref())
+        .map_or_else(String::new, |fleet| fleet.project.clone())
+}
+
 fn occurrence_note_name(note: OccurrenceNote) -> &'static str {
     match note {
         OccurrenceNote::Exact => "exact",
@@ -306,6 +328,22 @@ fn check_note(note: &str) -> Result<(), Status> {
         )));
     }
     Ok(())
+}
+
+/// The status of a refused trigger or backfill: NOT_FOUND for an unknown schedule,
+/// FAILED_PRECONDITION when the state stands in the way (a running fleet, undecided times),
+/// INVALID_ARGUMENT for the request itself.
+fn refused(reason: String) -> Status {
+    if reason.starts_with("no schedule") {
+        Status::not_found(reason)
+    } else if reason.contains("is running")
+        || reason.contains("are running")
+        || reason.starts_with("to: after")
+    {
+        Status::failed_precondition(reason)
+    } else {
+        Status::invalid_argument(reason)
+    }
 }
 
 fn unexpected(response: Response) -> Status {
@@ -494,6 +532,133 @@ impl ScheduleService for ScheduleApi {
                 info!(schedule.id = %original.schedule_id, existed, "schedule deleted");
                 Ok(GrpcResponse::new(v1::DeleteScheduleResponse { existed }))
             }
+            Proposal::Applied(other) => Err(unexpected(other)),
+        }
+    }
+
+    async fn trigger_schedule(
+        &self,
+        request: GrpcRequest<v1::TriggerScheduleRequest>,
+    ) -> Result<GrpcResponse<v1::TriggerScheduleResponse>, Status> {
+        let who = caller(&request)?;
+        let auth = authorization(&request);
+        let mut original = request.into_inner();
+        if original.trigger_id.is_empty() {
+            original.trigger_id = random_hex_id("a trigger id")?;
+        }
+        if !plan::is_valid_trigger_id(&original.trigger_id) {
+            return Err(invalid(FieldError::new(
+                "trigger_id",
+                format!(
+                    "must be 1-{} bytes of [A-Za-z0-9._:-]",
+                    plan::MAX_TRIGGER_ID_BYTES
+                ),
+            )));
+        }
+        let overlap = match overlap_from_wire(original.overlap()) {
+            None => OverlapPolicy::AllowAll,
+            Some(OverlapPolicy::BufferOne | OverlapPolicy::BufferAll) => {
+                return Err(invalid(FieldError::new(
+                    "overlap",
+                    "a trigger takes OVERLAP_POLICY_SKIP, _CANCEL_OTHER or _ALLOW_ALL",
+                )));
+            }
+            Some(overlap) => overlap,
+        };
+        let schedule = self.read(&who, &original.schedule_id, Permission::FleetRead)?;
+        who.require(Permission::FleetSubmit, &project_of_schedule(&schedule))?;
+        let command = Command::TriggerSchedule {
+            schedule_id: original.schedule_id.clone(),
+            trigger_id: original.trigger_id.clone(),
+            overlap,
+            max_events: self.api.limits.max_events_per_fleet,
+        };
+        match self.api.propose(command, who.principal()).await? {
+            Proposal::Forward(channel) => {
+                self.api
+                    .forward(
+                        self.client(channel)
+                            .trigger_schedule(forwarded(original, &auth)),
+                        0,
+                    )
+                    .await
+            }
+            Proposal::Applied(Response::ScheduleTriggered { fleet_id, created }) => {
+                info!(schedule.id = %original.schedule_id, trigger.id = %original.trigger_id,
+                      fleet.id = %fleet_id, created, "schedule triggered");
+                Ok(GrpcResponse::new(v1::TriggerScheduleResponse {
+                    fleet_id,
+                    created,
+                    trigger_id: original.trigger_id,
+                }))
+            }
+            Proposal::Applied(Response::IdempotencyKeyConflict { fleet_id }) => {
+                Err(Status::already_exists(format!(
+                    "trigger_id: {} started {fleet_id} from an earlier spec of the schedule",
+                    original.trigger_id
+                )))
+            }
+            Proposal::Applied(Response::Rejected { reason }) => Err(refused(reason)),
+            Proposal::Applied(other) => Err(unexpected(other)),
+        }
+    }
+
+    async fn backfill_schedule(
+        &self,
+        request: GrpcRequest<v1::BackfillScheduleRequest>,
+    ) -> Result<GrpcResponse<v1::BackfillScheduleResponse>, Status> {
+        let who = caller(&request)?;
+        let auth = authorization(&request);
+        let original = request.into_inner();
+        if original.to_ms < original.from_ms {
+            return Err(invalid(FieldError::new("to_ms", "before from_ms")));
+        }
+        let schedule = self.read(&who, &original.schedule_id, Permission::FleetRead)?;
+        who.require(Permission::FleetSubmit, &project_of_schedule(&schedule))?;
+        let overlap = match overlap_from_wire(original.overlap()) {
+            Some(overlap) => overlap,
+            None => overlap_from_wire(
+                schedule
+                    .spec
+                    .as_ref()
+                    .and_then(|spec| spec.policy.as_ref())
+                    .map_or(v1::OverlapPolicy::Skip, |policy| policy.overlap()),
+            )
+            .unwrap_or_default(),
+        };
+        let command = Command::BackfillSchedule {
+            schedule_id: original.schedule_id.clone(),
+            from_ms: original.from_ms,
+            to_ms: original.to_ms,
+            overlap,
+            max_events: self.api.limits.max_events_per_fleet,
+        };
+        match self.api.propose(command, who.principal()).await? {
+            Proposal::Forward(channel) => {
+                self.api
+                    .forward(
+                        self.client(channel)
+                            .backfill_schedule(forwarded(original, &auth)),
+                        0,
+                    )
+                    .await
+            }
+            Proposal::Applied(Response::ScheduleBackfilled {
+                started,
+                buffered,
+                skipped,
+            }) => {
+                info!(schedule.id = %original.schedule_id, started = started.len(), buffered,
+                      skipped, "schedule backfilled");
+                let schedule = self.read(&who, &original.schedule_id, Permission::FleetRead)?;
+                Ok(GrpcResponse::new(v1::BackfillScheduleResponse {
+                    started_fleet_ids: started,
+                    buffered,
+                    skipped,
+                    schedule: Some(schedule),
+                }))
+            }
+            Proposal::Applied(Response::Rejected { reason }) => Err(refused(reason)),
             Proposal::Applied(other) => Err(unexpected(other)),
         }
     }

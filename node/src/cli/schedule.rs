@@ -1,5 +1,5 @@
-//! `flotilla schedule create|list|show|pause|resume|delete|preview`: schedules that start a
-//! fleet at each nominal time of their calendar (`flotilla.v1.ScheduleService`).
+//! `flotilla schedule create|list|show|pause|resume|trigger|backfill|delete|preview`: schedules
+//! that start a fleet at each nominal time of their calendar (`flotilla.v1.ScheduleService`).
 
 use std::path::PathBuf;
 
@@ -44,6 +44,34 @@ pub enum ScheduleCommands {
         #[arg(long, default_value = "")]
         note: String,
     },
+    /// Starts a fleet of the schedule now (also while paused); the same `--trigger-id` again
+    /// answers the same fleet.
+    Trigger {
+        /// `<project>/<name>`.
+        schedule_id: String,
+        /// The trigger's idempotency key, 1-128 bytes of `[A-Za-z0-9._:-]`; default: a random
+        /// one chosen here, so a retry of this command is safe.
+        #[arg(long)]
+        trigger_id: Option<String>,
+        /// While a fleet of the schedule runs: `skip` (refuse), `cancel_other` or `allow_all`.
+        #[arg(long, default_value = "allow_all")]
+        overlap: OverlapArgument,
+    },
+    /// Starts the schedule's nominal times in a past range (both ends included; at most
+    /// 1000 times); times that have their fleet already are not started again.
+    Backfill {
+        /// `<project>/<name>`.
+        schedule_id: String,
+        /// First nominal time: RFC 3339 in UTC (`2026-12-01T00:00:00Z`) or ms since the epoch.
+        #[arg(long, value_parser = parse_instant_ms)]
+        from: u64,
+        /// Last nominal time, as `--from`.
+        #[arg(long, value_parser = parse_instant_ms)]
+        to: u64,
+        /// The backfill's overlap policy; default: the schedule's own.
+        #[arg(long)]
+        overlap: Option<OverlapArgument>,
+    },
     /// Deletes a schedule (its fleets go on).
     Delete {
         /// `<project>/<name>`.
@@ -63,10 +91,53 @@ pub enum ScheduleCommands {
     },
 }
 
+/// An overlap policy on the command line.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+#[value(rename_all = "snake_case")]
+pub enum OverlapArgument {
+    /// Skip while a fleet of the schedule runs.
+    Skip,
+    /// Keep one for later.
+    BufferOne,
+    /// Keep all (up to the schedule's buffer_limit), started one at a time.
+    BufferAll,
+    /// Cancel the running fleets, then start.
+    CancelOther,
+    /// Start anyway.
+    AllowAll,
+}
+
+impl OverlapArgument {
+    fn to_wire(self) -> v1::OverlapPolicy {
+        match self {
+            OverlapArgument::Skip => v1::OverlapPolicy::Skip,
+            OverlapArgument::BufferOne => v1::OverlapPolicy::BufferOne,
+            OverlapArgument::BufferAll => v1::OverlapPolicy::BufferAll,
+            OverlapArgument::CancelOther => v1::OverlapPolicy::CancelOther,
+            OverlapArgument::AllowAll => v1::OverlapPolicy::AllowAll,
+        }
+    }
+}
+
+/// An instant on the command line: milliseconds since the epoch, or RFC 3339 in UTC.
+fn parse_instant_ms(text: &str) -> Result<u64, String> {
+    if let Ok(ms) = text.parse::<u64>() {
+        return Ok(ms);
+    }
+    let instant = humantime::parse_rfc3339(text).map_err(|error| {
+        format!("{text:?}: not ms since the epoch nor RFC 3339 in UTC ({error})")
+    })?;
+    instant
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|since| since.as_millis() as u64)
+        .map_err(|_| format!("{text:?}: before the epoch"))
+}
+
 fn tick_json(tick: &v1::ScheduleTick) -> serde_json::Value {
     json!({
         "nominal_ms": tick.nominal_ms, "decided_at_ms": tick.decided_at_ms,
         "outcome": tick.outcome, "fleet_id": tick.fleet_id, "reason": tick.reason,
+        "trigger_id": tick.trigger_id,
         "missed_count": tick.missed_count, "missed_last_ms": tick.missed_last_ms,
         "missed_count_is_lower_bound": tick.missed_count_is_lower_bound,
     })
@@ -127,6 +198,22 @@ fn print_schedule(schedule: &v1::Schedule, output: Output) {
         return;
     }
     outln!("schedule {}: {}", schedule.id, calendar_text(schedule));
+    let spec = schedule.spec.clone().unwrap_or_default();
+    let calendar = spec.calendar.unwrap_or_default();
+    let policy = spec.policy.unwrap_or_default();
+    if !calendar.cron.is_empty() {
+        outln!(
+            "dst: {} in a spring-forward gap, {} in a fall-back repeat",
+            dst_gap_name(calendar.dst_gap()),
+            dst_repeat_name(calendar.dst_repeat())
+        );
+    }
+    outln!(
+        "policy: overlap {}, catch-up window {} ms, jitter up to {} ms",
+        overlap_name(policy.overlap()),
+        policy.catch_up_window_ms,
+        policy.max_jitter_ms
+    );
     if schedule.paused {
         outln!(
             "paused by {}: {}",
@@ -152,6 +239,7 @@ fn print_schedule(schedule: &v1::Schedule, output: Output) {
     for tick in &schedule.history {
         let detail = match tick.outcome.as_str() {
             "started" => tick.fleet_id.clone(),
+            "triggered" => format!("{} (trigger {})", tick.fleet_id, tick.trigger_id),
             "missed" => format!(
                 "{}{} up to {} ms",
                 tick.missed_count,
@@ -173,11 +261,50 @@ fn print_schedule(schedule: &v1::Schedule, output: Output) {
     }
 }
 
+fn dst_gap_name(gap: v1::DstGap) -> &'static str {
+    match gap {
+        v1::DstGap::Skip => "skip",
+        v1::DstGap::Unspecified | v1::DstGap::RunAfter => "run_after",
+    }
+}
+
+fn dst_repeat_name(repeat: v1::DstRepeat) -> &'static str {
+    match repeat {
+        v1::DstRepeat::Both => "both",
+        v1::DstRepeat::Unspecified | v1::DstRepeat::First => "first",
+    }
+}
+
+fn overlap_name(overlap: v1::OverlapPolicy) -> &'static str {
+    match overlap {
+        v1::OverlapPolicy::Unspecified | v1::OverlapPolicy::Skip => "skip",
+        v1::OverlapPolicy::BufferOne => "buffer_one",
+        v1::OverlapPolicy::BufferAll => "buffer_all",
+        v1::OverlapPolicy::CancelOther => "cancel_other",
+        v1::OverlapPolicy::AllowAll => "allow_all",
+    }
+}
+
 fn load_file(file: &std::path::Path) -> Result<v1::ScheduleSpec, CliError> {
     crate::schedule_file::load(file).map_err(|error| CliError {
         message: error.to_string(),
         code: exit_code::INVALID_ARGUMENT,
     })
+}
+
+fn random_trigger_id() -> Result<String, CliError> {
+    let mut random = [0u8; 12];
+    getrandom::fill(&mut random).map_err(|error| CliError {
+        message: format!("no randomness for a trigger id: {error}"),
+        code: exit_code::ERROR,
+    })?;
+    Ok(format!(
+        "cli-{}",
+        random
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect::<String>()
+    ))
 }
 
 /// Runs one schedule subcommand against `address`.
@@ -266,6 +393,80 @@ pub async fn run(
                 .await?
                 .into_inner();
             print_schedule(&schedule, output);
+        }
+        ScheduleCommands::Trigger {
+            schedule_id,
+            trigger_id,
+            overlap,
+        } => {
+            // Chosen here, not by the server, so that a retry of this request is safe.
+            let trigger_id = match trigger_id {
+                Some(trigger_id) => trigger_id,
+                None => random_trigger_id()?,
+            };
+            let response = client
+                .trigger_schedule(v1::TriggerScheduleRequest {
+                    schedule_id: schedule_id.clone(),
+                    trigger_id,
+                    overlap: overlap.to_wire() as i32,
+                })
+                .await?
+                .into_inner();
+            if output == Output::Json {
+                outln!(
+                    "{}",
+                    json!({"schedule_id": schedule_id, "trigger_id": response.trigger_id,
+                           "fleet_id": response.fleet_id, "created": response.created})
+                );
+            } else {
+                outln!(
+                    "schedule {schedule_id} trigger {}: {} {}",
+                    response.trigger_id,
+                    response.fleet_id,
+                    if response.created {
+                        "started"
+                    } else {
+                        "(started earlier by this trigger id)"
+                    }
+                );
+            }
+        }
+        ScheduleCommands::Backfill {
+            schedule_id,
+            from,
+            to,
+            overlap,
+        } => {
+            let response = client
+                .backfill_schedule(v1::BackfillScheduleRequest {
+                    schedule_id: schedule_id.clone(),
+                    from_ms: from,
+                    to_ms: to,
+                    overlap: overlap
+                        .map_or(v1::OverlapPolicy::Unspecified, OverlapArgument::to_wire)
+                        as i32,
+                })
+                .await?
+                .into_inner();
+            if output == Output::Json {
+                outln!(
+                    "{}",
+                    json!({"schedule_id": schedule_id, "started_fleet_ids": response.started_fleet_ids,
+                           "buffered": response.buffered, "skipped": response.skipped,
+                           "schedule": response.schedule.as_ref().map(schedule_json)})
+                );
+            } else {
+                outln!(
+                    "schedule {schedule_id} backfilled {from}..{to} ms: started {}; {} buffered; {} skipped (see `schedule show`)",
+                    if response.started_fleet_ids.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        response.started_fleet_ids.join(" ")
+                    },
+                    response.buffered,
+                    response.skipped
+                );
+            }
         }
         ScheduleCommands::Delete { schedule_id } => {
             let existed = client

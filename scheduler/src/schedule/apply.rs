@@ -323,6 +323,210 @@ impl State {
         Response::ScheduleProcessed { started }
     }
 
+    /// Starts a fleet of schedule `id` now for manual trigger `trigger_id`, under its own key
+    /// ([`plan::trigger_fleet_key`]): the same trigger id again answers the same fleet. The
+    /// trigger's `overlap` is `skip` (refused while a fleet of the schedule runs),
+    /// `cancel_other` or `allow_all`. Paused schedules may be triggered; triggers do not count
+    /// toward `remaining_actions`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn trigger_schedule(
+        &mut self,
+        now_ms: u64,
+        id: &str,
+        trigger_id: &str,
+        overlap: plan::OverlapPolicy,
+        max_events: u32,
+        principal: &Principal,
+    ) -> Response {
+        if !plan::is_valid_trigger_id(trigger_id) {
+            return rejected(format!(
+                "trigger_id: must be 1-{} bytes of [A-Za-z0-9._:-]",
+                plan::MAX_TRIGGER_ID_BYTES
+            ));
+        }
+        let Some(schedule) = self.schedules.get(id) else {
+            return rejected(format!("no schedule {id}"));
+        };
+        let key = plan::trigger_fleet_key(id, trigger_id);
+        if let Some(fleet) = self.fleet_by_idempotency_key(&key) {
+            return Response::ScheduleTriggered {
+                fleet_id: fleet_id(fleet.number),
+                created: false,
+            };
+        }
+        let spec = Arc::clone(&schedule.spec);
+        let mut running = self.running_fleets_of(id);
+        match overlap {
+            plan::OverlapPolicy::AllowAll => {}
+            plan::OverlapPolicy::CancelOther => {
+                for number in running.drain(..) {
+                    self.cancel_fleet(now_ms, &fleet_id(number));
+                }
+            }
+            plan::OverlapPolicy::Skip if running.is_empty() => {}
+            plan::OverlapPolicy::Skip => {
+                return rejected(format!(
+                    "overlap: {} of schedule {id} is running (overlap skip)",
+                    fleet_id(running[0])
+                ));
+            }
+            plan::OverlapPolicy::BufferOne | plan::OverlapPolicy::BufferAll => {
+                return rejected("overlap: a trigger takes skip, cancel_other or allow_all");
+            }
+        }
+        if running.len() >= MAX_RUNNING_FLEETS_PER_SCHEDULE {
+            return rejected(format!(
+                "{MAX_RUNNING_FLEETS_PER_SCHEDULE} fleets of schedule {id} are running"
+            ));
+        }
+        let response = self.submit_fleet(now_ms, &spec.fleet, &key, "", max_events, principal);
+        let Response::FleetSubmitted { fleet_id, created } = response else {
+            return response;
+        };
+        if let Some(number) = crate::state::parse_fleet_id(&fleet_id) {
+            running.push(number);
+        }
+        if let Some(schedule) = self.schedules.get_mut(id) {
+            schedule.fleets = running;
+            schedule.record(
+                now_ms,
+                now_ms,
+                TickOutcome::Triggered {
+                    trigger_id: trigger_id.to_owned(),
+                    fleet_id: fleet_id.clone(),
+                },
+            );
+        }
+        Response::ScheduleTriggered { fleet_id, created }
+    }
+
+    /// Backfills schedule `id` from `from_ms` to `to_ms` (both included, at most `now_ms`)
+    /// under the backfill's own `overlap` ([`plan::plan_backfill`]). A running schedule takes
+    /// only times it has already decided (at or before its `processed_until_ms`: the rest it
+    /// decides itself); a paused one takes any past range (resuming skips the pause).
+    pub(crate) fn backfill_schedule(
+        &mut self,
+        now_ms: u64,
+        id: &str,
+        range_ms: (u64, u64),
+        overlap: plan::OverlapPolicy,
+        max_events: u32,
+        principal: &Principal,
+    ) -> Response {
+        let (from_ms, to_ms) = range_ms;
+        let Some(schedule) = self.schedules.get(id) else {
+            return rejected(format!("no schedule {id}"));
+        };
+        if to_ms > now_ms {
+            return rejected("to: in the future; the schedule itself starts those times");
+        }
+        if schedule.paused.is_none() && to_ms > schedule.progress.processed_until_ms {
+            return rejected(format!(
+                "to: after {} ms, the last time schedule {id} has decided; it decides later times itself",
+                schedule.progress.processed_until_ms
+            ));
+        }
+        let Some(calendar) = calendar_of(&schedule.spec) else {
+            return rejected(format!("schedule {id}: the calendar no longer compiles"));
+        };
+        let times = match plan::backfill_times(&calendar, from_ms, to_ms) {
+            Ok(times) => times,
+            Err(reason) => return rejected(reason),
+        };
+        let spec = Arc::clone(&schedule.spec);
+        let mut running = self.running_fleets_of(id);
+        // Times that have their fleet already are recorded, not planned: the plan sees gaps.
+        let mut records = Vec::new();
+        let mut skipped = 0u32;
+        let times: Vec<u64> = times
+            .into_iter()
+            .filter(|nominal_ms| {
+                let key = plan::fleet_key(id, *nominal_ms);
+                let Some(fleet) = self.fleet_by_idempotency_key(&key) else {
+                    return true;
+                };
+                skipped += 1;
+                records.push((
+                    *nominal_ms,
+                    TickOutcome::Skipped {
+                        reason: format!("already started as {}", fleet_id(fleet.number)),
+                    },
+                ));
+                false
+            })
+            .collect();
+        let (decisions, progress) =
+            plan::plan_backfill(&times, overlap, &spec.policy, &schedule.progress, &running);
+        let mut started = Vec::new();
+        let mut buffered = 0u32;
+        for decision in decisions {
+            match decision {
+                Decision::Cancel { fleet_number } => {
+                    self.cancel_fleet(now_ms, &fleet_id(fleet_number));
+                    running.retain(|number| *number != fleet_number);
+                }
+                Decision::Start { nominal_ms } => {
+                    let outcome = self.start_scheduled_fleet(
+                        now_ms,
+                        id,
+                        &spec,
+                        nominal_ms,
+                        max_events,
+                        principal,
+                        &mut running,
+                    );
+                    match &outcome {
+                        TickOutcome::Started { fleet_id } => started.push(fleet_id.clone()),
+                        _ => skipped += 1,
+                    }
+                    records.push((nominal_ms, outcome));
+                }
+                Decision::Buffer { nominal_ms } => {
+                    buffered += 1;
+                    records.push((nominal_ms, TickOutcome::Buffered));
+                }
+                Decision::Skip { nominal_ms, reason } => {
+                    skipped += 1;
+                    records.push((
+                        nominal_ms,
+                        TickOutcome::Skipped {
+                            reason: format!("backfill: {}", skip_reason_name(reason)),
+                        },
+                    ));
+                }
+                Decision::Pause { .. } | Decision::Missed { .. } => {}
+            }
+        }
+        let Some(schedule) = self.schedules.get_mut(id) else {
+            return rejected(format!("no schedule {id}"));
+        };
+        schedule.progress = progress;
+        schedule.fleets = running;
+        for (nominal_ms, outcome) in records {
+            schedule.record(nominal_ms, now_ms, outcome);
+        }
+        Response::ScheduleBackfilled {
+            started,
+            buffered,
+            skipped,
+        }
+    }
+
+    /// Numbers of the running fleets schedule `id` tracks.
+    fn running_fleets_of(&self, id: &str) -> Vec<u64> {
+        self.schedules.get(id).map_or_else(Vec::new, |schedule| {
+            schedule
+                .fleets
+                .iter()
+                .copied()
+                .filter(|number| {
+                    self.fleet(&fleet_id(*number))
+                        .is_some_and(|fleet| fleet.state == FleetState::Running)
+                })
+                .collect()
+        })
+    }
+
     /// Starts the fleet of `nominal_ms` under the key [`plan::fleet_key`] (which never creates
     /// a second fleet for the same nominal time) and tracks it in `running`.
     #[allow(clippy::too_many_arguments)]
@@ -345,12 +549,23 @@ impl State {
         }
         let key = plan::fleet_key(id, nominal_ms);
         match self.submit_fleet(now_ms, &spec.fleet, &key, "", max_events, principal) {
-            Response::FleetSubmitted { fleet_id, created } => {
-                if created && let Some(number) = crate::state::parse_fleet_id(&fleet_id) {
+            Response::FleetSubmitted {
+                fleet_id,
+                created: true,
+            } => {
+                if let Some(number) = crate::state::parse_fleet_id(&fleet_id) {
                     running.push(number);
                 }
                 TickOutcome::Started { fleet_id }
             }
+            // A backfill of a time that already has its fleet (or a buffered time started
+            // meanwhile by a backfill): never recorded as started twice.
+            Response::FleetSubmitted {
+                fleet_id,
+                created: false,
+            } => TickOutcome::Skipped {
+                reason: format!("already started as {fleet_id}"),
+            },
             Response::Rejected { reason } => TickOutcome::Skipped {
                 reason: format!("fleet refused: {reason}"),
             },

@@ -26,6 +26,8 @@ pub const MAX_TICKS_PER_PLAN: usize = 100;
 pub const MAX_MISSED_COUNTED: u64 = 1_000;
 /// Largest `buffer_limit` of [`OverlapPolicy::BufferAll`] (Temporal's bound).
 pub const MAX_BUFFER_LIMIT: u32 = 1000;
+/// Most nominal times one backfill covers; a longer range is refused (split it).
+pub const MAX_BACKFILL_TICKS: usize = 1_000;
 /// Shortest catch-up window: 10 seconds (Temporal's minimum).
 pub const MIN_CATCH_UP_WINDOW_MS: u64 = 10_000;
 /// Longest catch-up window: 366 days.
@@ -213,6 +215,25 @@ pub fn fleet_key(schedule_id: &str, nominal_ms: u64) -> String {
     format!("schedule:{schedule_id}@{nominal_ms}")
 }
 
+/// Longest trigger id of a manual trigger, bytes.
+pub const MAX_TRIGGER_ID_BYTES: usize = 128;
+
+/// Whether `trigger_id` is 1 to [`MAX_TRIGGER_ID_BYTES`] bytes of `[A-Za-z0-9._:-]`.
+pub fn is_valid_trigger_id(trigger_id: &str) -> bool {
+    !trigger_id.is_empty()
+        && trigger_id.len() <= MAX_TRIGGER_ID_BYTES
+        && trigger_id
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b':' | b'-'))
+}
+
+/// The idempotency key of the fleet of manual trigger `trigger_id`:
+/// `schedule:<id>/trigger:<trigger_id>`. Distinct from every [`fleet_key`], so triggers never
+/// collide with nominal times (nor with each other, whatever second they fall in).
+pub fn trigger_fleet_key(schedule_id: &str, trigger_id: &str) -> String {
+    format!("schedule:{schedule_id}/trigger:{trigger_id}")
+}
+
 /// What the schedule `schedule_id` does at `now_ms` (module documentation). `fleets` are the
 /// fleets it started that the state still tracks (the state drops ended ones after a plan).
 pub fn plan(
@@ -326,6 +347,117 @@ pub fn plan(
         progress,
         next_due_ms,
     }
+}
+
+/// The nominal times of `calendar` from `from_ms` to `to_ms` (both included), oldest first.
+///
+/// # Errors
+/// `to_ms` before `from_ms`, or more than [`MAX_BACKFILL_TICKS`] nominal times in the range.
+pub fn backfill_times(calendar: &Calendar, from_ms: u64, to_ms: u64) -> Result<Vec<u64>, String> {
+    if to_ms < from_ms {
+        return Err("to: before from".into());
+    }
+    let mut times = Vec::new();
+    let mut cursor = from_ms.saturating_sub(1);
+    while let Some(nominal_ms) = calendar.next_after(cursor) {
+        if nominal_ms > to_ms {
+            break;
+        }
+        if times.len() == MAX_BACKFILL_TICKS {
+            return Err(format!(
+                "the range holds more than {MAX_BACKFILL_TICKS} nominal times; backfill it in parts"
+            ));
+        }
+        times.push(nominal_ms);
+        cursor = nominal_ms;
+    }
+    Ok(times)
+}
+
+/// What a backfill of `times` (oldest first, all in the past) does under its own `overlap`
+/// policy, given whether a fleet of the schedule runs (`busy`):
+/// - `allow_all`: start every one;
+/// - `skip`: start the oldest when nothing runs, skip the rest (they would overlap it);
+/// - `buffer_one` / `buffer_all`: start the oldest when nothing runs and keep the rest in the
+///   schedule's buffer (up to 1, or to `policy.buffer_limit`, counting what it holds), so
+///   they start one at a time;
+/// - `cancel_other`: cancel the running fleets and start only the newest (each start would
+///   cancel the one before it).
+///
+/// Backfilled times are calendar times: they count toward `remaining_actions`. Their fleets
+/// carry [`fleet_key`], so a time that already has its fleet is not started again.
+pub fn plan_backfill(
+    times: &[u64],
+    overlap: OverlapPolicy,
+    policy: &SchedulePolicy,
+    progress: &ScheduleProgress,
+    running: &[u64],
+) -> (Vec<Decision>, ScheduleProgress) {
+    let mut progress = progress.clone();
+    let mut decisions = Vec::new();
+    let mut started = false;
+    let busy = !running.is_empty();
+    let buffer_limit = match overlap {
+        OverlapPolicy::BufferOne => 1,
+        _ => policy.buffer_limit as usize,
+    };
+    let newest = times.last().copied();
+    for &nominal_ms in times {
+        match overlap {
+            OverlapPolicy::AllowAll => {
+                decide_start(
+                    &mut decisions,
+                    &mut progress,
+                    policy,
+                    nominal_ms,
+                    &mut started,
+                );
+            }
+            OverlapPolicy::CancelOther if Some(nominal_ms) == newest => {
+                for &fleet_number in running {
+                    decisions.push(Decision::Cancel { fleet_number });
+                }
+                decide_start(
+                    &mut decisions,
+                    &mut progress,
+                    policy,
+                    nominal_ms,
+                    &mut started,
+                );
+            }
+            OverlapPolicy::CancelOther => decisions.push(Decision::Skip {
+                nominal_ms,
+                reason: SkipReason::Overlap,
+            }),
+            _ if !busy && !started => {
+                decide_start(
+                    &mut decisions,
+                    &mut progress,
+                    policy,
+                    nominal_ms,
+                    &mut started,
+                );
+            }
+            OverlapPolicy::Skip => decisions.push(Decision::Skip {
+                nominal_ms,
+                reason: SkipReason::Overlap,
+            }),
+            OverlapPolicy::BufferOne | OverlapPolicy::BufferAll => {
+                if progress.buffered.len() < buffer_limit
+                    && !progress.buffered.contains(&nominal_ms)
+                {
+                    progress.buffered.push_back(nominal_ms);
+                    decisions.push(Decision::Buffer { nominal_ms });
+                } else {
+                    decisions.push(Decision::Skip {
+                        nominal_ms,
+                        reason: SkipReason::BufferFull,
+                    });
+                }
+            }
+        }
+    }
+    (decisions, progress)
 }
 
 /// Starts `nominal_ms` unless the schedule has no actions left (then skips it).

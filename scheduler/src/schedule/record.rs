@@ -1,12 +1,12 @@
 //! The replicated schedule: its spec, progress, the fleets it started and its history.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use super::calendar::{Calendar, CalendarSpec};
-use super::plan::{OverlapPolicy, SchedulePolicy, ScheduleProgress};
+use super::plan::{SchedulePolicy, ScheduleProgress};
 use crate::spec::{FieldError, FleetSpec, SpecLimits, is_valid_name};
 
 /// Most schedules in the cluster unless the operator sets another bound (node
@@ -87,6 +87,14 @@ pub struct Pause {
 pub enum TickOutcome {
     /// A fleet was started.
     Started {
+        /// `fl-<n>`.
+        fleet_id: String,
+    },
+    /// A manual trigger started a fleet (recorded at the trigger's replicated time).
+    Triggered {
+        /// The caller's id of the trigger (the fleet's key is
+        /// [`super::plan::trigger_fleet_key`]).
+        trigger_id: String,
         /// `fl-<n>`.
         fleet_id: String,
     },
@@ -177,13 +185,16 @@ impl Schedule {
                 self.history.len()
             ));
         }
-        let buffer_limit = match self.spec.policy.overlap {
-            OverlapPolicy::BufferOne => 1,
-            OverlapPolicy::BufferAll => self.spec.policy.buffer_limit as usize,
-            _ => 0,
-        };
+        // A backfill may buffer under its own overlap policy, never beyond buffer_limit; the
+        // schedule's own policy buffers only when it says so.
+        let buffer_limit = self.spec.policy.buffer_limit as usize;
         if self.progress.buffered.len() > buffer_limit {
             return Err(format!("schedule {id} buffers more than its policy allows"));
+        }
+        if self.progress.buffered.iter().collect::<BTreeSet<_>>().len()
+            != self.progress.buffered.len()
+        {
+            return Err(format!("schedule {id} buffers a nominal time twice"));
         }
         if self.fleets.len() > MAX_RUNNING_FLEETS_PER_SCHEDULE {
             return Err(format!("schedule {id} tracks {} fleets", self.fleets.len()));
@@ -192,9 +203,11 @@ impl Schedule {
             return Err(format!("schedule {id} decided times before its creation"));
         }
         let prefix = format!("schedule:{id}@");
+        let trigger_prefix = format!("schedule:{id}/trigger:");
         for number in &self.fleets {
             if let Some(key) = fleet_key(*number)
                 && !key.starts_with(&prefix)
+                && !key.starts_with(&trigger_prefix)
             {
                 return Err(format!(
                     "schedule {id} tracks fl-{number}, not one of its own"
@@ -202,14 +215,24 @@ impl Schedule {
             }
         }
         // Exactly once: no nominal time and no fleet started twice.
-        let mut nominal_times = std::collections::BTreeSet::new();
-        let mut fleet_ids = std::collections::BTreeSet::new();
+        // A trigger id starts one fleet; no fleet is recorded twice.
+        let mut nominal_times = BTreeSet::new();
+        let mut trigger_ids = BTreeSet::new();
+        let mut fleet_ids = BTreeSet::new();
         for record in &self.history {
-            if let TickOutcome::Started { fleet_id } = &record.outcome
-                && (!nominal_times.insert(record.nominal_ms) || !fleet_ids.insert(fleet_id))
-            {
+            let fresh = match &record.outcome {
+                TickOutcome::Started { fleet_id } => {
+                    nominal_times.insert(record.nominal_ms) && fleet_ids.insert(fleet_id)
+                }
+                TickOutcome::Triggered {
+                    trigger_id,
+                    fleet_id,
+                } => trigger_ids.insert(trigger_id) && fleet_ids.insert(fleet_id),
+                _ => true,
+            };
+            if !fresh {
                 return Err(format!(
-                    "schedule {id} started nominal time {} or {fleet_id} twice",
+                    "schedule {id} started nominal time {}, a trigger or a fleet twice",
                     record.nominal_ms
                 ));
             }

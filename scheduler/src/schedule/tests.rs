@@ -319,7 +319,8 @@ fn jitter_is_deterministic_bounded_and_spread() {
 mod plans {
     use super::super::calendar::{Calendar, CalendarSpec};
     use super::super::plan::{
-        Decision, FleetView, OverlapPolicy, SchedulePolicy, ScheduleProgress, SkipReason, plan,
+        Decision, FleetView, MAX_BACKFILL_TICKS, OverlapPolicy, SchedulePolicy, ScheduleProgress,
+        SkipReason, backfill_times, plan, plan_backfill,
     };
 
     fn every_ten_seconds() -> Calendar {
@@ -661,6 +662,154 @@ mod plans {
         );
         assert!(SchedulePolicy::default().validate("spec.policy").is_ok());
     }
+
+    /// A backfill of `times_s` under `overlap` with `running` fleets and `buffered_s`
+    /// already held: its decisions, then the buffer after.
+    fn check_backfill(
+        overlap: OverlapPolicy,
+        buffer_limit: u32,
+        times_s: &[u64],
+        running: &[u64],
+        buffered_s: &[u64],
+        expected: &[&str],
+    ) {
+        let policy = SchedulePolicy {
+            buffer_limit,
+            ..SchedulePolicy::default()
+        };
+        let progress = ScheduleProgress {
+            processed_until_ms: 1_000_000,
+            buffered: buffered_s.iter().map(|s| s * 1000).collect(),
+            actions_taken: 0,
+        };
+        let times: Vec<u64> = times_s.iter().map(|s| s * 1000).collect();
+        let (decisions, after) = plan_backfill(&times, overlap, &policy, &progress, running);
+        let mut shown: Vec<String> = decisions.iter().map(render).collect();
+        let buffered: Vec<String> = after
+            .buffered
+            .iter()
+            .map(|ms| (ms / 1000).to_string())
+            .collect();
+        shown.push(format!("buffered=[{}]", buffered.join(",")));
+        assert_eq!(shown, expected, "{overlap:?}");
+        assert_eq!(after.processed_until_ms, progress.processed_until_ms);
+    }
+
+    #[test]
+    fn backfills_follow_their_own_overlap_policy() {
+        let times = [10, 20, 30];
+        use OverlapPolicy::*;
+        check_backfill(
+            AllowAll,
+            1000,
+            &times,
+            &[7],
+            &[],
+            &["start 10", "start 20", "start 30", "buffered=[]"],
+        );
+        check_backfill(
+            Skip,
+            1000,
+            &times,
+            &[],
+            &[],
+            &[
+                "start 10",
+                "skip 20 overlap",
+                "skip 30 overlap",
+                "buffered=[]",
+            ],
+        );
+        check_backfill(
+            Skip,
+            1000,
+            &times,
+            &[7],
+            &[],
+            &[
+                "skip 10 overlap",
+                "skip 20 overlap",
+                "skip 30 overlap",
+                "buffered=[]",
+            ],
+        );
+        // Sequential: the oldest now, the rest one at a time through the buffer.
+        check_backfill(
+            BufferAll,
+            1000,
+            &times,
+            &[],
+            &[],
+            &["start 10", "buffer 20", "buffer 30", "buffered=[20,30]"],
+        );
+        // The buffer's bound counts what it holds already; a time held is not held twice.
+        check_backfill(
+            BufferAll,
+            2,
+            &times,
+            &[7],
+            &[20],
+            &[
+                "buffer 10",
+                "skip 20 buffer_full",
+                "skip 30 buffer_full",
+                "buffered=[20,10]",
+            ],
+        );
+        check_backfill(
+            BufferOne,
+            1000,
+            &times,
+            &[],
+            &[],
+            &[
+                "start 10",
+                "buffer 20",
+                "skip 30 buffer_full",
+                "buffered=[20]",
+            ],
+        );
+        check_backfill(
+            CancelOther,
+            1000,
+            &times,
+            &[7, 8],
+            &[],
+            &[
+                "skip 10 overlap",
+                "skip 20 overlap",
+                "cancel fl-7",
+                "cancel fl-8",
+                "start 30",
+                "buffered=[]",
+            ],
+        );
+    }
+
+    #[test]
+    fn backfill_ranges_are_bounded() {
+        let calendar = every_ten_seconds();
+        assert_eq!(
+            backfill_times(&calendar, 10_000, 30_000),
+            Ok(vec![10_000, 20_000, 30_000])
+        );
+        assert_eq!(backfill_times(&calendar, 10_001, 19_999), Ok(vec![]));
+        assert_eq!(
+            backfill_times(&calendar, 30_000, 10_000),
+            Err("to: before from".into())
+        );
+        let too_many = backfill_times(&calendar, 0, (MAX_BACKFILL_TICKS as u64 + 1) * 10_000);
+        assert!(
+            too_many
+                .as_ref()
+                .is_err_and(|error| error.contains("in parts")),
+            "{too_many:?}"
+        );
+        assert_eq!(
+            backfill_times(&calendar, 10_000, MAX_BACKFILL_TICKS as u64 * 10_000).map(|t| t.len()),
+            Ok(MAX_BACKFILL_TICKS)
+        );
+    }
 }
 
 /// Schedules in the replicated state, driven as the leader drives them: the engine's tick
@@ -751,6 +900,10 @@ mod replicated {
                 TickOutcome::Started { fleet_id } => {
                     format!("{} started {fleet_id}", record.nominal_ms)
                 }
+                TickOutcome::Triggered {
+                    trigger_id,
+                    fleet_id,
+                } => format!("triggered {trigger_id} {fleet_id}"),
                 TickOutcome::Buffered => format!("{} buffered", record.nominal_ms),
                 TickOutcome::Skipped { reason } => {
                     format!("{} skipped {reason}", record.nominal_ms)
@@ -1046,5 +1199,249 @@ mod replicated {
             Response::ScheduleDeleted { existed: true }
         );
         assert!(leader_tick(&mut state, 10_000).is_empty());
+    }
+
+    fn trigger(
+        state: &mut State,
+        now_ms: u64,
+        trigger_id: &str,
+        overlap: OverlapPolicy,
+    ) -> Response {
+        apply(
+            state,
+            now_ms,
+            Command::TriggerSchedule {
+                schedule_id: ID.into(),
+                trigger_id: trigger_id.into(),
+                overlap,
+                max_events: 1_000,
+            },
+        )
+    }
+
+    fn backfill(
+        state: &mut State,
+        now_ms: u64,
+        from_ms: u64,
+        to_ms: u64,
+        overlap: OverlapPolicy,
+    ) -> Response {
+        apply(
+            state,
+            now_ms,
+            Command::BackfillSchedule {
+                schedule_id: ID.into(),
+                from_ms,
+                to_ms,
+                overlap,
+                max_events: 1_000,
+            },
+        )
+    }
+
+    #[test]
+    fn triggers_have_their_own_ids_and_respect_their_overlap() {
+        let mut state = created(SchedulePolicy::default(), 1_000);
+        let first = trigger(&mut state, 1_100, "deploy-1", OverlapPolicy::AllowAll);
+        assert_eq!(
+            first,
+            Response::ScheduleTriggered {
+                fleet_id: "fl-1".into(),
+                created: true
+            }
+        );
+        // The same id again (a retried request): the same fleet. Another id in the same
+        // millisecond: another fleet (no one-per-second limit).
+        assert_eq!(
+            trigger(&mut state, 1_100, "deploy-1", OverlapPolicy::Skip),
+            Response::ScheduleTriggered {
+                fleet_id: "fl-1".into(),
+                created: false
+            }
+        );
+        assert_eq!(
+            trigger(&mut state, 1_100, "deploy-2", OverlapPolicy::AllowAll),
+            Response::ScheduleTriggered {
+                fleet_id: "fl-2".into(),
+                created: true
+            }
+        );
+        assert_eq!(
+            state.fleet("fl-2").unwrap().idempotency_key,
+            "schedule:default/every-2s/trigger:deploy-2"
+        );
+        // Triggered fleets are the schedule's: the 2 s tick overlaps them (skip).
+        assert!(leader_tick(&mut state, 2_000).is_empty());
+        let refused = trigger(&mut state, 2_100, "deploy-3", OverlapPolicy::Skip);
+        assert!(
+            matches!(&refused, Response::Rejected { reason } if reason.contains("is running")),
+            "{refused:?}"
+        );
+        // cancel_other ends both and starts its own.
+        assert_eq!(
+            trigger(&mut state, 2_200, "deploy-3", OverlapPolicy::CancelOther),
+            Response::ScheduleTriggered {
+                fleet_id: "fl-3".into(),
+                created: true
+            }
+        );
+        assert_eq!(state.fleet("fl-1").unwrap().state, FleetState::Cancelled);
+        assert_eq!(state.fleet("fl-2").unwrap().state, FleetState::Cancelled);
+        for bad in ["", "a b", &"x".repeat(129)] {
+            let response = trigger(&mut state, 2_300, bad, OverlapPolicy::AllowAll);
+            assert!(
+                matches!(&response, Response::Rejected { reason } if reason.starts_with("trigger_id")),
+                "{bad:?}: {response:?}"
+            );
+        }
+        let buffered = trigger(&mut state, 2_300, "deploy-4", OverlapPolicy::BufferOne);
+        assert!(matches!(buffered, Response::Rejected { .. }));
+        // Triggers take no action from a limited schedule and start while paused.
+        apply(
+            &mut state,
+            2_400,
+            Command::PauseSchedule {
+                schedule_id: ID.into(),
+                note: "freeze".into(),
+            },
+        );
+        assert!(matches!(
+            trigger(&mut state, 2_500, "deploy-5", OverlapPolicy::AllowAll),
+            Response::ScheduleTriggered { created: true, .. }
+        ));
+        assert_eq!(state.schedule(ID).unwrap().progress.actions_taken, 0);
+        assert_eq!(
+            history(&state),
+            vec![
+                "triggered deploy-1 fl-1",
+                "triggered deploy-2 fl-2",
+                "2000 skipped overlap: a fleet of the schedule is running",
+                "triggered deploy-3 fl-3",
+                "paused freeze",
+                "triggered deploy-5 fl-4",
+            ]
+        );
+    }
+
+    #[test]
+    fn backfills_start_past_times_once_under_their_own_policy() {
+        let mut state = created(SchedulePolicy::default(), 1_000);
+        assert_eq!(leader_tick(&mut state, 2_000), vec!["fl-1"]);
+        // 4 s and 6 s are skipped (fl-1 runs); fl-1 ends; 8 s starts fl-2.
+        assert!(leader_tick(&mut state, 6_000).is_empty());
+        apply(
+            &mut state,
+            7_000,
+            Command::CancelFleet {
+                fleet_id: "fl-1".into(),
+            },
+        );
+        assert_eq!(leader_tick(&mut state, 8_000), vec!["fl-2"]);
+        apply(
+            &mut state,
+            8_500,
+            Command::CancelFleet {
+                fleet_id: "fl-2".into(),
+            },
+        );
+        // Times not yet decided, or in the future, are the schedule's own.
+        for (to_ms, words) in [(9_000, "in the future"), (8_900, "the last time")] {
+            let response = backfill(&mut state, 8_900, 2_000, to_ms, OverlapPolicy::AllowAll);
+            assert!(
+                matches!(&response, Response::Rejected { reason }
+                    if reason.starts_with("to:") && reason.contains(words)),
+                "{response:?}"
+            );
+        }
+        // 2..8 s under buffer_all (sequential): 2 s and 8 s have their fleets; of the gaps,
+        // 4 s starts now and 6 s waits in the buffer.
+        let filled = backfill(&mut state, 8_900, 2_000, 8_000, OverlapPolicy::BufferAll);
+        assert_eq!(
+            filled,
+            Response::ScheduleBackfilled {
+                started: vec!["fl-3".into()],
+                buffered: 1,
+                skipped: 2,
+            }
+        );
+        assert_eq!(
+            state.fleet("fl-3").unwrap().idempotency_key,
+            fleet_key(ID, 4_000)
+        );
+        assert_eq!(state.schedule(ID).unwrap().progress.buffered, [6_000]);
+        // The buffer drains when fl-3 ends; nothing else starts.
+        assert!(leader_tick(&mut state, 9_000).is_empty());
+        apply(
+            &mut state,
+            9_100,
+            Command::CancelFleet {
+                fleet_id: "fl-3".into(),
+            },
+        );
+        assert_eq!(leader_tick(&mut state, 9_200), vec!["fl-4"]);
+        apply(
+            &mut state,
+            9_300,
+            Command::CancelFleet {
+                fleet_id: "fl-4".into(),
+            },
+        );
+        assert!(leader_tick(&mut state, 9_400).is_empty());
+        let history = history(&state);
+        assert_eq!(
+            history[history.len() - 5..],
+            [
+                "2000 skipped already started as fl-1",
+                "8000 skipped already started as fl-2",
+                "4000 started fl-3",
+                "6000 buffered",
+                "6000 started fl-4",
+            ]
+        );
+        assert_eq!(state.schedule(ID).unwrap().progress.actions_taken, 4);
+        // The same range again starts nothing new.
+        let again = backfill(&mut state, 9_500, 2_000, 8_000, OverlapPolicy::AllowAll);
+        assert_eq!(
+            again,
+            Response::ScheduleBackfilled {
+                started: vec![],
+                buffered: 0,
+                skipped: 4,
+            }
+        );
+    }
+
+    #[test]
+    fn a_paused_schedule_takes_a_backfill_of_its_pause() {
+        let mut state = created(SchedulePolicy::default(), 1_000);
+        apply(
+            &mut state,
+            1_500,
+            Command::PauseSchedule {
+                schedule_id: ID.into(),
+                note: "outage".into(),
+            },
+        );
+        assert!(leader_tick(&mut state, 9_000).is_empty());
+        let filled = backfill(&mut state, 9_000, 2_000, 6_000, OverlapPolicy::AllowAll);
+        assert_eq!(
+            filled,
+            Response::ScheduleBackfilled {
+                started: vec!["fl-1".into(), "fl-2".into(), "fl-3".into()],
+                buffered: 0,
+                skipped: 0,
+            }
+        );
+        apply(
+            &mut state,
+            9_500,
+            Command::ResumeSchedule {
+                schedule_id: ID.into(),
+                note: String::new(),
+            },
+        );
+        // Resuming skips the pause (its times were backfilled or are not wanted).
+        assert!(leader_tick(&mut state, 9_600).is_empty());
+        assert_eq!(state.schedule(ID).unwrap().progress.actions_taken, 3);
     }
 }
