@@ -149,6 +149,37 @@ pub enum Command {
         /// As in [`Command::SubmitFleet`].
         max_events: u32,
     },
+    /// Creates an event rule ([`crate::event::rule`]). The same spec again answers
+    /// `EventRuleCreated { created: false }`; another spec under the same id, an invalid one,
+    /// or a cluster holding `max_rules` rules answers [`Response::Rejected`].
+    CreateEventRule {
+        /// The validated spec (its fleet template checked by the node).
+        spec: crate::event::rule::EventRuleSpec,
+        /// The leader's `limits.max_event_rules`.
+        max_rules: u32,
+    },
+    /// Deletes an event rule; the fleets it started go on.
+    DeleteEventRule {
+        /// `<project>/<name>`.
+        rule_id: String,
+    },
+    /// Records an accepted delivery and starts the fleets the leader's evaluation of the rules
+    /// gave (one log entry: record and fleets together). A delivery key that started fleets
+    /// before answers those fleets and starts nothing ([`crate::event`]).
+    DeliverEvent {
+        /// Who sent what.
+        header: crate::event::delivery::DeliveryHeader,
+        /// Each matching rule's fleet or error.
+        matches: Vec<crate::event::delivery::RuleMatch>,
+        /// Rules of the project that saw the event.
+        rules_evaluated: u32,
+        /// The leader's `webhooks.delivery_retention_ms`.
+        retention_ms: u64,
+        /// The leader's `webhooks.max_deliveries`.
+        max_deliveries: u32,
+        /// As in [`Command::SubmitFleet`].
+        max_events: u32,
+    },
     /// Leases up to `free_slots` runs to `worker_id`, each until `now_ms + lease_ttl_ms`.
     ///
     /// Reconciliation first: every lease the state says `worker_id` holds whose
@@ -589,6 +620,26 @@ pub enum Response {
         buffered: u32,
         /// Nominal times not started (overlap, buffer full, already started, refused).
         skipped: u32,
+    },
+    /// `CreateEventRule`: the rule, and whether this command created it.
+    EventRuleCreated {
+        /// `<project>/<name>`.
+        rule_id: String,
+        /// False when the same spec existed already.
+        created: bool,
+    },
+    /// `DeleteEventRule` applied.
+    EventRuleDeleted {
+        /// Whether it existed.
+        existed: bool,
+    },
+    /// `DeliverEvent` applied: the delivery's fleets.
+    EventDelivered {
+        /// `fl-<n>` of each fleet the delivery started (by this command or, when `duplicate`,
+        /// by an earlier receipt).
+        fleet_ids: Vec<String>,
+        /// Whether an earlier receipt of the same delivery had started them.
+        duplicate: bool,
     },
     /// The command was valid on the wire but not applicable to the state; nothing changed.
     Rejected {

@@ -20,6 +20,7 @@ pub mod artifact;
 pub mod audit;
 pub mod command;
 pub mod engine;
+pub mod event;
 pub mod lease;
 pub mod liveness;
 pub mod placement;

@@ -397,6 +397,13 @@ pub struct State {
     /// each was created ([`crate::schedule`]).
     #[serde(default)]
     pub(crate) schedules: BTreeMap<String, Schedule>,
+    /// Event rules by id (`<project>/<name>`), at most the leader's `limits.max_event_rules`
+    /// when each was created ([`crate::event`]).
+    #[serde(default)]
+    pub(crate) event_rules: BTreeMap<String, crate::event::EventRule>,
+    /// Accepted deliveries, bounded by the leader's retention settings.
+    #[serde(default)]
+    pub(crate) deliveries: crate::event::Deliveries,
 }
 
 /// `fl-<number>`.
@@ -548,6 +555,26 @@ impl State {
                 schedule_id,
                 max_events,
             } => self.process_schedule(now_ms, schedule_id, *max_events, &request.principal),
+            Command::CreateEventRule { spec, max_rules } => {
+                self.create_event_rule(now_ms, spec, *max_rules, &request.principal)
+            }
+            Command::DeleteEventRule { rule_id } => self.delete_event_rule(rule_id),
+            Command::DeliverEvent {
+                header,
+                matches,
+                rules_evaluated,
+                retention_ms,
+                max_deliveries,
+                max_events,
+            } => self.deliver_event(
+                now_ms,
+                header,
+                matches,
+                *rules_evaluated,
+                (*retention_ms, *max_deliveries),
+                *max_events,
+                &request.principal,
+            ),
             Command::TriggerSchedule {
                 schedule_id,
                 trigger_id,
@@ -1452,6 +1479,7 @@ impl State {
                     .map(|fleet| fleet.idempotency_key.clone())
             })?;
         }
+        self.check_event_invariants()?;
         for fleet in self.fleets.values() {
             if self.index_version == INDEX_VERSION {
                 let mut rebuilt = fleet.clone();
@@ -1858,6 +1886,23 @@ fn audit_entry(command: &Command, response: &Response) -> AuditEntry {
         Command::ProcessSchedule { schedule_id, .. } => {
             ("process_schedule", format!("schedule {schedule_id}"))
         }
+        Command::CreateEventRule { spec, .. } => {
+            ("create_event_rule", format!("rule {}", spec.id()))
+        }
+        Command::DeleteEventRule { rule_id } => ("delete_event_rule", format!("rule {rule_id}")),
+        Command::DeliverEvent {
+            header, matches, ..
+        } => (
+            "deliver_event",
+            format!(
+                "delivery {} ({} {}) to project {}: {} rules matched",
+                header.key(),
+                header.event_type,
+                header.verdict,
+                header.project,
+                matches.len()
+            ),
+        ),
         Command::TriggerSchedule {
             schedule_id,
             trigger_id,
