@@ -49,6 +49,8 @@ pub struct ServerConfig {
     pub secrets: SecretsSection,
     /// Push credentials of the node's worker.
     pub push_credentials: PushCredentialsSection,
+    /// Webhook sources and delivery limits (`POST /hooks/<source>`).
+    pub webhooks: WebhooksSection,
 }
 
 /// Authentication settings (see `api::token` for the bootstrap design).
@@ -81,6 +83,7 @@ impl Default for ServerConfig {
             tls: TlsSection::default(),
             secrets: SecretsSection::default(),
             push_credentials: PushCredentialsSection::default(),
+            webhooks: WebhooksSection::default(),
         }
     }
 }
@@ -113,6 +116,83 @@ impl Default for SecretsSection {
             max_secrets_per_project: 100,
             max_secrets_total: 10_000,
             max_value_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// How a webhook source proves its deliveries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookKind {
+    /// GitHub: `X-Hub-Signature-256` (HMAC-SHA256 of the body), `X-GitHub-Delivery`,
+    /// `X-GitHub-Event`.
+    Github,
+    /// GitLab: `X-Gitlab-Token` (the secret itself), `Idempotency-Key` or
+    /// `X-Gitlab-Event-UUID`, `X-Gitlab-Event`.
+    Gitlab,
+    /// Standard Webhooks (<https://www.standardwebhooks.com/>): `webhook-id`,
+    /// `webhook-timestamp`, `webhook-signature` (`v1,<base64 HMAC-SHA256>`, several allowed).
+    Standard,
+}
+
+/// One webhook source: deliveries to `POST /hooks/<name>` are verified with its secrets and
+/// seen by the rules of its project.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSource {
+    /// 1-64 characters of `[A-Za-z0-9._-]`, the URL's last segment; not `api` (the name of
+    /// events published through the API).
+    pub name: String,
+    /// How its deliveries are signed.
+    pub kind: WebhookKind,
+    /// The project whose rules see its events.
+    #[serde(default = "default_webhook_project")]
+    pub project: String,
+    /// Files holding the shared secret (one line each; mode 0600). A delivery is accepted when
+    /// it verifies under any of them, so a secret is rotated by adding the new file, changing
+    /// it at the sender, then removing the old one. Standard Webhooks secrets are `whsec_`
+    /// followed by base64.
+    pub secret_files: Vec<PathBuf>,
+}
+
+fn default_webhook_project() -> String {
+    flotilla_scheduler::spec::DEFAULT_PROJECT.to_owned()
+}
+
+/// Webhooks: the sources this node accepts and the bounds on deliveries. Every node of a
+/// cluster should list the same sources with the same secrets (any node may receive a
+/// delivery; a follower passes it to the leader, which verifies it again itself).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksSection {
+    /// The sources; none: `/hooks/*` answers 404.
+    pub sources: Vec<WebhookSource>,
+    /// Largest request body, bytes (413 beyond). 1024 to 26214400 (GitHub's own cap, 25 MiB),
+    /// and at most `limits.max_request_bytes` (a follower forwards the body over gRPC).
+    pub max_body_bytes: usize,
+    /// Standard Webhooks: a `webhook-timestamp` further than this from the node's clock is
+    /// refused (replay protection). 1000 to 3600000; default 5 minutes.
+    pub timestamp_tolerance_ms: u64,
+    /// How long accepted deliveries are remembered for dedup, ms (a redelivery after it starts
+    /// fleets again). 60000 to 31622400000; default 7 days.
+    pub delivery_retention_ms: u64,
+    /// Most delivery records kept (the oldest go first). 1 to 10000000.
+    pub max_deliveries: u32,
+    /// Refused deliveries this node remembers (in memory, for `flotilla event deliveries`).
+    /// 0 to 100000.
+    pub max_refused_remembered: usize,
+}
+
+impl Default for WebhooksSection {
+    fn default() -> Self {
+        WebhooksSection {
+            sources: Vec::new(),
+            max_body_bytes: 1024 * 1024,
+            timestamp_tolerance_ms: 300_000,
+            delivery_retention_ms:
+                flotilla_scheduler::event::delivery::DEFAULT_DELIVERY_RETENTION_MS,
+            max_deliveries: flotilla_scheduler::event::delivery::DEFAULT_MAX_DELIVERIES,
+            max_refused_remembered: 1_000,
         }
     }
 }
@@ -299,6 +379,9 @@ pub struct LimitsSection {
     /// Most schedules in the cluster (`CreateSchedule` beyond it is RESOURCE_EXHAUSTED).
     /// 1-100000.
     pub max_schedules: u32,
+    /// Most event rules in the cluster (`CreateEventRule` beyond it is RESOURCE_EXHAUSTED).
+    /// 1-10000.
+    pub max_event_rules: u32,
 }
 
 impl Default for LimitsSection {
@@ -324,6 +407,7 @@ impl Default for LimitsSection {
             branch_prefix: flotilla_scheduler::spec::DEFAULT_BRANCH_PREFIX.into(),
             max_submission_part_bytes: 512 * 1024,
             max_schedules: flotilla_scheduler::schedule::record::DEFAULT_MAX_SCHEDULES,
+            max_event_rules: flotilla_scheduler::event::rule::DEFAULT_MAX_EVENT_RULES,
         }
     }
 }
@@ -569,6 +653,70 @@ impl ServerConfig {
         })
     }
 
+    /// The `[webhooks]` checks of [`ServerConfig::validate`].
+    fn validate_webhooks(&self) -> Result<(), ConfigError> {
+        let invalid = |field, message: String| Err(ConfigError::Invalid { field, message });
+        let webhooks = &self.webhooks;
+        if !(1024..=25 * 1024 * 1024).contains(&webhooks.max_body_bytes)
+            || webhooks.max_body_bytes > self.limits.max_request_bytes
+        {
+            return invalid(
+                "webhooks.max_body_bytes",
+                "must be between 1024 and 26214400, and at most limits.max_request_bytes".into(),
+            );
+        }
+        if !(1_000..=3_600_000).contains(&webhooks.timestamp_tolerance_ms) {
+            return invalid(
+                "webhooks.timestamp_tolerance_ms",
+                "must be between 1000 and 3600000".into(),
+            );
+        }
+        if !(60_000..=366 * 24 * 3_600_000).contains(&webhooks.delivery_retention_ms) {
+            return invalid(
+                "webhooks.delivery_retention_ms",
+                "must be between 60000 and 31622400000".into(),
+            );
+        }
+        if !(1..=10_000_000).contains(&webhooks.max_deliveries) {
+            return invalid(
+                "webhooks.max_deliveries",
+                "must be between 1 and 10000000".into(),
+            );
+        }
+        if webhooks.max_refused_remembered > 100_000 {
+            return invalid(
+                "webhooks.max_refused_remembered",
+                "must be at most 100000".into(),
+            );
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (index, source) in webhooks.sources.iter().enumerate() {
+            let at = |what: &str| format!("webhooks.sources[{index}] ({}): {what}", source.name);
+            if !flotilla_scheduler::spec::is_valid_name(&source.name) || source.name == "api" {
+                return invalid(
+                    "webhooks.sources.name",
+                    at("must be 1-64 characters of [A-Za-z0-9._-], not \"api\""),
+                );
+            }
+            if !names.insert(source.name.as_str()) {
+                return invalid("webhooks.sources.name", at("listed twice"));
+            }
+            if !flotilla_scheduler::spec::is_valid_name(&source.project) {
+                return invalid(
+                    "webhooks.sources.project",
+                    at("must be 1-64 characters of [A-Za-z0-9._-]"),
+                );
+            }
+            if source.secret_files.is_empty() || source.secret_files.len() > 8 {
+                return invalid(
+                    "webhooks.sources.secret_files",
+                    at("must list 1 to 8 files"),
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Checks ranges and relations between values.
     ///
     /// # Errors
@@ -720,6 +868,10 @@ impl ServerConfig {
                 "limits.max_submission_part_bytes",
                 "must be between 4096 and 8388608",
             );
+        }
+        self.validate_webhooks()?;
+        if !(1..=10_000).contains(&self.limits.max_event_rules) {
+            return invalid("limits.max_event_rules", "must be between 1 and 10000");
         }
         if !(1..=100_000).contains(&self.limits.max_schedules) {
             return invalid("limits.max_schedules", "must be between 1 and 100000");

@@ -64,6 +64,20 @@ pub fn fleet_spec_from_wire(
     spec: Option<v1::FleetSpec>,
     limits: &SpecLimits,
 ) -> Result<FleetSpec, FieldError> {
+    let converted = fleet_template_from_wire(spec, limits)?;
+    converted.validate("spec", limits)?;
+    Ok(converted)
+}
+
+/// [`fleet_spec_from_wire`] without the validation: a template (an event rule's fleet) whose
+/// targets and text are completed later and validated then.
+///
+/// # Errors
+/// A missing `spec` or `spec.agent`.
+pub fn fleet_template_from_wire(
+    spec: Option<v1::FleetSpec>,
+    limits: &SpecLimits,
+) -> Result<FleetSpec, FieldError> {
     let spec = spec.ok_or_else(|| FieldError::new("spec", "is required"))?;
     let agent = spec
         .agent
@@ -124,7 +138,6 @@ pub fn fleet_spec_from_wire(
         },
         push: spec.push,
     };
-    converted.validate("spec", limits)?;
     Ok(converted)
 }
 

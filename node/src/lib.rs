@@ -30,6 +30,7 @@ pub mod http;
 pub mod leader_hint;
 pub mod leases;
 pub mod quickstart;
+pub mod rule_file;
 pub mod schedule_file;
 pub mod secrets;
 pub mod server;

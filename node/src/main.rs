@@ -82,6 +82,9 @@ enum Commands {
     /// Schedules: a fleet at each nominal time of a cron or interval calendar, exactly once.
     #[command(subcommand)]
     Schedule(cli::schedule::ScheduleCommands),
+    /// Event triggers: rules, API events (`event send`) and the record of deliveries.
+    #[command(subcommand)]
+    Event(cli::event::EventCommands),
     /// The main job end to end: starts a single-node cluster with a local worker in-process,
     /// submits an "enforce rustfmt" fleet over gRPC, watches it and prints the roll-up.
     Quickstart(quickstart::QuickstartArguments),
@@ -517,6 +520,9 @@ async fn run_client(address: &str, output: Output, command: Commands) -> Result<
     if let Commands::Schedule(command) = command {
         return cli::schedule::run(address, command, output).await;
     }
+    if let Commands::Event(command) = command {
+        return cli::event::run(address, command, output).await;
+    }
     if let Commands::Secret(command) = command {
         if let SecretCommands::Keygen { output_file } = &command {
             return cli::secret::keygen(output_file, output);
@@ -604,6 +610,7 @@ async fn run_client(address: &str, output: Output, command: Commands) -> Result<
         | Commands::Worker(_)
         | Commands::Token(_)
         | Commands::Schedule(_)
+        | Commands::Event(_)
         | Commands::Audit(_)
         | Commands::Cert(_)
         | Commands::Cluster(_) => Err(CliError {

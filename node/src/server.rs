@@ -153,6 +153,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .with_keyring(keyring.clone());
     let secrets_api =
         crate::api::secret::SecretsApi::new(api.clone(), keyring, config.secrets.clone());
+    let hook_sources = crate::http::hooks::HookSources::load(&config.webhooks)
+        .context("loading the webhook secrets (webhooks.sources)")?;
+    let events_api =
+        crate::api::event::EventApi::new(api.clone(), hook_sources, config.webhooks.clone());
     let max_bytes = config.limits.max_request_bytes;
     // Both reflection protocols: grpc.reflection.v1 (grpcurl 1.9+, current tonic clients) and
     // grpc.reflection.v1alpha (Python's grpcio-reflection, older grpcurl, Postman).
@@ -178,6 +182,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         &config.cluster_id,
         node_tls.is_none(),
     );
+    let intake = crate::http::Intake {
+        events: events_api.clone(),
+        auth: auth_layer.clone(),
+    };
     let router = server
         .layer(auth_layer)
         .add_service(
@@ -201,6 +209,11 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             )
             .max_decoding_message_size(max_bytes)
             .max_encoding_message_size(max_bytes),
+        )
+        .add_service(
+            flotilla_proto::v1::event_service_server::EventServiceServer::new(events_api.clone())
+                .max_decoding_message_size(max_bytes)
+                .max_encoding_message_size(max_bytes),
         )
         .add_service(
             flotilla_proto::v1::secret_service_server::SecretServiceServer::new(secrets_api)
@@ -254,6 +267,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             listener,
             node.clone(),
             metrics,
+            Some(intake),
             shutdown_receiver.clone(),
         )));
         Some(address)

@@ -41,6 +41,8 @@ pub struct SpecFile {
     name: String,
     #[serde(default)]
     project: String,
+    /// Absent in an event rule whose `repositories` expression selects the targets.
+    #[serde(default)]
     targets: Targets,
     agent: Agent,
     #[serde(default)]
@@ -231,6 +233,19 @@ impl SpecFile {
     /// [`SpecFileError::Targets`] when a glob is malformed, a file is unreadable, or nothing
     /// matched.
     pub fn into_wire(self, path: &Path) -> Result<v1::FleetSpec, SpecFileError> {
+        self.expand(path, true)
+    }
+
+    /// [`SpecFile::into_wire`] for a template whose targets may be chosen later (an event
+    /// rule's `repositories` expression): no targets is not an error.
+    ///
+    /// # Errors
+    /// As [`SpecFile::into_wire`], but for an empty target list.
+    pub fn into_wire_template(self, path: &Path) -> Result<v1::FleetSpec, SpecFileError> {
+        self.expand(path, false)
+    }
+
+    fn expand(self, path: &Path, require_targets: bool) -> Result<v1::FleetSpec, SpecFileError> {
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let error = |field: &str, message: String| SpecFileError::Targets {
             path: path.to_path_buf(),
@@ -290,7 +305,7 @@ impl SpecFile {
                 ));
             }
         }
-        if repositories.is_empty() {
+        if require_targets && repositories.is_empty() {
             return Err(error(
                 "targets",
                 "names no repository (repositories, globs or repositories_file)".into(),

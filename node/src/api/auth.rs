@@ -102,6 +102,27 @@ pub const METHOD_REQUIREMENTS: &[(&str, Requirement)] = &[
         Requirement::Permission(Permission::FleetSubmit),
     ),
     (
+        "/flotilla.v1.EventService/CreateEventRule",
+        Requirement::Permission(Permission::ProjectSettings),
+    ),
+    (
+        "/flotilla.v1.EventService/ListEventRules",
+        Requirement::Permission(Permission::FleetRead),
+    ),
+    (
+        "/flotilla.v1.EventService/DeleteEventRule",
+        Requirement::Permission(Permission::ProjectSettings),
+    ),
+    (
+        "/flotilla.v1.EventService/PublishEvent",
+        Requirement::Permission(Permission::FleetSubmit),
+    ),
+    (
+        "/flotilla.v1.EventService/ListDeliveries",
+        Requirement::Permission(Permission::FleetRead),
+    ),
+    ("/flotilla.v1.EventService/ForwardHook", Requirement::Node),
+    (
         "/flotilla.v1.ScheduleService/PreviewSchedule",
         Requirement::Permission(Permission::FleetRead),
     ),

@@ -29,6 +29,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 pub mod audit;
 pub mod auth;
+pub mod event;
 pub mod token;
 
 use flotilla_scheduler::{Permission, Principal};

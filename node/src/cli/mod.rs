@@ -119,6 +119,7 @@ macro_rules! errln {
 }
 
 pub mod audit;
+pub mod event;
 pub mod schedule;
 pub mod token;
 

@@ -1,5 +1,9 @@
 //! The node's HTTP endpoint (hyper): `/metrics` (Prometheus text format), `/healthz` (JSON
-//! role and Raft indexes) and `/` (a small read-only dashboard of recent fleets).
+//! role and Raft indexes), `/` (a small read-only dashboard of recent fleets), and the event
+//! intake: `POST /hooks/<source>` (webhooks, verified by [`hooks`]) and `POST /events` (API
+//! events with a bearer token), both decided by [`crate::api::event`].
+
+pub mod hooks;
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -19,11 +23,21 @@ use tracing::warn;
 /// Fleets shown on the dashboard.
 const DASHBOARD_FLEETS: usize = 50;
 
+/// The event intake served beside the read-only pages.
+#[derive(Clone)]
+pub struct Intake {
+    /// Decides deliveries.
+    pub events: crate::api::event::EventApi,
+    /// Authenticates `POST /events`.
+    pub auth: crate::api::auth::AuthLayer,
+}
+
 /// Serves HTTP on `listener` until `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
     node: Arc<RaftNode>,
     metrics: PrometheusHandle,
+    intake: Option<Intake>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -40,11 +54,20 @@ pub async fn serve(
         };
         let node = node.clone();
         let metrics = metrics.clone();
+        let intake = intake.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 let node = node.clone();
                 let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(route(&request, &node, &metrics)) }
+                let intake = intake.clone();
+                async move {
+                    if request.method() == Method::POST
+                        && let Some(intake) = intake
+                    {
+                        return Ok::<_, Infallible>(post(request, &intake).await);
+                    }
+                    Ok::<_, Infallible>(route(&request, &node, &metrics))
+                }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             if let Err(error) = builder
@@ -98,6 +121,88 @@ fn route(
         },
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
+}
+
+/// `POST /hooks/<source>` and `POST /events`: the body read up to `webhooks.max_body_bytes`
+/// (413 beyond), then decided by [`crate::api::event`]; the answer is JSON.
+async fn post(request: Request<Incoming>, intake: &Intake) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt as _;
+    let path = request.uri().path().to_owned();
+    let target = match path.strip_prefix("/hooks/") {
+        Some(source) if !source.is_empty() && !source.contains('/') => Some(source.to_owned()),
+        Some(_) => return json_response(404, r#"{"error":"POST /hooks/<source>"}"#.into()),
+        None if path == "/events" => None,
+        None => {
+            return respond(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "only GET\n".into(),
+            );
+        }
+    };
+    let limit = intake.events.max_body_bytes();
+    let (parts, body) = request.into_parts();
+    let body = match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) => {
+            let refusal = hooks::Refusal {
+                status: 413,
+                reason: format!(
+                    "body: more than webhooks.max_body_bytes ({limit}) or unreadable ({error})"
+                ),
+            };
+            if let Some(source) = &target {
+                let headers = hook_headers(&parts.headers);
+                let claimed_id = hooks::claimed_delivery_id(&headers);
+                intake
+                    .events
+                    .record_refused(source, claimed_id, &refusal, &[]);
+            }
+            return json_response(
+                413,
+                serde_json::json!({ "error": refusal.reason }).to_string(),
+            );
+        }
+    };
+    let answer = match target {
+        Some(source) => {
+            let headers = hooks::HOOK_HEADERS
+                .iter()
+                .filter_map(|name| {
+                    let value = parts.headers.get(*name)?.to_str().ok()?;
+                    Some(((*name).to_owned(), value.to_owned()))
+                })
+                .collect();
+            intake
+                .events
+                .accept_hook(&source, headers, &body, false)
+                .await
+        }
+        None => {
+            crate::api::event::publish_http(&intake.events, &intake.auth, &parts.headers, &body)
+                .await
+        }
+    };
+    json_response(answer.status, answer.body)
+}
+
+/// The headers a verifier reads ([`hooks::HOOK_HEADERS`]), by lower-case name.
+fn hook_headers(headers: &hyper::HeaderMap) -> std::collections::BTreeMap<String, String> {
+    hooks::HOOK_HEADERS
+        .iter()
+        .filter_map(|name| {
+            let value = headers.get(*name)?.to_str().ok()?;
+            Some(((*name).to_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
+fn json_response(status: u16, body: String) -> Response<Full<Bytes>> {
+    respond(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        "application/json",
+        body,
+    )
 }
 
 fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {

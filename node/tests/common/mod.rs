@@ -260,7 +260,8 @@ impl Node {
         node
     }
 
-    /// Spawns `flotilla server` (2 worker slots, no HTTP) on 127.0.0.1:`port`, logging to a
+    /// Spawns `flotilla server` (2 worker slots, no HTTP unless the arguments give
+    /// `--http-listen-address`) on 127.0.0.1:`port`, logging to a
     /// new file in `data_directory`.
     fn spawn(data_directory: &Path, port: u16, extra_arguments: &[&str]) -> Node {
         Self::spawn_with_environment(data_directory, port, extra_arguments, &[])
@@ -300,14 +301,13 @@ impl Node {
             .args(["server", "--data-directory"])
             .arg(data_directory)
             .args(server_tls_arguments(node_id))
-            .args([
-                "--listen-address",
-                &address,
-                "--http-listen-address",
-                "",
-                "--worker-slots",
-                "2",
-            ])
+            .args(["--listen-address", &address, "--worker-slots", "2"])
+            // No HTTP unless the test asks for it.
+            .args(if extra_arguments.contains(&"--http-listen-address") {
+                &[][..]
+            } else {
+                &["--http-listen-address", ""][..]
+            })
             .args(&arguments)
             .envs(environment.iter().copied())
             .env("RUST_LOG", "info")
