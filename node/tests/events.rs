@@ -476,3 +476,132 @@ secret_files = [{standard:?}]
     let fleets = cli(&address, &["fleet", "list"]);
     assert_eq!(fleets["fleets"].as_array().unwrap().len(), 6, "{fleets}");
 }
+
+fn health(http: &str) -> serde_json::Value {
+    let output = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "2", &format!("http://{http}/healthz")])
+        .output()
+        .expect("curl");
+    serde_json::from_slice(&output.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// The index of the node whose `/healthz` says Leader, waiting up to 30 s.
+async fn leader_of(https: &[String], alive: &[bool]) -> usize {
+    for _ in 0..300 {
+        for (index, http) in https.iter().enumerate() {
+            if alive[index] && health(http)["state"] == "Leader" {
+                return index;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("no leader");
+}
+
+/// Three nodes: a delivery to a follower is decided by the leader (the follower passes the
+/// raw request on; the leader verifies it again), and after `kill -9` of the leader the
+/// redelivery to a survivor answers the same fleet: nothing lost, nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_forwards_deliveries_and_dedup_survives_failover() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path();
+    let config = format!(
+        "[worker]\nenabled = false\n\n[[webhooks.sources]]\nname = \"github\"\nkind = \"github\"\nsecret_files = [{:?}]\n",
+        secret_file(dir, "github", "cluster-secret")
+    );
+    let config_path = dir.join("node.toml");
+    common::write_config(&config_path, &config);
+    let ports: Vec<u16> = (0..3).map(|_| common::free_port()).collect();
+    let https: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", common::free_port()))
+        .collect();
+    let members: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(index, port)| format!("{}=127.0.0.1:{port}", index + 1))
+        .collect();
+    let members = members.join(",");
+    let mut nodes = Vec::new();
+    for index in 0..3 {
+        let node_id = (index + 1).to_string();
+        nodes.push(
+            Node::start_listening_on(
+                &dir.join(format!("node-{node_id}")),
+                ports[index],
+                &[
+                    "--node-id",
+                    &node_id,
+                    "--initial-members",
+                    &members,
+                    "--config",
+                    config_path.to_str().unwrap(),
+                    "--http-listen-address",
+                    &https[index],
+                ],
+            )
+            .await,
+        );
+    }
+    for node in &nodes {
+        node.wait_ready().await;
+    }
+    let mut alive = vec![true; 3];
+    let leader = leader_of(&https, &alive).await;
+    let follower = (leader + 1) % 3;
+    let rule = dir.join("rule.yaml");
+    std::fs::write(
+        &rule,
+        "name: on-push\nsource: github\nrepositories: '\"file:///srv/\" + event.payload.repo + \".git\"'\nfleet: { name: pushed, agent: { command: 'true' } }\n",
+    )
+    .unwrap();
+    // The CLI may reach the cluster through a follower too.
+    let created = cli(
+        &nodes[follower].address,
+        &["event", "rule", "create", rule.to_str().unwrap()],
+    );
+    assert_eq!(created["created"], true, "{created}");
+    let body = br#"{"repo":"api"}"#;
+    let headers = vec![
+        ("x-github-delivery", "push-1".to_owned()),
+        ("x-github-event", "push".to_owned()),
+        (
+            "x-hub-signature-256",
+            format!("sha256={}", hex(&hmac(b"cluster-secret", &[body]))),
+        ),
+    ];
+    let url = |index: usize| format!("http://{}/hooks/github", https[index]);
+    let (status, first) = post(&url(follower), &headers, body);
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["duplicate"], false);
+    let fleet_ids = first["fleet_ids"].clone();
+    assert_eq!(fleet_ids.as_array().unwrap().len(), 1, "{first}");
+    // A forged request through the follower is refused before anything is forwarded.
+    let mut forged = headers.clone();
+    forged[2].1 = format!("sha256={}", hex(&hmac(b"guess", &[body])));
+    assert_eq!(post(&url(follower), &forged, body).0, 401);
+
+    // kill -9 the leader; the redelivery to a survivor answers the same fleet.
+    nodes[leader].kill();
+    alive[leader] = false;
+    let new_leader = leader_of(&https, &alive).await;
+    assert_ne!(new_leader, leader);
+    let survivor = (0..3)
+        .find(|index| alive[*index] && *index != new_leader)
+        .unwrap();
+    let mut answered = None;
+    for _ in 0..50 {
+        let (status, again) = post(&url(survivor), &headers, body);
+        if status == 200 {
+            answered = Some(again);
+            break;
+        }
+        // 503 while the new leader settles: the sender retries, as GitHub's redeliver would.
+        assert_eq!(status, 503, "{again}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let again = answered.expect("a survivor answered 200");
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert_eq!(again["fleet_ids"], fleet_ids);
+    let fleets = cli(&nodes[new_leader].address, &["fleet", "list"]);
+    assert_eq!(fleets["fleets"].as_array().unwrap().len(), 1, "{fleets}");
+}

@@ -246,7 +246,17 @@ impl Node {
     /// Starts a node that is not expected to serve fleets (e.g. `--join`, never added): waits
     /// only until its gRPC port accepts connections.
     pub async fn start_listening(data_directory: &Path, extra_arguments: &[&str]) -> Node {
-        let node = Self::spawn(data_directory, free_port(), extra_arguments);
+        Self::start_listening_on(data_directory, free_port(), extra_arguments).await
+    }
+
+    /// [`Node::start_listening`] on 127.0.0.1:`port` (a cluster member whose address the
+    /// others were given).
+    pub async fn start_listening_on(
+        data_directory: &Path,
+        port: u16,
+        extra_arguments: &[&str],
+    ) -> Node {
+        let node = Self::spawn(data_directory, port, extra_arguments);
         let address = node.host_port();
         let deadline = Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(&address).is_err() {
@@ -324,7 +334,9 @@ impl Node {
         }
     }
 
-    async fn wait_ready(&self) {
+    /// Waits (up to 60 s) until this node serves `ListFleets` with the admin token: a leader
+    /// exists and this node knows the tokens.
+    pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(channel) = tls_channel(&self.address, None).await
