@@ -221,7 +221,7 @@ pub async fn check_history(cluster: &Cluster, ledger: &Ledger) -> Result<History
 }
 
 /// Every fleet the leader lists: id → idempotency key.
-async fn list_fleets(client: &mut Client) -> Result<BTreeMap<String, String>> {
+pub async fn list_fleets(client: &mut Client) -> Result<BTreeMap<String, String>> {
     let mut fleets = BTreeMap::new();
     let mut token = String::new();
     loop {

@@ -22,6 +22,10 @@ pub const WORKERS: usize = 2;
 pub const WORKER_SLOTS: u32 = 4;
 /// gRPC port of every voter (each has its own address).
 pub const PORT: u16 = 7600;
+/// HTTP port of every voter (webhooks, health).
+pub const HTTP_PORT: u16 = 7680;
+/// The shared secret of the `github` webhook source every voter lists.
+pub const WEBHOOK_SECRET: &str = "chaos-webhook-secret";
 /// A lease without heartbeat expires after this long.
 pub const LEASE_TTL_MS: u64 = 3_000;
 /// Raft election timeout, upper bound.
@@ -155,6 +159,19 @@ impl Cluster {
             ),
         )?;
         std::fs::write(directory.join("admin-token"), format!("{ADMIN_TOKEN}\n"))?;
+        // One GitHub webhook source on every voter (the trigger scenarios deliver to it).
+        let secret = directory.join("webhook-secret");
+        std::fs::write(&secret, WEBHOOK_SECRET)?;
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        let mut config_file = std::fs::OpenOptions::new().append(true).open(&config)?;
+        std::io::Write::write_all(
+            &mut config_file,
+            format!(
+                "\n[[webhooks.sources]]\nname = \"github\"\nkind = \"github\"\nsecret_files = [{:?}]\n",
+                secret.display().to_string()
+            )
+            .as_bytes(),
+        )?;
         let node = |name: &str| -> Result<Node> {
             let data_directory = directory.join(name).join("data");
             std::fs::create_dir_all(&data_directory)?;
@@ -214,6 +231,11 @@ impl Cluster {
         format!("{}:{PORT}", self.voters[index].host.address)
     }
 
+    /// `host:port` of voter `index`'s HTTP endpoint.
+    pub fn voter_http_address(&self, index: usize) -> String {
+        format!("{}:{HTTP_PORT}", self.voters[index].host.address)
+    }
+
     /// `https://host:port` of voter `index`.
     pub fn voter_url(&self, index: usize) -> String {
         format!("https://{}", self.voter_address(index))
@@ -248,7 +270,7 @@ impl Cluster {
             "--advertise-address".into(),
             address,
             "--http-listen-address".into(),
-            String::new(),
+            self.voter_http_address(index),
             "--no-worker".into(),
             "--bootstrap-token-file".into(),
             self.directory.join("admin-token").display().to_string(),

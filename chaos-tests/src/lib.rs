@@ -20,4 +20,5 @@ pub mod net;
 pub mod pki;
 pub mod process;
 pub mod scenario;
+pub mod triggers;
 pub mod workload;

@@ -133,10 +133,10 @@ fn now_ms() -> u64 {
 }
 
 /// What the fault injection measured.
-struct Injected {
-    fault_ms: u64,
-    new_leader: Option<Duration>,
-    notes: Vec<String>,
+pub(crate) struct Injected {
+    pub(crate) fault_ms: u64,
+    pub(crate) new_leader: Option<Duration>,
+    pub(crate) notes: Vec<String>,
 }
 
 /// Runs one scenario. On failure the scenario directory is kept (its path is in the error) and
@@ -269,7 +269,7 @@ async fn drive(cluster: &mut Cluster, fault: Fault, started: Instant) -> Result<
 /// Injects and heals `fault`; returns when the cluster is whole again (not when the work is
 /// done). `ledger` and `repositories` are the workload's, for faults that probe the clients'
 /// view.
-async fn inject(
+pub(crate) async fn inject(
     cluster: &mut Cluster,
     fault: Fault,
     ledger: &Ledger,

@@ -66,3 +66,39 @@ fn restart_all_voters() {
 fn wipe_and_rejoin_voter() {
     run(Fault::WipeAndRejoin);
 }
+
+fn run_triggers(fault: Fault) {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(flotilla_chaos_tests::triggers::run(fault)) {
+        Ok(report) => println!("{report}"),
+        Err(error) => {
+            let full = format!("{error:#}").replace('\n', " ");
+            let message: String = full.chars().take(600).collect();
+            println!(
+                "chaos-summary: scenario=triggers-{} result=fail error={message}",
+                fault.name()
+            );
+            panic!("{error:#}");
+        }
+    }
+}
+
+#[test]
+fn triggers_across_kill_leader() {
+    run_triggers(Fault::KillLeader);
+}
+
+#[test]
+fn triggers_across_pause_leader() {
+    run_triggers(Fault::PauseLeader);
+}
+
+#[test]
+fn triggers_across_partition_leader() {
+    run_triggers(Fault::PartitionLeader);
+}
