@@ -380,13 +380,12 @@ fn check_schedule(
     let mut started = BTreeMap::new();
     for tick in &schedule.history {
         match tick.outcome.as_str() {
-            "started" => {
+            "started"
                 if started
                     .insert(tick.nominal_ms, tick.fleet_id.clone())
-                    .is_some()
-                {
-                    violations.push(format!("nominal time {} started twice", tick.nominal_ms));
-                }
+                    .is_some() =>
+            {
+                violations.push(format!("nominal time {} started twice", tick.nominal_ms));
             }
             "missed" | "skipped" => violations.push(format!(
                 "nominal time {} {} inside the catch-up window: {}",
