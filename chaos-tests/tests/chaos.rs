@@ -8,14 +8,19 @@ use flotilla_chaos_tests::scenario::{self, Fault};
 /// Serializes the scenarios within this test binary.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-fn run(fault: Fault) {
+/// Runs one scenario (`name` for the failure line) on a fresh two-thread runtime, one at a
+/// time, printing its report.
+fn run_scenario<R: std::fmt::Display>(
+    name: String,
+    scenario: impl std::future::Future<Output = anyhow::Result<R>>,
+) {
     let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(scenario::run(fault)) {
+    match runtime.block_on(scenario) {
         Ok(report) => println!("{report}"),
         Err(error) => {
             let full = format!("{error:#}").replace('\n', " ");
@@ -23,13 +28,21 @@ fn run(fault: Fault) {
             if message.len() < full.len() {
                 message.push_str("...");
             }
-            println!(
-                "chaos-summary: scenario={} result=fail error={message}",
-                fault.name()
-            );
+            println!("chaos-summary: scenario={name} result=fail error={message}");
             panic!("{error:#}");
         }
     }
+}
+
+fn run(fault: Fault) {
+    run_scenario(fault.name().to_owned(), scenario::run(fault));
+}
+
+fn run_triggers(fault: Fault) {
+    run_scenario(
+        format!("triggers-{}", fault.name()),
+        flotilla_chaos_tests::triggers::run(fault),
+    );
 }
 
 #[test]
@@ -65,27 +78,6 @@ fn restart_all_voters() {
 #[test]
 fn wipe_and_rejoin_voter() {
     run(Fault::WipeAndRejoin);
-}
-
-fn run_triggers(fault: Fault) {
-    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    match runtime.block_on(flotilla_chaos_tests::triggers::run(fault)) {
-        Ok(report) => println!("{report}"),
-        Err(error) => {
-            let full = format!("{error:#}").replace('\n', " ");
-            let message: String = full.chars().take(600).collect();
-            println!(
-                "chaos-summary: scenario=triggers-{} result=fail error={message}",
-                fault.name()
-            );
-            panic!("{error:#}");
-        }
-    }
 }
 
 #[test]

@@ -387,3 +387,72 @@ async fn manual_triggers_and_backfills_through_the_cli() {
         "{text}"
     );
 }
+
+/// A schedule every 2 s whose agent takes about 5 s, with a real local worker: under `skip`
+/// the ticks while its fleet runs are skipped and its fleets never overlap; under
+/// `buffer_one` one tick waits and starts when the running fleet ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlap_policies_with_a_slow_agent() {
+    let root = tempfile::tempdir().unwrap();
+    let origin = common::origin_repository(root.path(), "slow", &[("README.md", "slow\n")]);
+    let config = root.path().join("node.toml");
+    common::write_config(&config, "[limits]\nlease_check_interval_ms = 200\n");
+    let node = Node::start(
+        &root.path().join("node"),
+        &["--config", config.to_str().unwrap()],
+    )
+    .await;
+    let address = node.address.clone();
+    for (name, overlap) in [("slow-skip", "skip"), ("slow-buffer", "buffer_one")] {
+        let file = root.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &file,
+            format!(
+                "name: {name}\ncalendar: {{ every: 2s }}\npolicy: {{ overlap: {overlap} }}\n\
+                 fleet:\n  name: {name}\n  targets: {{ repositories: [{origin}] }}\n  \
+                 agent: {{ command: 'sleep 5' }}\n  push: false\n"
+            ),
+        )
+        .unwrap();
+        json(&address, &["schedule", "create", file.to_str().unwrap()]);
+    }
+    tokio::time::sleep(Duration::from_millis(16_000)).await;
+    for (id, overlap) in [
+        ("default/slow-skip", "skip"),
+        ("default/slow-buffer", "buffer_one"),
+    ] {
+        json(&address, &["schedule", "pause", id]);
+        let schedule = json(&address, &["schedule", "show", id]);
+        let history = schedule["history"].as_array().unwrap();
+        let count = |outcome: &str| history.iter().filter(|t| t["outcome"] == outcome).count();
+        let (_, fleet_ids) = started(&schedule);
+        assert!(fleet_ids.len() >= 2, "{id}: {schedule}");
+        // Fleets of one schedule never ran at once: each started after the one before ended.
+        let mut previous_finished_ms = 0;
+        for fleet_id in &fleet_ids {
+            let fleet = json(&address, &["fleet", "status", fleet_id]);
+            let created_ms = fleet["created_at_ms"].as_u64().unwrap();
+            assert!(
+                created_ms >= previous_finished_ms,
+                "{id}: {fleet_id} created at {created_ms}, before the previous fleet ended at {previous_finished_ms}"
+            );
+            previous_finished_ms = fleet["finished_at_ms"].as_u64().unwrap_or(u64::MAX);
+            if previous_finished_ms == 0 {
+                previous_finished_ms = u64::MAX;
+            }
+        }
+        if overlap == "skip" {
+            assert!(count("skipped") >= 2, "{id}: {schedule}");
+            assert_eq!(count("buffered"), 0, "{id}: {schedule}");
+        } else {
+            assert!(count("buffered") >= 1, "{id}: {schedule}");
+            // A buffered tick started late: decided well after its nominal time.
+            let late = history.iter().any(|tick| {
+                tick["outcome"] == "started"
+                    && tick["decided_at_ms"].as_u64().unwrap()
+                        >= tick["nominal_ms"].as_u64().unwrap() + 1_000
+            });
+            assert!(late, "{id}: {schedule}");
+        }
+    }
+}

@@ -1143,6 +1143,12 @@ enum Step {
         trigger: u8,
         overlap: u8,
     },
+    /// Delivery `d<delivery>` with a fleet (or, when `refused`, an error) from rule `r<rule>`.
+    Deliver {
+        delivery: u8,
+        rule: u8,
+        refused: bool,
+    },
     /// A backfill of `s<number>` over the last `span_ms` before now.
     BackfillSchedule {
         number: u8,
@@ -1179,6 +1185,7 @@ fn step_strategy() -> impl proptest::strategy::Strategy<Value = Step> {
         1 => (0u8..3).prop_map(|number| Step::ResumeSchedule { number }),
         1 => (0u8..3, 0u8..4, 0u8..5).prop_map(|(number, trigger, overlap)| Step::TriggerSchedule { number, trigger, overlap }),
         1 => (0u8..3, 0u64..30_000, 0u8..5).prop_map(|(number, span_ms, overlap)| Step::BackfillSchedule { number, span_ms, overlap }),
+        1 => (0u8..6, 0u8..2, any::<bool>()).prop_map(|(delivery, rule, refused)| Step::Deliver { delivery, rule, refused }),
     ]
 }
 
@@ -1309,6 +1316,38 @@ fn step_command(state: &State, step: &Step) -> Option<Command> {
                 from_ms: to_ms.saturating_sub(*span_ms),
                 to_ms,
                 overlap: OVERLAP_POLICIES[*overlap as usize],
+                max_events: 1_000,
+            }
+        }
+        Step::Deliver {
+            delivery,
+            rule,
+            refused,
+        } => {
+            use crate::event::delivery::{DeliveryHeader, RuleMatch, RuleResult};
+            let result = if *refused {
+                RuleResult::Error("refused".into())
+            } else {
+                RuleResult::Fleet(Box::new(spec(&["file:///delivered"])))
+            };
+            Command::DeliverEvent {
+                header: DeliveryHeader {
+                    project: "default".into(),
+                    source: "github".into(),
+                    delivery_id: format!("d{delivery}"),
+                    event_type: "push".into(),
+                    repository: String::new(),
+                    payload_sha256: String::new(),
+                    payload_bytes: 0,
+                    verdict: "random".into(),
+                },
+                matches: vec![RuleMatch {
+                    rule_id: format!("default/r{rule}"),
+                    result,
+                }],
+                rules_evaluated: 1,
+                retention_ms: 60_000,
+                max_deliveries: 4,
                 max_events: 1_000,
             }
         }

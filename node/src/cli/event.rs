@@ -121,21 +121,6 @@ fn read_payload(payload: &str) -> Result<Vec<u8>, CliError> {
     Ok(bytes)
 }
 
-fn random_delivery_id() -> Result<String, CliError> {
-    let mut random = [0u8; 12];
-    getrandom::fill(&mut random).map_err(|error| CliError {
-        message: format!("no randomness for a delivery id: {error}"),
-        code: exit_code::ERROR,
-    })?;
-    Ok(format!(
-        "cli-{}",
-        random
-            .iter()
-            .map(|byte| format!("{byte:02x}"))
-            .collect::<String>()
-    ))
-}
-
 /// Runs one event subcommand against `address`.
 ///
 /// # Errors
@@ -218,7 +203,7 @@ pub async fn run(address: &str, command: EventCommands, output: Output) -> Resul
             let payload_json = read_payload(&payload)?;
             let delivery_id = match id {
                 Some(id) => id,
-                None => random_delivery_id()?,
+                None => super::random_id("a delivery id")?,
             };
             let result = client
                 .publish_event(v1::PublishEventRequest {

@@ -118,6 +118,26 @@ macro_rules! errln {
     }};
 }
 
+/// `cli-` and 24 random hex digits: an idempotency key the CLI picks (a trigger id, a delivery
+/// id) so that its own retries of one command are safe; `what` names it in the error.
+///
+/// # Errors
+/// When the kernel gives no randomness.
+pub fn random_id(what: &str) -> Result<String, CliError> {
+    let mut random = [0u8; 12];
+    getrandom::fill(&mut random).map_err(|error| CliError {
+        message: format!("no randomness for {what}: {error}"),
+        code: exit_code::ERROR,
+    })?;
+    Ok(format!(
+        "cli-{}",
+        random
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect::<String>()
+    ))
+}
+
 pub mod audit;
 pub mod event;
 pub mod schedule;

@@ -292,21 +292,6 @@ fn load_file(file: &std::path::Path) -> Result<v1::ScheduleSpec, CliError> {
     })
 }
 
-fn random_trigger_id() -> Result<String, CliError> {
-    let mut random = [0u8; 12];
-    getrandom::fill(&mut random).map_err(|error| CliError {
-        message: format!("no randomness for a trigger id: {error}"),
-        code: exit_code::ERROR,
-    })?;
-    Ok(format!(
-        "cli-{}",
-        random
-            .iter()
-            .map(|byte| format!("{byte:02x}"))
-            .collect::<String>()
-    ))
-}
-
 /// Runs one schedule subcommand against `address`.
 ///
 /// # Errors
@@ -402,7 +387,7 @@ pub async fn run(
             // Chosen here, not by the server, so that a retry of this request is safe.
             let trigger_id = match trigger_id {
                 Some(trigger_id) => trigger_id,
-                None => random_trigger_id()?,
+                None => super::random_id("a trigger id")?,
             };
             let response = client
                 .trigger_schedule(v1::TriggerScheduleRequest {

@@ -34,6 +34,21 @@ fn calendar_of(spec: &ScheduleSpec) -> Option<Calendar> {
     Calendar::compile(&spec.calendar, "spec.calendar").ok()
 }
 
+/// What [`State::carry_out`] did.
+#[derive(Default)]
+struct Carried {
+    /// `fl-<n>` of each fleet started, in decision order.
+    started: Vec<String>,
+    /// History records, `(nominal_ms, outcome)`.
+    records: Vec<(u64, TickOutcome)>,
+    /// Nominal times buffered.
+    buffered: u32,
+    /// Nominal times not started.
+    skipped: u32,
+    /// Set when pause on failure struck: the note.
+    pause: Option<String>,
+}
+
 impl State {
     /// The schedule `id`, if there is one.
     pub fn schedule(&self, id: &str) -> Option<&Schedule> {
@@ -239,70 +254,19 @@ impl State {
             &views,
             now_ms,
         );
-        let mut started = Vec::new();
-        let mut records = Vec::new();
         let mut running: Vec<u64> = views
             .iter()
             .filter(|(_, view)| *view == FleetView::Running)
             .map(|(number, _)| *number)
             .collect();
-        let mut pause = None;
-        for decision in &planned.decisions {
-            match *decision {
-                Decision::Pause {
-                    fleet_number,
-                    failed_runs,
-                } => {
-                    let note = format!(
-                        "pause_on_failure: {} ended with {failed_runs} failed runs",
-                        fleet_id(fleet_number)
-                    );
-                    records.push((now_ms, TickOutcome::Paused { note: note.clone() }));
-                    pause = Some(note);
-                }
-                Decision::Cancel { fleet_number } => {
-                    self.cancel_fleet(now_ms, &fleet_id(fleet_number));
-                    running.retain(|number| *number != fleet_number);
-                }
-                Decision::Start { nominal_ms } => {
-                    let outcome = self.start_scheduled_fleet(
-                        now_ms,
-                        id,
-                        &spec,
-                        nominal_ms,
-                        max_events,
-                        principal,
-                        &mut running,
-                    );
-                    if let TickOutcome::Started { fleet_id } = &outcome {
-                        started.push(fleet_id.clone());
-                    }
-                    records.push((nominal_ms, outcome));
-                }
-                Decision::Buffer { nominal_ms } => {
-                    records.push((nominal_ms, TickOutcome::Buffered));
-                }
-                Decision::Skip { nominal_ms, reason } => records.push((
-                    nominal_ms,
-                    TickOutcome::Skipped {
-                        reason: skip_reason_name(reason).to_owned(),
-                    },
-                )),
-                Decision::Missed {
-                    first_ms,
-                    last_ms,
-                    count,
-                    count_is_lower_bound,
-                } => records.push((
-                    first_ms,
-                    TickOutcome::Missed {
-                        last_ms,
-                        count,
-                        count_is_lower_bound,
-                    },
-                )),
-            }
-        }
+        let carried = self.carry_out(
+            (now_ms, id, &spec),
+            &planned.decisions,
+            max_events,
+            principal,
+            &mut running,
+            "",
+        );
         let Some(schedule) = self.schedules.get_mut(id) else {
             return rejected(format!("no schedule {id}"));
         };
@@ -310,17 +274,19 @@ impl State {
         schedule.next_due_ms = planned.next_due_ms;
         // Ended fleets have been seen (pause on failure looked at them): only running ones stay.
         schedule.fleets = running;
-        if let Some(note) = pause {
+        if let Some(note) = carried.pause {
             schedule.paused = Some(Pause {
                 at_ms: now_ms,
                 by: "pause_on_failure".to_owned(),
                 note,
             });
         }
-        for (nominal_ms, outcome) in records {
+        for (nominal_ms, outcome) in carried.records {
             schedule.record(nominal_ms, now_ms, outcome);
         }
-        Response::ScheduleProcessed { started }
+        Response::ScheduleProcessed {
+            started: carried.started,
+        }
     }
 
     /// Starts a fleet of schedule `id` now for manual trigger `trigger_id`, under its own key
@@ -457,46 +423,15 @@ impl State {
             .collect();
         let (decisions, progress) =
             plan::plan_backfill(&times, overlap, &spec.policy, &schedule.progress, &running);
-        let mut started = Vec::new();
-        let mut buffered = 0u32;
-        for decision in decisions {
-            match decision {
-                Decision::Cancel { fleet_number } => {
-                    self.cancel_fleet(now_ms, &fleet_id(fleet_number));
-                    running.retain(|number| *number != fleet_number);
-                }
-                Decision::Start { nominal_ms } => {
-                    let outcome = self.start_scheduled_fleet(
-                        now_ms,
-                        id,
-                        &spec,
-                        nominal_ms,
-                        max_events,
-                        principal,
-                        &mut running,
-                    );
-                    match &outcome {
-                        TickOutcome::Started { fleet_id } => started.push(fleet_id.clone()),
-                        _ => skipped += 1,
-                    }
-                    records.push((nominal_ms, outcome));
-                }
-                Decision::Buffer { nominal_ms } => {
-                    buffered += 1;
-                    records.push((nominal_ms, TickOutcome::Buffered));
-                }
-                Decision::Skip { nominal_ms, reason } => {
-                    skipped += 1;
-                    records.push((
-                        nominal_ms,
-                        TickOutcome::Skipped {
-                            reason: format!("backfill: {}", skip_reason_name(reason)),
-                        },
-                    ));
-                }
-                Decision::Pause { .. } | Decision::Missed { .. } => {}
-            }
-        }
+        let carried = self.carry_out(
+            (now_ms, id, &spec),
+            &decisions,
+            max_events,
+            principal,
+            &mut running,
+            "backfill: ",
+        );
+        records.extend(carried.records);
         let Some(schedule) = self.schedules.get_mut(id) else {
             return rejected(format!("no schedule {id}"));
         };
@@ -506,10 +441,84 @@ impl State {
             schedule.record(nominal_ms, now_ms, outcome);
         }
         Response::ScheduleBackfilled {
-            started,
-            buffered,
-            skipped,
+            started: carried.started,
+            buffered: carried.buffered,
+            skipped: skipped + carried.skipped,
         }
+    }
+
+    /// Carries out a plan's `decisions` for schedule `id` at `now_ms` (the `at` triple): starts
+    /// and cancels fleets (tracked in `running`) and collects the history records, each skip
+    /// reason prefixed with `skip_prefix`. The schedule itself is the caller's to update.
+    fn carry_out(
+        &mut self,
+        at: (u64, &str, &ScheduleSpec),
+        decisions: &[Decision],
+        max_events: u32,
+        principal: &Principal,
+        running: &mut Vec<u64>,
+        skip_prefix: &str,
+    ) -> Carried {
+        let (now_ms, id, spec) = at;
+        let mut carried = Carried::default();
+        for decision in decisions {
+            match *decision {
+                Decision::Pause {
+                    fleet_number,
+                    failed_runs,
+                } => {
+                    let note = format!(
+                        "pause_on_failure: {} ended with {failed_runs} failed runs",
+                        fleet_id(fleet_number)
+                    );
+                    carried
+                        .records
+                        .push((now_ms, TickOutcome::Paused { note: note.clone() }));
+                    carried.pause = Some(note);
+                }
+                Decision::Cancel { fleet_number } => {
+                    self.cancel_fleet(now_ms, &fleet_id(fleet_number));
+                    running.retain(|number| *number != fleet_number);
+                }
+                Decision::Start { nominal_ms } => {
+                    let outcome = self.start_scheduled_fleet(
+                        now_ms, id, spec, nominal_ms, max_events, principal, running,
+                    );
+                    match &outcome {
+                        TickOutcome::Started { fleet_id } => carried.started.push(fleet_id.clone()),
+                        _ => carried.skipped += 1,
+                    }
+                    carried.records.push((nominal_ms, outcome));
+                }
+                Decision::Buffer { nominal_ms } => {
+                    carried.buffered += 1;
+                    carried.records.push((nominal_ms, TickOutcome::Buffered));
+                }
+                Decision::Skip { nominal_ms, reason } => {
+                    carried.skipped += 1;
+                    carried.records.push((
+                        nominal_ms,
+                        TickOutcome::Skipped {
+                            reason: format!("{skip_prefix}{}", skip_reason_name(reason)),
+                        },
+                    ));
+                }
+                Decision::Missed {
+                    first_ms,
+                    last_ms,
+                    count,
+                    count_is_lower_bound,
+                } => carried.records.push((
+                    first_ms,
+                    TickOutcome::Missed {
+                        last_ms,
+                        count,
+                        count_is_lower_bound,
+                    },
+                )),
+            }
+        }
+        carried
     }
 
     /// Numbers of the running fleets schedule `id` tracks.
