@@ -456,3 +456,62 @@ async fn overlap_policies_with_a_slow_agent() {
         }
     }
 }
+
+/// The whole (single-node) cluster down for longer than the catch-up window: the ticks older
+/// than the window are recorded as missed, with their count, and get no fleet; those inside
+/// it start once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ticks_older_than_the_catch_up_window_are_missed_not_started() {
+    let root = tempfile::tempdir().unwrap();
+    let config = root.path().join("node.toml");
+    common::write_config(&config, CONFIG);
+    let data = root.path().join("node");
+    let port = common::free_port();
+    let arguments = ["--config", config.to_str().unwrap()];
+    let mut node = Node::start_on(&data, port, &arguments).await;
+    let file = root.path().join("schedule.yaml");
+    std::fs::write(
+        &file,
+        SCHEDULE.replace("catch_up_window_ms: 30000", "catch_up_window_ms: 10000"),
+    )
+    .unwrap();
+    json(
+        &node.address,
+        &["schedule", "create", file.to_str().unwrap()],
+    );
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    node.kill();
+    let down_ms = now_ms();
+    tokio::time::sleep(Duration::from_millis(18_000)).await;
+    let node = Node::start_on(&data, port, &arguments).await;
+    let up_ms = now_ms();
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    json(&node.address, &["schedule", "pause", "default/every-2s"]);
+    let schedule = json(&node.address, &["schedule", "show", "default/every-2s"]);
+    let history = schedule["history"].as_array().unwrap();
+    let missed: Vec<&serde_json::Value> = history
+        .iter()
+        .filter(|tick| tick["outcome"] == "missed")
+        .collect();
+    assert_eq!(missed.len(), 1, "{schedule}");
+    let (first_ms, last_ms) = (
+        missed[0]["nominal_ms"].as_u64().unwrap(),
+        missed[0]["missed_last_ms"].as_u64().unwrap(),
+    );
+    let count = missed[0]["missed_count"].as_u64().unwrap();
+    assert!(count >= 3, "18 s down, 10 s window: {schedule}");
+    assert_eq!(count, (last_ms - first_ms) / 2_000 + 1, "{schedule}");
+    assert!(first_ms >= down_ms.saturating_sub(2_000), "{schedule}");
+    // Missed: older than the window when the node came back.
+    assert!(last_ms < up_ms.saturating_sub(10_000) + 2_000, "{schedule}");
+    let (nominal_ms, fleet_ids) = started(&schedule);
+    assert!(
+        nominal_ms.iter().all(|t| *t < first_ms || *t > last_ms),
+        "a missed time was started: {schedule}"
+    );
+    let distinct: BTreeSet<u64> = nominal_ms.iter().copied().collect();
+    assert_eq!(distinct.len(), nominal_ms.len(), "{schedule}");
+    // Inside the window after the restart: started, once each.
+    assert!(nominal_ms.iter().any(|t| *t > last_ms), "{schedule}");
+    assert_eq!(fleet_ids_of(&node.address).len(), fleet_ids.len());
+}

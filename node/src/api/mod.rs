@@ -180,9 +180,6 @@ impl Api {
         crate::clock::replicated_now_ms(&self.clock, &self.node)
     }
 
-    /// Proposes `command` stamped with replicated time and waits at most
-    /// `limits.proposal_timeout_ms` for it to be applied. On a follower, returns a channel to
-    /// the leader so the caller can forward the original RPC.
     /// Proposes a large submission in parts ([`flotilla_scheduler::staging`]): its
     /// repositories as `StageRepositories` entries of at most `limits.max_submission_part_bytes`
     /// under a random upload id, then `SubmitStagedFleet`. Forwarded whole when this node is
@@ -240,6 +237,9 @@ impl Api {
         }
     }
 
+    /// Proposes `command` stamped with replicated time and waits at most
+    /// `limits.proposal_timeout_ms` for it to be applied. On a follower, returns a channel to
+    /// the leader so the caller can forward the original RPC.
     async fn propose(&self, command: Command, principal: Principal) -> Result<Proposal, Status> {
         let request = Request {
             now_ms: self.replicated_now_ms(),
