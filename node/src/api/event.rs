@@ -30,7 +30,7 @@ use flotilla_scheduler::{Command, FieldError, Permission, Response};
 use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
-use tracing::{info, warn};
+use tracing::info;
 
 use super::auth::{Caller, authorization, caller, forwarded};
 use super::{Api, Proposal, invalid};
@@ -244,20 +244,22 @@ impl EventApi {
     /// Remembers a refused webhook request (in memory, bounded) and counts it; `claimed_id`
     /// is the delivery id its headers claim (unverified), or empty.
     pub fn record_refused(&self, source: &str, claimed_id: &str, refusal: &Refusal, body: &[u8]) {
+        // Only configured sources: a path the sender made up must not grow the metric's labels.
+        let Some(configured) = self.sources.get(source) else {
+            return;
+        };
         metrics::counter!("flotilla_webhook_deliveries_total", "source" => source.to_owned(),
             "status" => refusal.status.to_string())
         .increment(1);
-        warn!(webhook.source = %source, status = refusal.status, reason = %refusal.reason,
-              "webhook delivery refused");
+        // Debug, not warn: an unauthenticated sender must not be able to flood the log.
+        tracing::debug!(webhook.source = %source, status = refusal.status,
+                        reason = %refusal.reason, "webhook delivery refused");
         let limit = self.settings.max_refused_remembered;
         if limit == 0 {
             return;
         }
         let now_ms = self.api.replicated_now_ms();
-        let project = self
-            .sources
-            .get(source)
-            .map_or_else(String::new, |source| source.project.clone());
+        let project = configured.project.clone();
         let record = v1::Delivery {
             project,
             source: source.chars().take(64).collect(),
