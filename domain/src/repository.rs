@@ -59,6 +59,59 @@ pub fn repository_name(url: &str) -> String {
     }
 }
 
+/// Where a repository lives, as the keys of concurrency and rate limits see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RepositoryParts {
+    /// The forge host, lower-cased, without user or port (`github.com`); `local` for
+    /// `file://` URLs and absolute paths.
+    pub host: String,
+    /// The organisation: `<host>/<first path segment>` (`github.com/acme`); for a local
+    /// repository, its parent directory (`local/srv/git/acme`).
+    pub organisation: String,
+    /// The repository itself: `<host>/<path>` without a trailing `/` or `.git`
+    /// (`github.com/acme/widgets`), so `https://` and `ssh://` forms of one repository agree.
+    pub repository: String,
+}
+
+/// The [`RepositoryParts`] of a URL that [`validate_repository_url`] accepts. Total: any
+/// string gives some parts (an unexpected form is its own host).
+pub fn repository_parts(url: &str) -> RepositoryParts {
+    let (host, path) = match url.split_once("://") {
+        Some(("file", rest)) => ("local".to_string(), rest),
+        Some((_, rest)) => {
+            let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+            let host = authority.rsplit('@').next().unwrap_or(authority);
+            let host = if host.starts_with('[') {
+                host.split_once(']')
+                    .map_or(host, |(h, _)| h)
+                    .trim_start_matches('[')
+            } else {
+                host.split(':').next().unwrap_or(host)
+            };
+            (host.to_ascii_lowercase(), path)
+        }
+        None => ("local".to_string(), url),
+    };
+    let path = path.trim_matches('/');
+    let path = path.strip_suffix(".git").unwrap_or(path);
+    let organisation = if host == "local" {
+        match path.rsplit_once('/') {
+            Some((parent, _)) => format!("local/{parent}"),
+            None => "local".to_string(),
+        }
+    } else {
+        match path.split_once('/') {
+            Some((owner, _)) => format!("{host}/{owner}"),
+            None => host.clone(),
+        }
+    };
+    RepositoryParts {
+        repository: format!("{host}/{path}"),
+        organisation,
+        host,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,6 +168,60 @@ mod tests {
             ("https://example.com/a/...", "repository"),
         ] {
             assert_eq!(repository_name(url), name, "{url}");
+        }
+    }
+
+    #[test]
+    fn repository_parts_name_host_organisation_and_repository() {
+        for (url, host, organisation, repository) in [
+            (
+                "https://github.com/acme/widgets.git",
+                "github.com",
+                "github.com/acme",
+                "github.com/acme/widgets",
+            ),
+            (
+                "ssh://git@GitHub.com:22/acme/widgets",
+                "github.com",
+                "github.com/acme",
+                "github.com/acme/widgets",
+            ),
+            (
+                "https://gitlab.example.com/group/sub/x/",
+                "gitlab.example.com",
+                "gitlab.example.com/group",
+                "gitlab.example.com/group/sub/x",
+            ),
+            ("http://[::1]:8080/a/b", "::1", "::1/a", "::1/a/b"),
+            (
+                "file:///srv/git/acme/widgets.git",
+                "local",
+                "local/srv/git/acme",
+                "local/srv/git/acme/widgets",
+            ),
+            (
+                "/srv/git/acme/widgets",
+                "local",
+                "local/srv/git/acme",
+                "local/srv/git/acme/widgets",
+            ),
+            (
+                "https://example.com",
+                "example.com",
+                "example.com",
+                "example.com/",
+            ),
+        ] {
+            let parts = repository_parts(url);
+            assert_eq!(
+                (
+                    parts.host.as_str(),
+                    parts.organisation.as_str(),
+                    parts.repository.as_str()
+                ),
+                (host, organisation, repository),
+                "{url}"
+            );
         }
     }
 }
