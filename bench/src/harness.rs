@@ -1086,6 +1086,7 @@ fn failover_spec(name: &str, repositories: &[String]) -> v1::FleetSpec {
         retry_backoff_initial_ms: 0,
         retry_backoff_max_ms: 0,
         project: String::new(),
+        flow: None,
     }
 }
 
@@ -1105,6 +1106,7 @@ impl Supply {
         let name = format!("failover-{}", self.fleets.len() + 1);
         let response = fleet_client(channel)
             .submit_fleet(v1::SubmitFleetRequest {
+                dry_run: false,
                 spec: Some(failover_spec(&name, &self.repositories)),
                 idempotency_key: name.clone(),
             })
@@ -1504,6 +1506,7 @@ async fn heartbeats_inner(
     spec.max_parallelism = workers;
     fleet_client(channel.clone())
         .submit_fleet(v1::SubmitFleetRequest {
+            dry_run: false,
             spec: Some(spec),
             idempotency_key: "heartbeats".into(),
         })
@@ -1683,6 +1686,7 @@ async fn submit_scale_fleet(
     let fleet = fleet_client(channel)
         .max_encoding_message_size(64 * 1024 * 1024)
         .submit_fleet(v1::SubmitFleetRequest {
+            dry_run: false,
             spec: Some(scale_spec(&name, runs)),
             idempotency_key: name.clone(),
         })

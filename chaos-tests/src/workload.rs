@@ -109,6 +109,7 @@ pub fn fleet_spec(name: &str, repositories: Vec<String>) -> v1::FleetSpec {
         retry_backoff_initial_ms: 200,
         retry_backoff_max_ms: 1_000,
         project: String::new(),
+        flow: None,
     }
 }
 
@@ -173,6 +174,7 @@ pub async fn submit(
     let request = v1::SubmitFleetRequest {
         spec: Some(spec),
         idempotency_key: key.to_string(),
+        dry_run: false,
     };
     let mut attempt = 0usize;
     loop {
@@ -308,6 +310,7 @@ impl Probe {
                 let request = v1::SubmitFleetRequest {
                     spec: Some(spec.clone()),
                     idempotency_key: key.clone(),
+                    dry_run: false,
                 };
                 let started = Instant::now();
                 let outcome = tokio::time::timeout(PROBE_ATTEMPT_TIMEOUT, async {

@@ -382,6 +382,10 @@ pub struct LimitsSection {
     /// Most event rules in the cluster (`CreateEventRule` beyond it is RESOURCE_EXHAUSTED).
     /// 1-10000.
     pub max_event_rules: u32,
+    /// Most rate and concurrency limits in the cluster (`CreateLimit` beyond it is
+    /// RESOURCE_EXHAUSTED). Each is looked at for every run a lease request considers, so
+    /// the bound keeps that work small. 1-1024.
+    pub max_limits: u32,
 }
 
 impl Default for LimitsSection {
@@ -408,6 +412,7 @@ impl Default for LimitsSection {
             max_submission_part_bytes: 512 * 1024,
             max_schedules: flotilla_scheduler::schedule::record::DEFAULT_MAX_SCHEDULES,
             max_event_rules: flotilla_scheduler::event::rule::DEFAULT_MAX_EVENT_RULES,
+            max_limits: flotilla_scheduler::limit::DEFAULT_MAX_LIMITS,
         }
     }
 }
@@ -870,6 +875,9 @@ impl ServerConfig {
             );
         }
         self.validate_webhooks()?;
+        if !(1..=1_024).contains(&self.limits.max_limits) {
+            return invalid("limits.max_limits", "must be between 1 and 1024");
+        }
         if !(1..=10_000).contains(&self.limits.max_event_rules) {
             return invalid("limits.max_event_rules", "must be between 1 and 10000");
         }

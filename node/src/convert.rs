@@ -1,6 +1,8 @@
 //! Conversions between the wire types (`flotilla.v1`) and the state machine's types, with the
 //! validation of every field that arrives over the wire. Errors name the field's path.
 
+pub mod flow;
+
 use flotilla_proto::outcome::{outcome_from_wire, outcome_to_wire};
 use flotilla_proto::v1;
 use flotilla_scheduler::command::{
@@ -137,6 +139,7 @@ pub fn fleet_template_from_wire(
             ),
         },
         push: spec.push,
+        flow: flow::flow_spec_from_wire(spec.flow)?,
     };
     Ok(converted)
 }
@@ -179,6 +182,7 @@ pub fn execution_spec_to_wire(spec: &FleetSpec) -> v1::FleetSpec {
         push: spec.push,
         retry_backoff_initial_ms: spec.retry.backoff_initial_ms,
         retry_backoff_max_ms: spec.retry.backoff_max_ms,
+        flow: Some(flow::flow_spec_to_wire(&spec.flow)),
     }
 }
 
@@ -518,6 +522,7 @@ pub fn fleet_to_wire(fleet: &Fleet, view: FleetView) -> v1::Fleet {
         spec,
         idempotency_key: fleet.idempotency_key.clone(),
         last_sequence: fleet.last_sequence(),
+        flow: Some(flow::flow_status_to_wire(fleet)),
     }
 }
 

@@ -85,6 +85,9 @@ enum Commands {
     /// Event triggers: rules, API events (`event send`) and the record of deliveries.
     #[command(subcommand)]
     Event(cli::event::EventCommands),
+    /// Cluster-wide rate and concurrency limits on runs (admin).
+    #[command(subcommand)]
+    Limit(cli::limit::LimitCommands),
     /// The main job end to end: starts a single-node cluster with a local worker in-process,
     /// submits an "enforce rustfmt" fleet over gRPC, watches it and prints the roll-up.
     Quickstart(quickstart::QuickstartArguments),
@@ -272,6 +275,58 @@ enum FleetCommands {
         /// Idempotency key: a repeated submission returns the first fleet.
         #[arg(long, default_value = "")]
         idempotency_key: String,
+        /// Validate and print the runs, branches, waves and limits it would create; create
+        /// nothing.
+        #[arg(long, conflicts_with = "watch")]
+        dry_run: bool,
+    },
+    /// Pauses a fleet: no run of it starts until `fleet resume`; running ones finish.
+    Pause {
+        /// Fleet id.
+        fleet_id: String,
+        /// Why (recorded with who paused it).
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// Resumes a paused fleet (paused by a person or by its failure budget).
+    Resume {
+        /// Fleet id.
+        fleet_id: String,
+        /// Why (recorded).
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// Approves a fleet waiting at a gate (before its first lease, or between waves).
+    Approve {
+        /// Fleet id.
+        fleet_id: String,
+        /// Why (recorded).
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// Submits a new fleet that runs again the runs of FLEET_ID with these outcomes.
+    Rerun {
+        /// Fleet id.
+        fleet_id: String,
+        /// Outcomes to repeat, comma-separated: agent_failed, verify_failed, timed_out,
+        /// infrastructure, lease_expired, cancelled, changed, unchanged, or failed (every
+        /// failed run).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "failed,timed_out,cancelled,lease_expired"
+        )]
+        outcomes: Vec<String>,
+        /// Only repositories whose URL matches this glob.
+        #[arg(long, default_value = "")]
+        repository: String,
+        /// Idempotency key of the new fleet; default: one made from the fleet id and the
+        /// selection, so repeating the command returns the same new fleet.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Print what would be re-run; create nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Shows a fleet and its runs.
     Status {
@@ -523,6 +578,9 @@ async fn run_client(address: &str, output: Output, command: Commands) -> Result<
     if let Commands::Event(command) = command {
         return cli::event::run(address, command, output).await;
     }
+    if let Commands::Limit(command) = command {
+        return cli::limit::run(address, command, output).await;
+    }
     if let Commands::Secret(command) = command {
         if let SecretCommands::Keygen { output_file } = &command {
             return cli::secret::keygen(output_file, output);
@@ -574,7 +632,56 @@ async fn run_client(address: &str, output: Output, command: Commands) -> Result<
             spec,
             watch,
             idempotency_key,
-        }) => cli::submit(&mut client, &spec, idempotency_key, watch, output).await,
+            dry_run,
+        }) => cli::submit(&mut client, &spec, idempotency_key, watch, dry_run, output).await,
+        Commands::Fleet(FleetCommands::Pause { fleet_id, note }) => {
+            cli::flow::change(
+                &mut client,
+                cli::flow::FlowVerb::Pause,
+                &fleet_id,
+                &note,
+                output,
+            )
+            .await
+        }
+        Commands::Fleet(FleetCommands::Resume { fleet_id, note }) => {
+            cli::flow::change(
+                &mut client,
+                cli::flow::FlowVerb::Resume,
+                &fleet_id,
+                &note,
+                output,
+            )
+            .await
+        }
+        Commands::Fleet(FleetCommands::Approve { fleet_id, note }) => {
+            cli::flow::change(
+                &mut client,
+                cli::flow::FlowVerb::Approve,
+                &fleet_id,
+                &note,
+                output,
+            )
+            .await
+        }
+        Commands::Fleet(FleetCommands::Rerun {
+            fleet_id,
+            outcomes,
+            repository,
+            idempotency_key,
+            dry_run,
+        }) => {
+            let idempotency_key = idempotency_key
+                .unwrap_or_else(|| format!("rerun:{fleet_id}:{}:{repository}", outcomes.join(",")));
+            let request = flotilla_proto::v1::RerunFleetRequest {
+                fleet_id,
+                outcomes,
+                repository_pattern: repository,
+                idempotency_key,
+                dry_run,
+            };
+            cli::flow::rerun(&mut client, request, output).await
+        }
         Commands::Fleet(FleetCommands::Status { fleet_id }) => {
             cli::status(&mut client, &fleet_id, output).await
         }
@@ -610,6 +717,7 @@ async fn run_client(address: &str, output: Output, command: Commands) -> Result<
         | Commands::Worker(_)
         | Commands::Token(_)
         | Commands::Schedule(_)
+        | Commands::Limit(_)
         | Commands::Event(_)
         | Commands::Audit(_)
         | Commands::Cert(_)

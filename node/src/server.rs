@@ -211,6 +211,13 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             .max_encoding_message_size(max_bytes),
         )
         .add_service(
+            flotilla_proto::v1::limit_service_server::LimitServiceServer::new(
+                crate::api::limit::LimitApi::new(api.clone()),
+            )
+            .max_decoding_message_size(max_bytes)
+            .max_encoding_message_size(max_bytes),
+        )
+        .add_service(
             flotilla_proto::v1::event_service_server::EventServiceServer::new(events_api.clone())
                 .max_decoding_message_size(max_bytes)
                 .max_encoding_message_size(max_bytes),

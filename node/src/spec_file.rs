@@ -20,6 +20,17 @@
 //! max_parallelism: 16
 //! max_attempts: 3
 //! push: true
+//! flow:                             # optional: flow control (`flotilla::scheduler::flow`)
+//!   priority: 90                    # 0-100, higher first; default 50
+//!   shared_repositories: false      # run beside other fleets on one repository (both must)
+//!   require_approval: false         # wait for `fleet approve` before the first lease
+//!   deadline_ms: 7200000            # cancel what has not started by then
+//!   waves: ["1%", "10%", "100%"]    # canary waves: percentages or run counts
+//!   success_threshold_percent: 90   # promote a wave at this success, else wait for approval
+//!   soak_ms: 600000                 # wait between a good wave and the next
+//!   approve_each_wave: false
+//!   failure_limit: 3                # pause when more runs than this failed
+//!   consecutive_failure_limit: 2    # pause when more than this many failed in a row
 //! ```
 //!
 //! Unknown keys and wrongly typed values are errors naming the key's path; the server validates
@@ -63,10 +74,89 @@ pub struct SpecFile {
     retry_backoff_max_ms: u64,
     #[serde(default = "default_push")]
     push: bool,
+    #[serde(default)]
+    flow: Option<Flow>,
 }
 
 fn default_push() -> bool {
     true
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Flow {
+    #[serde(default)]
+    priority: Option<u32>,
+    #[serde(default)]
+    shared_repositories: bool,
+    #[serde(default)]
+    require_approval: bool,
+    #[serde(default)]
+    deadline_ms: u64,
+    #[serde(default)]
+    waves: Vec<WaveText>,
+    #[serde(default)]
+    success_threshold_percent: Option<u32>,
+    #[serde(default)]
+    soak_ms: u64,
+    #[serde(default)]
+    approve_each_wave: bool,
+    #[serde(default)]
+    failure_limit: Option<u32>,
+    #[serde(default)]
+    consecutive_failure_limit: Option<u32>,
+}
+
+/// A wave as written: a run count (`5`) or a percentage (`"10%"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum WaveText {
+    Runs(u32),
+    Text(String),
+}
+
+impl Flow {
+    fn into_wire(self) -> Result<v1::FlowSpec, (String, String)> {
+        let waves = self
+            .waves
+            .into_iter()
+            .enumerate()
+            .map(|(index, wave)| {
+                let size = match wave {
+                    WaveText::Runs(runs) => v1::wave_size::Size::Runs(runs),
+                    WaveText::Text(text) => {
+                        let parsed = match text.trim().strip_suffix('%') {
+                            Some(percent) => {
+                                percent.trim().parse().map(v1::wave_size::Size::Percent)
+                            }
+                            None => text.trim().parse().map(v1::wave_size::Size::Runs),
+                        };
+                        parsed.map_err(|_| {
+                            (
+                                format!("flow.waves[{index}]"),
+                                format!(
+                                    "{text:?} is neither a run count nor a percentage like \"10%\""
+                                ),
+                            )
+                        })?
+                    }
+                };
+                Ok(v1::WaveSize { size: Some(size) })
+            })
+            .collect::<Result<Vec<_>, (String, String)>>()?;
+        Ok(v1::FlowSpec {
+            priority: self.priority,
+            shared_repositories: self.shared_repositories,
+            require_approval: self.require_approval,
+            deadline_ms: self.deadline_ms,
+            waves,
+            success_threshold_percent: self.success_threshold_percent,
+            soak_ms: self.soak_ms,
+            approve_each_wave: self.approve_each_wave,
+            failure_limit: self.failure_limit,
+            consecutive_failure_limit: self.consecutive_failure_limit,
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -311,6 +401,13 @@ impl SpecFile {
                 "names no repository (repositories, globs or repositories_file)".into(),
             ));
         }
+        let flow = match self.flow {
+            Some(flow) => Some(
+                flow.into_wire()
+                    .map_err(|(field, message)| error(&field, message))?,
+            ),
+            None => None,
+        };
         Ok(v1::FleetSpec {
             name: self.name,
             project: self.project,
@@ -338,6 +435,7 @@ impl SpecFile {
             push: self.push,
             retry_backoff_initial_ms: self.retry_backoff_initial_ms,
             retry_backoff_max_ms: self.retry_backoff_max_ms,
+            flow,
         })
     }
 }
@@ -371,6 +469,7 @@ mod tests {
         let request = v1::SubmitFleetRequest {
             spec: Some(wire),
             idempotency_key: String::new(),
+            dry_run: false,
         };
         let size_bytes = request.encoded_len();
         assert!(

@@ -170,6 +170,7 @@ async fn projects_bound_tokens_and_workers_report_only_on_leases_they_hold() {
             ..spec("f", vec![origin.clone()], "true", &[])
         }),
         idempotency_key: String::new(),
+        dry_run: false,
     };
 
     // A submitter of project a submits in a, not in b.

@@ -373,6 +373,34 @@ impl v1::fleet_service_server::FleetService for PointsToTheLeader {
     ) -> Result<tonic::Response<v1::Fleet>, tonic::Status> {
         self.answer()
     }
+
+    async fn pause_fleet(
+        &self,
+        _: tonic::Request<v1::FleetFlowRequest>,
+    ) -> Result<tonic::Response<v1::FleetFlowResponse>, tonic::Status> {
+        self.answer()
+    }
+
+    async fn resume_fleet(
+        &self,
+        _: tonic::Request<v1::FleetFlowRequest>,
+    ) -> Result<tonic::Response<v1::FleetFlowResponse>, tonic::Status> {
+        self.answer()
+    }
+
+    async fn approve_fleet(
+        &self,
+        _: tonic::Request<v1::FleetFlowRequest>,
+    ) -> Result<tonic::Response<v1::FleetFlowResponse>, tonic::Status> {
+        self.answer()
+    }
+
+    async fn rerun_fleet(
+        &self,
+        _: tonic::Request<v1::RerunFleetRequest>,
+    ) -> Result<tonic::Response<v1::SubmitFleetResponse>, tonic::Status> {
+        self.answer()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

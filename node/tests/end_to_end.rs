@@ -41,6 +41,7 @@ async fn a_fleet_runs_every_repository_to_a_correct_result_and_survives_restart(
     let mut node = Node::start(&data, &[]).await;
     let mut client = node.client().await;
     let request = v1::SubmitFleetRequest {
+        dry_run: false,
         spec: Some(spec(
             "upcase",
             vec![greet.clone(), plain, both.clone()],
@@ -412,6 +413,7 @@ async fn invalid_requests_are_rejected_with_the_field_named() {
     let message = check(
         client
             .submit_fleet(v1::SubmitFleetRequest {
+                dry_run: false,
                 spec: Some(valid.clone()),
                 idempotency_key: "k".repeat(129),
             })

@@ -232,6 +232,7 @@ async fn hostile_fleets_are_blocked_and_recorded() {
         sandbox.timeout_ms = 30_000;
         let submitted = client
             .submit_fleet(v1::SubmitFleetRequest {
+                dry_run: false,
                 spec: Some(fleet),
                 idempotency_key: name.to_owned(),
             })

@@ -122,6 +122,25 @@ fn wire_spec() -> impl Strategy<Value = v1::FleetSpec> {
                 push: rest.4,
                 retry_backoff_initial_ms: rest.5,
                 retry_backoff_max_ms: rest.6,
+                // Nasty flow values drawn from the same numbers: out-of-range priorities,
+                // percentages and durations must be refused naming the field.
+                flow: Some(v1::FlowSpec {
+                    priority: Some(rest.2),
+                    deadline_ms: rest.5,
+                    waves: vec![
+                        v1::WaveSize {
+                            size: Some(v1::wave_size::Size::Percent(rest.3)),
+                        },
+                        v1::WaveSize { size: None },
+                    ]
+                    .into_iter()
+                    .take(1 + (rest.2 % 2) as usize)
+                    .collect(),
+                    success_threshold_percent: Some(rest.3),
+                    soak_ms: rest.6,
+                    failure_limit: Some(rest.2),
+                    ..Default::default()
+                }),
             },
         )
 }
@@ -259,6 +278,7 @@ fn valid_request() -> v1::SubmitFleetRequest {
     v1::SubmitFleetRequest {
         spec: Some(spec),
         idempotency_key: "k".into(),
+        dry_run: false,
     }
 }
 

@@ -92,6 +92,7 @@ async fn specs_outside_the_operators_policy_are_refused_naming_the_field() {
         let name = spec.name.clone();
         let status = client
             .submit_fleet(v1::SubmitFleetRequest {
+                dry_run: false,
                 spec: Some(spec),
                 idempotency_key: String::new(),
             })
@@ -126,6 +127,7 @@ async fn specs_outside_the_operators_policy_are_refused_naming_the_field() {
     within.sandbox.as_mut().unwrap().cpu_limit_millicores = 1000;
     client
         .submit_fleet(v1::SubmitFleetRequest {
+            dry_run: false,
             spec: Some(within),
             idempotency_key: String::new(),
         })
@@ -255,6 +257,7 @@ async fn errors_about_oversized_inputs_do_not_echo_them() {
     oversized.sandbox.as_mut().unwrap().driver = huge;
     let status = client
         .submit_fleet(v1::SubmitFleetRequest {
+            dry_run: false,
             spec: Some(oversized),
             idempotency_key: String::new(),
         })

@@ -79,6 +79,7 @@ async fn run_with_secret(
         .insert("API_TOKEN".into(), "api-token".into());
     let fleet = client
         .submit_fleet(v1::SubmitFleetRequest {
+            dry_run: false,
             spec: Some(fleet_spec),
             idempotency_key: String::new(),
         })
@@ -196,6 +197,7 @@ async fn secrets_are_injected_by_name_redacted_and_never_stored_in_plaintext() {
         .insert("API_TOKEN".into(), "nope".into());
     let refused = client
         .submit_fleet(v1::SubmitFleetRequest {
+            dry_run: false,
             spec: Some(missing),
             idempotency_key: String::new(),
         })

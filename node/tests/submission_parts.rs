@@ -39,6 +39,7 @@ async fn a_large_submission_is_written_in_parts_and_makes_the_same_fleet() {
         .map(|i| format!("file:///srv/repo-{i}.git"))
         .collect();
     let request = v1::SubmitFleetRequest {
+        dry_run: false,
         spec: Some(spec("parts", repositories.clone(), "true", &[])),
         idempotency_key: "parts-1".into(),
     };

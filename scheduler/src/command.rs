@@ -228,6 +228,64 @@ pub enum Command {
         /// The fleet.
         fleet_id: String,
     },
+    /// Pauses a running fleet: no run of it is leased until `ResumeFleet`; running attempts
+    /// finish. Idempotent. Answers [`Response::FleetFlowChanged`].
+    PauseFleet {
+        /// The fleet.
+        fleet_id: String,
+        /// Why, at most [`crate::flow::MAX_NOTE_BYTES`].
+        note: String,
+    },
+    /// Ends a fleet's pause (by a person or by its failure budget) and starts its failure
+    /// budget's count again. Idempotent.
+    ResumeFleet {
+        /// The fleet.
+        fleet_id: String,
+        /// Why.
+        note: String,
+    },
+    /// Opens a fleet's approval gate (before its first lease, or between waves), starting
+    /// the next wave. Idempotent.
+    ApproveFleet {
+        /// The fleet.
+        fleet_id: String,
+        /// Why.
+        note: String,
+    },
+    /// Starts the waves whose soak time ended and cancels the pending runs of fleets past
+    /// their deadline, at the entry's time (proposed by the leader's engine). Answers
+    /// [`Response::FleetsAdvanced`].
+    AdvanceFleets,
+    /// Creates a rate or concurrency limit ([`crate::limit`]); refused when the name exists
+    /// or the cluster holds `max_limits`.
+    CreateLimit {
+        /// The validated limit.
+        spec: crate::limit::LimitSpec,
+        /// The leader's `limits.max_limits`.
+        max_limits: u32,
+    },
+    /// Deletes a limit; slots its running runs hold are given back.
+    DeleteLimit {
+        /// The limit's name.
+        name: String,
+    },
+    /// Submits a fleet that runs again some runs of `origin_fleet_id`: `spec.repositories[i]`
+    /// is the repository of its run `run_indexes[i]`, and each must be terminal. Otherwise as
+    /// [`Command::SubmitFleet`].
+    RerunFleet {
+        /// The fleet whose runs are repeated (`fl-<n>`).
+        origin_fleet_id: String,
+        /// The runs repeated, in the order of `spec.repositories`.
+        run_indexes: Vec<u32>,
+        /// The new fleet's spec.
+        spec: FleetSpec,
+        /// As in [`Command::SubmitFleet`].
+        idempotency_key: String,
+        /// As in [`Command::SubmitFleet`].
+        trace_parent: String,
+        /// As in [`Command::SubmitFleet`].
+        max_events: u32,
+    },
     /// Ends every lease whose expiry is at or before `now_ms`; the runs are retried or failed.
     /// No longer proposed (expiry is decided from heartbeats in the leader's memory,
     /// [`Command::ExpireSilentLeases`]); applied as before when an earlier log is replayed.
@@ -554,6 +612,28 @@ pub enum Response {
     ResultAccepted,
     /// `CancelFleet` applied (also when the fleet had already finished).
     FleetCancelled,
+    /// `PauseFleet`, `ResumeFleet`, `ApproveFleet`: whether anything changed, and what.
+    FleetFlowChanged {
+        /// False when there was nothing to do (already paused, not paused, no gate).
+        changed: bool,
+        /// What happened, as in the fleet's event.
+        message: String,
+    },
+    /// `AdvanceFleets`: how many fleets moved on.
+    FleetsAdvanced {
+        /// Fleets with a wave started or a deadline carried out.
+        count: u32,
+    },
+    /// `CreateLimit` applied.
+    LimitCreated {
+        /// Its name.
+        name: String,
+    },
+    /// `DeleteLimit` applied.
+    LimitDeleted {
+        /// Its name.
+        name: String,
+    },
     /// `ExpireLeases` or `ExpireSilentLeases`: how many leases ended.
     LeasesExpired {
         /// Count of expired leases.

@@ -9,6 +9,8 @@
 //!   ([`crate::liveness`]: heartbeats move deadlines without log writes; a new leader gives the
 //!   leases it finds a grace period, cf. Nomad's `heartbeat_grace`);
 //! - `CompactFleets` when an ended fleet is older than [`EngineSettings::fleet_retention_ms`];
+//! - `AdvanceFleets` when a running fleet's wave soak ended or its deadline passed
+//!   ([`State::has_due_fleet_transitions`]);
 //! - `ProcessSchedule` for each due schedule ([`State::due_schedules`]): only the leader
 //!   evaluates schedules, from replicated time, and the state machine decides each nominal
 //!   time once, so a tick proposed twice (a leader change between proposal and apply) starts
@@ -78,6 +80,9 @@ pub fn tick(
             retention_ms: settings.fleet_retention_ms,
             max_fleets: settings.compaction_batch_fleets,
         });
+    }
+    if state.has_due_fleet_transitions(tick.now_ms) {
+        commands.push(Command::AdvanceFleets);
     }
     for schedule_id in state.due_schedules(tick.now_ms) {
         commands.push(Command::ProcessSchedule {
@@ -190,6 +195,7 @@ mod tests {
                 Command::BootstrapToken { .. } => "bootstrap".to_owned(),
                 Command::ExpireSilentLeases { leases } => format!("expire {leases:?}"),
                 Command::CompactFleets { .. } => "compact".to_owned(),
+                Command::AdvanceFleets => "advance".to_owned(),
                 _ => "other".to_owned(),
             })
             .collect();
@@ -266,5 +272,26 @@ mod tests {
             let commands = tick(&running, &settings, &tick_at, &mut liveness);
             assert_eq!(commands.len(), expected, "at {monotonic_ms}: {commands:?}");
         }
+    }
+
+    #[test]
+    fn a_due_deadline_is_proposed_once_and_not_before() {
+        let mut state = State::new();
+        let mut fleet = spec(&["file:///a"]);
+        fleet.flow.deadline_ms = 10_000;
+        apply(
+            &mut state,
+            1_000,
+            Command::SubmitFleet {
+                spec: fleet,
+                idempotency_key: String::new(),
+                trace_parent: String::new(),
+                max_events: 0,
+            },
+        );
+        check(&state, 10_999, 0, &[], false, &[]);
+        check(&state, 11_000, 0, &[], false, &["advance"]);
+        apply(&mut state, 11_000, Command::AdvanceFleets);
+        check(&state, 12_000, 0, &[], false, &[]);
     }
 }

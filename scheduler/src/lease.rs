@@ -92,6 +92,7 @@ mod tests {
 
     fn lease(worker_id: &str, expires_at_ms: u64) -> Lease {
         Lease {
+            slots: Vec::new(),
             worker_id: worker_id.into(),
             expires_at_ms,
         }

@@ -73,6 +73,10 @@ pub struct FleetSpec {
     pub retry: RetryPolicy,
     /// Push the branch to the origin when the agent changed files.
     pub push: bool,
+    /// Priority, repository sharing, approval, deadline, waves and failure budget
+    /// ([`crate::flow`]); the defaults when absent.
+    #[serde(default)]
+    pub flow: crate::flow::FlowSpec,
 }
 
 impl FleetSpec {
@@ -92,6 +96,7 @@ impl FleetSpec {
             max_parallelism: self.max_parallelism,
             retry: self.retry.clone(),
             push: self.push,
+            flow: self.flow.clone(),
         }
     }
 }
@@ -527,7 +532,7 @@ impl FleetSpec {
                 "must be at least retry_backoff_initial_ms and at most 3600000",
             ));
         }
-        Ok(())
+        self.flow.validate(&field("flow"))
     }
 }
 
@@ -569,6 +574,7 @@ pub(crate) mod tests {
             max_parallelism: 4,
             retry: RetryPolicy::default(),
             push: true,
+            flow: crate::flow::FlowSpec::default(),
         }
     }
 

@@ -22,8 +22,10 @@ use serde::{Deserialize, Serialize};
 use crate::artifact::{ArtifactKey, ArtifactKind, Effect, sha256_hex};
 use crate::audit::{AuditEntry, AuditLog, AuditOutcome};
 use crate::command::{AttemptResult, Command, LeaseGrant, Outcome, Request, Response};
+use crate::control::FlowAction;
+use crate::flow::FleetFlow;
 use crate::lease::LeaseIndex;
-use crate::placement::{self, FleetSlots};
+use crate::limit::{LimitTable, Occupancy};
 use crate::schedule::record::Schedule;
 use crate::secret::Secrets;
 use crate::spec::{self, FleetSpec};
@@ -34,8 +36,9 @@ use crate::token::{self, AuthenticationError, Principal, Role, Token};
 /// index, 2 also the pending runs by `not_before_ms`.
 const INDEX_VERSION: u32 = 2;
 
-/// Per fleet, for placement: `(fleet_number, available_slots, [(run_index, not_before_ms)])`.
-type FleetCandidates = (u64, u32, Vec<(u32, u64)>);
+/// Most pending runs of one fleet one placement looks at ([`placement::eligible`]): runs
+/// further on, behind runs that wait on limits or in backoff, wait for a later placement.
+pub const MAX_CANDIDATES_SCANNED_PER_FLEET: usize = 1_024;
 
 /// Most recent rejected (stale) results kept for inspection; older ones are only counted.
 pub const MAX_REJECTED_RESULTS_KEPT: usize = 1_000;
@@ -142,6 +145,10 @@ pub struct Lease {
     /// earlier version renews it with [`Command::Heartbeat`] and ends it at this time with
     /// [`Command::ExpireLeases`].)
     pub expires_at_ms: u64,
+    /// The concurrency slots the lease holds, as `(limit name, key)` ([`crate::limit`]),
+    /// given back when it ends.
+    #[serde(default)]
+    pub slots: Vec<(String, String)>,
 }
 
 /// One attempt of a run.
@@ -252,7 +259,7 @@ pub struct Fleet {
     #[serde(default)]
     last_sequence: u64,
     /// Indices of pending runs, in order.
-    pending: BTreeSet<u32>,
+    pub(crate) pending: BTreeSet<u32>,
     /// The running runs by lease expiry and by worker ([`LeaseIndex`]).
     #[serde(default)]
     leases: LeaseIndex,
@@ -263,6 +270,9 @@ pub struct Fleet {
     /// Who submitted it ([`Principal::Unknown`] for fleets submitted before principals).
     #[serde(default)]
     pub submitted_by: Principal,
+    /// Waves, gate, pause, deadline and failure budget as they stand ([`crate::flow`]).
+    #[serde(default)]
+    pub flow: FleetFlow,
 }
 
 impl Fleet {
@@ -296,6 +306,11 @@ impl Fleet {
             lease.expires_at_ms = lease.expires_at_ms.max(expires_at_ms);
             self.set_lease(index, Some(lease));
         }
+    }
+
+    /// The indices of its running runs (from its lease index).
+    pub(crate) fn lease_indices(&self) -> Vec<u32> {
+        self.leases.indices().collect()
     }
 
     /// The fleet's id: `fl-<number>`.
@@ -361,14 +376,14 @@ pub struct RejectedResult {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     next_fleet_number: u64,
-    fleets: BTreeMap<u64, Fleet>,
+    pub(crate) fleets: BTreeMap<u64, Fleet>,
     /// Fleets that are still running, for placement.
-    active_fleets: BTreeSet<u64>,
+    pub(crate) active_fleets: BTreeSet<u64>,
     idempotency_keys: BTreeMap<String, u64>,
     /// The fleet that received the last lease placed, where the next placement's round-robin
     /// resumes (see [`placement::place`]).
     #[serde(default)]
-    placement_cursor: u64,
+    pub(crate) placement_cursor: u64,
     rejected_results: VecDeque<RejectedResult>,
     rejected_results_total: u64,
     /// Largest leader timestamp applied so far; stamps never move the clock backwards.
@@ -404,6 +419,10 @@ pub struct State {
     /// Accepted deliveries, bounded by the leader's retention settings.
     #[serde(default)]
     pub(crate) deliveries: crate::event::Deliveries,
+    /// Rate and concurrency limits, their buckets, and what running runs hold
+    /// ([`crate::limit`]).
+    #[serde(default)]
+    pub(crate) limits: LimitTable,
 }
 
 /// `fl-<number>`.
@@ -620,6 +639,47 @@ impl State {
                 result,
             } => self.report_result(now_ms, worker_id, run_id, *attempt, result, effects),
             Command::CancelFleet { fleet_id } => self.cancel_fleet(now_ms, fleet_id),
+            Command::PauseFleet { fleet_id, note } => self.change_flow(
+                now_ms,
+                fleet_id,
+                FlowAction::Pause,
+                note,
+                &request.principal,
+            ),
+            Command::ResumeFleet { fleet_id, note } => self.change_flow(
+                now_ms,
+                fleet_id,
+                FlowAction::Resume,
+                note,
+                &request.principal,
+            ),
+            Command::ApproveFleet { fleet_id, note } => self.change_flow(
+                now_ms,
+                fleet_id,
+                FlowAction::Approve,
+                note,
+                &request.principal,
+            ),
+            Command::AdvanceFleets => self.advance_fleets(now_ms),
+            Command::CreateLimit { spec, max_limits } => {
+                self.create_limit(now_ms, spec, *max_limits, &request.principal)
+            }
+            Command::DeleteLimit { name } => self.delete_limit(name),
+            Command::RerunFleet {
+                origin_fleet_id,
+                run_indexes,
+                spec,
+                idempotency_key,
+                trace_parent,
+                max_events,
+            } => self.rerun_fleet(
+                now_ms,
+                origin_fleet_id,
+                run_indexes,
+                spec,
+                (idempotency_key, trace_parent, *max_events),
+                &request.principal,
+            ),
             Command::ExpireLeases => self.expire_leases(now_ms),
             Command::ExpireSilentLeases { leases } => self.expire_silent_leases(now_ms, leases),
             Command::CompactFleets {
@@ -909,6 +969,7 @@ impl State {
             max_events,
             last_sequence: 0,
             submitted_by: principal.clone(),
+            flow: FleetFlow::default(),
         };
         push_event(
             &mut fleet,
@@ -916,6 +977,7 @@ impl State {
             None,
             format!("fleet submitted with {} runs", counts.pending),
         );
+        crate::control::start_flow(&mut fleet, now_ms);
         if fleet.runs.is_empty() {
             finish_if_done(&mut fleet, now_ms);
         } else {
@@ -1018,7 +1080,7 @@ impl State {
                     ),
                     true,
                 );
-                finish_attempt(fleet, index, now_ms, result);
+                finish_attempt(fleet, &mut self.limits.occupancy, index, now_ms, result);
                 if fleet.state != FleetState::Running {
                     self.active_fleets.remove(&number);
                 }
@@ -1028,46 +1090,10 @@ impl State {
         if free_slots == 0 {
             return Response::Leased(grants);
         }
-        // Per active fleet: enough pending candidates to fill what it may take.
-        let candidates: Vec<FleetCandidates> = self
-            .active_fleets
-            .iter()
-            .filter_map(|number| self.fleets.get(number))
-            .map(|fleet| {
-                let available = fleet
-                    .spec
-                    .max_parallelism
-                    .saturating_sub(fleet.counts.running);
-                let wanted = available.min(free_slots) as usize;
-                let mut eligible = 0usize;
-                let mut pending = Vec::new();
-                for index in &fleet.pending {
-                    if eligible == wanted {
-                        break;
-                    }
-                    let not_before_ms = fleet.runs[*index as usize].not_before_ms;
-                    if not_before_ms <= now_ms {
-                        eligible += 1;
-                    }
-                    pending.push((*index, not_before_ms));
-                }
-                (fleet.number, available, pending)
-            })
-            .collect();
-        let slots: Vec<FleetSlots<'_>> = candidates
-            .iter()
-            .map(|(fleet_number, available, pending)| FleetSlots {
-                fleet_number: *fleet_number,
-                available: *available,
-                pending,
-            })
-            .collect();
-        let placements = placement::place(now_ms, free_slots, &slots, self.placement_cursor);
-        if let Some(last) = placements.last() {
-            self.placement_cursor = last.fleet_number;
-        }
+        let plan = self.plan_placement(now_ms, free_slots);
+        let placements = self.carry_out_plan(now_ms, plan);
         grants.reserve(placements.len());
-        for placed in placements {
+        for (placed, slots) in placements {
             let Some(fleet) = self.fleets.get_mut(&placed.fleet_number) else {
                 continue;
             };
@@ -1082,11 +1108,18 @@ impl State {
                 finished_at_ms: 0,
                 result: None,
             });
+            self.limits.occupancy.take(
+                &slots,
+                &flotilla_domain::repository::repository_parts(&run.repository).repository,
+                placed.fleet_number,
+                fleet.spec.flow.shared_repositories,
+            );
             fleet.set_lease(
                 index,
                 Some(Lease {
                     worker_id: worker_id.to_string(),
                     expires_at_ms,
+                    slots,
                 }),
             );
             grants.push(lease_grant(fleet, index, expires_at_ms, false));
@@ -1190,7 +1223,7 @@ impl State {
             result.patch_sha256 = effect.1;
             effects.push(effect.2);
         }
-        finish_attempt(fleet, index, now_ms, result);
+        finish_attempt(fleet, &mut self.limits.occupancy, index, now_ms, result);
         if fleet.state != FleetState::Running {
             self.active_fleets.remove(&number);
         }
@@ -1228,7 +1261,7 @@ impl State {
                 }
                 _ => continue,
             };
-            fleet.set_lease(index, None);
+            end_lease(fleet, &mut self.limits.occupancy, index);
             set_run_state(fleet, index, RunState::Cancelled);
             push_event(fleet, now_ms, Some(index), message);
         }
@@ -1251,6 +1284,7 @@ impl State {
                 count += 1;
                 expire_attempt(
                     fleet,
+                    &mut self.limits.occupancy,
                     index,
                     now_ms,
                     "lease expired: worker stopped heartbeating",
@@ -1287,6 +1321,7 @@ impl State {
             count += 1;
             expire_attempt(
                 fleet,
+                &mut self.limits.occupancy,
                 index,
                 now_ms,
                 "lease expired: the leader heard no heartbeat for it within lease_ttl_ms",
@@ -1427,7 +1462,7 @@ impl State {
 
     /// `fleet`'s lease index: the kept one, or (in a state loaded from before the index existed
     /// and not applied to since) one built for this read.
-    fn lease_index<'a>(&self, fleet: &'a Fleet) -> std::borrow::Cow<'a, LeaseIndex> {
+    pub(crate) fn lease_index<'a>(&self, fleet: &'a Fleet) -> std::borrow::Cow<'a, LeaseIndex> {
         if self.index_version == INDEX_VERSION {
             std::borrow::Cow::Borrowed(&fleet.leases)
         } else {
@@ -1435,30 +1470,14 @@ impl State {
         }
     }
 
-    /// Whether some pending run of an active fleet could be leased at `now_ms`.
-    pub fn has_eligible_pending(&self, now_ms: u64) -> bool {
-        self.active_fleets
-            .iter()
-            .filter_map(|number| self.fleets.get(number))
-            .any(|fleet| {
-                fleet.counts.running < fleet.spec.max_parallelism
-                    && if self.index_version == INDEX_VERSION {
-                        fleet
-                            .pending_by_time
-                            .first()
-                            .is_some_and(|(not_before_ms, _)| *not_before_ms <= now_ms)
-                    } else {
-                        fleet
-                            .pending
-                            .iter()
-                            .any(|index| fleet.runs[*index as usize].not_before_ms <= now_ms)
-                    }
-            })
-    }
-
     /// Rejected (stale) results, most recent last, and the total ever rejected.
     pub fn rejected_results(&self) -> (&VecDeque<RejectedResult>, u64) {
         (&self.rejected_results, self.rejected_results_total)
+    }
+
+    /// The number the next submitted fleet gets.
+    pub fn next_fleet_number(&self) -> u64 {
+        self.next_fleet_number
     }
 
     /// Largest leader timestamp applied so far.
@@ -1480,6 +1499,7 @@ impl State {
             })?;
         }
         self.check_event_invariants()?;
+        self.check_limit_invariants()?;
         for fleet in self.fleets.values() {
             if self.index_version == INDEX_VERSION {
                 let mut rebuilt = fleet.clone();
@@ -1539,6 +1559,7 @@ impl State {
             if (fleet.state == FleetState::Running) != self.active_fleets.contains(&fleet.number) {
                 return Err(format!("fleet {} active set out of sync", fleet.number));
             }
+            crate::control::check_flow(fleet)?;
             let first = fleet.last_sequence + 1 - fleet.events.len() as u64;
             for (position, event) in fleet.events.iter().enumerate() {
                 if event.sequence != first + position as u64 {
@@ -1550,6 +1571,25 @@ impl State {
             }
         }
         Ok(())
+    }
+}
+
+impl State {
+    /// The limit table's invariants against the running runs' leases
+    /// ([`LimitTable::check_invariants`]), and that only running runs hold leases with slots.
+    fn check_limit_invariants(&self) -> Result<(), String> {
+        let leases = self.fleets.values().flat_map(|fleet| {
+            fleet.runs.iter().filter_map(move |run| {
+                let lease = run.lease.as_ref()?;
+                Some((
+                    lease.slots.as_slice(),
+                    flotilla_domain::repository::repository_parts(&run.repository).repository,
+                    fleet.number,
+                    fleet.spec.flow.shared_repositories,
+                ))
+            })
+        });
+        self.limits.check_invariants(leases)
     }
 }
 
@@ -1587,12 +1627,35 @@ fn lease_grant(fleet: &Fleet, index: u32, expires_at_ms: u64, redelivered: bool)
 /// Ends the current attempt of run `index` with `result` and moves the run on: terminal,
 /// or back to pending after a backoff when the failure is retryable and attempts remain.
 /// Ends run `index`'s current attempt as `lease_expired` (retryable) with `reason`.
-fn expire_attempt(fleet: &mut Fleet, index: u32, now_ms: u64, reason: &str) {
+fn expire_attempt(
+    fleet: &mut Fleet,
+    occupancy: &mut Occupancy,
+    index: u32,
+    now_ms: u64,
+    reason: &str,
+) {
     let result = AttemptResult::failure(Outcome::LeaseExpired, reason, true);
-    finish_attempt(fleet, index, now_ms, result);
+    finish_attempt(fleet, occupancy, index, now_ms, result);
 }
 
-fn finish_attempt(fleet: &mut Fleet, index: u32, now_ms: u64, result: AttemptResult) {
+/// Gives back what run `index`'s lease holds in `occupancy` (its slots, its repository) and
+/// ends the lease. Every lease that ends goes through here.
+pub(crate) fn end_lease(fleet: &mut Fleet, occupancy: &mut Occupancy, index: u32) {
+    let run = &fleet.runs[index as usize];
+    if let Some(lease) = &run.lease {
+        let repository = flotilla_domain::repository::repository_parts(&run.repository).repository;
+        occupancy.release(&lease.slots, &repository, fleet.number);
+    }
+    fleet.set_lease(index, None);
+}
+
+pub(crate) fn finish_attempt(
+    fleet: &mut Fleet,
+    occupancy: &mut Occupancy,
+    index: u32,
+    now_ms: u64,
+    result: AttemptResult,
+) {
     let max_attempts = fleet.spec.retry.max_attempts;
     let run = &mut fleet.runs[index as usize];
     let attempt = run.attempt();
@@ -1607,15 +1670,22 @@ fn finish_attempt(fleet: &mut Fleet, index: u32, now_ms: u64, result: AttemptRes
         current.finished_at_ms = now_ms;
         current.result = Some(result);
     }
-    fleet.set_lease(index, None);
+    end_lease(fleet, occupancy, index);
+    let past_deadline = fleet.flow.deadline_at_ms != 0 && now_ms >= fleet.flow.deadline_at_ms;
     let next_state = match outcome {
         Outcome::Changed => RunState::Changed,
         Outcome::Unchanged => RunState::Unchanged,
         Outcome::Cancelled if !retryable => RunState::Cancelled,
+        _ if retryable && attempt < max_attempts && past_deadline => RunState::Cancelled,
         _ if retryable && attempt < max_attempts => RunState::Pending,
         _ => RunState::Failed,
     };
-    let message = if next_state == RunState::Pending {
+    let message = if next_state == RunState::Cancelled && outcome != Outcome::Cancelled {
+        format!(
+            "attempt {attempt} {}: {error}; not retried: the fleet's deadline passed",
+            outcome.as_str()
+        )
+    } else if next_state == RunState::Pending {
         let backoff_ms = fleet.spec.retry.backoff_ms(attempt + 1);
         let not_before_ms = now_ms.saturating_add(backoff_ms);
         fleet.runs[index as usize].not_before_ms = not_before_ms;
@@ -1637,10 +1707,11 @@ fn finish_attempt(fleet: &mut Fleet, index: u32, now_ms: u64, result: AttemptRes
     };
     set_run_state(fleet, index, next_state);
     push_event(fleet, now_ms, Some(index), message);
+    crate::control::after_run_change(fleet, index, now_ms);
     finish_if_done(fleet, now_ms);
 }
 
-fn set_run_state(fleet: &mut Fleet, index: u32, state: RunState) {
+pub(crate) fn set_run_state(fleet: &mut Fleet, index: u32, state: RunState) {
     let run = &mut fleet.runs[index as usize];
     let previous = run.state;
     *fleet.counts.slot(previous) -= 1;
@@ -1653,7 +1724,7 @@ fn set_run_state(fleet: &mut Fleet, index: u32, state: RunState) {
     }
 }
 
-fn finish_if_done(fleet: &mut Fleet, now_ms: u64) {
+pub(crate) fn finish_if_done(fleet: &mut Fleet, now_ms: u64) {
     if fleet.state == FleetState::Running && fleet.counts.pending == 0 && fleet.counts.running == 0
     {
         fleet.state = FleetState::Finished;
@@ -1667,7 +1738,7 @@ fn finish_if_done(fleet: &mut Fleet, now_ms: u64) {
     }
 }
 
-fn push_event(fleet: &mut Fleet, now_ms: u64, run_index: Option<u32>, message: String) {
+pub(crate) fn push_event(fleet: &mut Fleet, now_ms: u64, run_index: Option<u32>, message: String) {
     let (run_state, attempt) = match run_index {
         Some(index) => {
             let run = &fleet.runs[index as usize];
@@ -1813,6 +1884,38 @@ fn audit_entry(command: &Command, response: &Response) -> AuditEntry {
             ),
         ),
         Command::CancelFleet { fleet_id } => ("cancel_fleet", format!("fleet {fleet_id}")),
+        Command::PauseFleet { fleet_id, note } => {
+            ("pause_fleet", format!("fleet {fleet_id}: {note}"))
+        }
+        Command::ResumeFleet { fleet_id, note } => {
+            ("resume_fleet", format!("fleet {fleet_id}: {note}"))
+        }
+        Command::ApproveFleet { fleet_id, note } => {
+            ("approve_fleet", format!("fleet {fleet_id}: {note}"))
+        }
+        Command::AdvanceFleets => ("advance_fleets", String::new()),
+        Command::CreateLimit { spec, .. } => (
+            "create_limit",
+            format!("limit {}: {}", spec.name, spec.describe()),
+        ),
+        Command::DeleteLimit { name } => ("delete_limit", format!("limit {name}")),
+        Command::RerunFleet {
+            origin_fleet_id,
+            run_indexes,
+            spec,
+            ..
+        } => (
+            "rerun_fleet",
+            format!(
+                "project {} {} runs of fleet {origin_fleet_id}{}",
+                spec.project,
+                run_indexes.len(),
+                match response {
+                    Response::FleetSubmitted { fleet_id, .. } => format!(" as fleet {fleet_id}"),
+                    _ => String::new(),
+                }
+            ),
+        ),
         Command::ExpireLeases => ("expire_leases", String::new()),
         Command::ExpireSilentLeases { leases } => (
             "expire_silent_leases",

@@ -1,6 +1,8 @@
 //! Scenario tests of the state machine. Each test drives [`State::apply`] with stamped commands
 //! and checks the invariants after every step (`Harness::apply`).
 
+use std::collections::BTreeMap;
+
 use crate::artifact::sha256_hex;
 use crate::command::{AttemptResult, Command, FileStat, Outcome, Request, Response};
 use crate::spec::tests::spec;
@@ -1097,6 +1099,25 @@ enum Step {
     Submit {
         runs: usize,
         parallelism: u32,
+        /// Bits choosing flow controls: waves, approval, failure limit, deadline, shared
+        /// repositories, consecutive failure limit, soak.
+        flow: u8,
+        priority: u32,
+    },
+    /// Limit `l<number>`: `kind` chooses concurrency (queue, skip, cancel older) or rate,
+    /// and its key.
+    Limit {
+        number: u8,
+        kind: u8,
+        cap: u32,
+    },
+    Unlimit {
+        number: u8,
+    },
+    /// Pause, resume or approve fleet `fleet`.
+    Flow {
+        fleet: u64,
+        action: u8,
     },
     Lease {
         worker: u8,
@@ -1171,7 +1192,10 @@ const OVERLAP_POLICIES: [crate::schedule::plan::OverlapPolicy; 5] = {
 fn step_strategy() -> impl proptest::strategy::Strategy<Value = Step> {
     use proptest::prelude::*;
     prop_oneof![
-        1 => (1usize..6, 1u32..4).prop_map(|(runs, parallelism)| Step::Submit { runs, parallelism }),
+        1 => (1usize..6, 1u32..4, any::<u8>(), 0u32..3).prop_map(|(runs, parallelism, flow, priority)| Step::Submit { runs, parallelism, flow, priority }),
+        1 => (0u8..3, any::<u8>(), 1u32..3).prop_map(|(number, kind, cap)| Step::Limit { number, kind, cap }),
+        1 => (0u8..3).prop_map(|number| Step::Unlimit { number }),
+        2 => (1u64..5, 0u8..3).prop_map(|(fleet, action)| Step::Flow { fleet, action }),
         4 => (0u8..3, 1u32..4, any::<bool>()).prop_map(|(worker, slots, forget)| Step::Lease { worker, slots, forget }),
         2 => (0u8..3).prop_map(|worker| Step::Heartbeat { worker }),
         4 => (0u8..3, any::<usize>(), 0u8..5).prop_map(|(worker, pick, outcome)| Step::Report { worker, pick, outcome }),
@@ -1193,12 +1217,35 @@ fn step_strategy() -> impl proptest::strategy::Strategy<Value = Step> {
 fn step_command(state: &State, step: &Step) -> Option<Command> {
     let worker = |id: u8| format!("w{id}");
     Some(match step {
-        Step::Submit { runs, parallelism } => {
-            let urls: Vec<String> = (0..*runs).map(|i| format!("file:///r{i}")).collect();
+        Step::Submit {
+            runs,
+            parallelism,
+            flow,
+            priority,
+        } => {
+            let urls: Vec<String> = (0..*runs)
+                .map(|i| format!("file:///org{}/r{i}", i % 2))
+                .collect();
             let refs: Vec<&str> = urls.iter().map(String::as_str).collect();
             let mut s = spec(&refs);
             s.max_parallelism = *parallelism;
             s.retry.max_attempts = 2;
+            let bit = |n: u8| flow & (1 << n) != 0;
+            s.flow.priority = priority * 50;
+            if bit(0) {
+                s.flow.waves = vec![
+                    crate::wave::WaveSize::Runs(1),
+                    crate::wave::WaveSize::Percent(50),
+                ];
+                s.flow.success_threshold_percent = 50;
+            }
+            s.flow.require_approval = bit(1);
+            s.flow.failure_limit = bit(2).then_some(0);
+            s.flow.deadline_ms = if bit(3) { 15_000 } else { 0 };
+            s.flow.shared_repositories = bit(4);
+            s.flow.consecutive_failure_limit = bit(5).then_some(1);
+            s.flow.soak_ms = if bit(6) { 3_000 } else { 0 };
+            s.flow.approve_each_wave = bit(7);
             Command::SubmitFleet {
                 spec: s,
                 idempotency_key: String::new(),
@@ -1221,6 +1268,55 @@ fn step_command(state: &State, step: &Step) -> Option<Command> {
                 state.leases_of(&worker(*id))
             },
         },
+        Step::Limit { number, kind, cap } => {
+            use crate::limit::{LimitKey, LimitKind, LimitSpec, WhenFull};
+            let keys = [
+                LimitKey::Global,
+                LimitKey::Organisation,
+                LimitKey::Repository,
+                LimitKey::Fleet,
+            ];
+            let kind_spec = match kind % 4 {
+                0 => LimitKind::Concurrency {
+                    max_running: *cap,
+                    when_full: WhenFull::Queue,
+                },
+                1 => LimitKind::Concurrency {
+                    max_running: *cap,
+                    when_full: WhenFull::Skip,
+                },
+                2 => LimitKind::Concurrency {
+                    max_running: *cap,
+                    when_full: WhenFull::CancelOlder,
+                },
+                _ => LimitKind::Rate {
+                    limit: *cap,
+                    period_ms: 2_000,
+                    burst: *cap,
+                },
+            };
+            Command::CreateLimit {
+                spec: LimitSpec {
+                    name: format!("l{number}"),
+                    project: String::new(),
+                    key: keys[(kind / 4 % 4) as usize],
+                    kind: kind_spec,
+                },
+                max_limits: 3,
+            }
+        }
+        Step::Unlimit { number } => Command::DeleteLimit {
+            name: format!("l{number}"),
+        },
+        Step::Flow { fleet, action } => {
+            let fleet_id = crate::state::fleet_id(*fleet);
+            let note = String::new();
+            match action {
+                0 => Command::PauseFleet { fleet_id, note },
+                1 => Command::ResumeFleet { fleet_id, note },
+                _ => Command::ApproveFleet { fleet_id, note },
+            }
+        }
         Step::Heartbeat { worker: id } => Command::Heartbeat {
             worker_id: worker(*id),
             leases: state.leases_of(&worker(*id)),
@@ -1355,6 +1451,95 @@ fn step_command(state: &State, step: &Step) -> Option<Command> {
     })
 }
 
+/// Running runs per concurrency `(limit, key)`.
+fn limit_usage(state: &State) -> BTreeMap<(String, String), u64> {
+    state
+        .limits()
+        .flat_map(|limit| {
+            state
+                .limit_keys(&limit.spec.name, usize::MAX)
+                .into_iter()
+                .filter(|_| matches!(limit.spec.kind, crate::limit::LimitKind::Concurrency { .. }))
+                .map(|(key, count)| ((limit.spec.name.clone(), key), count))
+        })
+        .collect()
+}
+
+/// After `request` answered `response`: no concurrency key that gained a run exceeds its cap,
+/// and no rate key granted more than `burst + limit` leases in any period (GCRA's bound).
+/// `rate_grants` keeps every new lease's time per rate `(limit, key)` since the limit was
+/// created.
+fn check_limits(
+    state: &State,
+    before: &BTreeMap<(String, String), u64>,
+    response: &Response,
+    request: &Request,
+    rate_grants: &mut BTreeMap<(String, String), Vec<u64>>,
+) -> Result<(), String> {
+    use crate::limit::LimitKind;
+    match &request.command {
+        Command::CreateLimit { spec, .. } if matches!(response, Response::LimitCreated { .. }) => {
+            rate_grants.retain(|(name, _), _| *name != spec.name);
+        }
+        Command::DeleteLimit { name } => rate_grants.retain(|(limit, _), _| limit != name),
+        _ => {}
+    }
+    for (slot, count) in limit_usage(state) {
+        let Some(limit) = state.limits().find(|l| l.spec.name == slot.0) else {
+            continue;
+        };
+        // Only a lease takes slots (a limit created over running runs counts them at once).
+        if let LimitKind::Concurrency { max_running, .. } = limit.spec.kind
+            && matches!(request.command, Command::AcquireLeases { .. })
+            && count > before.get(&slot).copied().unwrap_or(0)
+            && count > u64::from(max_running)
+        {
+            return Err(format!("{slot:?} has {count} running, cap {max_running}"));
+        }
+    }
+    let Response::Leased(grants) = response else {
+        return Ok(());
+    };
+    for grant in grants.iter().filter(|g| !g.redelivered) {
+        for limit in state.limits() {
+            let LimitKind::Rate {
+                limit: units,
+                period_ms,
+                burst,
+            } = limit.spec.kind
+            else {
+                continue;
+            };
+            let key = limit
+                .spec
+                .key
+                .of(&grant.spec.project, &grant.fleet_id, &grant.repository);
+            let times = rate_grants
+                .entry((limit.spec.name.clone(), key.clone()))
+                .or_default();
+            times.push(request.now_ms);
+            let interval_us =
+                crate::limit::gcra::Gcra::new(units, period_ms, burst).emission_interval_us;
+            for (i, start) in times.iter().enumerate() {
+                for window_ms in [1, period_ms / 2, period_ms] {
+                    let inside = times[i..]
+                        .iter()
+                        .take_while(|t| **t < start + window_ms)
+                        .count();
+                    let bound = burst as usize + (window_ms * 1_000 / interval_us) as usize;
+                    if inside > bound {
+                        return Err(format!(
+                            "rate {} key {key}: {inside} grants in {window_ms} ms from {start}, at most {bound}",
+                            limit.spec.name
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
 
@@ -1376,6 +1561,7 @@ proptest::proptest! {
             compaction_batch_fleets: 2,
             max_events_per_fleet: 1_000,
         };
+        let mut rate_grants = BTreeMap::new();
         // The test's one clock serves as replicated and monotonic time.
         let mut liveness = crate::liveness::LeaseLiveness::new(now_ms, 2_000);
         for step in &steps {
@@ -1411,8 +1597,12 @@ proptest::proptest! {
             };
             for command in commands {
                 let request = Request { now_ms, command, principal: Default::default() };
-                state.apply(&request);
+                let before = limit_usage(&state);
+                let response = state.apply(&request);
                 if let Err(violation) = state.check_invariants() {
+                    proptest::prop_assert!(false, "after {:?}: {}", request.command, violation);
+                }
+                if let Err(violation) = check_limits(&state, &before, &response, &request, &mut rate_grants) {
                     proptest::prop_assert!(false, "after {:?}: {}", request.command, violation);
                 }
                 log.push(request);

@@ -434,6 +434,7 @@ fn network_lease(repository: &str, agent: &str) -> flotilla_proto::v1::Lease {
             push: false,
             retry_backoff_initial_ms: 0,
             retry_backoff_max_ms: 0,
+            flow: None,
         }),
         lease_ttl_ms: 30_000,
         fleet_created_at_ms: 1_700_000_000_000,

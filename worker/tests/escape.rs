@@ -183,6 +183,7 @@ fn attempt_lease(repository: &str, run_id: &str, agent: &str, env: &[(&str, &str
             push: false,
             retry_backoff_initial_ms: 0,
             retry_backoff_max_ms: 0,
+            flow: None,
         }),
         lease_ttl_ms: 30_000,
         fleet_created_at_ms: 1_700_000_000_000,

@@ -56,6 +56,7 @@ fn lease(repository: &str, run_id: &str, attempt: u32, agent: &str, verify: &[&s
             push: true,
             retry_backoff_initial_ms: 0,
             retry_backoff_max_ms: 0,
+            flow: None,
             project: String::new(),
         }),
         lease_ttl_ms: 30_000,

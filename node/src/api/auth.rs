@@ -155,6 +155,38 @@ pub const METHOD_REQUIREMENTS: &[(&str, Requirement)] = &[
         Requirement::Permission(Permission::FleetCancel),
     ),
     (
+        "/flotilla.v1.FleetService/PauseFleet",
+        Requirement::Permission(Permission::FleetCancel),
+    ),
+    (
+        "/flotilla.v1.FleetService/ResumeFleet",
+        Requirement::Permission(Permission::FleetCancel),
+    ),
+    (
+        "/flotilla.v1.FleetService/ApproveFleet",
+        Requirement::Permission(Permission::FleetCancel),
+    ),
+    (
+        "/flotilla.v1.FleetService/RerunFleet",
+        Requirement::Permission(Permission::FleetSubmit),
+    ),
+    (
+        "/flotilla.v1.LimitService/CreateLimit",
+        Requirement::Permission(Permission::ClusterManage),
+    ),
+    (
+        "/flotilla.v1.LimitService/DeleteLimit",
+        Requirement::Permission(Permission::ClusterManage),
+    ),
+    (
+        "/flotilla.v1.LimitService/ListLimits",
+        Requirement::Permission(Permission::ClusterRead),
+    ),
+    (
+        "/flotilla.v1.LimitService/GetLimit",
+        Requirement::Permission(Permission::ClusterRead),
+    ),
+    (
         "/flotilla.v1.WorkerService/LeaseRuns",
         Requirement::Permission(Permission::WorkerProtocol),
     ),

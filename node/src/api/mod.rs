@@ -30,6 +30,8 @@ use tracing::{Instrument, info, info_span, warn};
 pub mod audit;
 pub mod auth;
 pub mod event;
+pub mod flow;
+pub mod limit;
 pub mod token;
 
 use flotilla_scheduler::{Permission, Principal};
@@ -44,6 +46,11 @@ use crate::convert::{self, ResultLimits};
 
 /// Longest an idempotency key may be, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
+
+/// Shortest wait of a lease request between looks at the state, in milliseconds: a rate
+/// limit's next unit wakes it no sooner (so a wake that comes a little early costs one more
+/// look, never a busy loop).
+const MIN_LEASE_POLL_WAKE_MS: u64 = 5;
 /// Most `(run_id, attempt)` pairs in one heartbeat.
 pub const MAX_HEARTBEAT_LEASES: usize = 4096;
 /// Most lease slots one request may ask for.
@@ -423,6 +430,13 @@ impl FleetService for Api {
         self.policy
             .check(&spec, "spec")
             .map_err(|error| Status::permission_denied(error.to_string()))?;
+        if message.dry_run {
+            return Ok(GrpcResponse::new(v1::SubmitFleetResponse {
+                fleet: None,
+                created: false,
+                preview: Some(self.preview(&spec)),
+            }));
+        }
         let span =
             info_span!("submit_fleet", fleet.name = %spec.name, runs = spec.repositories.len());
         let trace_parent = trace_parent(&span);
@@ -470,6 +484,7 @@ impl FleetService for Api {
                 Ok(GrpcResponse::new(v1::SubmitFleetResponse {
                     fleet: Some(fleet),
                     created,
+                    preview: None,
                 }))
             }
             Proposal::Applied(other) => {
@@ -771,6 +786,34 @@ impl FleetService for Api {
             }
         }
     }
+
+    async fn pause_fleet(
+        &self,
+        request: GrpcRequest<v1::FleetFlowRequest>,
+    ) -> Result<GrpcResponse<v1::FleetFlowResponse>, Status> {
+        self.change_flow(request, flow::FlowRequest::Pause).await
+    }
+
+    async fn resume_fleet(
+        &self,
+        request: GrpcRequest<v1::FleetFlowRequest>,
+    ) -> Result<GrpcResponse<v1::FleetFlowResponse>, Status> {
+        self.change_flow(request, flow::FlowRequest::Resume).await
+    }
+
+    async fn approve_fleet(
+        &self,
+        request: GrpcRequest<v1::FleetFlowRequest>,
+    ) -> Result<GrpcResponse<v1::FleetFlowResponse>, Status> {
+        self.change_flow(request, flow::FlowRequest::Approve).await
+    }
+
+    async fn rerun_fleet(
+        &self,
+        request: GrpcRequest<v1::RerunFleetRequest>,
+    ) -> Result<GrpcResponse<v1::SubmitFleetResponse>, Status> {
+        self.rerun(request).await
+    }
 }
 
 /// OUT_OF_RANGE for a watcher that asked for events the fleet no longer keeps: names the bound
@@ -869,8 +912,12 @@ impl WorkerService for Api {
             // did not list (their replies were lost: they are sent again at once, not after a
             // long poll). Idle polls do not grow the log.
             let now_ms = self.replicated_now_ms();
-            let eligible = self.node.state.read(|s| {
-                s.has_eligible_pending(now_ms) || s.has_unlisted_leases(&original.worker_id, &held)
+            let (eligible, retry_at_ms) = self.node.state.read(|s| {
+                let (eligible, retry_at_ms) = s.lease_outlook(now_ms);
+                (
+                    eligible || s.has_unlisted_leases(&original.worker_id, &held),
+                    retry_at_ms,
+                )
             });
             if eligible {
                 let command = Command::AcquireLeases {
@@ -937,8 +984,14 @@ impl WorkerService for Api {
                     leases: Vec::new(),
                 }));
             }
-            // Wake on a state change, or after at most a second (retry backoffs end by time).
-            let wait = (deadline - now).min(Duration::from_secs(1));
+            // Wake on a state change, when a rate limit has its next unit, or after at most a
+            // second (retry backoffs end by time).
+            let mut wait = (deadline - now).min(Duration::from_secs(1));
+            if let Some(at_ms) = retry_at_ms {
+                wait = wait.min(Duration::from_millis(
+                    at_ms.saturating_sub(now_ms).max(MIN_LEASE_POLL_WAKE_MS),
+                ));
+            }
             let _ = tokio::time::timeout(wait, changes.changed()).await;
         }
     }

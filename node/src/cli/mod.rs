@@ -140,6 +140,8 @@ pub fn random_id(what: &str) -> Result<String, CliError> {
 
 pub mod audit;
 pub mod event;
+pub mod flow;
+pub mod limit;
 pub mod schedule;
 pub mod token;
 
@@ -497,6 +499,7 @@ fn fleet_json(fleet: &v1::Fleet) -> serde_json::Value {
         "idempotency_key": fleet.idempotency_key,
         "runs": fleet.runs.iter().map(run_summary_json).collect::<Vec<_>>(),
         "runs_next_page_token": fleet.runs_next_page_token,
+        "flow": flow::flow_json(fleet),
     })
 }
 
@@ -605,6 +608,9 @@ pub fn print_fleet(fleet: &v1::Fleet, output: Output) {
         c.pending,
         c.running
     );
+    for line in flow::flow_lines(fleet) {
+        outln!("{line}");
+    }
 }
 
 /// `fleet submit`.
@@ -616,12 +622,28 @@ pub async fn submit(
     spec_path: &Path,
     idempotency_key: String,
     watch: bool,
+    dry_run: bool,
     output: Output,
 ) -> Result<i32, CliError> {
     let spec = crate::spec_file::load(spec_path).map_err(|e| CliError {
         message: e.to_string(),
         code: exit_code::INVALID_ARGUMENT,
     })?;
+    if dry_run {
+        let request = v1::SubmitFleetRequest {
+            spec: Some(spec),
+            idempotency_key,
+            dry_run: true,
+        };
+        let response = client
+            .call("", |mut fleets| {
+                let request = request.clone();
+                async move { fleets.submit_fleet(request).await }
+            })
+            .await?;
+        flow::print_preview(&response.preview.unwrap_or_default(), output);
+        return Ok(exit_code::OK);
+    }
     submit_spec(client, spec, idempotency_key, watch, output).await
 }
 
@@ -650,6 +672,7 @@ pub async fn submit_spec(
     let request = v1::SubmitFleetRequest {
         spec: Some(spec),
         idempotency_key,
+        dry_run: false,
     };
     let response = client
         .call("with the same idempotency key", |mut fleets| {

@@ -64,6 +64,7 @@ fn fleet_spec(name: &str) -> FleetSpec {
         max_parallelism: 4,
         retry: RetryPolicy::default(),
         push: true,
+        flow: Default::default(),
     }
 }
 
