@@ -109,7 +109,12 @@ pub fn fleet_spec(name: &str, repositories: Vec<String>) -> v1::FleetSpec {
         retry_backoff_initial_ms: 200,
         retry_backoff_max_ms: 1_000,
         project: String::new(),
-        flow: None,
+        // Every fleet of a scenario runs over the same repositories (each on its own branch):
+        // they share them rather than wait for each other (repository exclusivity).
+        flow: Some(v1::FlowSpec {
+            shared_repositories: true,
+            ..Default::default()
+        }),
     }
 }
 

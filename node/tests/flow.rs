@@ -182,6 +182,13 @@ async fn waves_pause_at_the_failure_budget_and_rerun_repeats_the_failed_subset()
         "{flow}"
     );
     assert_eq!(flow["wave"], 2, "{flow}");
+    assert!(
+        flow["limits"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("per-organisation: "),
+        "{flow}"
+    );
     let runs = paused["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 200);
     for run in &runs[20..] {

@@ -397,11 +397,15 @@ impl State {
             fleet_id,
             runs,
             wave_ends: wave::resolve_waves(&spec.flow.waves, spec.repositories.len() as u32),
-            limits: self
-                .limits()
-                .filter(|limit| limit.spec.applies_to(&spec.project))
-                .map(|limit| format!("{}: {}", limit.spec.name, limit.spec.describe()))
-                .collect(),
+            limits: self.limits_applying_to(&spec.project),
         }
+    }
+
+    /// The limits that apply to runs of `project`, as `name: description`.
+    pub fn limits_applying_to(&self, project: &str) -> Vec<String> {
+        self.limits()
+            .filter(|limit| limit.spec.applies_to(project))
+            .map(|limit| format!("{}: {}", limit.spec.name, limit.spec.describe()))
+            .collect()
     }
 }

@@ -14,7 +14,7 @@ use crate::command::{AttemptResult, Outcome};
 use crate::limit::admission::{self, Candidate, Holder, Overlay, SlotKey, Verdict};
 use crate::limit::gcra::Gcra;
 use crate::limit::{LimitKind, MAX_BUCKET_KEYS};
-use crate::placement::{self, FleetSlots, Placement};
+use crate::placement::{self, Admission, FleetSlots, Placement};
 use crate::state::{
     FleetState, MAX_CANDIDATES_SCANNED_PER_FLEET, RunState, State, finish_attempt, fleet_id,
 };
@@ -75,9 +75,9 @@ impl State {
         let mut overlay = Overlay::default();
         let mut plan = PlacementPlan::default();
         let mut admitted: BTreeMap<Placement, Vec<SlotKey>> = BTreeMap::new();
-        let mut admit = |placed: Placement| -> bool {
+        let mut admit = |placed: Placement| -> Admission {
             let Some(fleet) = self.fleets.get(&placed.fleet_number) else {
-                return false;
+                return Admission::FleetBlocked;
             };
             let id = fleet_id(fleet.number);
             let candidate = Candidate {
@@ -95,18 +95,26 @@ impl State {
                 Verdict::Admit { slots, victims } => {
                     plan.victims.extend(victims);
                     admitted.insert(placed, slots);
-                    true
+                    Admission::Placed
                 }
-                Verdict::Wait(_, retry_at_ms) => {
+                Verdict::Wait {
+                    retry_at_ms,
+                    whole_fleet,
+                    ..
+                } => {
                     if let Some(at) = retry_at_ms {
                         plan.retry_at_ms = Some(plan.retry_at_ms.map_or(at, |t| t.min(at)));
                     }
-                    false
+                    if whole_fleet {
+                        Admission::FleetBlocked
+                    } else {
+                        Admission::Passed
+                    }
                 }
                 Verdict::Skip(reason) => {
                     plan.skips
                         .push((placed.fleet_number, placed.run_index, reason));
-                    false
+                    Admission::Passed
                 }
             }
         };

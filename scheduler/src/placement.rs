@@ -14,7 +14,8 @@
 //!    starve a newer one (the fair share that Nomad and Hatchet users ask for);
 //! 5. within a fleet, runs go in submission order, each only if `admit` accepts it (the
 //!    cluster's limits and repository exclusivity, [`crate::limit::admission`]); a run it
-//!    refuses is passed over for the fleet's next.
+//!    refuses is passed over for the fleet's next, and when a limit the whole fleet shares
+//!    holds it ([`Admission::FleetBlocked`]), the fleet's other runs are not asked.
 
 /// A fleet as placement sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +28,18 @@ pub struct FleetSlots<I> {
     pub available: u32,
     /// Its eligible pending runs (run indices), in run order.
     pub candidates: I,
+}
+
+/// What the admission function says of one candidate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Lease it.
+    Placed,
+    /// Not this run; the fleet's next may do.
+    Passed,
+    /// Not this run, nor any other of its fleet in this placement (a limit its whole fleet
+    /// shares holds it).
+    FleetBlocked,
 }
 
 /// One placement decision: lease run `run_index` of fleet `fleet_number`.
@@ -64,7 +77,7 @@ pub fn place<I: Iterator<Item = u32>>(
     free_slots: u32,
     fleets: Vec<FleetSlots<I>>,
     start_after: u64,
-    admit: &mut dyn FnMut(Placement) -> bool,
+    admit: &mut dyn FnMut(Placement) -> Admission,
 ) -> Vec<Placement> {
     debug_assert!(
         fleets
@@ -97,7 +110,7 @@ pub fn place<I: Iterator<Item = u32>>(
 fn round_robin<I: Iterator<Item = u32>>(
     free_slots: u32,
     group: &mut [FleetSlots<I>],
-    admit: &mut dyn FnMut(Placement) -> bool,
+    admit: &mut dyn FnMut(Placement) -> Admission,
     chosen: &mut Vec<Placement>,
 ) {
     loop {
@@ -115,11 +128,18 @@ fn round_robin<I: Iterator<Item = u32>>(
                 run_index,
             });
             for placement in placed {
-                if admit(placement) {
-                    chosen.push(placement);
-                    fleet.available -= 1;
-                    progressed = true;
-                    break;
+                match admit(placement) {
+                    Admission::Placed => {
+                        chosen.push(placement);
+                        fleet.available -= 1;
+                        progressed = true;
+                        break;
+                    }
+                    Admission::Passed => {}
+                    Admission::FleetBlocked => {
+                        fleet.available = 0;
+                        break;
+                    }
                 }
             }
         }
@@ -191,8 +211,16 @@ mod tests {
                 }
             })
             .collect();
+        // `<fleet>.<run>` refuses that run; `<fleet>.<run>!` blocks its whole fleet there.
         let mut admit = |p: Placement| {
-            !refused.contains(format!("{}.{}", p.fleet_number, p.run_index).as_str())
+            let name = format!("{}.{}", p.fleet_number, p.run_index);
+            if refused.contains(format!("{name}!").as_str()) {
+                Admission::FleetBlocked
+            } else if refused.contains(name.as_str()) {
+                Admission::Passed
+            } else {
+                Admission::Placed
+            }
         };
         let actual: Vec<String> = place(free_slots, slots, start_after, &mut admit)
             .iter()
@@ -331,6 +359,8 @@ mod tests {
         check_all(0, 2, &fleets, 0, "1.0 1.1 1.2 1.3", "2.0 2.1");
         // A refused run does not take from the fleet's parallelism.
         check_all(0, 9, &["1 available=1 pending=0,1"], 0, "1.0", "1.1");
+        // A fleet-wide block stops that fleet's candidates at once, not the others'.
+        check_all(0, 9, &fleets, 0, "1.1!", "1.0 2.0 2.1");
     }
 
     #[test]

@@ -396,9 +396,13 @@ impl Api {
         self.node
             .state
             .read(|state| {
-                state
-                    .fleet(fleet_id)
-                    .map(|f| convert::fleet_to_wire(f, view))
+                state.fleet(fleet_id).map(|f| {
+                    let mut wire = convert::fleet_to_wire(f, view);
+                    if let Some(flow) = wire.flow.as_mut() {
+                        flow.limits = state.limits_applying_to(&f.spec.project);
+                    }
+                    wire
+                })
             })
             .ok_or_else(|| {
                 Status::not_found(format!("fleet_id: no fleet {:?}", shorten(fleet_id, 128)))

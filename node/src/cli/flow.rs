@@ -187,6 +187,9 @@ pub fn flow_lines(fleet: &v1::Fleet) -> Vec<String> {
     for decision in &flow.decisions {
         lines.push(format!("decision: {decision}"));
     }
+    for limit in &flow.limits {
+        lines.push(format!("limit {limit}"));
+    }
     lines
 }
 
@@ -200,5 +203,6 @@ pub fn flow_json(fleet: &v1::Fleet) -> serde_json::Value {
         "promote_at_ms": flow.promote_at_ms, "deadline_at_ms": flow.deadline_at_ms,
         "failures": flow.failures, "consecutive_failures": flow.consecutive_failures,
         "origin_fleet_id": flow.origin_fleet_id, "decisions": flow.decisions,
+        "limits": flow.limits,
     })
 }

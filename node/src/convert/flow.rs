@@ -104,6 +104,7 @@ pub fn flow_status_to_wire(fleet: &Fleet) -> v1::FleetFlowStatus {
                 format!("{} {} by {}{note}", d.at_ms, d.action, d.by.describe())
             })
             .collect(),
+        limits: Vec::new(),
     }
 }
 

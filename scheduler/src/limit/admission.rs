@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::gcra::Gcra;
-use super::{LimitKind, LimitTable, MAX_BUCKET_KEYS, WhenFull};
+use super::{LimitKey, LimitKind, LimitTable, MAX_BUCKET_KEYS, WhenFull};
 use flotilla_domain::repository::repository_parts;
 
 /// `(limit name, key value)`.
@@ -89,9 +89,17 @@ pub enum Verdict {
         /// Runs to cancel first (`cancel_older`), as `(holder, reason)`.
         victims: Vec<(Holder, String)>,
     },
-    /// It stays pending, for this reason; when only rate limits hold it, the leader time (ms)
-    /// at which they would all have a unit.
-    Wait(String, Option<u64>),
+    /// It stays pending.
+    Wait {
+        /// Why.
+        reason: String,
+        /// When only rate limits hold it: the leader time (ms) at which they all have a unit.
+        retry_at_ms: Option<u64>,
+        /// Whether every limit holding it counts by a key its whole fleet shares (global,
+        /// project, fleet): then every other run of the fleet waits too, and placement need
+        /// not ask about them.
+        whole_fleet: bool,
+    },
     /// It is cancelled, for this reason (`skip`).
     Skip(String),
 }
@@ -108,12 +116,13 @@ pub fn admit(
 ) -> Verdict {
     let repository = repository_parts(candidate.repository).repository;
     if let Some(other) = repository_conflict(table, overlay, &repository, candidate) {
-        return Verdict::Wait(
-            format!(
+        return Verdict::Wait {
+            reason: format!(
                 "repository {repository} is running in fl-{other}, and fleets run on a repository one at a time unless both set shared_repositories"
             ),
-            None,
-        );
+            retry_at_ms: None,
+            whole_fleet: false,
+        };
     }
     let mut slots = Vec::new();
     let mut tats = Vec::new();
@@ -121,10 +130,15 @@ pub fn admit(
     let mut wait = None;
     // The latest time a rate limit gives its next unit; `None` once anything else waits.
     let mut retry_at_ms = Some(0u64);
+    let mut whole_fleet = true;
     for (name, limit) in &table.limits {
         if !limit.spec.applies_to(candidate.project) {
             continue;
         }
+        let fleet_wide_key = matches!(
+            limit.spec.key,
+            LimitKey::Global | LimitKey::Project | LimitKey::Fleet
+        );
         let key = limit
             .spec
             .key
@@ -153,6 +167,7 @@ pub fn admit(
                         WhenFull::Queue => {
                             wait.get_or_insert(reason);
                             retry_at_ms = None;
+                            whole_fleet &= fleet_wide_key;
                         }
                         WhenFull::CancelOlder => {
                             let mut excluded = overlay.victims.clone();
@@ -169,6 +184,7 @@ pub fn admit(
                                 None => {
                                     wait.get_or_insert(reason);
                                     retry_at_ms = None;
+                                    whole_fleet &= fleet_wide_key;
                                 }
                             }
                         }
@@ -193,6 +209,7 @@ pub fn admit(
                         "rate limit {name}: {MAX_BUCKET_KEYS} keys are remembered, none full"
                     ));
                     retry_at_ms = None;
+                    whole_fleet = false;
                     continue;
                 }
                 match Gcra::new(units, period_ms, burst).take(known, now_ms) {
@@ -203,13 +220,18 @@ pub fn admit(
                             slot.1
                         ));
                         retry_at_ms = retry_at_ms.map(|at| at.max(at_ms));
+                        whole_fleet &= fleet_wide_key;
                     }
                 }
             }
         }
     }
     if let Some(reason) = wait {
-        return Verdict::Wait(reason, retry_at_ms);
+        return Verdict::Wait {
+            reason,
+            retry_at_ms,
+            whole_fleet,
+        };
     }
     for (holder, _) in &victims {
         overlay
