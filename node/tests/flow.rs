@@ -317,6 +317,40 @@ async fn a_gate_and_a_pause_hold_leases_until_approved_and_resumed() {
             .starts_with("require_approval"),
         "{waiting}"
     );
+    // A bounded queue: the gated fleet's 4 pending runs wait on the global key, so a second
+    // fleet of 4 would make 8, over max_queued 5; it is refused whole, and nothing is created.
+    json(
+        &address,
+        &[
+            "limit",
+            "create",
+            "bounded",
+            "--key",
+            "global",
+            "--max-running",
+            "100",
+            "--max-queued",
+            "5",
+        ],
+    );
+    let second = spec_file(root.path(), "second", &urls, "");
+    let (code, _, stderr) = flotilla(&address, &["fleet", "submit", &second]);
+    assert_ne!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("ResourceExhausted")
+            && stderr.contains("limit bounded: 4 runs wait on key * and this fleet adds 4"),
+        "{stderr}"
+    );
+    let bounded = json(&address, &["limit", "show", "bounded"]);
+    assert_eq!(bounded["usage"][0]["queued"], 4, "{bounded}");
+    assert_eq!(
+        json(&address, &["fleet", "list"])["fleets"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    json(&address, &["limit", "delete", "bounded"]);
     let approved = json(&address, &["fleet", "approve", &fleet_id, "--note", "go"]);
     assert_eq!(approved["changed"], true, "{approved}");
     // Wave 1 (one run) ends, then the gate of approve_each_wave holds the rest.

@@ -726,4 +726,11 @@ pub enum Response {
         /// Why.
         reason: String,
     },
+    /// A submission refused because its runs would take a concurrency limit's queue over
+    /// its `max_queued` ([`crate::limit::LimitKind::Concurrency`]); nothing changed, and the
+    /// same submission may succeed once fewer runs wait.
+    QueueFull {
+        /// Which limit and key, how many wait and how many the fleet adds.
+        reason: String,
+    },
 }

@@ -10,12 +10,15 @@
 //!   (`acme/x` stays as given); keys `par`, `waves` (`1,50%`), `threshold`, `soak`,
 //!   `deadline`, `priority`, `project`, `failure_limit`, `consecutive`, `attempts`; flags
 //!   `approval`, `shared`, `each`. Prints the fleet id.
-//! - `limit <name> concurrency=<n> key=<key> [when=queue|skip|cancel_older] [project=<p>]`,
+//! - `limit <name> concurrency=<n> key=<key> [when=queue|skip|cancel_older] [queued=<max>]
+//!   [project=<p>]`,
 //!   `limit <name> rate=<limit>/<period_ms> burst=<b> key=<key>`, `unlimit <name>`;
 //! - `lease <worker> <slots>`: prints the run ids leased (`#2` for a second attempt);
 //! - `ok <run>`, `fail <run>`, `flaky <run>`: reports changed, a final agent failure, a
 //!   retryable infrastructure failure for the run's current attempt;
-//! - `pause|resume|approve <fleet> [note]`, `advance`, `time +<ms>`, `cancel <fleet>`;
+//! - `pause|resume|approve <fleet> [note]`, `advance`, `cancel <fleet>`;
+//! - `time +<ms>` moves the leader's clock on; `time -<ms>` back (a new leader whose clock is
+//!   behind); `snapshot` replaces the state by its serialized copy (a restart or a new leader);
 //! - `rerun <fleet> <outcome,...>`: re-runs the runs with those outcomes;
 //! - `runs <fleet>`: one letter per run: Pending, Running, Changed, Unchanged, Failed,
 //!   cancelled (X);
@@ -99,7 +102,19 @@ impl Scenario {
                 fleet_id: args[0].into(),
             })),
             "time" => {
-                self.now_ms += args[0].trim_start_matches('+').parse::<u64>().unwrap();
+                // `-<ms>`: the next leader's clock is behind this one's.
+                let ms = args[0][1..].parse::<u64>().unwrap();
+                match args[0].as_bytes()[0] {
+                    b'+' => self.now_ms += ms,
+                    b'-' => self.now_ms -= ms,
+                    _ => panic!("time +<ms> or -<ms>"),
+                }
+                String::new()
+            }
+            "snapshot" => {
+                // A new leader, or a restart, starts from the state's serialized form.
+                let text = serde_json::to_string(&self.state).unwrap();
+                self.state = serde_json::from_str(&text).unwrap();
                 String::new()
             }
             "rerun" => self.rerun(&args),
@@ -214,6 +229,7 @@ impl Scenario {
                     "cancel_older" => WhenFull::CancelOlder,
                     other => panic!("{other}"),
                 },
+                max_queued: options.get("queued").map(|q| q.parse().unwrap()),
             }
         } else {
             let (limit, period) = options["rate"].split_once('/').unwrap();
@@ -293,6 +309,7 @@ fn render(response: Response) -> String {
         }
         Response::FleetsAdvanced { count } => format!("advanced {count}"),
         Response::Rejected { reason } => format!("rejected: {reason}"),
+        Response::QueueFull { reason } => format!("queue full: {reason}"),
         Response::ResultAccepted
         | Response::FleetCancelled
         | Response::LimitCreated { .. }
@@ -647,6 +664,68 @@ fn a_rate_limit_admits_its_burst_then_one_unit_per_interval() {
         lease w1 9 =>
         time +250
         lease w1 9 => fl-1-0#2
+        ",
+    );
+}
+
+#[test]
+fn a_bucket_survives_a_snapshot_and_a_new_leader_whose_clock_is_behind() {
+    check(
+        "
+        limit forge rate=1/1000 burst=1 key=forge_host => ok
+        submit a,b,c => fl-1
+        lease w1 9 => fl-1-0
+        snapshot
+        # The new leader's clock is 400 ms behind: the state's clock does not go back, and the
+        # bucket, restored with the state, has no unit before 1000 ms after the first lease.
+        time -400
+        lease w1 9 =>
+        time +1399
+        lease w1 9 =>
+        time +1
+        lease w1 9 => fl-1-1
+        snapshot
+        time +999
+        lease w1 9 =>
+        time +1
+        lease w1 9 => fl-1-2
+        ",
+    );
+}
+
+#[test]
+fn a_bounded_queue_refuses_a_fleet_that_would_overfill_a_key() {
+    check(
+        "
+        limit per-org concurrency=1 key=organisation queued=3 => ok
+        submit a,b,c => fl-1
+        lease w1 9 => fl-1-0
+        # org: 2 wait (b, c); 2 more would make 4.
+        submit d,e => queue full: limit per-org: 2 runs wait on key local/org and this fleet adds 2, more than its max_queued 3; submit again when fewer wait (flotilla limit show per-org)
+        submit d => fl-2
+        # Another organisation has its own queue.
+        submit other/x,other/y,other/z => fl-3
+        ok fl-1-0
+        # Round-robin goes on after fl-1, which was served last.
+        lease w1 9 => fl-2-0 fl-3-0
+        # org: b and c wait.
+        submit e => fl-4
+        submit f => queue full: limit per-org: 3 runs wait on key local/org and this fleet adds 1, more than its max_queued 3; submit again when fewer wait (flotilla limit show per-org)
+        # A paused fleet's runs still wait on the key.
+        pause fl-4
+        submit f => queue full: limit per-org: 3 runs wait on key local/org and this fleet adds 1, more than its max_queued 3; submit again when fewer wait (flotilla limit show per-org)
+        cancel fl-4
+        submit f => fl-5
+        ",
+    );
+}
+
+#[test]
+fn a_queue_bound_needs_the_queue_policy() {
+    check(
+        "
+        limit l concurrency=1 key=global when=skip queued=5 => rejected: spec.concurrency.max_queued: bounds a queue, so it needs when_full queue, not skip
+        limit l concurrency=1 key=global queued=0 => rejected: spec.concurrency.max_queued: must be 1-1000000
         ",
     );
 }

@@ -926,6 +926,13 @@ impl State {
                 };
             }
         }
+        if let Err(full) = self.check_queues(
+            project,
+            &fleet_id(self.next_fleet_number),
+            &fleet_spec.repositories,
+        ) {
+            return full;
+        }
         let number = self.next_fleet_number;
         self.next_fleet_number += 1;
         let id = fleet_id(number);
@@ -2025,7 +2032,9 @@ fn audit_entry(command: &Command, response: &Response) -> AuditEntry {
         ),
     };
     let (outcome, reason) = match response {
-        Response::Rejected { reason } => (AuditOutcome::Rejected, reason.clone()),
+        Response::Rejected { reason } | Response::QueueFull { reason } => {
+            (AuditOutcome::Rejected, reason.clone())
+        }
         Response::IdempotencyKeyConflict { .. } => (
             AuditOutcome::Rejected,
             "idempotency key used by another spec".to_string(),

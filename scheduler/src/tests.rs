@@ -1280,14 +1280,18 @@ fn step_command(state: &State, step: &Step) -> Option<Command> {
                 0 => LimitKind::Concurrency {
                     max_running: *cap,
                     when_full: WhenFull::Queue,
+                    // Every other queue is bounded (a few fleets' worth of runs).
+                    max_queued: (number % 2 == 0).then_some(*cap * 3),
                 },
                 1 => LimitKind::Concurrency {
                     max_running: *cap,
                     when_full: WhenFull::Skip,
+                    max_queued: None,
                 },
                 2 => LimitKind::Concurrency {
                     max_running: *cap,
                     when_full: WhenFull::CancelOlder,
+                    max_queued: None,
                 },
                 _ => LimitKind::Rate {
                     limit: *cap,
@@ -1465,6 +1469,54 @@ fn limit_usage(state: &State) -> BTreeMap<(String, String), u64> {
         .collect()
 }
 
+/// After a fleet was created: no key of a bounded queue that its runs wait on holds more
+/// waiting runs than the limit's `max_queued` (a retry may take a key over the bound later,
+/// but a submission never does).
+fn check_queues(state: &State, response: &Response) -> Result<(), String> {
+    use crate::limit::LimitKind;
+    let Response::FleetSubmitted {
+        fleet_id,
+        created: true,
+    } = response
+    else {
+        return Ok(());
+    };
+    let Some(fleet) = state.fleet(fleet_id) else {
+        return Err(format!("{fleet_id} was submitted but does not exist"));
+    };
+    for limit in state.limits() {
+        let LimitKind::Concurrency {
+            max_queued: Some(max_queued),
+            ..
+        } = limit.spec.kind
+        else {
+            continue;
+        };
+        if !limit.spec.applies_to(&fleet.spec.project) {
+            continue;
+        }
+        let waiting: BTreeMap<String, u64> = state
+            .waiting_runs(&limit.spec.name, usize::MAX)
+            .into_iter()
+            .collect();
+        for run in fleet.runs.iter() {
+            let key = limit
+                .spec
+                .key
+                .of(&fleet.spec.project, fleet_id, &run.repository);
+            let count = waiting.get(&key).copied().unwrap_or(0);
+            if count > u64::from(max_queued) {
+                return Err(format!(
+                    "{fleet_id} was admitted with {count} runs waiting on {} key {key}, \
+                     max_queued {max_queued}",
+                    limit.spec.name
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// After `request` answered `response`: no concurrency key that gained a run exceeds its cap,
 /// and no rate key granted more than `burst + limit` leases in any period (GCRA's bound).
 /// `rate_grants` keeps every new lease's time per rate `(limit, key)` since the limit was
@@ -1497,6 +1549,7 @@ fn check_limits(
             return Err(format!("{slot:?} has {count} running, cap {max_running}"));
         }
     }
+    check_queues(state, response)?;
     let Response::Leased(grants) = response else {
         return Ok(());
     };

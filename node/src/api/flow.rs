@@ -257,6 +257,9 @@ impl Api {
             Proposal::Applied(Response::Rejected { reason }) => {
                 Err(Status::failed_precondition(reason))
             }
+            Proposal::Applied(Response::QueueFull { reason }) => {
+                Err(Status::resource_exhausted(reason))
+            }
             Proposal::Applied(other) => {
                 Err(Status::internal(format!("unexpected response {other:?}")))
             }

@@ -44,7 +44,13 @@ impl LimitApi {
                 state
                     .limits()
                     .find(|limit| limit.spec.name == name)
-                    .map(|limit| limit_to_wire(limit, &state.limit_keys(name, max_keys)))
+                    .map(|limit| {
+                        limit_to_wire(
+                            limit,
+                            &state.limit_keys(name, max_keys),
+                            &state.waiting_runs(name, max_keys),
+                        )
+                    })
             })
             .ok_or_else(|| Status::not_found(format!("name: no limit {name:?}")))
     }
@@ -123,7 +129,7 @@ impl LimitService for LimitApi {
             .api
             .node
             .state
-            .read(|state| state.limits().map(|l| limit_to_wire(l, &[])).collect());
+            .read(|state| state.limits().map(|l| limit_to_wire(l, &[], &[])).collect());
         Ok(GrpcResponse::new(v1::ListLimitsResponse { limits }))
     }
 

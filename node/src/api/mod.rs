@@ -479,6 +479,10 @@ impl FleetService for Api {
             Proposal::Applied(Response::Rejected { reason }) => {
                 Err(Status::failed_precondition(reason))
             }
+            // A bounded queue of a limit is full: the same submission may succeed later.
+            Proposal::Applied(Response::QueueFull { reason }) => {
+                Err(Status::resource_exhausted(reason))
+            }
             Proposal::Applied(Response::FleetSubmitted { fleet_id, created }) => {
                 span.in_scope(|| info!(fleet.id = %fleet_id, created, "fleet submitted"));
                 if created {

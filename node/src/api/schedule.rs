@@ -599,6 +599,9 @@ impl ScheduleService for ScheduleApi {
                 )))
             }
             Proposal::Applied(Response::Rejected { reason }) => Err(refused(reason)),
+            Proposal::Applied(Response::QueueFull { reason }) => {
+                Err(Status::resource_exhausted(reason))
+            }
             Proposal::Applied(other) => Err(unexpected(other)),
         }
     }

@@ -63,6 +63,10 @@ pub enum LimitCommands {
         /// What a full key does with a run.
         #[arg(long, value_enum, default_value = "queue")]
         when_full: WhenFullArgument,
+        /// With `--when-full queue`: most runs waiting on one key; a fleet that would take a
+        /// key over it is refused (RESOURCE_EXHAUSTED). Default: no bound but the fleets' own.
+        #[arg(long, requires = "max_running", value_parser = clap::value_parser!(u32).range(1..))]
+        max_queued: Option<u32>,
     },
     /// Lists the limits.
     List,
@@ -84,7 +88,7 @@ fn limit_json(limit: &v1::Limit) -> serde_json::Value {
         "name": spec.name, "project": spec.project, "description": limit.description,
         "created_at_ms": limit.created_at_ms, "created_by": limit.created_by,
         "usage": limit.usage.iter().map(|u| json!({"key": u.key, "running": u.running,
-            "full_at_ms": u.full_at_ms})).collect::<Vec<_>>(),
+            "queued": u.queued, "full_at_ms": u.full_at_ms})).collect::<Vec<_>>(),
     })
 }
 
@@ -103,7 +107,12 @@ fn print_limit(limit: &v1::Limit, output: Output) {
                 usage.full_at_ms
             );
         } else {
-            outln!("  {}: {} running", usage.key, usage.running);
+            outln!(
+                "  {}: {} running, {} waiting",
+                usage.key,
+                usage.running,
+                usage.queued
+            );
         }
     }
 }
@@ -124,6 +133,7 @@ pub async fn run(address: &str, command: LimitCommands, output: Output) -> Resul
             burst,
             max_running,
             when_full,
+            max_queued,
         } => {
             let kind = match (rate, max_running) {
                 (Some(limit), _) => v1::limit_spec::Kind::Rate(v1::RateLimit {
@@ -134,6 +144,7 @@ pub async fn run(address: &str, command: LimitCommands, output: Output) -> Resul
                 (None, Some(max_running)) => {
                     v1::limit_spec::Kind::Concurrency(v1::ConcurrencyLimit {
                         max_running,
+                        max_queued: max_queued.unwrap_or(0),
                         when_full: match when_full {
                             WhenFullArgument::Queue => v1::WhenFull::Queue,
                             WhenFullArgument::Skip => v1::WhenFull::Skip,

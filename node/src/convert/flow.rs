@@ -158,6 +158,7 @@ pub fn limit_spec_from_wire(spec: Option<v1::LimitSpec>) -> Result<LimitSpec, Fi
         },
         Some(v1::limit_spec::Kind::Concurrency(concurrency)) => LimitKind::Concurrency {
             max_running: concurrency.max_running,
+            max_queued: (concurrency.max_queued != 0).then_some(concurrency.max_queued),
             when_full: match v1::WhenFull::try_from(concurrency.when_full) {
                 Ok(v1::WhenFull::Unspecified | v1::WhenFull::Queue) => WhenFull::Queue,
                 Ok(v1::WhenFull::Skip) => WhenFull::Skip,
@@ -184,8 +185,15 @@ pub fn limit_spec_from_wire(spec: Option<v1::LimitSpec>) -> Result<LimitSpec, Fi
     Ok(converted)
 }
 
-/// A limit on the wire, with the use of up to 1000 of its keys.
-pub fn limit_to_wire(limit: &Limit, usage: &[(String, u64)]) -> v1::Limit {
+/// A limit on the wire, with the use of its keys: `usage` as
+/// [`flotilla_scheduler::State::limit_keys`] gives it (running runs, or a rate key's TAT in
+/// µs), `waiting` as [`flotilla_scheduler::State::waiting_runs`] does (runs waiting per key);
+/// a key in either is listed once.
+pub fn limit_to_wire(
+    limit: &Limit,
+    usage: &[(String, u64)],
+    waiting: &[(String, u64)],
+) -> v1::Limit {
     let spec = &limit.spec;
     let kind = match spec.kind {
         LimitKind::Rate {
@@ -200,8 +208,10 @@ pub fn limit_to_wire(limit: &Limit, usage: &[(String, u64)]) -> v1::Limit {
         LimitKind::Concurrency {
             max_running,
             when_full,
+            max_queued,
         } => v1::limit_spec::Kind::Concurrency(v1::ConcurrencyLimit {
             max_running,
+            max_queued: max_queued.unwrap_or(0),
             when_full: match when_full {
                 WhenFull::Queue => v1::WhenFull::Queue,
                 WhenFull::Skip => v1::WhenFull::Skip,
@@ -220,13 +230,28 @@ pub fn limit_to_wire(limit: &Limit, usage: &[(String, u64)]) -> v1::Limit {
         created_at_ms: limit.created_at_ms,
         created_by: limit.created_by.describe(),
         description: spec.describe(),
-        usage: usage
-            .iter()
-            .map(|(key, value)| v1::LimitUsage {
-                key: key.clone(),
-                running: if rate { 0 } else { *value as u32 },
-                full_at_ms: if rate { value.div_ceil(1_000) } else { 0 },
-            })
-            .collect(),
+        usage: {
+            let mut keys: std::collections::BTreeMap<&str, v1::LimitUsage> = usage
+                .iter()
+                .map(|(key, value)| {
+                    let usage = v1::LimitUsage {
+                        key: key.clone(),
+                        running: if rate { 0 } else { *value as u32 },
+                        full_at_ms: if rate { value.div_ceil(1_000) } else { 0 },
+                        queued: 0,
+                    };
+                    (key.as_str(), usage)
+                })
+                .collect();
+            for (key, count) in waiting {
+                keys.entry(key.as_str())
+                    .or_insert_with(|| v1::LimitUsage {
+                        key: key.clone(),
+                        ..Default::default()
+                    })
+                    .queued = *count;
+            }
+            keys.into_values().collect()
+        },
     }
 }

@@ -302,7 +302,9 @@ impl State {
         let idempotency_key = fleet_key(key, &matched.rule_id);
         match self.submit_fleet(now_ms, spec, &idempotency_key, "", max_events, principal) {
             Response::FleetSubmitted { fleet_id, .. } => MatchOutcome::Started { fleet_id },
-            Response::Rejected { reason } => MatchOutcome::Refused { reason },
+            Response::Rejected { reason } | Response::QueueFull { reason } => {
+                MatchOutcome::Refused { reason }
+            }
             Response::IdempotencyKeyConflict { fleet_id } => MatchOutcome::Refused {
                 reason: format!("{fleet_id} holds the key {idempotency_key} with another spec"),
             },

@@ -148,6 +148,7 @@ pub fn admit(
             LimitKind::Concurrency {
                 max_running,
                 when_full,
+                ..
             } => {
                 let freed_here = victims
                     .iter()

@@ -8,7 +8,9 @@
 //!   the replicated clock;
 //! - [`admission`]: whether one pending run may be leased now, pure, over the limits, the
 //!   buckets and the [`Occupancy`] (what running runs hold);
-//! - `apply.rs`: the limit commands on the state.
+//! - `apply.rs`: the limit commands on the state;
+//! - `queue.rs`: the runs waiting on a concurrency limit's keys, and the bound
+//!   `max_queued` puts on them at submission.
 //!
 //! Limits apply to every run of the projects they name, whatever its fleet's spec says: a
 //! submitter cannot opt out of or widen them. Rate units are taken when a run is leased (each
@@ -19,6 +21,7 @@
 pub mod admission;
 mod apply;
 pub mod gcra;
+mod queue;
 
 use std::collections::BTreeMap;
 
@@ -139,6 +142,12 @@ pub enum LimitKind {
         max_running: u32,
         /// What happens to a run whose key is full.
         when_full: WhenFull,
+        /// With [`WhenFull::Queue`]: most runs waiting on one key, 1-[`MAX_LIMIT_UNITS`];
+        /// `None`: no bound but the fleets' own. A fleet whose runs would take a key's waiting
+        /// runs over it is refused at submission ([`crate::Response::QueueFull`]); see
+        /// [`crate::state::State::waiting_runs`] for what waits.
+        #[serde(default)]
+        max_queued: Option<u32>,
     },
 }
 
@@ -205,8 +214,24 @@ impl LimitSpec {
                     ));
                 }
             }
-            LimitKind::Concurrency { max_running, .. } => {
+            LimitKind::Concurrency {
+                max_running,
+                when_full,
+                max_queued,
+            } => {
                 units("concurrency.max_running", max_running)?;
+                if let Some(max_queued) = max_queued {
+                    units("concurrency.max_queued", max_queued)?;
+                    if when_full != WhenFull::Queue {
+                        return Err(FieldError::new(
+                            field("concurrency.max_queued"),
+                            format!(
+                                "bounds a queue, so it needs when_full queue, not {}",
+                                when_full.as_str()
+                            ),
+                        ));
+                    }
+                }
             }
         }
         Ok(())
@@ -237,9 +262,11 @@ impl LimitSpec {
             LimitKind::Concurrency {
                 max_running,
                 when_full,
+                max_queued,
             } => format!(
-                "at most {max_running} running {per} {scope}; when full: {}",
-                when_full.as_str()
+                "at most {max_running} running {per} {scope}; when full: {}{}",
+                when_full.as_str(),
+                max_queued.map_or(String::new(), |max| format!(" (at most {max} waiting)"))
             ),
         }
     }

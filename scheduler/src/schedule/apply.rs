@@ -575,9 +575,11 @@ impl State {
             } => TickOutcome::Skipped {
                 reason: format!("already started as {fleet_id}"),
             },
-            Response::Rejected { reason } => TickOutcome::Skipped {
-                reason: format!("fleet refused: {reason}"),
-            },
+            Response::Rejected { reason } | Response::QueueFull { reason } => {
+                TickOutcome::Skipped {
+                    reason: format!("fleet refused: {reason}"),
+                }
+            }
             Response::IdempotencyKeyConflict { fleet_id } => TickOutcome::Skipped {
                 reason: format!("fleet refused: {fleet_id} holds the key {key} with another spec"),
             },
