@@ -14,6 +14,9 @@
 //!   after itself is the same lease sent again to a worker that lost its reply), so no result was applied twice
 //!   or to a stale attempt; the last event finishes the fleet;
 //! - replicas: see [`converge`]: all voters reach the same applied index and state digest.
+//!
+//! The limits each scenario runs under are checked on the attempts this returns, by
+//! [`crate::limits::check`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -52,6 +55,8 @@ pub struct History {
 pub struct AttemptRecord {
     /// `fl-N-I`.
     pub run_id: String,
+    /// The run's repository URL.
+    pub repository: String,
     /// 1, 2, ...
     pub number: u32,
     /// The worker that held its lease.
@@ -463,6 +468,7 @@ fn check_run(
         *history.outcomes.entry(outcome.to_owned()).or_default() += 1;
         history.attempt_list.push(AttemptRecord {
             run_id: id.clone(),
+            repository: run.repository.clone(),
             number: attempt.number,
             worker_id: attempt.worker_id.clone(),
             started_at_ms: attempt.started_at_ms,

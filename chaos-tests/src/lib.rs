@@ -8,6 +8,7 @@
 //! - [`cluster`]: three voters and two worker-only nodes, status polling, leader discovery;
 //! - [`workload`]: git repositories, fleet specs, idempotent submissions and their ledger;
 //! - [`checker`]: the invariants checked after each scenario;
+//! - [`limits`]: the concurrency and rate limits each scenario runs under, and their checks;
 //! - [`scenario`]: the faults and the driver that runs one scenario end to end.
 //!
 //! The scenarios themselves are the tests in `tests/chaos.rs`; see README.md.
@@ -16,6 +17,7 @@
 
 pub mod checker;
 pub mod cluster;
+pub mod limits;
 pub mod net;
 pub mod pki;
 pub mod process;

@@ -10,6 +10,7 @@ use flotilla_proto::v1;
 
 use crate::checker::{self, History};
 use crate::cluster::{Cluster, VOTERS, VoterStart};
+use crate::limits;
 use crate::workload::{self, Ledger, Probe};
 
 /// Repositories per scenario; the initial fleets each cover all of them.
@@ -175,6 +176,7 @@ async fn drive(cluster: &mut Cluster, fault: Fault, started: Instant) -> Result<
         );
     };
     phase("cluster formed");
+    limits::create(cluster).await?;
     let repositories =
         workload::create_repositories(&cluster.directory.join("repositories"), REPOSITORIES)?;
     let ledger = Ledger::default();
@@ -228,12 +230,23 @@ async fn drive(cluster: &mut Cluster, fault: Fault, started: Instant) -> Result<
     phase("voters converged");
     let history: History = checker::check_history(cluster, &ledger).await?;
     phase("history checked");
+    let limit_report = limits::check(cluster, &history.attempt_list).await?;
+    phase("limits checked");
     let spanning = history.runs_spanning(injected.fault_ms);
     if spanning == 0 {
         bail!("no run was in flight across the fault: the fault did not strike mid-fleet");
     }
     let mut notes = injected.notes;
     notes.push(format!("{spanning} runs in flight across the fault"));
+    notes.push(format!(
+        "at most {} of {} runs at once; shortest gap between leases of one repository {} ms (limit {} ms)",
+        limit_report.peak_running,
+        limits::MAX_RUNNING,
+        limit_report
+            .shortest_repository_gap_ms
+            .map_or("n/a".into(), |gap| gap.to_string()),
+        limits::REPOSITORY_RATE_PERIOD_MS
+    ));
     let first_assignment = if fault == Fault::KillWorker {
         let killed = Cluster::worker_id(0);
         let expired = history.count(&killed, "lease_expired");
