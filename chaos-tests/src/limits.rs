@@ -247,9 +247,15 @@ mod tests {
     fn the_rate_bound_is_gcra_s() {
         // 1 per 1500 ms, burst 1: consecutive leases at least 1500 ms apart.
         assert_eq!(rate_violation(&[0, 1_500, 3_000], 1, 1_500, 1), None);
+        // The first window found is the widest from the earliest lease: 3 in [0, 2999] ms,
+        // where 1 + 2999 / 1500 = 2 are allowed.
         assert_eq!(
             rate_violation(&[0, 1_500, 2_999], 1, 1_500, 1),
-            Some((1_500, 2_999, 2, 1))
+            Some((0, 2_999, 3, 2))
+        );
+        assert_eq!(
+            rate_violation(&[0, 1_499], 1, 1_500, 1),
+            Some((0, 1_499, 2, 1))
         );
         // 10 per second, burst 3: 3 at once, then one per 100 ms.
         assert_eq!(rate_violation(&[0, 0, 0, 100, 200], 10, 1_000, 3), None);
