@@ -334,6 +334,14 @@ async fn a_gate_and_a_pause_hold_leases_until_approved_and_resumed() {
         ],
     );
     let second = spec_file(root.path(), "second", &urls, "");
+    let preview = json(&address, &["fleet", "submit", "--dry-run", &second]);
+    assert!(
+        preview["queue_full"]
+            .as_str()
+            .unwrap()
+            .starts_with("limit bounded: 4 runs wait on key *"),
+        "{preview}"
+    );
     let (code, _, stderr) = flotilla(&address, &["fleet", "submit", &second]);
     assert_ne!(code, 0, "{stderr}");
     assert!(

@@ -373,6 +373,9 @@ pub struct FleetPreview {
     pub wave_ends: Vec<u32>,
     /// The limits that would apply to its runs, as `name: description`.
     pub limits: Vec<String>,
+    /// Why a bounded queue would refuse it now ([`crate::Response::QueueFull`]); empty: the
+    /// queues have room for it.
+    pub queue_full: String,
 }
 
 impl State {
@@ -393,7 +396,12 @@ impl State {
                 (repository.clone(), branch)
             })
             .collect();
+        let queue_full = match self.check_queues(&spec.project, &fleet_id, &spec.repositories) {
+            Err(crate::command::Response::QueueFull { reason }) => reason,
+            _ => String::new(),
+        };
         FleetPreview {
+            queue_full,
             fleet_id,
             runs,
             wave_ends: wave::resolve_waves(&spec.flow.waves, spec.repositories.len() as u32),

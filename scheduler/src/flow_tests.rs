@@ -10,6 +10,8 @@
 //!   (`acme/x` stays as given); keys `par`, `waves` (`1,50%`), `threshold`, `soak`,
 //!   `deadline`, `priority`, `project`, `failure_limit`, `consecutive`, `attempts`; flags
 //!   `approval`, `shared`, `each`. Prints the fleet id.
+//! - `preview <repos> [...]`: as `submit`, but prints what a dry run says (the id it would
+//!   get, or why a bounded queue would refuse it) and changes nothing;
 //! - `limit <name> concurrency=<n> key=<key> [when=queue|skip|cancel_older] [queued=<max>]
 //!   [project=<p>]`,
 //!   `limit <name> rate=<limit>/<period_ms> burst=<b> key=<key>`, `unlimit <name>`;
@@ -58,7 +60,8 @@ impl Scenario {
         let verb = words.next().expect("a step");
         let args: Vec<&str> = words.collect();
         match verb {
-            "submit" => self.submit(&args),
+            "submit" => self.submit(&args, false),
+            "preview" => self.submit(&args, true),
             "limit" => self.limit(&args),
             "unlimit" => render(self.apply(Command::DeleteLimit {
                 name: args[0].into(),
@@ -160,7 +163,8 @@ impl Scenario {
         }
     }
 
-    fn submit(&mut self, args: &[&str]) -> String {
+    /// `submit` (or, with `preview`, what a dry run says of it).
+    fn submit(&mut self, args: &[&str], preview: bool) -> String {
         let repositories: Vec<String> = args[0]
             .split(',')
             .map(|r| {
@@ -207,6 +211,14 @@ impl Scenario {
         fleet.retry.backoff_max_ms = 0;
         flow.validate("flow").expect("a valid flow");
         fleet.flow = flow;
+        if preview {
+            let preview = self.state.preview_fleet(&fleet);
+            return if preview.queue_full.is_empty() {
+                format!("{} would be created", preview.fleet_id)
+            } else {
+                format!("would be refused: {}", preview.queue_full)
+            };
+        }
         render(self.apply(Command::SubmitFleet {
             spec: fleet,
             idempotency_key: String::new(),
@@ -701,7 +713,9 @@ fn a_bounded_queue_refuses_a_fleet_that_would_overfill_a_key() {
         submit a,b,c => fl-1
         lease w1 9 => fl-1-0
         # org: 2 wait (b, c); 2 more would make 4.
+        preview d,e => would be refused: limit per-org: 2 runs wait on key local/org and this fleet adds 2, more than its max_queued 3; submit again when fewer wait (flotilla limit show per-org)
         submit d,e => queue full: limit per-org: 2 runs wait on key local/org and this fleet adds 2, more than its max_queued 3; submit again when fewer wait (flotilla limit show per-org)
+        preview d => fl-2 would be created
         submit d => fl-2
         # Another organisation has its own queue.
         submit other/x,other/y,other/z => fl-3

@@ -124,6 +124,7 @@ impl Api {
                 .collect(),
             wave_ends: preview.wave_ends,
             limits: preview.limits,
+            queue_full: preview.queue_full,
         }
     }
 

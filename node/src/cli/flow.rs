@@ -106,6 +106,7 @@ pub fn print_preview(preview: &v1::FleetPreview, output: Output) {
                 "runs": preview.runs.iter().map(run_summary_json).collect::<Vec<_>>(),
                 "wave_ends": preview.wave_ends,
                 "limits": preview.limits,
+                "queue_full": preview.queue_full,
             })
         );
         return;
@@ -127,6 +128,9 @@ pub fn print_preview(preview: &v1::FleetPreview, output: Output) {
         for limit in &preview.limits {
             outln!("limit {limit}");
         }
+    }
+    if !preview.queue_full.is_empty() {
+        outln!("a submission now would be refused: {}", preview.queue_full);
     }
 }
 
