@@ -10,7 +10,8 @@
 //!   slot held (none leaked across a kill, a partition or a leader change);
 //! - buckets: for every repository, any `k` leases within `L` ms are at most
 //!   `burst + L / T` (GCRA's bound, `T` the emission interval; `scheduler::limit::gcra`), which
-//!   a new leader that lost or reset a bucket would break.
+//!   a new leader that lost or reset a bucket breaks whenever it leases a repository again
+//!   within one period of that repository's last lease.
 //!
 //! A limit that never binds proves nothing, so the slot check also requires the peak to reach
 //! [`MAX_RUNNING`], and the rate check reports the shortest gap it saw.
