@@ -36,8 +36,10 @@ pub const MAX_RUNNING: u32 = 6;
 pub const MAX_QUEUED: u32 = 1_000;
 /// The per-repository rate limit's name.
 pub const REPOSITORY_RATE_LIMIT: &str = "chaos-per-repository";
-/// One lease of a repository per [`REPOSITORY_RATE_PERIOD_MS`], with no burst: the fleets
-/// of a scenario share every repository, so they take turns on it.
+/// Leases of one repository per [`REPOSITORY_RATE_PERIOD_MS`]: one, with no burst, so the
+/// fleets of a scenario, which share every repository, take turns on it.
+pub const REPOSITORY_RATE_UNITS: u32 = 1;
+/// The per-repository rate limit's period.
 pub const REPOSITORY_RATE_PERIOD_MS: u64 = 1_500;
 /// Burst of the per-repository rate limit.
 pub const REPOSITORY_RATE_BURST: u32 = 1;
@@ -82,7 +84,7 @@ pub async fn create(cluster: &Cluster) -> Result<()> {
             REPOSITORY_RATE_LIMIT,
             v1::LimitKey::Repository,
             v1::limit_spec::Kind::Rate(v1::RateLimit {
-                limit: 1,
+                limit: REPOSITORY_RATE_UNITS,
                 period_ms: REPOSITORY_RATE_PERIOD_MS,
                 burst: REPOSITORY_RATE_BURST,
             }),
@@ -179,9 +181,12 @@ pub async fn check(cluster: &Cluster, attempts: &[AttemptRecord]) -> Result<Limi
             shortest_repository_gap_ms =
                 Some(shortest_repository_gap_ms.map_or(gap, |g| g.min(gap)));
         }
-        if let Some((first, last, count, allowed)) =
-            rate_violation(times, 1, REPOSITORY_RATE_PERIOD_MS, REPOSITORY_RATE_BURST)
-        {
+        if let Some((first, last, count, allowed)) = rate_violation(
+            times,
+            REPOSITORY_RATE_UNITS,
+            REPOSITORY_RATE_PERIOD_MS,
+            REPOSITORY_RATE_BURST,
+        ) {
             violations.push(format!(
                 "{repository}: {count} leases in [{first}, {last}] ms, where the limit \
                  {REPOSITORY_RATE_LIMIT} allows {allowed}"

@@ -11,7 +11,8 @@
 //!
 //! Cost: for a `global`, `project` or `fleet` key, one look at each running fleet; for a key
 //! drawn from the repository, one pass over the pending runs of the running fleets in the
-//! limit's scope, once per submission and per such limit.
+//! limit's scope, once per submission and per such limit, and once per `GetLimit` of a
+//! concurrency limit (under the state's read lock: about a string split per pending run).
 
 use std::collections::BTreeMap;
 
